@@ -1,0 +1,175 @@
+"""Service configuration: one frozen dataclass per service.
+
+Every field can be set by a ``PDSERVE_<FIELD>`` environment variable (the
+compose-friendly way) and overridden by a ``--field-name`` command-line flag.
+Invalid values raise ``ConfigError`` naming the variable or flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, TypeVar
+
+ENV_PREFIX = "PDSERVE_"
+DEFAULT_MODEL = "default"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names where it came from."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What every model-running service shares."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model folder, 'default' (SmolLM2-135M-Instruct) or preset:NAME"})
+    device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda, cuda:1"})
+    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 or auto (float32 on cpu, bfloat16 on cuda)"})
+    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype: must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device: must be cpu or cuda[:N], got {self.device!r}")
+        if self.threads < 0:
+            raise ConfigError(f"threads: must be >= 0, got {self.threads}")
+
+    @property
+    def torch_dtype_name(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if self.device == "cpu" else "bfloat16"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = field(default="127.0.0.1:0", metadata={"help": "address to listen on, host:port (port 0 picks a free one)"})
+    shutdown_grace_s: float = field(default=10.0, metadata={"help": "seconds in-flight calls get to finish on shutdown"})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+
+    def __post_init__(self) -> None:
+        _check_address("listen", self.listen)
+        if self.shutdown_grace_s < 0:
+            raise ConfigError(f"shutdown_grace_s: must be >= 0, got {self.shutdown_grace_s}")
+
+
+@dataclass(frozen=True)
+class PrefillConfig(ServerConfig, ModelConfig):
+    listen: str = "127.0.0.1:50061"
+    kv_chunk_bytes: int = field(default=1 << 20, metadata={"help": "target bytes of K+V per KV message"})
+
+    def __post_init__(self) -> None:
+        ServerConfig.__post_init__(self)
+        ModelConfig.__post_init__(self)
+        if self.kv_chunk_bytes < 1024:
+            raise ConfigError(f"kv_chunk_bytes: must be >= 1024, got {self.kv_chunk_bytes}")
+
+
+@dataclass(frozen=True)
+class DecodeConfig(ServerConfig, ModelConfig):
+    listen: str = "127.0.0.1:50071"
+    max_batch: int = field(default=32, metadata={"help": "most requests in the running batch"})
+    max_waiting: int = field(default=256, metadata={"help": "most reserved requests waiting for KV or a batch slot"})
+
+    def __post_init__(self) -> None:
+        ServerConfig.__post_init__(self)
+        ModelConfig.__post_init__(self)
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch: must be >= 1, got {self.max_batch}")
+        if self.max_waiting < 1:
+            raise ConfigError(f"max_waiting: must be >= 1, got {self.max_waiting}")
+
+
+@dataclass(frozen=True)
+class GatewayConfig(ServerConfig):
+    listen: str = "127.0.0.1:50051"
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model served (for its tokenizer and limits; no weights are loaded)"})
+    prefill: tuple[str, ...] = field(default=("127.0.0.1:50061",), metadata={"help": "prefill instances, comma-separated host:port"})
+    decode: tuple[str, ...] = field(default=("127.0.0.1:50071",), metadata={"help": "decode instances, comma-separated host:port"})
+    default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request leaves it unset"})
+    max_stop_strings: int = field(default=16, metadata={"help": "most stop strings per request"})
+
+    def __post_init__(self) -> None:
+        ServerConfig.__post_init__(self)
+        for name in ("prefill", "decode"):
+            addrs = getattr(self, name)
+            if not addrs:
+                raise ConfigError(f"{name}: at least one address is needed")
+            for addr in addrs:
+                _check_address(name, addr)
+        if self.default_max_tokens < 1:
+            raise ConfigError(f"default_max_tokens: must be >= 1, got {self.default_max_tokens}")
+
+
+def _check_address(name: str, addr: str) -> None:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name}: expected host:port, got {addr!r}")
+
+
+C = TypeVar("C")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Adds a ``--field-name`` flag for every field of a config dataclass."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        env = ENV_PREFIX + f.name.upper()
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        help_text = f.metadata.get("help", "")
+        parser.add_argument(flag, dest=f.name, default=None, help=f"{help_text} [env {env}; default {default}]")
+
+
+def load(cls: type[C], args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> C:
+    """Builds ``cls`` from defaults, then ``PDSERVE_*`` variables, then flags."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        raw, source = None, None
+        env = ENV_PREFIX + f.name.upper()
+        if env in environ and environ[env] != "":
+            raw, source = environ[env], env
+        flag_value = getattr(args, f.name, None) if args is not None else None
+        if flag_value is not None:
+            raw, source = flag_value, "--" + f.name.replace("_", "-")
+        if raw is not None:
+            values[f.name] = _parse(hints[f.name], raw, source)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _parse(hint: Any, raw: Any, source: str) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        if origin is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if hint is str or isinstance(hint, types.UnionType):
+            return raw
+    except ValueError:
+        raise ConfigError(f"{source}: cannot parse {raw!r} as {getattr(hint, '__name__', hint)}") from None
+    return raw

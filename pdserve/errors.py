@@ -1,0 +1,86 @@
+"""The exception hierarchy shared by every pdserve process.
+
+Each class names the one gRPC status code it maps to (``pdserve.rpc`` does the
+mapping at the server edge, the SDK maps codes back). This module imports
+neither grpc nor torch.
+"""
+
+from __future__ import annotations
+
+
+class PdserveError(Exception):
+    """Base class; ``status`` is the gRPC status code name."""
+
+    status = "INTERNAL"
+
+
+class InvalidArgument(PdserveError):
+    """The request broke a limit; the message names the field and the limit."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class NotFound(PdserveError):
+    """An id (request, transfer) the server does not know."""
+
+    status = "NOT_FOUND"
+
+
+class ResourceExhausted(PdserveError):
+    """The server is full; retrying later may succeed."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(PdserveError):
+    """No instance can serve the request now."""
+
+    status = "UNAVAILABLE"
+
+
+class DataLoss(PdserveError):
+    """A KV transfer was corrupt or incomplete."""
+
+    status = "DATA_LOSS"
+
+
+class Cancelled(PdserveError):
+    """The request was cancelled."""
+
+    status = "CANCELLED"
+
+
+class DeadlineExceeded(PdserveError):
+    """The request ran out of time."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
+class Internal(PdserveError):
+    """A bug or an unexpected failure inside a service."""
+
+    status = "INTERNAL"
+
+
+BY_STATUS: dict[str, type[PdserveError]] = {
+    cls.status: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        ResourceExhausted,
+        Unavailable,
+        DataLoss,
+        Cancelled,
+        DeadlineExceeded,
+        Internal,
+    )
+}
+
+
+def error_for_status(status: str, message: str) -> PdserveError:
+    """The exception for a status code name (``PdserveError`` for unmapped codes)."""
+    cls = BY_STATUS.get(status, PdserveError)
+    err = cls(message)
+    if cls is PdserveError:
+        err.status = status
+    return err

@@ -1,0 +1,97 @@
+"""Receiving side of one KV transfer: validate every message, stage the tensors.
+
+Pure logic on tensors (no I/O): the decode servicer feeds it messages, the
+decode engine takes the staged K/V once ``finish`` succeeds. Any violation
+raises ``InvalidArgument`` naming what was wrong; the caller then drops the
+assembly and with it every byte staged.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pdserve.errors import InvalidArgument
+from pdserve.kv.wire import DTYPES, KVChunkData, KVLayout, from_bytes
+
+
+def check_layout(layout: KVLayout, *, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 num_tokens: int) -> None:
+    """Raises unless a transfer's header matches what the receiver serves and reserved."""
+    if layout.dtype not in DTYPES:
+        raise InvalidArgument(f"header.dtype: unsupported {layout.dtype!r}; expected one of {sorted(DTYPES)}")
+    expected = {
+        "num_layers": num_layers,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "num_tokens": num_tokens,
+    }
+    for name, want in expected.items():
+        got = getattr(layout, name)
+        if got != want:
+            raise InvalidArgument(f"header.{name}: got {got}, expected {want}")
+    if DTYPES[layout.dtype] != dtype:
+        raise InvalidArgument(f"header.dtype: got {layout.dtype}, this decode instance runs {str(dtype).removeprefix('torch.')}")
+
+
+class KVAssembly:
+    """Collects one transfer; per layer, chunks must arrive in token order without gaps or repeats."""
+
+    def __init__(self, layout: KVLayout, device: torch.device) -> None:
+        self.layout = layout
+        shape = (layout.num_tokens, layout.kv_heads, layout.head_dim)  # (T, H, D)
+        self.keys = [torch.empty(shape, dtype=layout.torch_dtype, device=device) for _ in range(layout.num_layers)]
+        self.values = [torch.empty(shape, dtype=layout.torch_dtype, device=device) for _ in range(layout.num_layers)]
+        self._next_token = [0] * layout.num_layers
+        self.bytes_received = 0
+        self.first_chunk_ns = 0
+        self.last_chunk_ns = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.layout.num_layers * self.layout.num_tokens * self.layout.token_bytes
+
+    def add(self, chunk: KVChunkData) -> None:
+        lay = self.layout
+        if not 0 <= chunk.layer < lay.num_layers:
+            raise InvalidArgument(f"chunk.layer: {chunk.layer} outside [0, {lay.num_layers})")
+        expected_start = self._next_token[chunk.layer]
+        if chunk.token_count < 1:
+            raise InvalidArgument(f"chunk.token_count: must be >= 1, got {chunk.token_count} (layer {chunk.layer})")
+        if chunk.token_start < expected_start:
+            raise InvalidArgument(
+                f"chunk: duplicate data for layer {chunk.layer} tokens [{chunk.token_start}, "
+                f"{chunk.token_start + chunk.token_count}); tokens before {expected_start} already received"
+            )
+        if chunk.token_start > expected_start:
+            raise InvalidArgument(
+                f"chunk: gap in layer {chunk.layer}: expected token_start {expected_start}, got {chunk.token_start}"
+            )
+        end = chunk.token_start + chunk.token_count
+        if end > lay.num_tokens:
+            raise InvalidArgument(f"chunk: layer {chunk.layer} tokens up to {end} exceed header.num_tokens {lay.num_tokens}")
+        want = chunk.token_count * lay.token_bytes
+        for name, data in (("key", chunk.key), ("value", chunk.value)):
+            if len(data) != want:
+                raise InvalidArgument(
+                    f"chunk.{name}: {len(data)} bytes for {chunk.token_count} tokens of layer {chunk.layer}; "
+                    f"expected {want} ({lay.kv_heads} heads x {lay.head_dim} dims x {lay.torch_dtype.itemsize} bytes per token)"
+                )
+        shape = (chunk.token_count, lay.kv_heads, lay.head_dim)
+        self.keys[chunk.layer][chunk.token_start:end].copy_(from_bytes(chunk.key, lay.torch_dtype, shape))
+        self.values[chunk.layer][chunk.token_start:end].copy_(from_bytes(chunk.value, lay.torch_dtype, shape))
+        self._next_token[chunk.layer] = end
+        self.bytes_received += 2 * want
+        now = time.monotonic_ns()
+        self.first_chunk_ns = self.first_chunk_ns or now
+        self.last_chunk_ns = now
+
+    def finish(self, first_token: int, vocab_size: int) -> None:
+        """Raises unless every layer holds every token and the first token is valid."""
+        missing = [i for i, n in enumerate(self._next_token) if n != self.layout.num_tokens]
+        if missing:
+            shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+            raise InvalidArgument(f"transfer incomplete: layers [{shown}] missing tokens ({len(missing)} of {self.layout.num_layers} layers)")
+        if not 0 <= first_token < vocab_size:
+            raise InvalidArgument(f"trailer.first_token_id: {first_token} outside the vocabulary [0, {vocab_size})")
