@@ -1,0 +1,57 @@
+"""Protobuf <-> plain dataclasses, in one place for all three services.
+
+Servicers call these at the edge; everything behind them sees dataclasses.
+"""
+
+from __future__ import annotations
+
+from pdserve.engine.sampling import SamplingParams
+from pdserve.errors import InvalidArgument
+from pdserve.kv.wire import KVChunkData, KVLayout
+from pdserve.v1 import common_pb2, decode_pb2
+
+MAX_SEED = (1 << 64) - 1
+
+
+def sampling_from_proto(msg: common_pb2.SamplingParams, default_seed: int = 0) -> SamplingParams:
+    """Validated engine sampling settings (the token-choice part of the message)."""
+    return SamplingParams(
+        temperature=msg.temperature if msg.HasField("temperature") else 1.0,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        top_k=msg.top_k,
+        seed=msg.seed if msg.HasField("seed") else default_seed,
+    )
+
+
+def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed)
+
+
+def layout_from_proto(header: decode_pb2.KVHeader) -> KVLayout:
+    if not header.transfer_id:
+        raise InvalidArgument("header.transfer_id: must not be empty")
+    return KVLayout(header.transfer_id, header.num_layers, header.num_tokens, header.kv_heads, header.head_dim, header.dtype)
+
+
+def layout_to_proto(layout: KVLayout) -> decode_pb2.KVHeader:
+    return decode_pb2.KVHeader(transfer_id=layout.transfer_id, num_layers=layout.num_layers,
+                               num_tokens=layout.num_tokens, kv_heads=layout.kv_heads,
+                               head_dim=layout.head_dim, dtype=layout.dtype)
+
+
+def chunk_from_proto(msg: decode_pb2.KVChunk) -> KVChunkData:
+    return KVChunkData(msg.layer, msg.token_start, msg.token_count, msg.key, msg.value)
+
+
+def chunk_to_proto(chunk: KVChunkData) -> decode_pb2.KVMessage:
+    return decode_pb2.KVMessage(chunk=decode_pb2.KVChunk(
+        layer=chunk.layer, token_start=chunk.token_start, token_count=chunk.token_count,
+        key=chunk.key, value=chunk.value))
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int, field: str = "token_ids") -> None:
+    if not token_ids:
+        raise InvalidArgument(f"{field}: must not be empty")
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument(f"{field}: id {bad} outside the vocabulary [0, {vocab_size})")

@@ -1,0 +1,84 @@
+"""The KV transport contract between a prefill instance (producer) and a decode instance (consumer).
+
+Modelled on vLLM's KV connector: each side has a small interface, and the
+docstrings say who calls what, when, and what must hold. A transport moves
+one transfer: the prompt KV of one request, from the prefill forward pass
+into the decode instance's cache.
+
+Producer side (``KVSender``, one object per transfer, driven by the prefill service):
+  1. ``open(layout)`` before the forward pass starts. The consumer validates
+     the layout against its reservation; a rejection surfaces on a later call.
+  2. ``send_layer(layer, keys, values)`` on the event loop, once per layer in
+     layer order, as soon as attention produced that layer (while later layers
+     still compute). It must return at once: sending happens in the background.
+  3. ``finish(first_token)`` after the forward pass: flushes what is queued,
+     sends the first sampled token and returns once the consumer acknowledged
+     the whole transfer (a ``TransferReceipt``), or raises ``PdserveError``.
+  4. ``abort()`` on any failure or cancellation; idempotent; afterwards the
+     consumer frees everything the transfer staged.
+
+Consumer side (``KVReceiver``, implemented by the decode engine):
+  1. ``begin_transfer(layout)`` when a transfer's header arrives; raises
+     ``NotFound`` for an unreserved transfer id and ``InvalidArgument`` for a
+     layout that does not match the model or the reservation.
+  2. Chunks go to the returned ``KVAssembly`` (``add``), which validates each.
+     Before each chunk the transport calls ``check_transfer_alive`` so a
+     cancelled request stops its transfer.
+  3. ``complete_transfer(transfer_id, first_token)`` once the producer
+     finished; the request joins the decode batch.
+  4. ``fail_transfer(transfer_id, error)`` on any failure: staged bytes are
+     freed and the waiting request fails with ``error``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from pdserve.errors import PdserveError
+from pdserve.kv.assembly import KVAssembly
+from pdserve.kv.wire import KVLayout
+
+
+@dataclass(frozen=True)
+class TransferReceipt:
+    bytes_sent: int
+    layers: int
+    messages: int
+    # CLOCK_MONOTONIC nanoseconds; *_received_ns are the consumer's clock.
+    first_chunk_sent_ns: int
+    acked_ns: int
+    first_chunk_received_ns: int
+    last_chunk_received_ns: int
+
+
+class KVSender(abc.ABC):
+    """Producer side of one transfer; see the module docstring for the call order."""
+
+    @abc.abstractmethod
+    async def open(self, layout: KVLayout) -> None: ...
+
+    @abc.abstractmethod
+    def send_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Queues one layer's (1, H, T, D) K/V; never blocks."""
+
+    @abc.abstractmethod
+    async def finish(self, first_token: int) -> TransferReceipt: ...
+
+    @abc.abstractmethod
+    async def abort(self) -> None: ...
+
+
+class KVReceiver(Protocol):
+    """Consumer side; see the module docstring for the call order."""
+
+    def begin_transfer(self, layout: KVLayout) -> KVAssembly: ...
+
+    def check_transfer_alive(self, transfer_id: str) -> None: ...
+
+    def complete_transfer(self, transfer_id: str, first_token: int) -> None: ...
+
+    def fail_transfer(self, transfer_id: str, error: PdserveError) -> None: ...

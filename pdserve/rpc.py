@@ -1,0 +1,136 @@
+"""gRPC plumbing shared by the three services: servers, channels, health, errors, shutdown.
+
+``PdserveError`` subclasses become status codes here (``rpc_errors``) and
+status codes become ``PdserveError`` subclasses again (``error_from_rpc``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+from typing import Iterable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from pdserve.errors import Internal, PdserveError, error_for_status
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 << 20
+OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def status_code(err: PdserveError) -> grpc.StatusCode:
+    return grpc.StatusCode[err.status]
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError, what: str = "") -> PdserveError:
+    """The ``PdserveError`` for a failed call; ``what`` prefixes the message."""
+    message = exc.details() or exc.code().name
+    return error_for_status(exc.code().name, f"{what}: {message}" if what else message)
+
+
+def rpc_errors(method):
+    """Turns ``PdserveError`` (and unexpected exceptions) raised by a servicer method into a status."""
+
+    async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc
+        if not isinstance(exc, PdserveError):
+            log.exception("%s failed", method.__qualname__)
+            exc = Internal(f"{type(exc).__name__}: {exc}")
+        await context.abort(status_code(exc), str(exc))
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                await abort(context, exc)
+
+        return stream_wrapper
+
+    @functools.wraps(method)
+    async def unary_wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            await abort(context, exc)
+
+    return unary_wrapper
+
+
+def create_server(listen: str) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server bound to ``listen`` (port 0 picks one); returns it and the port."""
+    server = grpc.aio.server(options=OPTIONS)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return server, port
+
+
+def add_health(server: grpc.aio.Server, services: Iterable[str]) -> health_aio.HealthServicer:
+    """Registers the standard health service; everything starts NOT_SERVING."""
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    return health
+
+
+async def set_serving(health: health_aio.HealthServicer, services: Iterable[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *services):
+        await health.set(name, status)
+
+
+async def check_health(address: str, service: str = "", timeout: float = 1.0) -> bool:
+    """True when the server at ``address`` reports SERVING."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.aio.AioRpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class ChannelPool:
+    """One channel per peer address, reused across requests."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=OPTIONS)
+            self._channels[address] = channel
+        return channel
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        await asyncio.gather(*(c.close() for c in channels.values()))
+
+
+async def wait_for_shutdown_signal() -> None:
+    """Returns on SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,204 @@
+"""Async and blocking clients for ``Gateway.Generate``.
+
+Both build the same request (``build_request``) and fold chunks the same way
+(``_Accumulator``), measuring TTFT and TPOT on the client side.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator, Sequence
+
+import grpc
+
+from pdserve.errors import PdserveError, error_for_status
+from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed piece: the tokens it carries and the text they completed."""
+
+    request_id: str
+    token_ids: list[int]
+    index: int
+    text: str
+    finish_reason: str | None = None  # "stop" or "length" on the last chunk
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    server_timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float           # client-side: call start -> first token
+    tpot_s: float           # client-side: mean gap between later tokens
+    e2e_s: float
+    server_timings: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def build_request(prompt: str | None = None, *, messages: Sequence[dict] | None = None,
+                  token_ids: Sequence[int] | None = None, model: str = "", max_tokens: int | None = None,
+                  temperature: float | None = None, top_p: float | None = None, top_k: int = 0,
+                  seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
+                  request_id: str = "") -> gateway_pb2.GenerateRequest:
+    """Exactly one of ``prompt``, ``messages`` (``[{"role", "content"}]``) or ``token_ids``."""
+    given = [x is not None for x in (prompt, messages, token_ids)]
+    if sum(given) != 1:
+        raise ValueError("pass exactly one of prompt, messages or token_ids")
+    sampling = common_pb2.SamplingParams(top_k=top_k, stop=list(stop), ignore_eos=ignore_eos)
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    if temperature is not None:
+        sampling.temperature = temperature
+    if top_p is not None:
+        sampling.top_p = top_p
+    if seed is not None:
+        sampling.seed = seed
+    request = gateway_pb2.GenerateRequest(model=model, sampling=sampling, request_id=request_id)
+    if prompt is not None:
+        request.prompt = prompt
+    elif messages is not None:
+        request.chat.messages.extend(gateway_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    else:
+        request.token_ids.ids.extend(token_ids)
+    return request
+
+
+def _chunk(msg: gateway_pb2.GenerateChunk) -> Chunk:
+    finish = _FINISH.get(msg.finish_reason)
+    timings = {}
+    if finish is not None and msg.HasField("timings"):
+        timings = {f.name: v for f, v in msg.timings.ListFields()}
+    return Chunk(msg.request_id, list(msg.token_ids), msg.index, msg.text, finish,
+                 msg.usage.prompt_tokens, msg.usage.completion_tokens, timings)
+
+
+def _error(exc: grpc.RpcError) -> PdserveError:
+    return error_for_status(exc.code().name, exc.details() or exc.code().name)
+
+
+class _Accumulator:
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first_at: float | None = None
+        self.last_at = self.started
+        self.chunks: list[Chunk] = []
+
+    def add(self, chunk: Chunk) -> None:
+        now = time.perf_counter()
+        if self.first_at is None and chunk.token_ids:
+            self.first_at = now
+        self.last_at = now
+        self.chunks.append(chunk)
+
+    def completion(self) -> Completion:
+        last = self.chunks[-1] if self.chunks else Chunk("", [], 0, "")
+        token_ids = [t for c in self.chunks for t in c.token_ids]
+        first_at = self.first_at or self.last_at
+        return Completion(
+            request_id=last.request_id,
+            text="".join(c.text for c in self.chunks),
+            token_ids=token_ids,
+            finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens or len(token_ids),
+            ttft_s=first_at - self.started,
+            tpot_s=(self.last_at - first_at) / (len(token_ids) - 1) if len(token_ids) > 1 else 0.0,
+            e2e_s=self.last_at - self.started,
+            server_timings=last.server_timings,
+        )
+
+
+class AsyncClient:
+    """``async with AsyncClient() as c: print((await c.generate("Hi")).text)``"""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None) -> None:
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._timeout = timeout
+
+    async def stream(self, prompt: str | None = None, **kwargs) -> AsyncIterator[Chunk]:
+        """Yields chunks as the gateway streams them; see ``build_request`` for the arguments."""
+        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self._timeout)
+        try:
+            async for msg in call:
+                yield _chunk(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+        finally:
+            call.cancel()
+
+    async def generate(self, prompt: str | None = None, **kwargs) -> Completion:
+        acc = _Accumulator()
+        async for chunk in self.stream(prompt, **kwargs):
+            acc.add(chunk)
+        return acc.completion()
+
+    async def model_info(self) -> gateway_pb2.ModelInfo:
+        try:
+            return await self._stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class Client:
+    """Blocking client: ``Client().generate("Hi").text``."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None) -> None:
+        self._channel = grpc.insecure_channel(address)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._timeout = timeout
+
+    def stream(self, prompt: str | None = None, **kwargs) -> Iterator[Chunk]:
+        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self._timeout)
+        try:
+            for msg in call:
+                yield _chunk(msg)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        finally:
+            call.cancel()
+
+    def generate(self, prompt: str | None = None, **kwargs) -> Completion:
+        acc = _Accumulator()
+        for chunk in self.stream(prompt, **kwargs):
+            acc.add(chunk)
+        return acc.completion()
+
+    def model_info(self) -> gateway_pb2.ModelInfo:
+        try:
+            return self._stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,62 @@
+"""What the three services share around their servicers: logging, threads, start and graceful stop.
+
+Graceful stop: health turns NOT_SERVING, the server stops accepting calls and
+gives in-flight ones ``grace`` seconds, then the service's engines close.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import grpc
+
+from pdserve.rpc import set_serving, wait_for_shutdown_signal
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(level: str, service: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def set_torch_threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class RunningService:
+    """A started server; ``stop`` shuts it down gracefully."""
+
+    name: str
+    server: grpc.aio.Server
+    port: int
+    health: object
+    health_services: tuple[str, ...]
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    engine: Any = None  # the service's engine or router, for tests and stats
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        await set_serving(self.health, self.health_services, False)
+        await self.server.stop(grace)
+        for close in self.closers:
+            await close()
+
+
+async def serve_until_signal(service: RunningService, grace: float) -> None:
+    """Serves until SIGINT/SIGTERM, then stops gracefully."""
+    log.info("%s serving on port %d", service.name, service.port)
+    await wait_for_shutdown_signal()
+    log.info("%s draining (up to %.0f s for in-flight calls)", service.name, grace)
+    await service.stop(grace)
+    log.info("%s stopped", service.name)

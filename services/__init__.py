@@ -1,0 +1,1 @@
+"""The three deployable pdserve services: gateway, prefill and decode."""

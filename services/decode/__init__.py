@@ -1,0 +1,1 @@
+"""Decode service: receives KV pushes and runs the continuous-batching decode loop."""

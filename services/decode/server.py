@@ -1,0 +1,132 @@
+"""Decode servicer: protobuf at the edge, the ``DecodeEngine`` behind it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from pdserve import config as cfg
+from pdserve.convert import chunk_from_proto, layout_from_proto, sampling_from_proto
+from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason
+from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
+from pdserve.model import LoadedModel, load_model
+from pdserve.rpc import add_health, create_server, rpc_errors, set_serving
+from pdserve.service import RunningService, serve_until_signal, set_torch_threads, setup_logging
+from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
+_FINISH = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH}
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, engine: DecodeEngine) -> None:
+        self._engine = engine
+
+    def _params(self, request: decode_pb2.DecodeRequest) -> DecodeParams:
+        if not request.request_id or not request.transfer_id:
+            raise InvalidArgument("request_id and transfer_id: must not be empty")
+        vocab = self._engine.info.vocab_size
+        bad = [t for t in request.eos_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgument(f"eos_token_ids: {bad[0]} outside the vocabulary [0, {vocab})")
+        return DecodeParams(
+            request_id=request.request_id,
+            transfer_id=request.transfer_id,
+            prompt_tokens=request.prompt_tokens,
+            sampling=sampling_from_proto(request.sampling),
+            eos_token_ids=frozenset(request.eos_token_ids),
+            max_tokens=request.max_tokens,
+        )
+
+    @rpc_errors
+    async def Generate(self, request, context):
+        seq = self._engine.reserve(self._params(request))
+        log.debug("request_id=%s reserved (transfer %s)", request.request_id, request.transfer_id)
+        try:
+            yield decode_pb2.DecodeEvent(reserved=decode_pb2.Reserved())
+            while (event := await seq.events.get()) is not None:
+                if isinstance(event, PdserveError):
+                    raise event
+                finish = _FINISH.get(event.finish, common_pb2.FINISH_REASON_UNSPECIFIED)
+                yield decode_pb2.DecodeEvent(
+                    token=decode_pb2.TokenEvent(token_id=event.token_id, index=event.index, finish_reason=finish)
+                )
+        finally:
+            self._engine.release(seq)
+
+    @rpc_errors
+    async def PushKV(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("message") != "header":
+            raise InvalidArgument("PushKV: the first message must be a KVHeader")
+        layout = layout_from_proto(first.header)
+        tid = layout.transfer_id
+        assembly = self._engine.begin_transfer(layout)
+        try:
+            async for message in request_iterator:
+                self._engine.check_transfer_alive(tid)
+                kind = message.WhichOneof("message")
+                if kind == "chunk":
+                    assembly.add(chunk_from_proto(message.chunk))
+                elif kind == "trailer":
+                    self._engine.complete_transfer(tid, message.trailer.first_token_id)
+                    break
+                else:
+                    raise InvalidArgument(f"PushKV: unexpected {kind or 'empty'} message after the header")
+            else:
+                raise InvalidArgument("PushKV: stream ended before the KVTrailer")
+        except Cancelled:
+            raise
+        except PdserveError as exc:
+            log.warning("transfer %s rejected: %s", tid, exc)
+            self._engine.fail_transfer(tid, DataLoss(f"KV transfer rejected: {exc}"))
+            raise
+        except BaseException:
+            # The sender went away (cancelled stream) or something broke: free it all.
+            self._engine.fail_transfer(tid, DataLoss("KV transfer aborted before completion"))
+            raise
+        return decode_pb2.PushKVReply(
+            bytes_received=assembly.bytes_received,
+            first_chunk_received_ns=assembly.first_chunk_ns,
+            last_chunk_received_ns=assembly.last_chunk_ns,
+        )
+
+    @rpc_errors
+    async def GetStats(self, request, context):
+        return decode_pb2.DecodeStats(**self._engine.stats())
+
+
+async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = None) -> RunningService:
+    """Loads the model (unless given), starts the engine and the server; returns when serving."""
+    if loaded is None:
+        set_torch_threads(config.threads)
+        log.info("loading model %s on %s", config.model, config.device)
+        loaded = await asyncio.to_thread(load_model, config.model, config.device, config.dtype)
+    engine = DecodeEngine(loaded, max_batch=config.max_batch, max_waiting=config.max_waiting)
+    engine.start()
+    server, port = create_server(config.listen)
+    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine), server)
+    health = add_health(server, [SERVICE])
+    await server.start()
+    await set_serving(health, [SERVICE], True)
+    return RunningService("decode", server, port, health, (SERVICE,), [engine.stop], engine)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pdserve decode", description="Run a pdserve decode server.")
+    cfg.add_arguments(parser, cfg.DecodeConfig)
+    run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    config = cfg.load(cfg.DecodeConfig, args)
+    setup_logging(config.log_level, "decode")
+
+    async def serve() -> None:
+        service = await start_decode(config)
+        await serve_until_signal(service, config.shutdown_grace_s)
+
+    asyncio.run(serve())

@@ -1,0 +1,1 @@
+"""Gateway service: the public API, tokenization, scheduling and the request flow across prefill and decode."""

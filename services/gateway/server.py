@@ -1,0 +1,153 @@
+"""Gateway servicer: validates and tokenizes at the edge, then hands a plain request to the router."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import uuid
+
+from pdserve import config as cfg
+from pdserve.convert import check_token_ids, sampling_from_proto
+from pdserve.errors import InvalidArgument
+from pdserve.model import ModelInfo, load_model_info
+from pdserve.rpc import ChannelPool, add_health, create_server, rpc_errors, set_serving
+from pdserve.service import RunningService, serve_until_signal, setup_logging
+from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.gateway.router import GatewayRequest, Router
+from services.gateway.scheduler import RoundRobinScheduler
+from services.gateway.text import ROLES, encode_chat, encode_prompt
+
+log = logging.getLogger(__name__)
+
+SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+_FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
+MAX_STOP_CHARS = 256
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, info: ModelInfo, router: Router, config: cfg.GatewayConfig) -> None:
+        self._info = info
+        self._router = router
+        self._config = config
+
+    def _prompt_ids(self, request: gateway_pb2.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("input")
+        tokenizer = self._info.tokenizer
+        if kind is None:
+            raise InvalidArgument("prompt: must not be empty (set prompt, chat or token_ids)")
+        if kind == "token_ids":
+            ids = list(request.token_ids.ids)
+            check_token_ids(ids, self._info.vocab_size)
+            return ids
+        if tokenizer is None:
+            raise InvalidArgument(f"{kind}: model {self._info.name} has no tokenizer; send token_ids")
+        if kind == "prompt":
+            if not request.prompt:
+                raise InvalidArgument("prompt: must not be empty")
+            ids = encode_prompt(tokenizer, request.prompt)
+        else:
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            if not messages:
+                raise InvalidArgument("chat.messages: must not be empty")
+            for i, m in enumerate(messages):
+                if m["role"] not in ROLES:
+                    raise InvalidArgument(f"chat.messages[{i}].role: must be one of {', '.join(ROLES)}, got {m['role']!r}")
+            ids = encode_chat(tokenizer, messages)
+        if not ids:
+            raise InvalidArgument(f"{kind}: tokenizes to no tokens")
+        return ids
+
+    def _to_request(self, request: gateway_pb2.GenerateRequest) -> GatewayRequest:
+        info = self._info
+        if request.model and request.model not in (info.name, info.spec):
+            raise InvalidArgument(f"model: unknown model {request.model!r}; this gateway serves {info.name!r}")
+        ids = self._prompt_ids(request)
+        context = info.context_length
+        room = context - len(ids)
+        if room < 1:
+            raise InvalidArgument(f"prompt: {len(ids)} tokens leave no room in the model's context length of {context}")
+        s = request.sampling
+        if s.HasField("max_tokens"):
+            max_tokens = s.max_tokens
+            if max_tokens < 1:
+                raise InvalidArgument(f"sampling.max_tokens: must be >= 1, got {max_tokens}")
+            if max_tokens > room:
+                raise InvalidArgument(
+                    f"sampling.max_tokens: prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = "
+                    f"{len(ids) + max_tokens} exceeds the model's context length of {context}")
+        else:
+            max_tokens = min(self._config.default_max_tokens, room)
+        if len(s.stop) > self._config.max_stop_strings:
+            raise InvalidArgument(f"sampling.stop: at most {self._config.max_stop_strings} strings, got {len(s.stop)}")
+        for i, stop in enumerate(s.stop):
+            if not 0 < len(stop) <= MAX_STOP_CHARS:
+                raise InvalidArgument(f"sampling.stop[{i}]: must be 1 to {MAX_STOP_CHARS} characters, got {len(stop)}")
+        if s.stop and info.tokenizer is None:
+            raise InvalidArgument(f"sampling.stop: model {info.name} has no tokenizer to match stop strings")
+        return GatewayRequest(
+            request_id=request.request_id or uuid.uuid4().hex,
+            prompt_ids=ids,
+            sampling=sampling_from_proto(s, default_seed=secrets.randbits(63)),
+            max_tokens=max_tokens,
+            stop=tuple(s.stop),
+            ignore_eos=s.ignore_eos,
+        )
+
+    @rpc_errors
+    async def Generate(self, request, context):
+        req = self._to_request(request)
+        log.info("request_id=%s prompt_tokens=%d max_tokens=%d", req.request_id, len(req.prompt_ids), req.max_tokens)
+        async for chunk in self._router.generate(req):
+            out = gateway_pb2.GenerateChunk(request_id=req.request_id, token_ids=chunk.token_ids,
+                                            index=chunk.index, text=chunk.text)
+            if chunk.finish_reason is not None:
+                out.finish_reason = _FINISH[chunk.finish_reason]
+                out.usage.prompt_tokens = len(req.prompt_ids)
+                out.usage.completion_tokens = chunk.completion_tokens
+                if chunk.timings is not None:
+                    out.timings.CopyFrom(gateway_pb2.Timings(**vars(chunk.timings)))
+                log.info("request_id=%s finished (%s) completion_tokens=%d", req.request_id,
+                         chunk.finish_reason, chunk.completion_tokens)
+            yield out
+
+    @rpc_errors
+    async def GetModelInfo(self, request, context):
+        info = self._info
+        return gateway_pb2.ModelInfo(name=info.name, context_length=info.context_length, vocab_size=info.vocab_size,
+                                     has_tokenizer=info.tokenizer is not None,
+                                     has_chat_template=info.has_chat_template,
+                                     eos_token_ids=list(info.eos_token_ids))
+
+
+async def start_gateway(config: cfg.GatewayConfig, info: ModelInfo | None = None) -> RunningService:
+    """Loads the model's tokenizer and limits (unless given) and starts the server."""
+    if info is None:
+        info = await asyncio.to_thread(load_model_info, config.model)
+    channels = ChannelPool()
+    router = Router(info, RoundRobinScheduler(config.prefill, config.decode), channels)
+    server, port = create_server(config.listen)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(info, router, config), server)
+    health = add_health(server, [SERVICE])
+    await server.start()
+    await set_serving(health, [SERVICE], True)
+    return RunningService("gateway", server, port, health, (SERVICE,), [channels.close], router)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pdserve gateway", description="Run the pdserve gateway.")
+    cfg.add_arguments(parser, cfg.GatewayConfig)
+    run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    config = cfg.load(cfg.GatewayConfig, args)
+    setup_logging(config.log_level, "gateway")
+
+    async def serve() -> None:
+        service = await start_gateway(config)
+        log.info("gateway routes to prefill %s, decode %s", ",".join(config.prefill), ",".join(config.decode))
+        await serve_until_signal(service, config.shutdown_grace_s)
+
+    asyncio.run(serve())

@@ -1,0 +1,81 @@
+"""Text on the gateway: prompts to token ids, token ids back to text deltas, stop strings.
+
+Pure logic over a Hugging Face tokenizer; no I/O.
+"""
+
+from __future__ import annotations
+
+from pdserve.errors import InvalidArgument
+
+_REPLACEMENT = "\ufffd"
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Renders chat messages with the model's chat template, ready for the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidArgument("chat: this model has no chat template; send a prompt or token_ids")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Decodes a short window of recent tokens each time and emits only what the
+    newest token completed; a multi-byte character split across tokens is held
+    back until its last byte arrives (the window decodes to U+FFFD until then).
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # start of the window decoded for context
+        self._read_offset = 0    # tokens before this are already emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith(_REPLACEMENT):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (at the end of generation)."""
+        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset:])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return new_text[len(prefix_text):]
+
+
+class StopStrings:
+    """Finds stop strings across text deltas, holding back text that may begin one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._hold = max((len(s) for s in stops), default=1) - 1
+        self._pending = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was reached)."""
+        self._pending += delta
+        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            emit, self._pending = self._pending[: min(hits)], ""
+            return emit, True
+        cut = max(0, len(self._pending) - self._hold)
+        emit, self._pending = self._pending[:cut], self._pending[cut:]
+        return emit, False
+
+    def flush(self) -> str:
+        emit, self._pending = self._pending, ""
+        return emit

@@ -1,0 +1,105 @@
+"""Prefill servicer: protobuf at the edge, the ``PrefillEngine`` and a KV sender behind it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from pdserve import config as cfg
+from pdserve.convert import check_token_ids, sampling_from_proto
+from pdserve.engine.prefill import PrefillEngine
+from pdserve.errors import InvalidArgument
+from pdserve.kv.grpc_sender import GrpcKVSender
+from pdserve.kv.wire import DTYPE_NAMES, KVLayout
+from pdserve.model import LoadedModel, load_model
+from pdserve.rpc import ChannelPool, add_health, create_server, rpc_errors, set_serving
+from pdserve.service import RunningService, serve_until_signal, set_torch_threads, setup_logging
+from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, engine: PrefillEngine, loaded: LoadedModel, channels: ChannelPool, chunk_bytes: int) -> None:
+        self._engine = engine
+        self._loaded = loaded
+        self._channels = channels
+        self._chunk_bytes = chunk_bytes
+
+    def _layout(self, transfer_id: str, num_tokens: int) -> KVLayout:
+        kv = self._loaded.info.kv
+        return KVLayout(transfer_id, kv.num_layers, num_tokens, kv.kv_heads, kv.head_dim, DTYPE_NAMES[self._loaded.dtype])
+
+    @rpc_errors
+    async def Prefill(self, request, context):
+        info = self._loaded.info
+        token_ids = list(request.token_ids)
+        check_token_ids(token_ids, info.vocab_size)
+        if len(token_ids) > info.context_length:
+            raise InvalidArgument(f"token_ids: {len(token_ids)} tokens exceed the context length {info.context_length}")
+        sampling = sampling_from_proto(request.sampling)
+        sender = None
+        if request.decode_address:
+            if not request.transfer_id:
+                raise InvalidArgument("transfer_id: must not be empty when decode_address is set")
+            sender = GrpcKVSender(self._channels.get(request.decode_address), request.decode_address, self._chunk_bytes)
+        try:
+            if sender is not None:
+                await sender.open(self._layout(request.transfer_id, len(token_ids)))
+            result = await self._engine.prefill(token_ids, sampling, sender.send_layer if sender else None)
+            log.debug("request_id=%s prefilled %d tokens in %.1f ms", request.request_id, len(token_ids), result.forward_ms)
+            yield prefill_pb2.PrefillEvent(first_token=prefill_pb2.FirstToken(
+                token_id=result.first_token, queue_ms=result.queue_ms, forward_ms=result.forward_ms))
+            if sender is not None:
+                receipt = await sender.finish(result.first_token)
+                yield prefill_pb2.PrefillEvent(transfer_done=prefill_pb2.TransferDone(
+                    bytes=receipt.bytes_sent, layers=receipt.layers, messages=receipt.messages,
+                    forward_start_ns=result.forward_start_ns, forward_end_ns=result.forward_end_ns,
+                    first_chunk_sent_ns=receipt.first_chunk_sent_ns, acked_ns=receipt.acked_ns,
+                    first_chunk_received_ns=receipt.first_chunk_received_ns,
+                    last_chunk_received_ns=receipt.last_chunk_received_ns))
+        except BaseException:
+            if sender is not None:
+                await sender.abort()
+            raise
+
+
+async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = None) -> RunningService:
+    """Loads the model (unless given) and starts the server; returns when serving."""
+    if loaded is None:
+        set_torch_threads(config.threads)
+        log.info("loading model %s on %s", config.model, config.device)
+        loaded = await asyncio.to_thread(load_model, config.model, config.device, config.dtype)
+    engine = PrefillEngine(loaded)
+    channels = ChannelPool()
+    server, port = create_server(config.listen)
+    prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(engine, loaded, channels, config.kv_chunk_bytes), server)
+    health = add_health(server, [SERVICE])
+    await server.start()
+    await set_serving(health, [SERVICE], True)
+
+    async def close() -> None:
+        await channels.close()
+        engine.close()
+
+    return RunningService("prefill", server, port, health, (SERVICE,), [close], engine)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pdserve prefill", description="Run a pdserve prefill server.")
+    cfg.add_arguments(parser, cfg.PrefillConfig)
+    run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    config = cfg.load(cfg.PrefillConfig, args)
+    setup_logging(config.log_level, "prefill")
+
+    async def serve() -> None:
+        service = await start_prefill(config)
+        await serve_until_signal(service, config.shutdown_grace_s)
+
+    asyncio.run(serve())

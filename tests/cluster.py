@@ -1,0 +1,53 @@
+"""In-process clusters for integration tests: all three services in the test's event loop, on port 0."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdserve import config as cfg
+from pdserve.model import LoadedModel
+from pdserve.service import RunningService
+from services.decode.server import start_decode
+from services.gateway.server import start_gateway
+from services.prefill.server import start_prefill
+
+
+@dataclass
+class InProcessCluster:
+    loaded: LoadedModel
+    gateway: RunningService
+    prefill: RunningService
+    decode: RunningService
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gateway.port}"
+
+    @property
+    def decode_address(self) -> str:
+        return f"127.0.0.1:{self.decode.port}"
+
+    async def stop(self) -> None:
+        for service in (self.gateway, self.prefill, self.decode):
+            await service.stop(grace=1.0)
+
+
+async def start_cluster(loaded: LoadedModel, **decode_options) -> InProcessCluster:
+    """One gateway, one prefill and one decode server sharing ``loaded``'s weights."""
+    decode = await start_decode(cfg.DecodeConfig(listen="127.0.0.1:0", model=loaded.info.spec, **decode_options), loaded)
+    prefill = await start_prefill(cfg.PrefillConfig(listen="127.0.0.1:0", model=loaded.info.spec), loaded)
+    gateway = await start_gateway(cfg.GatewayConfig(
+        listen="127.0.0.1:0", model=loaded.info.spec,
+        prefill=(f"127.0.0.1:{prefill.port}",), decode=(f"127.0.0.1:{decode.port}",)), loaded.info)
+    return InProcessCluster(loaded, gateway, prefill, decode)
+
+
+def reference_greedy(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """What single-process ``model.generate(do_sample=False)`` produces."""
+    with torch.inference_mode():
+        ids = torch.tensor([prompt_ids], device=loaded.device)
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=max_new_tokens, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
