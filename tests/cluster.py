@@ -34,20 +34,25 @@ class InProcessCluster:
             await service.stop(grace=1.0)
 
 
-async def start_cluster(loaded: LoadedModel, **decode_options) -> InProcessCluster:
+async def start_cluster(loaded: LoadedModel, decode_options: dict | None = None,
+                        prefill_options: dict | None = None) -> InProcessCluster:
     """One gateway, one prefill and one decode server sharing ``loaded``'s weights."""
-    decode = await start_decode(cfg.DecodeConfig(listen="127.0.0.1:0", model=loaded.info.spec, **decode_options), loaded)
-    prefill = await start_prefill(cfg.PrefillConfig(listen="127.0.0.1:0", model=loaded.info.spec), loaded)
+    decode = await start_decode(
+        cfg.DecodeConfig(listen="127.0.0.1:0", model=loaded.info.spec, **(decode_options or {})), loaded)
+    prefill = await start_prefill(
+        cfg.PrefillConfig(listen="127.0.0.1:0", model=loaded.info.spec, **(prefill_options or {})), loaded)
     gateway = await start_gateway(cfg.GatewayConfig(
         listen="127.0.0.1:0", model=loaded.info.spec,
         prefill=(f"127.0.0.1:{prefill.port}",), decode=(f"127.0.0.1:{decode.port}",)), loaded.info)
     return InProcessCluster(loaded, gateway, prefill, decode)
 
 
-def reference_greedy(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+def reference_greedy(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int,
+                     ignore_eos: bool = False) -> list[int]:
     """What single-process ``model.generate(do_sample=False)`` produces."""
+    extra = {"eos_token_id": None} if ignore_eos else {}
     with torch.inference_mode():
         ids = torch.tensor([prompt_ids], device=loaded.device)
         out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    max_new_tokens=max_new_tokens, pad_token_id=0)
+                                    max_new_tokens=max_new_tokens, pad_token_id=0, **extra)
     return out[0, len(prompt_ids):].tolist()

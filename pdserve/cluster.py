@@ -1,0 +1,129 @@
+"""A local cluster: gateway + N prefill + M decode servers as child processes.
+
+Used by ``pdserve up`` and by the end-to-end tests. Children are started in
+dependency order (decode, prefill, gateway), each is polled through the gRPC
+health service until SERVING, and ``stop`` sends SIGTERM (gateway first, so
+no new work arrives) and waits for graceful exits before killing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pdserve.rpc import check_health
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    model: str = "default"
+    device: str = "cpu"
+    dtype: str = "auto"
+    prefill: int = 1
+    decode: int = 1
+    host: str = "127.0.0.1"
+    gateway_port: int = 50051  # 0: a free port
+    threads: int = 0           # per worker; 0: split the machine's cores between workers
+    max_batch: int = 32
+    log_level: str = "INFO"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.prefill < 1 or self.decode < 1:
+            raise ValueError("a cluster needs at least one prefill and one decode instance")
+
+
+@dataclass
+class Member:
+    name: str
+    address: str
+    process: subprocess.Popen
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec, progress: Callable[[str], None] = lambda _: None) -> None:
+        self.spec = spec
+        self.members: list[Member] = []
+        self._progress = progress
+
+    @property
+    def gateway_address(self) -> str:
+        return self.members[-1].address
+
+    def _threads(self) -> int:
+        if self.spec.threads:
+            return self.spec.threads
+        return max(1, (os.cpu_count() or 1) // (self.spec.prefill + self.spec.decode))
+
+    def _spawn(self, name: str, module: str, port: int, args: list[str]) -> Member:
+        address = f"{self.spec.host}:{port}"
+        cmd = [sys.executable, "-m", module, "--listen", address, "--log-level", self.spec.log_level, *args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
+        process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        member = Member(name, address, process)
+        self.members.append(member)
+        return member
+
+    def start(self) -> None:
+        """Spawns every member; ``wait_healthy`` then waits for them."""
+        s = self.spec
+        model_args = ["--model", s.model, "--device", s.device, "--dtype", s.dtype, "--threads", str(self._threads())]
+        decodes = [self._spawn(f"decode-{i}", "services.decode", free_port(s.host), [*model_args, "--max-batch", str(s.max_batch)])
+                   for i in range(s.decode)]
+        prefills = [self._spawn(f"prefill-{i}", "services.prefill", free_port(s.host), model_args)
+                    for i in range(s.prefill)]
+        gateway_port = s.gateway_port or free_port(s.host)
+        self._spawn("gateway", "services.gateway", gateway_port, [
+            "--model", s.model,
+            "--prefill", ",".join(m.address for m in prefills),
+            "--decode", ",".join(m.address for m in decodes),
+        ])
+
+    async def wait_healthy(self, timeout_s: float = 300.0) -> None:
+        """Returns once every member reports SERVING; raises if one exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(self.members)
+        last_report = 0.0
+        while pending:
+            for member in list(pending):
+                code = member.process.poll()
+                if code is not None:
+                    raise RuntimeError(f"{member.name} exited with code {code} before becoming healthy (see its log above)")
+                if await check_health(member.address, timeout=0.5):
+                    self._progress(f"[up] {member.name} serving on {member.address}")
+                    pending.remove(member)
+            if not pending:
+                return
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(f"not healthy after {timeout_s:.0f} s: {', '.join(m.name for m in pending)}")
+            if now - last_report > 10:
+                self._progress(f"[up] waiting for {', '.join(m.name for m in pending)} (loading the model)")
+                last_report = now
+            await asyncio.sleep(0.2)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM in reverse start order (gateway first), then SIGKILL what is left."""
+        for member in reversed(self.members):
+            if member.process.poll() is None:
+                member.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for member in reversed(self.members):
+            try:
+                member.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                member.process.kill()
+                member.process.wait()

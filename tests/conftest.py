@@ -1,0 +1,42 @@
+"""Shared fixtures: provisioned and loaded models, in-process clusters (one per model, per session)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.model import LoadedModel, load_model
+from pdserve.model.provision import fetch_default_model
+from tests.cluster import InProcessCluster, start_cluster
+
+_loaded: dict[str, LoadedModel] = {}
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The default model's folder; provisions it offline on first use (about 30 s)."""
+    return fetch_default_model()
+
+
+def get_loaded(spec: str) -> LoadedModel:
+    if spec not in _loaded:
+        _loaded[spec] = load_model(spec)
+    return _loaded[spec]
+
+
+@pytest.fixture(scope="session")
+def smol(default_model_dir) -> LoadedModel:
+    return get_loaded("default")
+
+
+@pytest.fixture(scope="session")
+async def smol_cluster(smol) -> InProcessCluster:
+    cluster = await start_cluster(smol)
+    yield cluster
+    await cluster.stop()
+
+
+@pytest.fixture(scope="session")
+async def tiny_cluster() -> InProcessCluster:
+    cluster = await start_cluster(get_loaded("preset:tiny-llama"))
+    yield cluster
+    await cluster.stop()
