@@ -1,0 +1,50 @@
+"""Configuration from PDSERVE_* variables and flags, with errors that name their source."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pdserve import config as cfg
+
+
+def parse(cls, argv, env=None):
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser, cls)
+    return cfg.load(cls, parser.parse_args(argv), environ=env or {})
+
+
+def test_defaults():
+    c = parse(cfg.GatewayConfig, [])
+    assert c.listen == "127.0.0.1:50051" and c.prefill == ("127.0.0.1:50061",)
+
+
+def test_env_then_flags_override():
+    env = {"PDSERVE_MAX_BATCH": "8", "PDSERVE_MODEL": "preset:tiny-llama", "PDSERVE_LISTEN": "0.0.0.0:7000"}
+    c = parse(cfg.DecodeConfig, ["--max-batch", "4"], env)
+    assert (c.max_batch, c.model, c.listen) == (4, "preset:tiny-llama", "0.0.0.0:7000")
+
+
+def test_lists_from_env():
+    c = parse(cfg.GatewayConfig, [], {"PDSERVE_DECODE": "a:1, b:2"})
+    assert c.decode == ("a:1", "b:2")
+
+
+@pytest.mark.parametrize("cls,argv,env,needle", [
+    (cfg.DecodeConfig, [], {"PDSERVE_MAX_BATCH": "lots"}, "PDSERVE_MAX_BATCH"),
+    (cfg.DecodeConfig, ["--max-batch", "0"], {}, "max_batch: must be >= 1"),
+    (cfg.PrefillConfig, ["--dtype", "int3"], {}, "dtype"),
+    (cfg.PrefillConfig, ["--device", "tpu"], {}, "device"),
+    (cfg.GatewayConfig, ["--decode", "nohost"], {}, "decode: expected host:port"),
+    (cfg.GatewayConfig, ["--listen", "127.0.0.1:99999"], {}, "listen"),
+])
+def test_invalid_values_name_their_source(cls, argv, env, needle):
+    with pytest.raises(cfg.ConfigError) as info:
+        parse(cls, argv, env)
+    assert needle in str(info.value)
+
+
+def test_auto_dtype():
+    assert cfg.ModelConfig(device="cpu").torch_dtype_name == "float32"
+    assert cfg.ModelConfig(device="cuda").torch_dtype_name == "bfloat16"

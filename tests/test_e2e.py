@@ -1,0 +1,128 @@
+"""End to end with real processes: `pdserve up`, the CLI, the SDKs, graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pdserve.cluster import ClusterSpec, LocalCluster
+from pdserve.sdk import AsyncClient, Client, Unavailable
+from tests.cluster import reference_greedy
+
+pytestmark = pytest.mark.slow
+
+PDSERVE = [sys.executable, "-m", "pdserve.cli"]
+
+
+class LineReader:
+    """Collects a child's output lines on a thread so the test can wait for one."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if m := re.search(pattern, line):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no line matching {pattern!r}; got:\n{''.join(self.lines[-30:])}")
+                self._cond.wait(left)
+
+
+def test_pdserve_up_demo_then_cli_and_sdk_then_ctrl_c(smol):
+    up = subprocess.Popen([*PDSERVE, "up", "--demo", "--port", "0"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    out, err = LineReader(up.stdout), LineReader(up.stderr)
+    try:
+        address = err.wait_for(r"serving on (127\.0\.0\.1:\d+);", timeout=240).group(1)
+        # The demo answer streamed, with its timings.
+        timing = err.wait_for(r"\[(\d+) tokens, finish=(\w+), TTFT (\d+) ms, TPOT ([\d.]+) ms\]", timeout=5)
+        assert int(timing.group(1)) > 5
+        assert "sky" in "".join(out.lines).lower() or "blue" in "".join(out.lines).lower()
+
+        # `pdserve generate --json` prints one object with the documented fields.
+        tok = smol.info.tokenizer
+        cli = subprocess.run([*PDSERVE, "generate", "--address", address, "--json", "--max-tokens", "12",
+                              "--temperature", "0", "The capital of Italy is"],
+                             capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        result = json.loads(cli.stdout)
+        assert set(result) >= {"text", "token_ids", "finish_reason", "ttft", "tpot"}
+        expected = reference_greedy(smol, tok("The capital of Italy is")["input_ids"], 12)
+        assert result["token_ids"] == expected
+        assert result["text"] == tok.decode(expected, skip_special_tokens=True)
+        assert result["ttft"] > 0 and result["tpot"] > 0
+
+        # The blocking client, streamed and not.
+        with Client(address) as client:
+            chunks = list(client.stream("The capital of Italy is", max_tokens=12, temperature=0))
+            assert [t for c in chunks for t in c.token_ids] == expected
+            assert client.generate(token_ids=[1, 2, 3], max_tokens=0 + 3, temperature=0).completion_tokens == 3
+            assert client.model_info().name == "SmolLM2-135M-Instruct"
+
+        # Bad CLI input is reported, not a traceback.
+        bad = subprocess.run([*PDSERVE, "generate", "--address", address, "--max-tokens", "0", "hi"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "sampling.max_tokens" in bad.stderr
+    finally:
+        up.send_signal(signal.SIGINT)
+        code = up.wait(timeout=60)
+    assert code == 0
+    err.wait_for(r"\[up\] stopping the cluster", timeout=5)
+
+
+async def test_graceful_shutdown_finishes_in_flight_requests():
+    cluster = LocalCluster(ClusterSpec(model="preset:tiny-llama", gateway_port=0, threads=1))
+    cluster.start()
+    try:
+        await cluster.wait_healthy(timeout_s=120)
+        async with AsyncClient(cluster.gateway_address) as client:
+            stream = client.stream(token_ids=[1, 2, 3], max_tokens=1500, temperature=0)
+            chunks = [await anext(stream)]
+            for member in reversed(cluster.members):  # what `pdserve up` does on Ctrl-C
+                member.process.send_signal(signal.SIGTERM)
+            chunks += [c async for c in stream]
+            assert [c.index for c in chunks] == list(range(1500))
+            assert chunks[-1].finish_reason == "length"
+        codes = [m.process.wait(timeout=30) for m in cluster.members]
+        assert codes == [0] * len(codes)
+    finally:
+        cluster.stop()
+
+
+async def test_health_service_and_refusal_after_shutdown():
+    cluster = LocalCluster(ClusterSpec(model="preset:tiny-llama", gateway_port=0, threads=1))
+    cluster.start()
+    try:
+        await cluster.wait_healthy(timeout_s=120)
+        from pdserve.rpc import check_health
+
+        for member in cluster.members:
+            service = {"gateway": "pdserve.v1.Gateway", "prefill-0": "pdserve.v1.Prefill",
+                       "decode-0": "pdserve.v1.Decode"}[member.name]
+            assert await check_health(member.address, service)
+        cluster.stop()
+        async with AsyncClient(cluster.gateway_address, timeout=5) as client:
+            with pytest.raises(Unavailable):
+                await client.generate(token_ids=[1, 2], max_tokens=2)
+    finally:
+        cluster.stop()
