@@ -87,6 +87,17 @@ def add_health(server: grpc.aio.Server, services: Iterable[str]) -> health_aio.H
     return health
 
 
+async def start_server(listen: str, service: str, register) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
+    """Creates a server on ``listen``, lets ``register(server)`` add the servicer, adds health,
+    starts it and marks ``service`` SERVING. Returns (server, port, health)."""
+    server, port = create_server(listen)
+    register(server)
+    health = add_health(server, [service])
+    await server.start()
+    await set_serving(health, [service], True)
+    return server, port, health
+
+
 async def set_serving(health: health_aio.HealthServicer, services: Iterable[str], serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *services):

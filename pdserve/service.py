@@ -6,6 +6,8 @@ gives in-flight ones ``grace`` seconds, then the service's engines close.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -13,6 +15,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
+from pdserve import config as cfg
 from pdserve.rpc import set_serving, wait_for_shutdown_signal
 
 log = logging.getLogger(__name__)
@@ -60,3 +63,34 @@ async def serve_until_signal(service: RunningService, grace: float) -> None:
     log.info("%s draining (up to %.0f s for in-flight calls)", service.name, grace)
     await service.stop(grace)
     log.info("%s stopped", service.name)
+
+
+async def load_model_for(config: cfg.ModelConfig):
+    """Sets torch threads and loads ``config.model`` off the event loop."""
+    from pdserve.model import load_model
+
+    set_torch_threads(config.threads)
+    log.info("loading model %s on %s", config.model, config.device)
+    return await asyncio.to_thread(load_model, config.model, config.device, config.dtype)
+
+
+StartFn = Callable[[Any], Awaitable[RunningService]]
+
+
+def run_service(name: str, config_cls: type, start: StartFn, args: argparse.Namespace) -> None:
+    """Builds the config from env and ``args``, starts the service and serves until SIGINT/SIGTERM."""
+    config = cfg.load(config_cls, args)
+    setup_logging(config.log_level, name)
+
+    async def serve() -> None:
+        service = await start(config)
+        await serve_until_signal(service, config.shutdown_grace_s)
+
+    asyncio.run(serve())
+
+
+def service_main(name: str, config_cls: type, start: StartFn, argv: list[str] | None = None) -> None:
+    """``python -m services.<name>``: flags from the config dataclass, then ``run_service``."""
+    parser = argparse.ArgumentParser(prog=f"pdserve {name}", description=f"Run a pdserve {name} server.")
+    cfg.add_arguments(parser, config_cls)
+    run_service(name, config_cls, start, parser.parse_args(argv))

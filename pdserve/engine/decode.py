@@ -13,7 +13,6 @@ import asyncio
 import collections
 import enum
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 

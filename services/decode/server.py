@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from pdserve import config as cfg
 from pdserve.convert import chunk_from_proto, layout_from_proto, sampling_from_proto
 from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
-from pdserve.model import LoadedModel, load_model
-from pdserve.rpc import add_health, create_server, rpc_errors, set_serving
-from pdserve.service import RunningService, serve_until_signal, set_torch_threads, setup_logging
+from pdserve.model import LoadedModel
+from pdserve.rpc import rpc_errors, start_server
+from pdserve.service import RunningService, load_model_for, run_service, service_main
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -101,32 +100,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = None) -> RunningService:
     """Loads the model (unless given), starts the engine and the server; returns when serving."""
-    if loaded is None:
-        set_torch_threads(config.threads)
-        log.info("loading model %s on %s", config.model, config.device)
-        loaded = await asyncio.to_thread(load_model, config.model, config.device, config.dtype)
+    loaded = loaded or await load_model_for(config)
     engine = DecodeEngine(loaded, max_batch=config.max_batch, max_waiting=config.max_waiting)
     engine.start()
-    server, port = create_server(config.listen)
-    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine), server)
-    health = add_health(server, [SERVICE])
-    await server.start()
-    await set_serving(health, [SERVICE], True)
+    server, port, health = await start_server(
+        config.listen, SERVICE, lambda server: decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine), server))
     return RunningService("decode", server, port, health, (SERVICE,), [engine.stop], engine)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pdserve decode", description="Run a pdserve decode server.")
-    cfg.add_arguments(parser, cfg.DecodeConfig)
-    run(parser.parse_args(argv))
+    service_main("decode", cfg.DecodeConfig, start_decode, argv)
 
 
 def run(args: argparse.Namespace) -> None:
-    config = cfg.load(cfg.DecodeConfig, args)
-    setup_logging(config.log_level, "decode")
-
-    async def serve() -> None:
-        service = await start_decode(config)
-        await serve_until_signal(service, config.shutdown_grace_s)
-
-    asyncio.run(serve())
+    run_service("decode", cfg.DecodeConfig, start_decode, args)

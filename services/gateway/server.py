@@ -12,8 +12,8 @@ from pdserve import config as cfg
 from pdserve.convert import check_token_ids, sampling_from_proto
 from pdserve.errors import InvalidArgument
 from pdserve.model import ModelInfo, load_model_info
-from pdserve.rpc import ChannelPool, add_health, create_server, rpc_errors, set_serving
-from pdserve.service import RunningService, serve_until_signal, setup_logging
+from pdserve.rpc import ChannelPool, rpc_errors, start_server
+from pdserve.service import RunningService, run_service, service_main
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.router import GatewayRequest, Router
 from services.gateway.scheduler import RoundRobinScheduler
@@ -127,27 +127,16 @@ async def start_gateway(config: cfg.GatewayConfig, info: ModelInfo | None = None
         info = await asyncio.to_thread(load_model_info, config.model)
     channels = ChannelPool()
     router = Router(info, RoundRobinScheduler(config.prefill, config.decode), channels)
-    server, port = create_server(config.listen)
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(info, router, config), server)
-    health = add_health(server, [SERVICE])
-    await server.start()
-    await set_serving(health, [SERVICE], True)
+    servicer = GatewayServicer(info, router, config)
+    server, port, health = await start_server(
+        config.listen, SERVICE, lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server))
+    log.info("gateway routes to prefill %s, decode %s", ",".join(config.prefill), ",".join(config.decode))
     return RunningService("gateway", server, port, health, (SERVICE,), [channels.close], router)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pdserve gateway", description="Run the pdserve gateway.")
-    cfg.add_arguments(parser, cfg.GatewayConfig)
-    run(parser.parse_args(argv))
+    service_main("gateway", cfg.GatewayConfig, start_gateway, argv)
 
 
 def run(args: argparse.Namespace) -> None:
-    config = cfg.load(cfg.GatewayConfig, args)
-    setup_logging(config.log_level, "gateway")
-
-    async def serve() -> None:
-        service = await start_gateway(config)
-        log.info("gateway routes to prefill %s, decode %s", ",".join(config.prefill), ",".join(config.decode))
-        await serve_until_signal(service, config.shutdown_grace_s)
-
-    asyncio.run(serve())
+    run_service("gateway", cfg.GatewayConfig, start_gateway, args)

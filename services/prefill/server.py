@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from pdserve import config as cfg
@@ -12,9 +11,9 @@ from pdserve.engine.prefill import PrefillEngine
 from pdserve.errors import InvalidArgument
 from pdserve.kv.grpc_sender import GrpcKVSender
 from pdserve.kv.wire import DTYPE_NAMES, KVLayout
-from pdserve.model import LoadedModel, load_model
-from pdserve.rpc import ChannelPool, add_health, create_server, rpc_errors, set_serving
-from pdserve.service import RunningService, serve_until_signal, set_torch_threads, setup_logging
+from pdserve.model import LoadedModel
+from pdserve.rpc import ChannelPool, rpc_errors, start_server
+from pdserve.service import RunningService, load_model_for, run_service, service_main
 from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -69,17 +68,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = None) -> RunningService:
     """Loads the model (unless given) and starts the server; returns when serving."""
-    if loaded is None:
-        set_torch_threads(config.threads)
-        log.info("loading model %s on %s", config.model, config.device)
-        loaded = await asyncio.to_thread(load_model, config.model, config.device, config.dtype)
+    loaded = loaded or await load_model_for(config)
     engine = PrefillEngine(loaded)
     channels = ChannelPool()
-    server, port = create_server(config.listen)
-    prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(engine, loaded, channels, config.kv_chunk_bytes), server)
-    health = add_health(server, [SERVICE])
-    await server.start()
-    await set_serving(health, [SERVICE], True)
+    servicer = PrefillServicer(engine, loaded, channels, config.kv_chunk_bytes)
+    server, port, health = await start_server(
+        config.listen, SERVICE, lambda server: prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server))
 
     async def close() -> None:
         await channels.close()
@@ -89,17 +83,8 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pdserve prefill", description="Run a pdserve prefill server.")
-    cfg.add_arguments(parser, cfg.PrefillConfig)
-    run(parser.parse_args(argv))
+    service_main("prefill", cfg.PrefillConfig, start_prefill, argv)
 
 
 def run(args: argparse.Namespace) -> None:
-    config = cfg.load(cfg.PrefillConfig, args)
-    setup_logging(config.log_level, "prefill")
-
-    async def serve() -> None:
-        service = await start_prefill(config)
-        await serve_until_signal(service, config.shutdown_grace_s)
-
-    asyncio.run(serve())
+    run_service("prefill", cfg.PrefillConfig, start_prefill, args)
