@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 
 from pdserve import config as cfg
+from pdserve.errors import PdserveError
 from pdserve.rpc import set_serving, wait_for_shutdown_signal
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,21 @@ StartFn = Callable[[Any], Awaitable[RunningService]]
 
 def run_service(name: str, config_cls: type, start: StartFn, args: argparse.Namespace) -> None:
     """Builds the config from env and ``args``, starts the service and serves until SIGINT/SIGTERM."""
-    config = cfg.load(config_cls, args)
+    try:
+        config = cfg.load(config_cls, args)
+    except cfg.ConfigError as exc:
+        sys.exit(f"error: configuration: {exc}")
     setup_logging(config.log_level, name)
 
     async def serve() -> None:
         service = await start(config)
         await serve_until_signal(service, config.shutdown_grace_s)
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except PdserveError as exc:  # e.g. a model that cannot be loaded
+        log.error("%s cannot start: %s", name, exc)
+        sys.exit(1)
 
 
 def service_main(name: str, config_cls: type, start: StartFn, argv: list[str] | None = None) -> None:

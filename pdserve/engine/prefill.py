@@ -50,7 +50,6 @@ class PrefillEngine:
     def __init__(self, loaded: LoadedModel) -> None:
         self._loaded = loaded
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-engine")
-        self.queued_tokens = 0
 
     @property
     def info(self):
@@ -65,11 +64,7 @@ class PrefillEngine:
             loop.call_soon_threadsafe(on_layer, layer, k, v)
 
         callback = forward_thread_callback if on_layer is not None else (lambda *_: None)
-        self.queued_tokens += len(token_ids)
-        try:
-            return await loop.run_in_executor(self._executor, self._forward, token_ids, sampling, callback, enqueued_ns)
-        finally:
-            self.queued_tokens -= len(token_ids)
+        return await loop.run_in_executor(self._executor, self._forward, token_ids, sampling, callback, enqueued_ns)
 
     def _forward(self, token_ids: list[int], sampling: SamplingParams, callback: LayerCallback,
                  enqueued_ns: int) -> PrefillResult:
