@@ -1,0 +1,1 @@
+"""Benchmarks: serving (pdserve bench) and KV transfer overlap."""

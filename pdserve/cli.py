@@ -135,6 +135,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
         cluster.stop()
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from bench.serving import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=_cmd_generate)
+
+    bench = sub.add_parser("bench", help="serving benchmark against a running gateway (bench/serving.py)")
+    bench.set_defaults(func=_cmd_bench)
+    from bench.serving import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
 
     _add_service(sub, "gateway", cfg.GatewayConfig, "run a gateway server")
     _add_service(sub, "prefill", cfg.PrefillConfig, "run a prefill server")
