@@ -87,7 +87,7 @@ async def engine_loop_ms(loaded, dyn, args) -> float:
             assembly.add(chunk)
     engine.complete_transfer("r", 42)
     stamps = []
-    while (event := await seq.events.get()) is not None:
+    while await seq.events.get() is not None:
         stamps.append(time.perf_counter())
     await engine.stop()
     gaps = [(b - a) * 1e3 for a, b in zip(stamps[5:], stamps[6:])]
