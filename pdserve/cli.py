@@ -61,9 +61,9 @@ def _generate_kwargs(args: argparse.Namespace) -> dict:
 async def _stream_to_stdout(address: str, kwargs: dict, as_json: bool) -> int:
     from pdserve.errors import PdserveError
     from pdserve.sdk import AsyncClient
-    from pdserve.sdk.client import _Accumulator
+    from pdserve.sdk.client import Accumulator
 
-    acc = _Accumulator()
+    acc = Accumulator()
     try:
         async with AsyncClient(address) as client:
             async for chunk in client.stream(**kwargs):

@@ -10,9 +10,6 @@ from pdserve.errors import InvalidArgument
 from pdserve.kv.wire import KVChunkData, KVLayout
 from pdserve.v1 import common_pb2, decode_pb2
 
-MAX_SEED = (1 << 64) - 1
-
-
 def sampling_from_proto(msg: common_pb2.SamplingParams, default_seed: int = 0) -> SamplingParams:
     """Validated engine sampling settings (the token-choice part of the message)."""
     return SamplingParams(

@@ -80,19 +80,13 @@ def create_server(listen: str) -> tuple[grpc.aio.Server, int]:
     return server, port
 
 
-def add_health(server: grpc.aio.Server, services: Iterable[str]) -> health_aio.HealthServicer:
-    """Registers the standard health service; everything starts NOT_SERVING."""
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    return health
-
-
 async def start_server(listen: str, service: str, register) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     """Creates a server on ``listen``, lets ``register(server)`` add the servicer, adds health,
     starts it and marks ``service`` SERVING. Returns (server, port, health)."""
     server, port = create_server(listen)
     register(server)
-    health = add_health(server, [service])
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await server.start()
     await set_serving(health, [service], True)
     return server, port, health

@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from pdserve.engine.sampling import SamplingParams, sample
+from pdserve.kv.wire import DTYPE_NAMES, KVLayout
 from pdserve.model import LoadedModel
 
 # on_layer(layer_index, keys, values) with keys/values shaped (1, H, T, D).
@@ -54,6 +55,11 @@ class PrefillEngine:
     @property
     def info(self):
         return self._loaded.info
+
+    def layout(self, transfer_id: str, num_tokens: int) -> KVLayout:
+        """The KV geometry a transfer of ``num_tokens`` prompt tokens announces."""
+        kv = self._loaded.info.kv
+        return KVLayout(transfer_id, kv.num_layers, num_tokens, kv.kv_heads, kv.head_dim, DTYPE_NAMES[self._loaded.dtype])
 
     async def prefill(self, token_ids: list[int], sampling: SamplingParams, on_layer: LayerCallback | None) -> PrefillResult:
         """Runs the prompt, calling ``on_layer`` on this event loop per layer; returns the first token."""

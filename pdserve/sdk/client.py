@@ -1,7 +1,7 @@
 """Async and blocking clients for ``Gateway.Generate``.
 
 Both build the same request (``build_request``) and fold chunks the same way
-(``_Accumulator``), measuring TTFT and TPOT on the client side.
+(``Accumulator``), measuring TTFT and TPOT on the client side.
 """
 
 from __future__ import annotations
@@ -91,7 +91,9 @@ def _error(exc: grpc.RpcError) -> PdserveError:
     return error_for_status(exc.code().name, exc.details() or exc.code().name)
 
 
-class _Accumulator:
+class Accumulator:
+    """Folds streamed chunks into a ``Completion``, timing TTFT and TPOT as they arrive."""
+
     def __init__(self) -> None:
         self.started = time.perf_counter()
         self.first_at: float | None = None
@@ -143,7 +145,7 @@ class AsyncClient:
             call.cancel()
 
     async def generate(self, prompt: str | None = None, **kwargs) -> Completion:
-        acc = _Accumulator()
+        acc = Accumulator()
         async for chunk in self.stream(prompt, **kwargs):
             acc.add(chunk)
         return acc.completion()
@@ -183,7 +185,7 @@ class Client:
             call.cancel()
 
     def generate(self, prompt: str | None = None, **kwargs) -> Completion:
-        acc = _Accumulator()
+        acc = Accumulator()
         for chunk in self.stream(prompt, **kwargs):
             acc.add(chunk)
         return acc.completion()

@@ -10,7 +10,6 @@ from pdserve.convert import check_token_ids, sampling_from_proto
 from pdserve.engine.prefill import PrefillEngine
 from pdserve.errors import InvalidArgument
 from pdserve.kv.grpc_sender import GrpcKVSender
-from pdserve.kv.wire import DTYPE_NAMES, KVLayout
 from pdserve.model import LoadedModel
 from pdserve.rpc import ChannelPool, rpc_errors, start_server
 from pdserve.service import RunningService, load_model_for, run_service, service_main
@@ -22,19 +21,14 @@ SERVICE = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, engine: PrefillEngine, loaded: LoadedModel, channels: ChannelPool, chunk_bytes: int) -> None:
+    def __init__(self, engine: PrefillEngine, channels: ChannelPool, chunk_bytes: int) -> None:
         self._engine = engine
-        self._loaded = loaded
         self._channels = channels
         self._chunk_bytes = chunk_bytes
 
-    def _layout(self, transfer_id: str, num_tokens: int) -> KVLayout:
-        kv = self._loaded.info.kv
-        return KVLayout(transfer_id, kv.num_layers, num_tokens, kv.kv_heads, kv.head_dim, DTYPE_NAMES[self._loaded.dtype])
-
     @rpc_errors
     async def Prefill(self, request, context):
-        info = self._loaded.info
+        info = self._engine.info
         token_ids = list(request.token_ids)
         check_token_ids(token_ids, info.vocab_size)
         if len(token_ids) > info.context_length:
@@ -47,7 +41,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             sender = GrpcKVSender(self._channels.get(request.decode_address), request.decode_address, self._chunk_bytes)
         try:
             if sender is not None:
-                await sender.open(self._layout(request.transfer_id, len(token_ids)))
+                await sender.open(self._engine.layout(request.transfer_id, len(token_ids)))
             result = await self._engine.prefill(token_ids, sampling, sender.send_layer if sender else None)
             log.debug("request_id=%s prefilled %d tokens in %.1f ms", request.request_id, len(token_ids), result.forward_ms)
             yield prefill_pb2.PrefillEvent(first_token=prefill_pb2.FirstToken(
@@ -71,7 +65,7 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
     loaded = loaded or await load_model_for(config)
     engine = PrefillEngine(loaded)
     channels = ChannelPool()
-    servicer = PrefillServicer(engine, loaded, channels, config.kv_chunk_bytes)
+    servicer = PrefillServicer(engine, channels, config.kv_chunk_bytes)
     server, port, health = await start_server(
         config.listen, SERVICE, lambda server: prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server))
 
