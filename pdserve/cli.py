@@ -103,12 +103,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
         from pdserve.model.provision import fetch_default_model
 
         fetch_default_model(progress=_progress)
-    spec = ClusterSpec(model=args.model, device=args.device, dtype=args.dtype, prefill=args.prefill,
-                       decode=args.decode, gateway_port=args.port, threads=args.threads, log_level=args.log_level)
+    spec = ClusterSpec(model=args.model, device=args.device, dtype=args.dtype,
+                       prefill=0 if args.colocated else args.prefill, decode=args.decode, gateway_port=args.port,
+                       threads=args.threads, max_batch=args.max_batch, kv_budget=args.kv_budget,
+                       prefill_chunk_tokens=args.prefill_chunk_tokens, pin_cores=args.pin_cores,
+                       log_level=args.log_level)
     cluster = LocalCluster(spec, progress=_progress)
 
     async def run() -> int:
-        _progress(f"[up] starting gateway + {spec.prefill} prefill + {spec.decode} decode ({spec.model} on {spec.device})")
+        _progress(f"[up] starting gateway + {spec.describe()} ({spec.model} on {spec.device})")
         cluster.start()
         await cluster.wait_healthy()
         _progress(f"[up] cluster ready: gateway on {cluster.gateway_address}")
@@ -145,12 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run a local cluster (gateway + N prefill + M decode)")
+    up = sub.add_parser("up", help="run a local cluster (gateway + N prefill + M decode, or colocated)")
     up.add_argument("--model", default=cfg.DEFAULT_MODEL, help="model folder, 'default' or preset:NAME")
     up.add_argument("--device", default="cpu")
     up.add_argument("--dtype", default="auto")
     up.add_argument("--prefill", type=int, default=1, help="prefill instances")
     up.add_argument("--decode", type=int, default=1, help="decode instances")
+    up.add_argument("--colocated", action="store_true",
+                    help="no prefill instances: each decode instance prefills its own prompts (the baseline)")
+    up.add_argument("--prefill-chunk-tokens", type=int, default=512,
+                    help="chunked prefill size (0: whole prompts; colocated without chunking stalls decode)")
+    up.add_argument("--max-batch", type=int, default=32, help="decode running batch limit")
+    up.add_argument("--kv-budget", default="auto", help="decode KV pool: 512MiB, 4GiB, 0.8 (of free memory) or auto")
+    up.add_argument("--pin-cores", action="store_true", help="give each model-running service its own CPU cores")
     up.add_argument("--port", type=int, default=50051, help="gateway port (0: any free port)")
     up.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     up.add_argument("--log-level", default="WARNING", help="log level of the services")

@@ -1,6 +1,10 @@
 """A local cluster: gateway + N prefill + M decode servers as child processes.
 
-Used by ``pdserve up`` and by the end-to-end tests. Children are started in
+With no prefill instances the cluster is colocated: each decode instance
+prefills its own prompts (with or without chunked prefill). ``pin_cores``
+gives each model-running member its own share of the CPU cores (``taskset``),
+so a disaggregated and a colocated cluster can be compared on the same cores.
+Used by ``pdserve up``, ``pdserve bench --start`` and the end-to-end tests. Children are started in
 dependency order (decode, prefill, gateway), each is polled through the gRPC
 health service until SERVING, and ``stop`` sends SIGTERM (gateway first, so
 no new work arrives) and waits for graceful exits before killing.
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,12 +43,26 @@ class ClusterSpec:
     gateway_port: int = 50051  # 0: a free port
     threads: int = 0           # per worker; 0: split the machine's cores between workers
     max_batch: int = 32
+    kv_budget: str = "auto"
+    prefill_chunk_tokens: int = 512  # 0: no chunked prefill
+    prefill_token_budget: int = 2048
+    pin_cores: bool = False
     log_level: str = "INFO"
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.prefill < 1 or self.decode < 1:
-            raise ValueError("a cluster needs at least one prefill and one decode instance")
+        if self.prefill < 0 or self.decode < 1:
+            raise ValueError("a cluster needs at least one decode instance (and no prefill instance: colocated)")
+
+    @property
+    def colocated(self) -> bool:
+        return self.prefill == 0
+
+    def describe(self) -> str:
+        if self.colocated:
+            chunking = f"chunked prefill {self.prefill_chunk_tokens}" if self.prefill_chunk_tokens else "no chunking"
+            return f"colocated x{self.decode} ({chunking})"
+        return f"disaggregated {self.prefill} prefill + {self.decode} decode"
 
 
 @dataclass
@@ -63,14 +82,23 @@ class LocalCluster:
     def gateway_address(self) -> str:
         return self.members[-1].address
 
+    def _core_groups(self) -> list[list[int]]:
+        """The cores of each model-running member, in spawn order (decode first), split evenly."""
+        cores = sorted(os.sched_getaffinity(0))
+        workers = self.spec.prefill + self.spec.decode
+        share = max(1, len(cores) // workers)
+        return [cores[(i * share) % len(cores):(i * share) % len(cores) + share] for i in range(workers)]
+
     def _threads(self) -> int:
         if self.spec.threads:
             return self.spec.threads
-        return max(1, (os.cpu_count() or 1) // (self.spec.prefill + self.spec.decode))
+        return max(1, len(os.sched_getaffinity(0)) // (self.spec.prefill + self.spec.decode))
 
-    def _spawn(self, name: str, module: str, port: int, args: list[str]) -> Member:
+    def _spawn(self, name: str, module: str, port: int, args: list[str], cores: list[int] | None = None) -> Member:
         address = f"{self.spec.host}:{port}"
         cmd = [sys.executable, "-m", module, "--listen", address, "--log-level", self.spec.log_level, *args]
+        if cores and shutil.which("taskset"):
+            cmd = ["taskset", "-c", ",".join(map(str, cores)), *cmd]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
         process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         member = Member(name, address, process)
@@ -80,10 +108,14 @@ class LocalCluster:
     def start(self) -> None:
         """Spawns every member; ``wait_healthy`` then waits for them."""
         s = self.spec
-        model_args = ["--model", s.model, "--device", s.device, "--dtype", s.dtype, "--threads", str(self._threads())]
-        decodes = [self._spawn(f"decode-{i}", "services.decode", free_port(s.host), [*model_args, "--max-batch", str(s.max_batch)])
+        groups = self._core_groups() if s.pin_cores else [None] * (s.prefill + s.decode)
+        model_args = ["--model", s.model, "--device", s.device, "--dtype", s.dtype, "--threads", str(self._threads()),
+                      "--prefill-chunk-tokens", str(s.prefill_chunk_tokens),
+                      "--prefill-token-budget", str(s.prefill_token_budget)]
+        decode_args = [*model_args, "--max-batch", str(s.max_batch), "--kv-budget", s.kv_budget]
+        decodes = [self._spawn(f"decode-{i}", "services.decode", free_port(s.host), decode_args, groups[i])
                    for i in range(s.decode)]
-        prefills = [self._spawn(f"prefill-{i}", "services.prefill", free_port(s.host), model_args)
+        prefills = [self._spawn(f"prefill-{i}", "services.prefill", free_port(s.host), model_args, groups[s.decode + i])
                     for i in range(s.prefill)]
         gateway_port = s.gateway_port or free_port(s.host)
         self._spawn("gateway", "services.gateway", gateway_port, [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,51 +61,106 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
-class PrefillConfig(ServerConfig, ModelConfig):
+class PrefillBatchConfig:
+    """How prompts are packed into prefill forward passes (prefill instances and colocated decode)."""
+
+    prefill_token_budget: int = field(default=2048, metadata={"help": "most prompt tokens in one prefill forward pass"})
+    prefill_chunk_tokens: int = field(default=512, metadata={
+        "help": "prompts are prefilled in chunks of at most this many tokens, each chunk's KV streamed as it is "
+                "computed (0: whole prompts, no chunking)"})
+
+    def __post_init__(self) -> None:
+        if self.prefill_token_budget < 1:
+            raise ConfigError(f"prefill_token_budget: must be >= 1, got {self.prefill_token_budget}")
+        if self.prefill_chunk_tokens < 0:
+            raise ConfigError(f"prefill_chunk_tokens: must be >= 0, got {self.prefill_chunk_tokens}")
+
+
+@dataclass(frozen=True)
+class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
     listen: str = "127.0.0.1:50061"
     kv_chunk_bytes: int = field(default=1 << 20, metadata={"help": "target bytes of K+V per KV message"})
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
         ModelConfig.__post_init__(self)
+        PrefillBatchConfig.__post_init__(self)
         if self.kv_chunk_bytes < 1024:
             raise ConfigError(f"kv_chunk_bytes: must be >= 1024, got {self.kv_chunk_bytes}")
 
 
 @dataclass(frozen=True)
-class DecodeConfig(ServerConfig, ModelConfig):
+class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
     listen: str = "127.0.0.1:50071"
     max_batch: int = field(default=32, metadata={"help": "most requests in the running batch"})
-    max_waiting: int = field(default=256, metadata={"help": "most reserved requests waiting for KV or a batch slot"})
+    max_queued: int = field(default=256, metadata={
+        "help": "most requests waiting for KV blocks; beyond it requests are refused with RESOURCE_EXHAUSTED"})
+    kv_budget: str = field(default="auto", metadata={
+        "help": "KV pool size: bytes (512MiB, 4GiB), a fraction of free device memory (0.8), "
+                "or auto (1GiB on cpu, 0.9 of free GPU memory on cuda)"})
+    kv_block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
         ModelConfig.__post_init__(self)
+        PrefillBatchConfig.__post_init__(self)
         if self.max_batch < 1:
             raise ConfigError(f"max_batch: must be >= 1, got {self.max_batch}")
-        if self.max_waiting < 1:
-            raise ConfigError(f"max_waiting: must be >= 1, got {self.max_waiting}")
+        if self.max_queued < 0:
+            raise ConfigError(f"max_queued: must be >= 0, got {self.max_queued}")
+        if self.kv_block_size < 1:
+            raise ConfigError(f"kv_block_size: must be >= 1, got {self.kv_block_size}")
+        if self.kv_budget != "auto":
+            try:
+                parse_budget(self.kv_budget)
+            except ValueError as exc:
+                raise ConfigError(f"kv_budget: {exc}") from None
+
+    @property
+    def kv_budget_spec(self) -> str:
+        if self.kv_budget != "auto":
+            return self.kv_budget
+        return "1GiB" if self.device == "cpu" else "0.9"
 
 
 @dataclass(frozen=True)
 class GatewayConfig(ServerConfig):
     listen: str = "127.0.0.1:50051"
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "model served (for its tokenizer and limits; no weights are loaded)"})
-    prefill: tuple[str, ...] = field(default=("127.0.0.1:50061",), metadata={"help": "prefill instances, comma-separated host:port"})
+    prefill: tuple[str, ...] = field(default=("127.0.0.1:50061",), metadata={
+        "help": "prefill instances, comma-separated host:port; empty: colocated, prompts are prefilled on the decode instances"})
     decode: tuple[str, ...] = field(default=("127.0.0.1:50071",), metadata={"help": "decode instances, comma-separated host:port"})
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request leaves it unset"})
     max_stop_strings: int = field(default=16, metadata={"help": "most stop strings per request"})
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
+        if not self.decode:
+            raise ConfigError("decode: at least one address is needed")
         for name in ("prefill", "decode"):
-            addrs = getattr(self, name)
-            if not addrs:
-                raise ConfigError(f"{name}: at least one address is needed")
-            for addr in addrs:
+            for addr in getattr(self, name):
                 _check_address(name, addr)
         if self.default_max_tokens < 1:
             raise ConfigError(f"default_max_tokens: must be >= 1, got {self.default_max_tokens}")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_budget(text: str) -> tuple[int | None, float | None]:
+    """``"512MiB"``/``"2GB"``/``"1000000"`` -> (bytes, None); ``"0.8"`` -> (None, fraction of free memory)."""
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is not None and 0 < value < 1:
+        return None, value
+    m = _SIZE.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"expected a size such as 512MiB or 2GiB, or a fraction of free memory in (0, 1), got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()]), None
 
 
 def _check_address(name: str, addr: str) -> None:
@@ -136,7 +192,8 @@ def load(cls: type[C], args: argparse.Namespace | None = None, environ: Mapping[
     for f in dataclasses.fields(cls):
         raw, source = None, None
         env = ENV_PREFIX + f.name.upper()
-        if env in environ and environ[env] != "":
+        # An empty variable means unset, except for lists, where it means empty.
+        if env in environ and (environ[env] != "" or typing.get_origin(hints[f.name]) is tuple):
             raw, source = environ[env], env
         flag_value = getattr(args, f.name, None) if args is not None else None
         if flag_value is not None:

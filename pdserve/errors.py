@@ -27,9 +27,13 @@ class NotFound(PdserveError):
 
 
 class ResourceExhausted(PdserveError):
-    """The server is full; retrying later may succeed."""
+    """The server is full; retrying later may succeed, ``retry_after_ms`` says when (None: no estimate)."""
 
     status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 class Unavailable(PdserveError):
@@ -77,10 +81,10 @@ BY_STATUS: dict[str, type[PdserveError]] = {
 }
 
 
-def error_for_status(status: str, message: str) -> PdserveError:
+def error_for_status(status: str, message: str, retry_after_ms: int | None = None) -> PdserveError:
     """The exception for a status code name (``PdserveError`` for unmapped codes)."""
     cls = BY_STATUS.get(status, PdserveError)
-    err = cls(message)
+    err = cls(message, retry_after_ms) if cls is ResourceExhausted else cls(message)
     if cls is PdserveError:
         err.status = status
     return err

@@ -22,6 +22,8 @@ from pdserve.errors import Internal, PdserveError, error_for_status
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 << 20
+# Trailing metadata of a RESOURCE_EXHAUSTED status: milliseconds after which a retry may succeed.
+RETRY_AFTER_KEY = "retry-after-ms"
 OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -32,10 +34,14 @@ def status_code(err: PdserveError) -> grpc.StatusCode:
     return grpc.StatusCode[err.status]
 
 
-def error_from_rpc(exc: grpc.aio.AioRpcError, what: str = "") -> PdserveError:
+def error_from_rpc(exc: grpc.RpcError, what: str = "") -> PdserveError:
     """The ``PdserveError`` for a failed call; ``what`` prefixes the message."""
     message = exc.details() or exc.code().name
-    return error_for_status(exc.code().name, f"{what}: {message}" if what else message)
+    retry_after = None
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY and str(value).isdigit():
+            retry_after = int(value)
+    return error_for_status(exc.code().name, f"{what}: {message}" if what else message, retry_after)
 
 
 def rpc_errors(method):
@@ -47,6 +53,9 @@ def rpc_errors(method):
         if not isinstance(exc, PdserveError):
             log.exception("%s failed", method.__qualname__)
             exc = Internal(f"{type(exc).__name__}: {exc}")
+        retry_after = getattr(exc, "retry_after_ms", None)
+        if retry_after is not None:
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(retry_after))),))
         await context.abort(status_code(exc), str(exc))
 
     if inspect.isasyncgenfunction(method):

@@ -18,7 +18,7 @@ from services.prefill.server import start_prefill
 class InProcessCluster:
     loaded: LoadedModel
     gateway: RunningService
-    prefill: RunningService
+    prefill: RunningService | None  # None: colocated
     decode: RunningService
 
     @property
@@ -31,19 +31,22 @@ class InProcessCluster:
 
     async def stop(self) -> None:
         for service in (self.gateway, self.prefill, self.decode):
-            await service.stop(grace=1.0)
+            if service is not None:
+                await service.stop(grace=1.0)
 
 
 async def start_cluster(loaded: LoadedModel, decode_options: dict | None = None,
-                        prefill_options: dict | None = None) -> InProcessCluster:
-    """One gateway, one prefill and one decode server sharing ``loaded``'s weights."""
+                        prefill_options: dict | None = None, colocated: bool = False) -> InProcessCluster:
+    """One gateway, one prefill (none if ``colocated``) and one decode server sharing ``loaded``'s weights."""
     decode = await start_decode(
         cfg.DecodeConfig(listen="127.0.0.1:0", model=loaded.info.spec, **(decode_options or {})), loaded)
-    prefill = await start_prefill(
-        cfg.PrefillConfig(listen="127.0.0.1:0", model=loaded.info.spec, **(prefill_options or {})), loaded)
+    prefill = None
+    if not colocated:
+        prefill = await start_prefill(
+            cfg.PrefillConfig(listen="127.0.0.1:0", model=loaded.info.spec, **(prefill_options or {})), loaded)
     gateway = await start_gateway(cfg.GatewayConfig(
         listen="127.0.0.1:0", model=loaded.info.spec,
-        prefill=(f"127.0.0.1:{prefill.port}",), decode=(f"127.0.0.1:{decode.port}",)), loaded.info)
+        prefill=(f"127.0.0.1:{prefill.port}",) if prefill else (), decode=(f"127.0.0.1:{decode.port}",)), loaded.info)
     return InProcessCluster(loaded, gateway, prefill, decode)
 
 

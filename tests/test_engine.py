@@ -1,100 +1,307 @@
-"""Decode engine and slot cache as pure logic: no servers."""
+"""Engines as pure logic, no servers: KV pool accounting, admission, the prefill batcher, paged decode."""
 
 from __future__ import annotations
 
 import asyncio
+import random
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason
-from pdserve.engine.prefill import PrefillEngine
+from pdserve.engine.admission import Admission
+from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason, SeqState
+from pdserve.engine.kv_pool import BlockAllocator, KVPool, blocks_for
+from pdserve.engine.prefill import PrefillEngine, packed_inputs, plan_batch
 from pdserve.engine.sampling import SamplingParams
-from pdserve.engine.slot_cache import SlotKVCache
 from pdserve.errors import InvalidArgument, NotFound, ResourceExhausted
 from pdserve.kv.wire import DTYPE_NAMES, KVLayout, split_layer, token_major
 from pdserve.model.loader import KVShape
 from tests.cluster import reference_greedy
 from tests.conftest import get_loaded
 
+GREEDY = SamplingParams(temperature=0)
 
-def test_slot_cache_growth_keeps_every_row():
+# ---- block allocator and pool -------------------------------------------------------------
+
+
+def test_allocator_never_hands_out_more_than_it_has_nor_the_null_block():
+    alloc = BlockAllocator(9)
+    assert alloc.capacity == 8
+    a = alloc.allocate(5)
+    assert 0 not in a and len(set(a)) == 5
+    with pytest.raises(ResourceExhausted, match="4 blocks asked, 3 of 8 free"):
+        alloc.allocate(4)
+    b = alloc.allocate(3)
+    assert alloc.num_free == 0 and alloc.peak_used == 8
+    alloc.free(a)
+    assert alloc.num_used == 3
+    with pytest.raises(AssertionError, match="freed twice"):
+        alloc.free(a + b)
+
+
+def test_allocator_has_no_external_fragmentation():
+    # Free every other request: the holes are scattered, yet one large request still fits.
+    alloc = BlockAllocator(65)
+    held = [alloc.allocate(4) for _ in range(16)]
+    for blocks in held[::2]:
+        alloc.free(blocks)
+    big = alloc.allocate(32)
+    assert len(set(big)) == 32 and alloc.num_free == 0
+
+
+def test_allocator_random_churn_keeps_exact_accounting():
+    rng = random.Random(7)
+    alloc = BlockAllocator(101)
+    held: list[list[int]] = []
+    for _ in range(2000):
+        if held and rng.random() < 0.5:
+            alloc.free(held.pop(rng.randrange(len(held))))
+        else:
+            n = rng.randint(1, 12)
+            if alloc.can_allocate(n):
+                held.append(alloc.allocate(n))
+        owned = [b for blocks in held for b in blocks]
+        assert len(owned) == len(set(owned)) == alloc.num_used <= alloc.capacity
+    for blocks in held:
+        alloc.free(blocks)
+    assert alloc.num_free == alloc.capacity
+
+
+def test_pool_size_stays_within_the_budget_and_reads_back_writes():
     kv = KVShape(num_layers=2, kv_heads=2, head_dim=4)
-    cache = SlotKVCache(kv, torch.float32, torch.device("cpu"), max_rows=8)
-    prompts = []
-    for row, tokens in enumerate([3, 70, 5]):
-        keys = [torch.randn(tokens, 2, 4) for _ in range(2)]
-        values = [torch.randn(tokens, 2, 4) for _ in range(2)]
-        cache.reserve(row + 1, tokens + 1)
-        cache.write_prompt(row, keys, values)
-        prompts.append((keys, values))
-    assert cache.capacity[0] >= 3 and cache.capacity[1] >= 71
-    cache.move_row(2, 0, 5)  # row 0 leaves, the last row fills its place
-    # A step writing each row's next token right after its own prompt.
-    cache.begin_step(torch.tensor([5, 70]))
-    k, v = cache.update(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 4), layer_idx=1)
-    for row, (keys, values) in [(0, prompts[2]), (1, prompts[1])]:
-        tokens = keys[0].shape[0]
-        assert torch.equal(k[row, :, :tokens], keys[1].transpose(0, 1))
-        assert torch.equal(v[row, :, :tokens], values[1].transpose(0, 1))
-        assert torch.equal(k[row, :, tokens], torch.zeros(2, 4))
+    per_block = kv.bytes_per_token(torch.float32) * 4
+    pool = KVPool(kv, torch.float32, torch.device("cpu"), budget=per_block * 10 + 5, block_size=4)
+    assert pool.nbytes <= per_block * 10 + 5 and pool.allocator.capacity == 9
+    table = pool.allocator.allocate(blocks_for(10, 4))
+    keys, values = torch.randn(10, 2, 4), torch.randn(10, 2, 4)
+    pool.write(table, 1, 0, keys[:6], values[:6])
+    pool.write(table, 1, 6, keys[6:], values[6:])
+    k, v = pool.read(table, 1, 10)
+    assert torch.equal(k, keys) and torch.equal(v, values)
+    with pytest.raises(ValueError, match="at least 2"):
+        KVPool(kv, torch.float32, torch.device("cpu"), budget=per_block, block_size=4)
 
 
-def test_step_mask_lets_each_row_see_only_its_own_tokens():
-    cache = SlotKVCache(KVShape(1, 1, 2), torch.float32, torch.device("cpu"), max_rows=4)
-    mask = cache.begin_step(torch.tensor([2, 0, 4]))
-    assert mask.shape == (3, 1, 1, 5)
-    assert mask[:, 0, 0].tolist() == [[True, True, True, False, False], [True, False, False, False, False], [True] * 5]
+def test_step_metadata_reads_each_row_through_its_own_table():
+    pool = KVPool(KVShape(1, 1, 1), torch.float32, torch.device("cpu"), budget=8 * 2 * 4 * 2, block_size=2)
+    step = pool.prepare_step([[3, 1], [2]], positions=[2, 0])
+    assert step.write_slots.tolist() == [1 * 2 + 0, 2 * 2 + 0]
+    assert step.mask[:, 0, 0].tolist() == [[True, True, True], [True, False, False]]
+    # Row 0 reads block 3 then block 1; row 1 reads block 2, then the null block past its length.
+    assert step.gather.tolist() == [[6, 7, 2], [4, 0, 0]]
+
+
+# ---- admission ----------------------------------------------------------------------------
+
+
+async def test_admission_grants_in_order_queues_then_refuses_with_a_hint():
+    alloc = BlockAllocator(11)  # 10 usable
+    admission = Admission(alloc, max_queued=2, retry_hint_ms=lambda shortfall: 100 * shortfall)
+    a = admission.request(6)
+    assert a.granted.done() and len(a.blocks) == 6
+    big = admission.request(8)     # does not fit: queued
+    small = admission.request(1)   # fits, but FIFO: queued behind big
+    assert not big.granted.done() and not small.granted.done()
+    with pytest.raises(ResourceExhausted) as refused:
+        admission.request(1)
+    assert refused.value.retry_after_ms == 100 * (8 + 1 + 1 - 4) and admission.refused == 1
+    with pytest.raises(InvalidArgument, match="needs 11 KV blocks"):
+        admission.request(11)
+    admission.release(a)
+    assert big.granted.done() and small.granted.done() and alloc.num_free == 1
+    admission.release(big)
+    admission.release(small)
+    assert alloc.num_free == alloc.capacity
+
+
+async def test_admission_cancel_while_queued_lets_the_next_in():
+    alloc = BlockAllocator(5)
+    admission = Admission(alloc, max_queued=4)
+    a = admission.request(3)
+    big, small = admission.request(4), admission.request(1)
+    admission.cancel(big)
+    assert big.granted.cancelled() and small.granted.done() and admission.queued == 0
+    admission.cancel(a)
+    admission.cancel(small)
+    assert alloc.num_free == 4
+
+
+# ---- the prefill batcher ------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class FakeJob:
+    token_ids: list[int]
+    done: int = 0
+    cancelled: bool = False
+
+    @property
+    def remaining(self) -> int:
+        return len(self.token_ids) - self.done
+
+
+def plan_of(jobs, budget, chunk):
+    return [(jobs.index(s.job), s.start, s.count) for s in plan_batch(jobs, budget, chunk)]
+
+
+def test_batcher_packs_whole_prompts_up_to_the_budget():
+    jobs = [FakeJob([0] * n) for n in (300, 500, 400, 100)]
+    assert plan_of(jobs, 1000, 0) == [(0, 0, 300), (1, 0, 500)]  # 400 would not fit; 100 waits its turn
+    assert plan_of([FakeJob([0] * 3000)], 1000, 0) == [(0, 0, 3000)]  # alone, past the budget
+
+
+def test_batcher_chunks_long_prompts_and_fills_the_budget():
+    jobs = [FakeJob([0] * 1300), FakeJob([0] * 200), FakeJob([0] * 900)]
+    assert plan_of(jobs, 1024, 512) == [(0, 0, 512), (1, 0, 200), (2, 0, 312)]
+    jobs[0].done, jobs[1].done, jobs[2].done = 512, 200, 312
+    assert plan_of(jobs, 1024, 512) == [(0, 512, 512), (2, 312, 512)]
+    jobs[0].cancelled = True
+    assert plan_of(jobs, 1024, 512) == [(2, 312, 512)]
+
+
+def test_packed_mask_keeps_segments_apart_and_sees_earlier_chunks():
+    a, b = FakeJob([1, 2, 3, 4, 5]), FakeJob([7, 8])
+    a.done = 3
+    plan = plan_batch([a, b], 10, 0)
+    ids, positions, mask = packed_inputs(plan, torch.device("cpu"))
+    assert ids.tolist() == [[4, 5, 7, 8]] and positions.tolist() == [[3, 4, 0, 1]]
+    assert mask[0, 0].int().tolist() == [
+        [1, 1, 1, 1, 0, 0, 0],  # a's token 3 sees a's 0..3
+        [1, 1, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 0],  # b's token 0 sees only itself
+        [0, 0, 0, 0, 0, 1, 1],
+    ]
+
+
+# ---- engines on a real (tiny) model -------------------------------------------------------
+
+
+def make_decode(loaded, budget_tokens: int = 4096, **kw) -> DecodeEngine:
+    return DecodeEngine(loaded, kv_budget=budget_tokens * loaded.info.kv.bytes_per_token(loaded.dtype), **kw)
 
 
 def params(tid: str, prompt: int, max_tokens: int = 8, **kw) -> DecodeParams:
-    return DecodeParams(tid, tid, prompt, SamplingParams(temperature=0), frozenset(), max_tokens, **kw)
+    return DecodeParams(tid, tid, prompt, GREEDY, frozenset(), max_tokens, **kw)
 
 
 async def test_reservation_limits():
-    engine = DecodeEngine(get_loaded("preset:tiny-llama"), max_batch=2, max_waiting=2)
-    engine.reserve(params("a", 4))
+    engine = make_decode(get_loaded("preset:tiny-llama"), budget_tokens=64, block_size=16, max_queued=1)
+    await engine.reserve(params("a", 4))
     with pytest.raises(InvalidArgument, match="already reserved"):
-        engine.reserve(params("a", 4))
+        await engine.reserve(params("a", 4))
     with pytest.raises(InvalidArgument, match="context length 2048"):
-        engine.reserve(params("b", 2000, max_tokens=100))
-    engine.reserve(params("c", 4))
-    with pytest.raises(ResourceExhausted):
-        engine.reserve(params("d", 4))
+        await engine.reserve(params("b", 2000, max_tokens=100))
+    with pytest.raises(InvalidArgument, match="needs 5 KV blocks"):
+        await engine.reserve(params("c", 70))
+    big = asyncio.ensure_future(engine.reserve(params("d", 40, max_tokens=8)))  # 3 blocks: 2 free, so it queues
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted, match="retry after about"):
+        await engine.reserve(params("e", 4))
     with pytest.raises(NotFound):
         engine.begin_transfer(KVLayout("zzz", 4, 4, 2, 16, "float32"))
+    big.cancel()
+    await asyncio.sleep(0)
+    assert engine.stats()["queued"] == 0
+
+
+async def prefill_into(engine: DecodeEngine, prefill: PrefillEngine, tid: str, prompt: list[int]) -> int:
+    kv = engine.info.kv
+    assembly = engine.begin_transfer(KVLayout(tid, kv.num_layers, len(prompt), kv.kv_heads, kv.head_dim,
+                                              DTYPE_NAMES[engine.pool.dtype]))
+
+    def on_layer(layer, start, k, v):
+        for chunk in split_layer(layer, token_major(k), token_major(v), 4096, start):
+            assembly.add(chunk)
+
+    result = await prefill.prefill(prompt, GREEDY, on_layer)
+    engine.complete_transfer(tid, result.first_token)
+    return result.first_token
+
+
+async def drain(seq) -> list:
+    events = []
+    while (event := await seq.events.get()) is not None:
+        events.append(event)
+    return events
+
+
+@pytest.mark.parametrize("spec", ["preset:tiny-llama", "preset:tiny-gpt2"])
+async def test_chunked_packed_prefill_into_paged_decode_matches_generate(spec):
+    loaded = get_loaded(spec)
+    engine = make_decode(loaded, block_size=4)
+    prefill = PrefillEngine(loaded, token_budget=48, chunk_tokens=32)  # several prompts a pass, long ones chunked
+    engine.start()
+    rng = random.Random(spec)
+    prompts = {f"r{i}": [rng.randrange(loaded.info.vocab_size) for _ in range(n)] for i, n in enumerate([5, 90, 33, 17, 64])}
+    seqs = {tid: await engine.reserve(params(tid, len(p), max_tokens=7)) for tid, p in prompts.items()}
+    firsts = await asyncio.gather(*(prefill_into(engine, prefill, tid, p) for tid, p in prompts.items()))
+    outputs = {tid: [first] + [e.token_id for e in await drain(seqs[tid])] for tid, first in zip(prompts, firsts)}
+    await engine.stop()
+    await prefill.close()
+    assert prefill.peak_batch > 1 and prefill.passes < len(prompts) + 5
+    for tid, prompt in prompts.items():
+        assert outputs[tid] == reference_greedy(loaded, prompt, 7, ignore_eos=True), tid
+    assert engine.pool.allocator.num_used == 0
 
 
 async def test_batch_of_two_with_max_batch_one_runs_one_after_the_other():
     loaded = get_loaded("preset:tiny-llama")
-    engine = DecodeEngine(loaded, max_batch=1)
+    engine = make_decode(loaded, max_batch=1)
     prefill = PrefillEngine(loaded)
     engine.start()
     prompts = {"x": [5, 6, 7], "y": list(range(40, 90))}
-    seqs = {}
-    for tid, prompt in prompts.items():
-        seqs[tid] = engine.reserve(params(tid, len(prompt), max_tokens=6))
-        kv = loaded.info.kv
-        assembly = engine.begin_transfer(KVLayout(tid, kv.num_layers, len(prompt), kv.kv_heads, kv.head_dim,
-                                                  DTYPE_NAMES[loaded.dtype]))
-
-        def on_layer(layer, k, v, assembly=assembly):
-            for chunk in split_layer(layer, token_major(k), token_major(v), 4096):
-                assembly.add(chunk)
-
-        result = await prefill.prefill(prompt, SamplingParams(temperature=0), on_layer)
-        await asyncio.sleep(0)  # let the last layer callbacks run
-        engine.complete_transfer(tid, result.first_token)
-        seqs[tid].first = result.first_token
     outputs = {}
-    for tid, seq in seqs.items():
-        events = []
-        while (event := await seq.events.get()) is not None:
-            events.append(event)
-        outputs[tid] = [seq.first] + [e.token_id for e in events]
-        assert events[-1].finish is FinishReason.LENGTH
-    await engine.stop()
-    prefill.close()
-    assert engine.counters.peak_running == 1
     for tid, prompt in prompts.items():
-        assert outputs[tid] == reference_greedy(loaded, prompt, 6)
+        seq = await engine.reserve(params(tid, len(prompt), max_tokens=6))
+        first = await prefill_into(engine, prefill, tid, prompt)
+        outputs[tid] = (first, seq)
+    for tid, (first, seq) in outputs.items():
+        events = await drain(seq)
+        assert events[-1].finish is FinishReason.LENGTH
+        assert [first] + [e.token_id for e in events] == reference_greedy(loaded, prompts[tid], 6, ignore_eos=True)
+    await engine.stop()
+    await prefill.close()
+    assert engine.counters.peak_running == 1
+
+
+@pytest.mark.parametrize("chunk", [0, 16])
+async def test_local_prefill_with_and_without_chunks_matches_generate(chunk):
+    loaded = get_loaded("preset:tiny-qwen2")
+    engine = make_decode(loaded, prefill_token_budget=32, prefill_chunk_tokens=chunk)
+    engine.start()
+    prompts = [list(range(3, 3 + n)) for n in (70, 4, 25)]
+
+    async def one(i, prompt):
+        seq = await engine.reserve(params(f"l{i}", len(prompt), max_tokens=5), local=True)
+        await engine.prefill_locally(seq, prompt)
+        return [e.token_id for e in await drain(seq)]
+
+    outputs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    await engine.stop()
+    for prompt, out in zip(prompts, outputs):
+        assert out == reference_greedy(loaded, prompt, 5, ignore_eos=True)
+    assert engine.counters.local_prefills == 3 and engine.pool.allocator.num_used == 0
+
+
+async def test_cancelled_requests_give_their_blocks_back_in_every_state():
+    loaded = get_loaded("preset:tiny-llama")
+    engine = make_decode(loaded, budget_tokens=256, block_size=16, max_queued=4)
+    prefill = PrefillEngine(loaded)
+    engine.start()
+    running = await engine.reserve(params("run", 8, max_tokens=200))
+    await prefill_into(engine, prefill, "run", list(range(8)))
+    waiting = await engine.reserve(params("wait", 8, max_tokens=8))      # blocks granted, no KV yet
+    queued = asyncio.ensure_future(engine.reserve(params("q", 200, max_tokens=8)))  # no room: queued
+    await asyncio.sleep(0.05)
+    assert engine.stats()["queued"] == 1 and running.state is SeqState.RUNNING
+    queued.cancel()
+    engine.release(waiting)
+    engine.release(running)
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if engine.pool.allocator.num_used == 0:
+            break
+    assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["queued"] == 0
+    await engine.stop()
+    await prefill.close()

@@ -96,7 +96,7 @@ async def test_bad_push_is_rejected_freed_and_serving_continues(tiny_cluster, de
     result = await push(decode_stub, build(tid))
 
     assert isinstance(result, grpc.aio.AioRpcError), f"{case}: push was accepted"
-    assert result.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert result.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, result.code(), result.details())
     assert message in result.details()
     if case != "no header":
         # The request waiting for this transfer fails with DATA_LOSS, naming why.
@@ -110,7 +110,7 @@ async def test_bad_push_is_rejected_freed_and_serving_continues(tiny_cluster, de
         waiting.cancel()
         await asyncio.sleep(0.05)
     after = await stats(decode_stub)
-    assert (after.waiting_for_kv, after.ready, after.running) == (0, 0, 0), "nothing may stay reserved"
+    assert (after.waiting_for_kv, after.ready, after.running, after.kv_blocks_used) == (0, 0, 0, 0), "nothing may stay reserved"
     # ... and the server keeps serving.
     prompt = [11, 12, 13, 14, 15, 16]
     async with AsyncClient(tiny_cluster.address) as client:
@@ -157,4 +157,4 @@ async def test_cancelled_request_mid_transfer_frees_everything(decode_stub):
         await call
     assert info.value.code() == grpc.StatusCode.CANCELLED
     after = await stats(decode_stub)
-    assert (after.waiting_for_kv, after.ready, after.running) == (0, 0, 0)
+    assert (after.waiting_for_kv, after.ready, after.running, after.kv_blocks_used) == (0, 0, 0, 0)

@@ -1,10 +1,27 @@
-"""Decode engine: continuous batching over requests whose KV arrived from prefill.
+"""Decode engine: continuous batching over requests whose KV lives in a paged pool.
 
-Every step, finished and cancelled requests leave the batch, requests whose
-KV is complete join it (up to ``max_batch``), and one forward pass produces
-the next token of every running request. The engine owns the model and the
-slot cache on one worker thread; everything else (reservations, transfers,
-token queues) lives on the event loop. It knows nothing about gRPC.
+A request's life here: ``reserve`` asks admission for every KV block it can
+ever need (prompt + max_tokens; waiting in a bounded queue when the pool is
+full), its prompt KV is written straight into those blocks (by a transfer
+from a prefill instance, or by ``prefill_locally`` on this engine's own
+model), it joins the running batch, and each step produces one token of every
+running request. Finished and cancelled requests leave the batch and their
+blocks go back to the pool.
+
+Growth policy: all blocks are reserved up front, so a running request never
+needs memory the pool cannot give and nothing is ever preempted; the price is
+that blocks for tokens a request never generates (it stopped early) sit idle
+until it finishes. We chose this over preempt-and-recompute because, in a
+disaggregated system, recomputing means a second round trip through a
+prefill instance and a second KV transfer, and because admission decisions
+(which the gateway relies on) stay exact.
+
+The model runs on one worker thread (shared with the local prefill engine,
+so prefill passes and decode steps alternate); reservations, transfers and
+token queues live on the event loop. Pool blocks are written by transfers on
+the event loop only while their request is not running, and by steps on the
+worker; a running request's blocks are freed only between steps. It knows
+nothing about gRPC.
 """
 
 from __future__ import annotations
@@ -13,14 +30,18 @@ import asyncio
 import collections
 import enum
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.engine.admission import Admission, Ticket
+from pdserve.engine.kv_pool import KVPool
+from pdserve.engine.paged_attention import StepCache, use_paged_attention
+from pdserve.engine.prefill import PrefillEngine
 from pdserve.engine.sampling import SamplingParams, sample
-from pdserve.engine.slot_cache import SlotKVCache
-from pdserve.errors import Cancelled, DataLoss, InvalidArgument, NotFound, PdserveError, ResourceExhausted
+from pdserve.errors import Cancelled, DataLoss, InvalidArgument, NotFound, PdserveError
 from pdserve.kv.assembly import KVAssembly, check_layout
 from pdserve.kv.wire import KVLayout
 from pdserve.model import LoadedModel
@@ -34,7 +55,8 @@ class FinishReason(enum.Enum):
 
 
 class SeqState(enum.Enum):
-    WAITING_KV = "waiting_kv"
+    QUEUED = "queued"          # waiting for KV blocks
+    WAITING_KV = "waiting_kv"  # blocks granted, prompt KV being written
     READY = "ready"
     RUNNING = "running"
     FINISHED = "finished"
@@ -60,7 +82,9 @@ class DecodeParams:
 @dataclass(eq=False)
 class DecodeSequence:
     params: DecodeParams
-    state: SeqState = SeqState.WAITING_KV
+    ticket: Ticket | None = None  # the KV blocks it holds (ticket.blocks)
+    state: SeqState = SeqState.QUEUED
+    local: bool = False   # prefilled by this engine, not by a transfer
     next_index: int = 1   # the index of the token the next step produces
     last_token: int = -1  # input of the next step; its KV is not cached yet
     kv_len: int = 0       # tokens whose KV is in the cache
@@ -68,6 +92,10 @@ class DecodeSequence:
     transfer: KVAssembly | None = None
     # TokenOut per token, then None at the end, or a PdserveError.
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    @property
+    def blocks(self) -> list[int]:
+        return self.ticket.blocks
 
     def finish_reason(self, token: int) -> FinishReason | None:
         if token in self.params.eos_token_ids:
@@ -84,46 +112,97 @@ class DecodeCounters:
     tokens_generated: int = 0
     transfers_completed: int = 0
     transfers_rejected: int = 0
+    local_prefills: int = 0
 
 
 class DecodeEngine:
-    def __init__(self, loaded: LoadedModel, max_batch: int = 32, max_waiting: int = 256) -> None:
+    def __init__(self, loaded: LoadedModel, *, kv_budget: int, block_size: int = 16, max_batch: int = 32,
+                 max_queued: int = 256, prefill_token_budget: int = 2048, prefill_chunk_tokens: int = 512) -> None:
         self._loaded = loaded
         self.max_batch = max_batch
-        self.max_waiting = max_waiting
-        self._cache = SlotKVCache(loaded.info.kv, loaded.dtype, loaded.device, max_rows=max_batch)
+        self.pool = KVPool(loaded.info.kv, loaded.dtype, loaded.device, kv_budget, block_size)
+        self.admission = Admission(self.pool.allocator, max_queued, self._retry_hint_ms)
+        use_paged_attention(loaded.model)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-engine")
-        self._waiting: dict[str, DecodeSequence] = {}   # by transfer id, until the KV lands
+        # Prompts prefilled here (colocated serving) share the worker thread with decode steps.
+        self.local_prefill = PrefillEngine(loaded, prefill_token_budget, prefill_chunk_tokens, executor=self._executor)
+        self._waiting: dict[str, DecodeSequence] = {}   # by transfer id: blocks granted, KV not complete
         self._ready: collections.deque[DecodeSequence] = collections.deque()
-        self._running: list[DecodeSequence] = []        # row r of the cache = _running[r]
+        self._running: list[DecodeSequence] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._step_ms = 0.0  # moving average, for retry hints
         self.counters = DecodeCounters()
 
     @property
     def info(self):
         return self._loaded.info
 
-    # ---- event-loop side: reservations and transfers -------------------------------------
+    # ---- event-loop side: admission and transfers ------------------------------------------
 
-    def reserve(self, params: DecodeParams) -> DecodeSequence:
-        """Registers a request that will receive its KV under ``params.transfer_id``."""
-        if params.transfer_id in self._waiting:
-            raise InvalidArgument(f"transfer_id: {params.transfer_id!r} is already reserved")
+    def check(self, params: DecodeParams, local: bool = False) -> None:
+        """Raises ``InvalidArgument`` for a request this instance can never serve."""
         if params.prompt_tokens < 1:
             raise InvalidArgument("prompt_tokens: must be >= 1")
-        if params.max_tokens < 2:
-            raise InvalidArgument(f"max_tokens: decode needs >= 2 (prefill samples the first), got {params.max_tokens}")
+        least = 1 if local else 2
+        if params.max_tokens < least:
+            raise InvalidArgument(f"max_tokens: decode needs >= 2 (prefill samples the first), got {params.max_tokens}"
+                                  if not local else f"max_tokens: must be >= 1, got {params.max_tokens}")
         limit = self.info.context_length
         if params.prompt_tokens + params.max_tokens > limit:
             raise InvalidArgument(
                 f"max_tokens: prompt_tokens ({params.prompt_tokens}) + max_tokens ({params.max_tokens}) exceeds the context length {limit}"
             )
-        if len(self._waiting) + len(self._ready) >= self.max_waiting:
-            raise ResourceExhausted(f"decode: {self.max_waiting} requests already waiting; retry later")
-        seq = DecodeSequence(params)
-        self._waiting[params.transfer_id] = seq
+
+    def kv_tokens(self, params: DecodeParams) -> int:
+        """Tokens whose KV a request can ever hold: the prompt and every completion token but the last."""
+        return params.prompt_tokens + params.max_tokens - 1
+
+    async def reserve(self, params: DecodeParams, local: bool = False) -> DecodeSequence:
+        """Admits a request: returns once its KV blocks are granted (waiting in the admission queue if needed).
+
+        Raises ``InvalidArgument`` for a request that can never fit and ``ResourceExhausted`` (with a retry
+        hint) when the queue is full. A transfer may arrive under ``params.transfer_id`` once this returns.
+        """
+        self.check(params, local)
+        if not local and params.transfer_id in self._waiting:
+            raise InvalidArgument(f"transfer_id: {params.transfer_id!r} is already reserved")
+        ticket = self.admission.request(self.pool.blocks_for(self.kv_tokens(params)))
+        seq = DecodeSequence(params, ticket, local=local)
+        try:
+            await ticket.granted
+        except asyncio.CancelledError:
+            self.admission.cancel(ticket)
+            raise
+        if not local and params.transfer_id in self._waiting:  # the same id was admitted while we queued
+            self.admission.release(ticket)
+            raise InvalidArgument(f"transfer_id: {params.transfer_id!r} is already reserved")
+        seq.state = SeqState.WAITING_KV
+        if not local:
+            self._waiting[params.transfer_id] = seq
         return seq
+
+    async def prefill_locally(self, seq: DecodeSequence, token_ids: list[int]) -> None:
+        """Runs the prompt on this engine, writing its KV into the request's blocks; emits token 0."""
+        if len(token_ids) != seq.params.prompt_tokens:
+            raise InvalidArgument(f"prompt_token_ids: {len(token_ids)} tokens, prompt_tokens says {seq.params.prompt_tokens}")
+
+        def write(layer: int, start: int, k, v) -> None:
+            if seq.state is SeqState.WAITING_KV:
+                self.pool.write(seq.blocks, layer, start, k[0].transpose(0, 1), v[0].transpose(0, 1))
+
+        result = await self.local_prefill.prefill(token_ids, seq.params.sampling, write)
+        if seq.state is not SeqState.WAITING_KV:
+            return  # released meanwhile
+        self.counters.local_prefills += 1
+        first = TokenOut(result.first_token, 0, None)
+        finish = FinishReason.STOP if result.first_token in seq.params.eos_token_ids else (
+            FinishReason.LENGTH if seq.params.max_tokens <= 1 else None)
+        if finish is not None:
+            self._finish(seq, TokenOut(result.first_token, 0, finish))
+            return
+        seq.events.put_nowait(first)
+        self._kv_complete(seq, result.first_token)
 
     def begin_transfer(self, layout: KVLayout) -> KVAssembly:
         """Validates a transfer's header against the reservation; returns where its chunks go."""
@@ -139,7 +218,8 @@ class DecodeEngine:
         except InvalidArgument as exc:
             self.fail_transfer(layout.transfer_id, DataLoss(f"KV transfer rejected: {exc}"))
             raise
-        seq.transfer = KVAssembly(layout, self._loaded.device)
+        blocks = seq.blocks
+        seq.transfer = KVAssembly(layout, lambda layer, start, k, v: self.pool.write(blocks, layer, start, k, v))
         return seq.transfer
 
     def check_transfer_alive(self, transfer_id: str) -> None:
@@ -153,59 +233,93 @@ class DecodeEngine:
         seq = self._waiting[transfer_id]
         seq.transfer.finish(first_token, self.info.vocab_size)
         del self._waiting[transfer_id]
+        seq.transfer = None
         self.counters.transfers_completed += 1
-        seq.last_token = first_token
-        seq.kv_len = seq.params.prompt_tokens
         # The first token may already end the request.
         if first_token in seq.params.eos_token_ids:
             self._finish(seq, None)
             return
+        self._kv_complete(seq, first_token)
+
+    def _kv_complete(self, seq: DecodeSequence, first_token: int) -> None:
+        seq.last_token = first_token
+        seq.kv_len = seq.params.prompt_tokens
         seq.state = SeqState.READY
         self._ready.append(seq)
         self._wake.set()
 
     def fail_transfer(self, transfer_id: str, error: PdserveError) -> None:
-        """A transfer broke: free what it staged and fail its request."""
+        """A transfer broke: free the request's blocks and fail it."""
         seq = self._waiting.pop(transfer_id, None)
         if seq is None:
             return
         self.counters.transfers_rejected += 1
         seq.transfer = None
-        seq.state = SeqState.FINISHED
+        self._free(seq)
         seq.events.put_nowait(error)
 
     def release(self, seq: DecodeSequence) -> None:
-        """The request's caller is gone: free everything it holds (the running row at the next step)."""
+        """The request's caller is gone: free everything it holds (a running request's blocks after this step)."""
         if seq.state is SeqState.FINISHED:
             return
         seq.cancelled = True
-        if seq.state is SeqState.WAITING_KV:
-            # NOTE: a PushKV handler still holding seq.transfer stops at its next chunk
-            # (check_transfer_alive) and drops the staging with it.
-            self._waiting.pop(seq.params.transfer_id, None)
+        if seq.state is SeqState.QUEUED:
+            self.admission.cancel(seq.ticket)
             seq.state = SeqState.FINISHED
+        elif seq.state is SeqState.WAITING_KV:
+            # NOTE: a PushKV handler still holding seq.transfer stops at its next chunk
+            # (check_transfer_alive); chunks are written on this loop, so none lands after this.
+            if not seq.local:
+                self._waiting.pop(seq.params.transfer_id, None)
+            self._free(seq)
         elif seq.state is SeqState.READY:
             self._ready.remove(seq)
-            seq.state = SeqState.FINISHED
+            self._free(seq)
         else:
-            self._wake.set()  # the loop drops the row
+            self._wake.set()  # the loop drops the row and frees its blocks
+
+    def _free(self, seq: DecodeSequence) -> None:
+        seq.state = SeqState.FINISHED
+        seq.transfer = None
+        if seq.ticket is not None and seq.ticket.blocks:
+            self.admission.release(seq.ticket)
 
     def _finish(self, seq: DecodeSequence, token: TokenOut | None) -> None:
+        """The request is complete; its blocks are freed now unless a step may still write them."""
         if token is not None:
             seq.events.put_nowait(token)
         seq.events.put_nowait(None)
-        seq.state = SeqState.FINISHED
-        seq.transfer = None
+        if seq.state is SeqState.RUNNING:
+            seq.state = SeqState.FINISHED  # blocks freed when the loop drops the row
+        else:
+            self._free(seq)
+
+    def _retry_hint_ms(self, shortfall: int) -> int:
+        """About when ``shortfall`` more blocks will be free, from running requests' remaining tokens."""
+        step_ms = self._step_ms or 50.0
+        remaining = sorted((s.params.max_tokens - s.next_index, len(s.blocks)) for s in self._running if s.ticket)
+        freed, wait_tokens = 0, 1
+        for tokens_left, blocks in remaining:
+            freed += blocks
+            wait_tokens = max(1, tokens_left)
+            if freed >= shortfall:
+                break
+        return int(min(60_000, max(10, wait_tokens * step_ms)))
 
     def stats(self) -> dict[str, int]:
-        staging = sum(s.transfer.nbytes for s in self._waiting.values() if s.transfer is not None)
-        staging += sum(s.transfer.nbytes for s in self._ready if s.transfer is not None)
+        alloc = self.pool.allocator
         return {
             "running": sum(1 for s in self._running if s.state is SeqState.RUNNING and not s.cancelled),
             "waiting_for_kv": len(self._waiting),
             "ready": len(self._ready),
+            "queued": self.admission.queued,
             "max_batch": self.max_batch,
-            "kv_cache_bytes": self._cache.nbytes + staging,
+            "kv_cache_bytes": self.pool.nbytes,
+            "kv_blocks_total": alloc.capacity,
+            "kv_blocks_used": alloc.num_used,
+            "kv_blocks_peak": alloc.peak_used,
+            "kv_block_size": self.pool.block_size,
+            "refused": self.admission.refused,
             **vars(self.counters),
         }
 
@@ -221,6 +335,7 @@ class DecodeEngine:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        await self.local_prefill.close()
         for seq in list(self._waiting.values()) + list(self._ready) + self._running:
             if seq.state is not SeqState.FINISHED:
                 seq.state = SeqState.FINISHED
@@ -230,62 +345,53 @@ class DecodeEngine:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            leaving = [r for r, s in enumerate(self._running) if s.state is SeqState.FINISHED or s.cancelled]
-            room = self.max_batch - (len(self._running) - len(leaving))
-            joining = [self._ready.popleft() for _ in range(min(room, len(self._ready)))]
-            if not joining and len(leaving) == len(self._running):
-                if leaving:
-                    await loop.run_in_executor(self._executor, self._compact, leaving)
-                    continue
+            # Between steps: leave (freeing blocks), then join.
+            staying = []
+            for seq in self._running:
+                if seq.state is SeqState.FINISHED or seq.cancelled:
+                    self._free(seq)
+                else:
+                    staying.append(seq)
+            self._running = staying
+            while self._ready and len(self._running) < self.max_batch:
+                seq = self._ready.popleft()
+                seq.state = SeqState.RUNNING
+                self._running.append(seq)
+            if not self._running:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            batch = list(self._running)
+            started = time.perf_counter()
             try:
-                tokens = await loop.run_in_executor(self._executor, self._step, leaving, joining)
+                tokens = await loop.run_in_executor(self._executor, self._step, batch)
             except Exception as exc:  # a failed forward fails the batch, not the server
                 log.exception("decode step failed")
-                for seq in self._running:
+                for seq in batch:
                     if seq.state is not SeqState.FINISHED:
-                        seq.state = SeqState.FINISHED
                         seq.events.put_nowait(PdserveError(f"decode step failed: {exc}"))
+                        seq.state = SeqState.FINISHED
                 continue
-            self._postprocess(tokens)
+            elapsed_ms = (time.perf_counter() - started) * 1e3
+            self._step_ms = elapsed_ms if not self._step_ms else 0.9 * self._step_ms + 0.1 * elapsed_ms
+            self._postprocess(batch, tokens)
 
     @torch.inference_mode()
-    def _compact(self, leaving: list[int]) -> None:
-        """Drops rows ``leaving`` (ascending), filling each hole with the last row."""
-        for row in reversed(leaving):
-            last = len(self._running) - 1
-            if row != last:
-                self._cache.move_row(last, row, self._running[last].kv_len)
-                self._running[row] = self._running[last]
-            self._running.pop()
-
-    @torch.inference_mode()
-    def _step(self, leaving: list[int], joining: list[DecodeSequence]) -> list[int]:
-        """Runs on the engine thread: batch membership changes, then one forward pass."""
-        # 1. leave, 2. join, 3. forward, 4. sample.
-        self._compact(leaving)
-        for seq in joining:
-            row = len(self._running)
-            self._cache.reserve(row + 1, seq.kv_len + 1)
-            self._cache.write_prompt(row, seq.transfer.keys, seq.transfer.values)
-            seq.transfer = None
-            seq.state = SeqState.RUNNING
-            self._running.append(seq)
-        batch = self._running
+    def _step(self, batch: list[DecodeSequence]) -> list[int]:
+        """Runs on the engine thread: one forward pass over ``batch``, one token each."""
         device = self._loaded.device
         input_ids = torch.tensor([[s.last_token] for s in batch], dtype=torch.long, device=device)  # (B, 1)
-        positions = torch.tensor([s.kv_len for s in batch], dtype=torch.long)  # (B,)
-        mask = self._cache.begin_step(positions)  # (B, 1, 1, L)
-        out = self._loaded.model(input_ids=input_ids, position_ids=positions[:, None].to(device),
-                                 attention_mask=mask, past_key_values=self._cache, use_cache=True)
+        positions = [s.kv_len for s in batch]
+        step = self.pool.prepare_step([s.blocks for s in batch], positions)
+        out = self._loaded.model(input_ids=input_ids, position_ids=torch.tensor(positions, device=device)[:, None],
+                                 attention_mask=step.mask, past_key_values=StepCache(self.pool, step),
+                                 use_cache=True, paged=step)
         return sample(out.logits[:, -1], [s.params.sampling for s in batch], [s.next_index for s in batch])
 
-    def _postprocess(self, tokens: list[int]) -> None:
+    def _postprocess(self, batch: list[DecodeSequence], tokens: list[int]) -> None:
         self.counters.steps += 1
-        self.counters.peak_running = max(self.counters.peak_running, len(self._running))
-        for seq, token in zip(self._running, tokens):
+        self.counters.peak_running = max(self.counters.peak_running, len(batch))
+        for seq, token in zip(batch, tokens):
             seq.kv_len += 1  # the step cached last_token's KV
             if seq.cancelled or seq.state is SeqState.FINISHED:
                 continue

@@ -1,88 +1,288 @@
-"""Prefill engine: one prompt forward pass at a time, each layer's K/V handed out as it is produced.
+"""Prefill engine: waiting prompts packed into one forward pass, long prompts in chunks.
 
-Owns the model on one worker thread. It knows nothing about where the KV goes:
-``on_layer`` is called on the event loop for every layer while later layers
-still compute, and the caller (a KV sender) takes it from there.
+Every forward pass takes a *batch plan* (``plan_batch``): from the queue, in
+arrival order, segments of prompts up to ``token_budget`` tokens, a prompt
+longer than ``chunk_tokens`` contributing one chunk per pass. The segments are
+packed into one row (no padding); a block-diagonal causal mask keeps each
+segment attending to its own prompt, including the earlier chunks it keeps
+from previous passes. Each layer's new K/V is handed to ``on_layer`` on the
+event loop per chunk, while later layers still compute, and the first token
+is sampled when a prompt's last chunk has run.
+
+The engine owns the model on one worker thread, which a colocated decode
+engine may share (then decode steps and prefill passes alternate on it:
+Sarathi-style interleaving when chunks are small). It knows nothing about
+where the KV goes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
-from transformers import DynamicCache
 
 from pdserve.engine.sampling import SamplingParams, sample
+from pdserve.errors import Cancelled
 from pdserve.kv.wire import DTYPE_NAMES, KVLayout
 from pdserve.model import LoadedModel
 
-# on_layer(layer_index, keys, values) with keys/values shaped (1, H, T, D).
-LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+log = logging.getLogger(__name__)
 
-
-class LayerCaptureCache(DynamicCache):
-    """A DynamicCache that reports each layer's new K/V the moment attention produces it."""
-
-    def __init__(self, config, on_layer: LayerCallback) -> None:
-        super().__init__(config=config)
-        self._on_layer = on_layer
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        self._on_layer(layer_idx, key_states, value_states)
-        return keys, values
+# on_layer(layer_index, token_start, keys, values) with keys/values shaped (1, H, count, D).
+LayerCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
 class PrefillResult:
     first_token: int
-    queue_ms: float
-    forward_ms: float
+    queue_ms: float    # from submission to the first forward pass that included the prompt
+    forward_ms: float  # from that pass's start to the end of the prompt's last pass
+    passes: int
     # CLOCK_MONOTONIC nanoseconds.
     forward_start_ns: int
     forward_end_ns: int
 
 
+@dataclass(eq=False)
+class PrefillJob:
+    token_ids: list[int]
+    sampling: SamplingParams
+    on_layer: LayerCallback | None
+    future: asyncio.Future
+    done: int = 0  # tokens already prefilled
+    passes: int = 0
+    cancelled: bool = False
+    enqueued_ns: int = field(default_factory=time.monotonic_ns)
+    start_ns: int = 0
+    # Per layer (1, H, T, D): earlier chunks' K/V, kept only while later chunks remain.
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.token_ids) - self.done
+
+
+@dataclass(frozen=True)
+class Segment:
+    job: PrefillJob
+    start: int  # first prompt token of this chunk
+    count: int
+
+    @property
+    def last(self) -> bool:
+        return self.start + self.count == len(self.job.token_ids)
+
+
+def plan_batch(queue: Sequence[PrefillJob], token_budget: int, chunk_tokens: int) -> list[Segment]:
+    """The segments of the next forward pass, in queue order.
+
+    With chunking (``chunk_tokens > 0``) a prompt contributes at most
+    ``chunk_tokens`` tokens, and the pass is filled up to ``token_budget``
+    (a prompt may contribute a shorter chunk to fill it). Without chunking a
+    prompt goes whole: it waits for a pass with room for it, unless it is
+    first in line, when it runs alone even past the budget.
+    """
+    plan: list[Segment] = []
+    room = token_budget
+    for job in queue:
+        if job.cancelled or job.remaining <= 0:
+            continue
+        if chunk_tokens > 0:
+            count = min(job.remaining, chunk_tokens, room)
+        elif job.remaining <= room or not plan:
+            count = job.remaining
+        else:
+            break
+        if count <= 0:
+            break
+        plan.append(Segment(job, job.done, count))
+        room -= count
+        if room <= 0:
+            break
+    return plan
+
+
+class PackedPrefillCache:
+    """``past_key_values`` for one packed pass: hands out each segment's K/V and keeps what later chunks need."""
+
+    def __init__(self, plan: list[Segment], num_layers: int, notify: Callable[[PrefillJob, int, int, torch.Tensor, torch.Tensor], None]) -> None:
+        self._plan = plan
+        self._num_layers = num_layers
+        self._notify = notify
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = [], []
+        offset = 0
+        for seg in self._plan:
+            job = seg.job
+            k = key_states[:, :, offset:offset + seg.count]
+            v = value_states[:, :, offset:offset + seg.count]
+            offset += seg.count
+            if seg.start > 0:
+                keys.append(job.keys[layer_idx][:, :, :seg.start])
+                values.append(job.values[layer_idx][:, :, :seg.start])
+            keys.append(k)
+            values.append(v)
+            if not seg.last:
+                if len(job.keys) <= layer_idx:
+                    shape = (1, k.shape[1], len(job.token_ids), k.shape[3])
+                    job.keys.append(torch.empty(shape, dtype=k.dtype, device=k.device))
+                    job.values.append(torch.empty(shape, dtype=v.dtype, device=v.device))
+                job.keys[layer_idx][:, :, seg.start:seg.start + seg.count] = k
+                job.values[layer_idx][:, :, seg.start:seg.start + seg.count] = v
+            self._notify(job, layer_idx, seg.start, k, v)
+        if len(keys) == 1:
+            return keys[0], values[0]
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+
+def packed_inputs(plan: list[Segment], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids and position_ids (1, S), and the (1, 1, S, S_kv) mask of a packed pass."""
+    ids = [t for seg in plan for t in seg.job.token_ids[seg.start:seg.start + seg.count]]
+    positions = [p for seg in plan for p in range(seg.start, seg.start + seg.count)]
+    total_q = len(ids)
+    total_kv = sum(seg.start + seg.count for seg in plan)
+    mask = torch.zeros(total_q, total_kv, dtype=torch.bool)
+    q0 = kv0 = 0
+    for seg in plan:
+        span = seg.start + seg.count
+        q = torch.arange(seg.count)[:, None] + seg.start  # each query's position
+        kv = torch.arange(span)[None, :]
+        mask[q0:q0 + seg.count, kv0:kv0 + span] = kv <= q
+        q0 += seg.count
+        kv0 += span
+    as_tensor = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
+    return as_tensor(ids), as_tensor(positions), mask[None, None].to(device)
+
+
 class PrefillEngine:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, token_budget: int = 2048, chunk_tokens: int = 512,
+                 executor: Executor | None = None) -> None:
         self._loaded = loaded
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-engine")
+        self.token_budget = token_budget
+        self.chunk_tokens = chunk_tokens
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-engine")
+        self._queue: list[PrefillJob] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.passes = 0
+        self.peak_batch = 0  # most prompts in one pass
 
     @property
     def info(self):
         return self._loaded.info
+
+    @property
+    def queued_tokens(self) -> int:
+        return sum(job.remaining for job in self._queue)
 
     def layout(self, transfer_id: str, num_tokens: int) -> KVLayout:
         """The KV geometry a transfer of ``num_tokens`` prompt tokens announces."""
         kv = self._loaded.info.kv
         return KVLayout(transfer_id, kv.num_layers, num_tokens, kv.kv_heads, kv.head_dim, DTYPE_NAMES[self._loaded.dtype])
 
-    async def prefill(self, token_ids: list[int], sampling: SamplingParams, on_layer: LayerCallback | None) -> PrefillResult:
-        """Runs the prompt, calling ``on_layer`` on this event loop per layer; returns the first token."""
+    async def prefill(self, token_ids: list[int], sampling: SamplingParams,
+                      on_layer: LayerCallback | None = None) -> PrefillResult:
+        """Queues the prompt; ``on_layer`` gets every chunk of every layer on this event loop; returns the first token."""
         loop = asyncio.get_running_loop()
-        enqueued_ns = time.monotonic_ns()
+        if self._task is None:
+            self._task = loop.create_task(self._loop(), name="prefill-loop")
+        job = PrefillJob(list(token_ids), sampling, on_layer, loop.create_future())
+        self._queue.append(job)
+        self._wake.set()
+        try:
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            job.cancelled = True  # dropped from the queue before the next pass
+            raise
 
-        def forward_thread_callback(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            loop.call_soon_threadsafe(on_layer, layer, k, v)
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._queue = [job for job in self._queue if not job.cancelled]
+            plan = plan_batch(self._queue, self.token_budget, self.chunk_tokens)
+            if not plan:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
 
-        callback = forward_thread_callback if on_layer is not None else (lambda *_: None)
-        return await loop.run_in_executor(self._executor, self._forward, token_ids, sampling, callback, enqueued_ns)
+            def notify(job: PrefillJob, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+                if job.on_layer is not None:
+                    loop.call_soon_threadsafe(self._deliver, job, layer, start, k, v)
 
-    def _forward(self, token_ids: list[int], sampling: SamplingParams, callback: LayerCallback,
-                 enqueued_ns: int) -> PrefillResult:
-        model, device = self._loaded.model, self._loaded.device
+            try:
+                firsts, start_ns, end_ns = await loop.run_in_executor(self._executor, self._forward, plan, notify)
+            except Exception as exc:  # a failed pass fails its prompts, not the server
+                log.exception("prefill pass failed")
+                for seg in plan:
+                    self._finish(seg.job, exc=exc)
+                continue
+            self.passes += 1
+            self.peak_batch = max(self.peak_batch, len(plan))
+            for seg in plan:
+                job = seg.job
+                job.passes += 1
+                job.done += seg.count
+                job.start_ns = job.start_ns or start_ns
+                if seg.last:
+                    self._finish(job, PrefillResult(
+                        firsts[job], (job.start_ns - job.enqueued_ns) / 1e6, (end_ns - job.start_ns) / 1e6,
+                        job.passes, job.start_ns, end_ns))
+
+    @staticmethod
+    def _deliver(job: PrefillJob, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not job.cancelled and not job.future.done():
+            job.on_layer(layer, start, k, v)
+
+    def _finish(self, job: PrefillJob, result: PrefillResult | None = None, exc: BaseException | None = None) -> None:
+        job.keys, job.values = [], []
+        if job in self._queue:
+            self._queue.remove(job)
+        if job.future.done():
+            return
+        if exc is not None:
+            job.future.set_exception(exc)
+        else:
+            # Layers were queued on the loop before this; deliver them first.
+            asyncio.get_running_loop().call_soon(job.future.set_result, result)
+
+    @torch.inference_mode()
+    def _forward(self, plan: list[Segment], notify) -> tuple[dict[PrefillJob, int], int, int]:
+        """Runs on the engine thread: one packed pass; returns first tokens of prompts that completed."""
         start_ns = time.monotonic_ns()
-        with torch.inference_mode():
-            input_ids = torch.tensor([token_ids], dtype=torch.long, device=device)  # (1, T)
-            cache = LayerCaptureCache(model.config, callback)
-            out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            first = sample(out.logits[:, -1], [sampling], [0])[0]
-        end_ns = time.monotonic_ns()
-        return PrefillResult(first, (start_ns - enqueued_ns) / 1e6, (end_ns - start_ns) / 1e6, start_ns, end_ns)
+        input_ids, position_ids, mask = packed_inputs(plan, self._loaded.device)
+        ends, finishing, offset = [], [], 0
+        for seg in plan:
+            offset += seg.count
+            if seg.last:
+                ends.append(offset - 1)
+                finishing.append(seg.job)
+        cache = PackedPrefillCache(plan, self.info.kv.num_layers, notify)
+        keep = torch.tensor(ends, device=self._loaded.device) if ends else 1
+        out = self._loaded.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                                 past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        firsts = {}
+        if finishing:
+            tokens = sample(out.logits[0], [job.sampling for job in finishing], [0] * len(finishing))
+            firsts = dict(zip(finishing, tokens))
+        return firsts, start_ns, time.monotonic_ns()
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(Cancelled("prefill engine shutting down"))
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)

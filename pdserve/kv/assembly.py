@@ -1,19 +1,24 @@
-"""Receiving side of one KV transfer: validate every message, stage the tensors.
+"""Receiving side of one KV transfer: validate every message, write it where it belongs.
 
-Pure logic on tensors (no I/O): the decode servicer feeds it messages, the
-decode engine takes the staged K/V once ``finish`` succeeds. Any violation
-raises ``InvalidArgument`` naming what was wrong; the caller then drops the
-assembly and with it every byte staged.
+Pure logic on tensors (no I/O): the decode servicer feeds it messages, and
+each valid chunk goes straight to ``write`` (the decode engine's KV pool,
+into the blocks reserved for the request), so no staging copy is kept. Any
+violation raises ``InvalidArgument`` naming what was wrong; the caller then
+fails the transfer and the blocks are freed.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
 from pdserve.errors import InvalidArgument
 from pdserve.kv.wire import DTYPES, KVChunkData, KVLayout, from_bytes
+
+# write(layer, token_start, keys, values) with (count, H, D) tensors.
+ChunkWriter = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 def check_layout(layout: KVLayout, *, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -38,19 +43,13 @@ def check_layout(layout: KVLayout, *, num_layers: int, kv_heads: int, head_dim: 
 class KVAssembly:
     """Collects one transfer; per layer, chunks must arrive in token order without gaps or repeats."""
 
-    def __init__(self, layout: KVLayout, device: torch.device) -> None:
+    def __init__(self, layout: KVLayout, write: ChunkWriter) -> None:
         self.layout = layout
-        shape = (layout.num_tokens, layout.kv_heads, layout.head_dim)  # (T, H, D)
-        self.keys = [torch.empty(shape, dtype=layout.torch_dtype, device=device) for _ in range(layout.num_layers)]
-        self.values = [torch.empty(shape, dtype=layout.torch_dtype, device=device) for _ in range(layout.num_layers)]
+        self._write = write
         self._next_token = [0] * layout.num_layers
         self.bytes_received = 0
         self.first_chunk_ns = 0
         self.last_chunk_ns = 0
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.layout.num_layers * self.layout.num_tokens * self.layout.token_bytes
 
     def add(self, chunk: KVChunkData) -> None:
         lay = self.layout
@@ -79,8 +78,8 @@ class KVAssembly:
                     f"expected {want} ({lay.kv_heads} heads x {lay.head_dim} dims x {lay.torch_dtype.itemsize} bytes per token)"
                 )
         shape = (chunk.token_count, lay.kv_heads, lay.head_dim)
-        self.keys[chunk.layer][chunk.token_start:end].copy_(from_bytes(chunk.key, lay.torch_dtype, shape))
-        self.values[chunk.layer][chunk.token_start:end].copy_(from_bytes(chunk.value, lay.torch_dtype, shape))
+        self._write(chunk.layer, chunk.token_start, from_bytes(chunk.key, lay.torch_dtype, shape),
+                    from_bytes(chunk.value, lay.torch_dtype, shape))
         self._next_token[chunk.layer] = end
         self.bytes_received += 2 * want
         now = time.monotonic_ns()

@@ -1,6 +1,7 @@
 """KV producer over one gRPC client stream (``Decode.PushKV``) to the decode instance.
 
-Layers queue as the forward pass produces them; a pump task turns each into
+Layers (or, for a prompt prefilled in chunks, each chunk of each layer) queue
+as the forward pass produces them; a pump task turns each into
 ~``chunk_bytes`` messages and writes them, awaiting gRPC flow control, while
 the forward pass goes on.
 """
@@ -42,8 +43,8 @@ class GrpcKVSender(KVSender):
         self._pump_task = asyncio.get_running_loop().create_task(self._pump(), name=f"kv-push-{layout.transfer_id}")
         await self._write(decode_pb2.KVMessage(header=layout_to_proto(layout)))
 
-    def send_layer(self, layer, keys, values) -> None:
-        self._queue.put_nowait((layer, keys, values))
+    def send_layer(self, layer, token_start, keys, values) -> None:
+        self._queue.put_nowait((layer, token_start, keys, values))
 
     async def _write(self, message: decode_pb2.KVMessage) -> None:
         try:
@@ -59,14 +60,15 @@ class GrpcKVSender(KVSender):
             item = await self._queue.get()
             if item is None:
                 return
-            layer, keys, values = item
-            for chunk in split_layer(layer, token_major(keys), token_major(values), self._chunk_bytes):
+            layer, token_start, keys, values = item
+            for chunk in split_layer(layer, token_major(keys), token_major(values), self._chunk_bytes, token_start):
                 if not self._first_sent_ns:
                     self._first_sent_ns = time.monotonic_ns()
                 await self._write(chunk_to_proto(chunk))
                 self._bytes += len(chunk.key) + len(chunk.value)
                 self._messages += 1
-            self._layers += 1
+            if token_start + keys.shape[2] == self._layout.num_tokens:
+                self._layers += 1  # the layer is complete
 
     async def finish(self, first_token: int) -> TransferReceipt:
         self._queue.put_nowait(None)

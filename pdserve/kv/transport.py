@@ -8,9 +8,11 @@ into the decode instance's cache.
 Producer side (``KVSender``, one object per transfer, driven by the prefill service):
   1. ``open(layout)`` before the forward pass starts. The consumer validates
      the layout against its reservation; a rejection surfaces on a later call.
-  2. ``send_layer(layer, keys, values)`` on the event loop, once per layer in
-     layer order, as soon as attention produced that layer (while later layers
-     still compute). It must return at once: sending happens in the background.
+  2. ``send_layer(layer, token_start, keys, values)`` on the event loop, once
+     per layer per prompt chunk (one chunk unless the prompt is prefilled in
+     chunks), in layer order within a chunk and token order within a layer,
+     as soon as attention produced it (while later layers still compute). It
+     must return at once: sending happens in the background.
   3. ``finish(first_token)`` after the forward pass: flushes what is queued,
      sends the first sampled token and returns once the consumer acknowledged
      the whole transfer (a ``TransferReceipt``), or raises ``PdserveError``.
@@ -21,13 +23,14 @@ Consumer side (``KVReceiver``, implemented by the decode engine):
   1. ``begin_transfer(layout)`` when a transfer's header arrives; raises
      ``NotFound`` for an unreserved transfer id and ``InvalidArgument`` for a
      layout that does not match the model or the reservation.
-  2. Chunks go to the returned ``KVAssembly`` (``add``), which validates each.
+  2. Chunks go to the returned ``KVAssembly`` (``add``), which validates each
+     and writes it straight into the KV blocks reserved for the request.
      Before each chunk the transport calls ``check_transfer_alive`` so a
      cancelled request stops its transfer.
   3. ``complete_transfer(transfer_id, first_token)`` once the producer
      finished; the request joins the decode batch.
-  4. ``fail_transfer(transfer_id, error)`` on any failure: staged bytes are
-     freed and the waiting request fails with ``error``.
+  4. ``fail_transfer(transfer_id, error)`` on any failure: the request's
+     blocks are freed and the waiting request fails with ``error``.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ class KVSender(abc.ABC):
     async def open(self, layout: KVLayout) -> None: ...
 
     @abc.abstractmethod
-    def send_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Queues one layer's (1, H, T, D) K/V; never blocks."""
+    def send_layer(self, layer: int, token_start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Queues one layer's (1, H, count, D) K/V of tokens from ``token_start``; never blocks."""
 
     @abc.abstractmethod
     async def finish(self, first_token: int) -> TransferReceipt: ...

@@ -60,14 +60,15 @@ def token_major(states: torch.Tensor) -> torch.Tensor:
     return states[0].transpose(0, 1).contiguous().cpu()
 
 
-def split_layer(layer: int, keys: torch.Tensor, values: torch.Tensor, chunk_bytes: int) -> Iterator[KVChunkData]:
-    """Yields chunks of about ``chunk_bytes`` (K plus V) for one layer's (T, H, D) tensors."""
+def split_layer(layer: int, keys: torch.Tensor, values: torch.Tensor, chunk_bytes: int,
+                token_start: int = 0) -> Iterator[KVChunkData]:
+    """Yields chunks of about ``chunk_bytes`` (K plus V) for one layer's (T, H, D) tensors of tokens from ``token_start``."""
     tokens = keys.shape[0]
     per_token = 2 * keys[0].numel() * keys.element_size()
     step = max(1, chunk_bytes // max(1, per_token))
     for start in range(0, tokens, step):
         end = min(tokens, start + step)
-        yield KVChunkData(layer, start, end - start, _to_bytes(keys[start:end]), _to_bytes(values[start:end]))
+        yield KVChunkData(layer, token_start + start, end - start, _to_bytes(keys[start:end]), _to_bytes(values[start:end]))
 
 
 def _to_bytes(t: torch.Tensor) -> bytes:

@@ -12,7 +12,8 @@ from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
 
-from pdserve.errors import PdserveError, error_for_status
+from pdserve.errors import PdserveError
+from pdserve.rpc import error_from_rpc
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -88,7 +89,8 @@ def _chunk(msg: gateway_pb2.GenerateChunk) -> Chunk:
 
 
 def _error(exc: grpc.RpcError) -> PdserveError:
-    return error_for_status(exc.code().name, exc.details() or exc.code().name)
+    """The ``PdserveError`` for a failed call (``ResourceExhausted.retry_after_ms`` from the server's hint)."""
+    return error_from_rpc(exc)
 
 
 class Accumulator:

@@ -6,8 +6,9 @@ import argparse
 import logging
 
 from pdserve import config as cfg
-from pdserve.convert import chunk_from_proto, layout_from_proto, sampling_from_proto
+from pdserve.convert import check_token_ids, chunk_from_proto, layout_from_proto, sampling_from_proto
 from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason
+from pdserve.engine.kv_pool import budget_bytes
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
 from pdserve.model import LoadedModel
 from pdserve.rpc import rpc_errors, start_server
@@ -25,7 +26,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self._engine = engine
 
     def _params(self, request: decode_pb2.DecodeRequest) -> DecodeParams:
-        if not request.request_id or not request.transfer_id:
+        if not request.request_id or not (request.transfer_id or request.prompt_token_ids):
             raise InvalidArgument("request_id and transfer_id: must not be empty")
         vocab = self._engine.info.vocab_size
         bad = [t for t in request.eos_token_ids if not 0 <= t < vocab]
@@ -34,7 +35,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return DecodeParams(
             request_id=request.request_id,
             transfer_id=request.transfer_id,
-            prompt_tokens=request.prompt_tokens,
+            prompt_tokens=len(request.prompt_token_ids) or request.prompt_tokens,
             sampling=sampling_from_proto(request.sampling),
             eos_token_ids=frozenset(request.eos_token_ids),
             max_tokens=request.max_tokens,
@@ -42,10 +43,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @rpc_errors
     async def Generate(self, request, context):
-        seq = self._engine.reserve(self._params(request))
-        log.debug("request_id=%s reserved (transfer %s)", request.request_id, request.transfer_id)
+        params = self._params(request)
+        prompt = list(request.prompt_token_ids)
+        if prompt:
+            check_token_ids(prompt, self._engine.info.vocab_size, "prompt_token_ids")
+        seq = await self._engine.reserve(params, local=bool(prompt))
+        log.debug("request_id=%s reserved %d KV blocks (%s)", request.request_id, len(seq.blocks),
+                  "prefilling here" if prompt else f"transfer {request.transfer_id}")
         try:
             yield decode_pb2.DecodeEvent(reserved=decode_pb2.Reserved())
+            if prompt:
+                await self._engine.prefill_locally(seq, prompt)
             while (event := await seq.events.get()) is not None:
                 if isinstance(event, PdserveError):
                     raise event
@@ -101,8 +109,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = None) -> RunningService:
     """Loads the model (unless given), starts the engine and the server; returns when serving."""
     loaded = loaded or await load_model_for(config)
-    engine = DecodeEngine(loaded, max_batch=config.max_batch, max_waiting=config.max_waiting)
+    engine = DecodeEngine(loaded, kv_budget=budget_bytes(config.kv_budget_spec, loaded.device),
+                          block_size=config.kv_block_size, max_batch=config.max_batch, max_queued=config.max_queued,
+                          prefill_token_budget=config.prefill_token_budget,
+                          prefill_chunk_tokens=config.prefill_chunk_tokens)
     engine.start()
+    pool = engine.pool
+    log.info("KV pool: %d blocks of %d tokens (%.1f MiB), max_batch %d, max_queued %d", pool.allocator.capacity,
+             pool.block_size, pool.nbytes / 2**20, config.max_batch, config.max_queued)
     server, port, health = await start_server(
         config.listen, SERVICE, lambda server: decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine), server))
     return RunningService("decode", server, port, health, (SERVICE,), [engine.stop], engine)

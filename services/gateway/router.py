@@ -1,9 +1,13 @@
 """One request's life across the cluster, seen from the gateway.
 
-1. Ask the scheduler for a decode and a prefill instance.
-2. Open the token stream on the decode instance; it answers ``Reserved``.
+1. Ask the scheduler for a prefill instance (none: colocated).
+2. Open the token stream on a decode instance; it admits the request (all the
+   KV blocks it can need, or a wait in its bounded queue) and answers
+   ``Reserved``. A full instance answers RESOURCE_EXHAUSTED: try the next one.
 3. Call ``Prefill`` with the decode instance's address: prefill pushes the KV
    there and returns the first token, which streams to the client at once.
+   Colocated, the decode instance prefills the prompt itself and streams the
+   first token as index 0.
 4. Relay tokens from the decode stream, detokenizing incrementally and
    applying EOS, stop strings and max_tokens.
 5. On finish, error or client cancellation, cancel whatever is still open.
@@ -22,7 +26,7 @@ import grpc
 
 from pdserve.convert import sampling_to_proto
 from pdserve.engine.sampling import SamplingParams
-from pdserve.errors import Internal, PdserveError
+from pdserve.errors import Internal, PdserveError, ResourceExhausted
 from pdserve.model import ModelInfo
 from pdserve.rpc import ChannelPool, error_from_rpc
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -106,38 +110,39 @@ class Router:
         tokenizer = self._info.tokenizer
         output = _Output(req, eos, IncrementalDetokenizer(tokenizer) if tokenizer else None, StopStrings(req.stop))
         timings = Timings()
-        needs_decode = req.max_tokens > 1
         prefill_addr = self._scheduler.pick_prefill(len(req.prompt_ids))
-        decode_addr = self._scheduler.pick_decode(len(req.prompt_ids), req.max_tokens) if needs_decode else ""
+        local = not prefill_addr  # colocated: the decode instance prefills the prompt itself
+        needs_decode = local or req.max_tokens > 1
         transfer_id = f"{req.request_id}/0"
+        decode_addr = ""
         decode_call = prefill_call = transfer_task = None
         try:
             # 1-2. Reserve on decode before any KV can arrive there.
             if needs_decode:
-                decode_call = decode_pb2_grpc.DecodeStub(self._channels.get(decode_addr)).Generate(
-                    decode_pb2.DecodeRequest(
-                        request_id=req.request_id, transfer_id=transfer_id, prompt_tokens=len(req.prompt_ids),
-                        sampling=sampling_to_proto(req.sampling), eos_token_ids=sorted(eos),
-                        max_tokens=req.max_tokens))
+                decode_addr, decode_call = await self._reserve(req, eos, transfer_id, local)
+            if local:
                 event = await self._read(decode_call, f"decode {decode_addr}")
-                if event is None or event.WhichOneof("event") != "reserved":
-                    raise Internal(f"decode {decode_addr}: expected Reserved, got {event}")
-            # 3. Prefill; its first event is the first token.
-            prefill_call = prefill_pb2_grpc.PrefillStub(self._channels.get(prefill_addr)).Prefill(
-                prefill_pb2.PrefillRequest(request_id=req.request_id, token_ids=req.prompt_ids,
-                                           sampling=sampling_to_proto(req.sampling),
-                                           decode_address=decode_addr, transfer_id=transfer_id))
-            event = await self._read(prefill_call, f"prefill {prefill_addr}")
-            if event is None or event.WhichOneof("event") != "first_token":
-                raise Internal(f"prefill {prefill_addr}: expected FirstToken, got {event}")
-            timings.prefill_queue_ms = event.first_token.queue_ms
-            timings.prefill_forward_ms = event.first_token.forward_ms
+                if event is None or event.WhichOneof("event") != "token" or event.token.index != 0:
+                    raise Internal(f"decode {decode_addr}: expected token 0, got {event}")
+                first_token = event.token.token_id
+            else:
+                # 3. Prefill; its first event is the first token.
+                prefill_call = prefill_pb2_grpc.PrefillStub(self._channels.get(prefill_addr)).Prefill(
+                    prefill_pb2.PrefillRequest(request_id=req.request_id, token_ids=req.prompt_ids,
+                                               sampling=sampling_to_proto(req.sampling),
+                                               decode_address=decode_addr, transfer_id=transfer_id))
+                event = await self._read(prefill_call, f"prefill {prefill_addr}")
+                if event is None or event.WhichOneof("event") != "first_token":
+                    raise Internal(f"prefill {prefill_addr}: expected FirstToken, got {event}")
+                timings.prefill_queue_ms = event.first_token.queue_ms
+                timings.prefill_forward_ms = event.first_token.forward_ms
+                first_token = event.first_token.token_id
             first_at = time.monotonic()
             timings.ttft_ms = (first_at - started) * 1e3
-            if needs_decode:
+            if needs_decode and not local:
                 transfer_task = asyncio.get_running_loop().create_task(
                     self._await_transfer(prefill_call, prefill_addr, decode_call, timings))
-            chunk = output.add(event.first_token.token_id)
+            chunk = output.add(first_token)
             # 4. The rest comes from decode.
             while chunk.finish_reason is None:
                 yield chunk
@@ -176,6 +181,30 @@ class Router:
                     call.cancel()
             if transfer_task is not None and not transfer_task.done():
                 transfer_task.cancel()
+
+    async def _reserve(self, req: GatewayRequest, eos: frozenset[int], transfer_id: str, local: bool):
+        """Opens the decode stream on an instance with room; tries each instance once before giving up."""
+        for attempt in range(self._scheduler.num_decode):
+            addr = self._scheduler.pick_decode(len(req.prompt_ids), req.max_tokens)
+            call = decode_pb2_grpc.DecodeStub(self._channels.get(addr)).Generate(
+                decode_pb2.DecodeRequest(
+                    request_id=req.request_id, transfer_id=transfer_id, prompt_tokens=len(req.prompt_ids),
+                    sampling=sampling_to_proto(req.sampling), eos_token_ids=sorted(eos),
+                    max_tokens=req.max_tokens, prompt_token_ids=req.prompt_ids if local else ()))
+            try:
+                event = await self._read(call, f"decode {addr}")
+            except ResourceExhausted:
+                if attempt + 1 < self._scheduler.num_decode:
+                    continue  # full: the next instance may have room
+                raise
+            except BaseException:
+                call.cancel()
+                raise
+            if event is None or event.WhichOneof("event") != "reserved":
+                call.cancel()
+                raise Internal(f"decode {addr}: expected Reserved, got {event}")
+            return addr, call
+        raise Internal("no decode instance configured")
 
     @staticmethod
     async def _read(call, what: str):

@@ -130,7 +130,8 @@ async def start_gateway(config: cfg.GatewayConfig, info: ModelInfo | None = None
     servicer = GatewayServicer(info, router, config)
     server, port, health = await start_server(
         config.listen, SERVICE, lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server))
-    log.info("gateway routes to prefill %s, decode %s", ",".join(config.prefill), ",".join(config.decode))
+    log.info("gateway routes to prefill %s, decode %s", ",".join(config.prefill) or "(colocated: on decode)",
+             ",".join(config.decode))
     return RunningService("gateway", server, port, health, (SERVICE,), [channels.close], router)
 
 

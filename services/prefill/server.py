@@ -63,7 +63,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = None) -> RunningService:
     """Loads the model (unless given) and starts the server; returns when serving."""
     loaded = loaded or await load_model_for(config)
-    engine = PrefillEngine(loaded)
+    engine = PrefillEngine(loaded, config.prefill_token_budget, config.prefill_chunk_tokens)
     channels = ChannelPool()
     servicer = PrefillServicer(engine, channels, config.kv_chunk_bytes)
     server, port, health = await start_server(
@@ -71,7 +71,7 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
 
     async def close() -> None:
         await channels.close()
-        engine.close()
+        await engine.close()
 
     return RunningService("prefill", server, port, health, (SERVICE,), [close], engine)
 
