@@ -1,15 +1,15 @@
-"""Serving benchmark client, in the style of `vllm bench serve`.
+"""Serving benchmark, in the style of `vllm bench serve`.
 
-Sends requests to a running gateway with Poisson arrivals at ``--request-rate``
-(or a fixed ``--concurrency``), random token-id prompts of uniform random
-lengths, and ``ignore_eos`` so every request produces its output length.
-Measures on the client: TTFT, TPOT, ITL and end-to-end latency (p50/p90/p99),
-request and output-token throughput, and goodput (requests per second that
-meet both the TTFT and the TPOT SLO, as DistServe defines it). Prints a
-markdown table and writes JSON.
-
-Not yet here (issue 3): chat-like and long-prompt mixes, PNG plots, starting
-the configurations to compare.
+Sends a request mix (``bench.workloads``: uniform, chat-like, or with periodic
+long prompts) with Poisson arrivals at one or more ``--request-rate`` values
+(or a fixed ``--concurrency``) and ``ignore_eos``, to a running gateway
+(``--address``) or to configurations it starts itself and compares on the
+same cores (``--start disagg,colocated,colocated-chunked``, see
+``bench.configs``). Measures on the client: TTFT, TPOT, ITL and end-to-end
+latency (mean/p50/p90/p99), request and output-token throughput, and goodput
+(requests per second meeting both the TTFT and the TPOT SLO, as DistServe
+defines it). Shows a progress bar, prints markdown tables, writes JSON and PNG
+plots (latency CDFs; throughput and p99 ITL against request rate).
 """
 
 from __future__ import annotations
@@ -23,23 +23,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench.workloads import DATASETS, Workload
 from pdserve.errors import PdserveError
 from pdserve.sdk import AsyncClient
-
-
-@dataclass(frozen=True)
-class Workload:
-    num_requests: int = 32
-    input_len: tuple[int, int] = (32, 256)   # uniform, inclusive
-    output_len: tuple[int, int] = (16, 64)
-    request_rate: float = float("inf")       # requests/s, Poisson; inf: all at once
-    concurrency: int = 0                     # >0: at most this many in flight
-    seed: int = 0
-
-    def requests(self, vocab_size: int) -> list[tuple[list[int], int]]:
-        rng = random.Random(self.seed)
-        return [([rng.randrange(100, vocab_size) for _ in range(rng.randint(*self.input_len))],
-                 rng.randint(*self.output_len)) for _ in range(self.num_requests)]
 
 
 @dataclass
@@ -91,18 +77,20 @@ async def run(address: str, workload: Workload, vocab_size: int, progress: bool 
     requests = workload.requests(vocab_size)
     rng = random.Random(workload.seed + 1)
     limit = asyncio.Semaphore(workload.concurrency) if workload.concurrency > 0 else None
-    done = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(requests), desc="[bench] requests", unit="req", file=sys.stderr, leave=False)
 
     async def one(prompt, max_tokens):
-        nonlocal done
         if limit is None:
             r = await _one(client, prompt, max_tokens)
         else:
             async with limit:
                 r = await _one(client, prompt, max_tokens)
-        done += 1
-        if progress:
-            print(f"\r[bench] {done}/{len(requests)} requests done", end="", file=sys.stderr, flush=True)
+        if bar is not None:
+            bar.update(1)
         return r
 
     async with AsyncClient(address) as client:
@@ -114,8 +102,8 @@ async def run(address: str, workload: Workload, vocab_size: int, progress: bool 
                 await asyncio.sleep(rng.expovariate(workload.request_rate))
         results = await asyncio.gather(*tasks)
         wall = time.perf_counter() - started
-    if progress:
-        print(file=sys.stderr)
+    if bar is not None:
+        bar.close()
     return results, wall
 
 
@@ -156,42 +144,120 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def samples(results: list[RequestResult]) -> dict[str, list[float]]:
+    """Raw per-request (and per-token, for ITL) latencies, for CDF plots."""
+    ok = [r for r in results if not r.error]
+    return {"ttft_s": [r.ttft_s for r in ok], "itl_s": [x for r in ok for x in r.itl_s], "e2e_s": [r.e2e_s for r in ok]}
+
+
+def comparison(runs: list[dict]) -> str:
+    """One row per run: the figures that compare configurations."""
+    lines = ["| run | req/s | out tok/s | goodput | TTFT p50 | TTFT p99 | TPOT p50 | ITL p50 | ITL p99 | E2E p99 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in runs:
+        s = run["summary"]
+        ms = lambda name, q: f"{s[name][q] * 1e3:.0f}"  # noqa: E731
+        lines.append(f"| {run['label']} | {s['request_throughput']:.2f} | {s['output_token_throughput']:.1f} | "
+                     f"{s['goodput']:.2f} | {ms('ttft_s', 'p50')} | {ms('ttft_s', 'p99')} | {ms('tpot_s', 'p50')} | "
+                     f"{ms('itl_s', 'p50')} | {ms('itl_s', 'p99')} | {ms('e2e_s', 'p99')} |")
+    return "\n".join(lines) + "\n(latencies in ms)"
+
+
 def _range(text: str) -> tuple[int, int]:
     lo, _, hi = text.partition(":")
     return int(lo), int(hi or lo)
 
 
+def _rates(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default="127.0.0.1:50051", help="gateway address")
+    parser.add_argument("--address", default="127.0.0.1:50051", help="gateway address (unless --start)")
+    parser.add_argument("--start", default="", help="configurations to start and compare, comma-separated: "
+                        "disagg, colocated, colocated-chunked (cores pinned; see bench/configs.py)")
+    parser.add_argument("--model", default="default", help="model for --start")
+    parser.add_argument("--device", default="cpu", help="device for --start")
+    parser.add_argument("--chunk", type=int, default=256, help="prefill chunk of colocated-chunked")
+    parser.add_argument("--max-batch", type=int, default=64, help="decode batch limit for --start")
+    parser.add_argument("--dataset", choices=DATASETS, default="uniform", help="request mix (bench/workloads.py)")
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--input-len", type=_range, default=(32, 256), help="prompt tokens, N or MIN:MAX")
     parser.add_argument("--output-len", type=_range, default=(16, 64), help="output tokens, N or MIN:MAX")
-    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
+    parser.add_argument("--long-len", type=_range, default=(1024, 1536), help="long prompts of the long mix")
+    parser.add_argument("--long-every", type=int, default=8, help="every Nth prompt of the long mix is long")
+    parser.add_argument("--request-rate", type=_rates, default=[float("inf")],
+                        help="requests/s (Poisson), comma-separated for a sweep; inf: all at once")
     parser.add_argument("--concurrency", type=int, default=0, help="at most this many in flight (0: no limit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ttft-slo-ms", type=float, default=2000.0)
     parser.add_argument("--tpot-slo-ms", type=float, default=200.0)
-    parser.add_argument("--out", default="bench/out/serving.json", help="JSON results")
+    parser.add_argument("--out", default="bench/out/serving.json", help="JSON results; plots go beside it")
+    parser.add_argument("--no-plots", action="store_true")
+
+
+async def _bench_address(address: str, workloads: list[Workload], args, label: str, config: str) -> list[dict]:
+    async with AsyncClient(address) as client:
+        info = await client.model_info()
+        # Warm-up: the first requests pay one-time costs (allocations, kernel selection).
+        await asyncio.gather(*[client.generate(token_ids=list(range(100, 100 + n)), max_tokens=4, ignore_eos=True)
+                               for n in (16, 64)])
+    runs = []
+    for workload in workloads:
+        results, wall = await run(address, workload, info.vocab_size)
+        summary = summarize(results, wall, args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3)
+        rate = workload.request_rate
+        runs.append({"label": f"{label} @ {rate:g} req/s" if rate != float("inf") else label, "config": config,
+                     "request_rate": rate if rate != float("inf") else "inf",
+                     "workload": {k: (str(v) if v == float("inf") else v) for k, v in asdict(workload).items()},
+                     "summary": summary, "samples": samples(results)})
+        print(f"\n### {runs[-1]['label']}\n\n{markdown(summary)}", flush=True)
+    return runs
+
+
+async def _bench_started(name: str, workloads: list[Workload], args) -> list[dict]:
+    from bench.configs import cluster_spec
+    from pdserve.cluster import LocalCluster
+
+    spec = cluster_spec(name, args.model, device=args.device, chunk=args.chunk, max_batch=args.max_batch)
+    cluster = LocalCluster(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"[bench] starting {name}: {spec.describe()}", file=sys.stderr, flush=True)
+    try:
+        cluster.start()
+        await cluster.wait_healthy()
+        return await _bench_address(cluster.gateway_address, workloads, args, name, name)
+    finally:
+        cluster.stop()
 
 
 def main(args: argparse.Namespace) -> int:
-    workload = Workload(args.num_requests, args.input_len, args.output_len, args.request_rate, args.concurrency, args.seed)
+    workloads = [Workload(args.num_requests, args.dataset, args.input_len, args.output_len, args.long_len,
+                          args.long_every, rate, args.concurrency, args.seed) for rate in args.request_rate]
+    configs = [c.strip() for c in args.start.split(",") if c.strip()]
 
-    async def go():
-        async with AsyncClient(args.address) as client:
-            info = await client.model_info()
-        return await run(args.address, workload, info.vocab_size)
+    async def go() -> list[dict]:
+        if not configs:
+            return await _bench_address(args.address, workloads, args, args.address, "running cluster")
+        runs = []
+        for name in configs:
+            runs += await _bench_started(name, workloads, args)
+        return runs
 
-    results, wall = asyncio.run(go())
-    summary = summarize(results, wall, args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3)
-    print(markdown(summary))
+    runs = asyncio.run(go())
+    if len(runs) > 1:
+        print(f"\n### comparison ({args.dataset} mix)\n\n{comparison(runs)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    workload_json = {k: (str(v) if v == float("inf") else v) for k, v in asdict(workload).items()}
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "address": args.address, "workload": workload_json,
-                               "summary": summary}, indent=2))
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+                               "dataset": args.dataset, "runs": runs}, indent=1))
     print(f"wrote {out}", file=sys.stderr)
-    return 0 if summary["failed"] == 0 else 1
+    if not args.no_plots:
+        from bench import plots
+
+        print(f"wrote {plots.latency_cdfs(runs, out.with_suffix('.cdf.png'))}", file=sys.stderr)
+        if len(args.request_rate) > 1:
+            print(f"wrote {plots.rate_sweep(runs, out.with_suffix('.rates.png'))}", file=sys.stderr)
+    return 0 if all(run["summary"]["failed"] == 0 for run in runs) else 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import asyncio
 import concurrent.futures
 import json
 
+import pytest
+
 from bench.serving import RequestResult, Workload, markdown, percentiles, run, summarize
 from pdserve.cli import main as cli_main
 
@@ -20,6 +22,18 @@ def test_percentiles_and_goodput():
     assert (s["completed"], s["failed"], s["goodput"]) == (2, 1, 0.5)
     assert s["output_token_throughput"] == 5.0
     assert "| TTFT |" in markdown(s)
+
+
+def test_mixes_have_the_promised_shapes():
+    long = Workload(num_requests=64, dataset="long", input_len=(32, 128), long_len=(1024, 1100), long_every=8).lengths()
+    assert sum(n >= 1024 for n, _ in long) == 8 and all(32 <= n <= 128 for n, _ in long if n < 1024)
+    chat = Workload(num_requests=400, dataset="chat", input_len=(16, 1024), output_len=(8, 256)).lengths()
+    prompts = sorted(n for n, _ in chat)
+    assert 16 <= prompts[0] and prompts[-1] <= 1024
+    assert prompts[len(prompts) // 2] < 200 < prompts[-10], "short median, long tail"
+    assert Workload(num_requests=5, seed=1).lengths() == Workload(num_requests=5, seed=1).lengths()
+    with pytest.raises(ValueError, match="dataset"):
+        Workload(dataset="sharegpt")
 
 
 async def test_benchmark_smoke_against_a_cluster(tiny_cluster):
@@ -38,8 +52,24 @@ async def test_pdserve_bench_cli(tiny_cluster, tmp_path):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         code = await loop.run_in_executor(pool, cli_main, [
             "bench", "--address", tiny_cluster.address, "--num-requests", "4", "--input-len", "8:16",
-            "--output-len", "5", "--request-rate", "50", "--out", str(out)])
+            "--output-len", "5", "--request-rate", "50,200", "--dataset", "chat", "--out", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
-    assert data["summary"]["completed"] == 4
-    assert data["summary"]["output_token_throughput"] > 0
+    assert [r["request_rate"] for r in data["runs"]] == [50, 200]
+    for r in data["runs"]:
+        assert r["summary"]["completed"] == 4 and r["summary"]["output_token_throughput"] > 0
+        assert len(r["samples"]["itl_s"]) == 4 * 4
+    for plot in ("bench.cdf.png", "bench.rates.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_pdserve_bench_starts_and_compares_configurations(tmp_path):
+    out = tmp_path / "cmp.json"
+    code = cli_main(["bench", "--start", "disagg,colocated-chunked", "--model", "preset:tiny-llama", "--chunk", "32",
+                     "--dataset", "long", "--num-requests", "8", "--input-len", "8:32", "--long-len", "100",
+                     "--long-every", "4", "--output-len", "6", "--out", str(out)])
+    assert code == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["config"] for r in runs] == ["disagg", "colocated-chunked"]
+    assert all(r["summary"]["completed"] == 8 for r in runs)

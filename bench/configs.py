@@ -1,0 +1,27 @@
+"""The cluster configurations the serving benchmark can start and compare, on the same cores.
+
+- ``disagg``: 1 prefill + 1 decode, each pinned to its own half of the cores.
+- ``colocated``: one engine on all cores that prefills whole prompts between
+  decode steps (no chunking): a long prompt stalls every running request.
+- ``colocated-chunked``: the same engine with chunked prefill (Sarathi-style):
+  decode steps interleave with prefill chunks of ``chunk`` tokens.
+"""
+
+from __future__ import annotations
+
+from pdserve.cluster import ClusterSpec
+
+CONFIGS = ("disagg", "colocated", "colocated-chunked")
+
+
+def cluster_spec(name: str, model: str, device: str = "cpu", dtype: str = "auto", chunk: int = 256,
+                 max_batch: int = 64, kv_budget: str = "auto") -> ClusterSpec:
+    common = dict(model=model, device=device, dtype=dtype, gateway_port=0, pin_cores=device == "cpu",
+                  max_batch=max_batch, kv_budget=kv_budget, log_level="WARNING")
+    if name == "disagg":
+        return ClusterSpec(prefill=1, decode=1, prefill_chunk_tokens=512, **common)
+    if name == "colocated":
+        return ClusterSpec(prefill=0, decode=1, prefill_chunk_tokens=0, **common)
+    if name == "colocated-chunked":
+        return ClusterSpec(prefill=0, decode=1, prefill_chunk_tokens=chunk, prefill_token_budget=chunk, **common)
+    raise ValueError(f"unknown configuration {name!r}; one of {', '.join(CONFIGS)}")
