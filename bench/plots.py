@@ -25,6 +25,7 @@ def latency_cdfs(runs: list[dict], path: Path) -> Path:
                 ys = [(i + 1) / len(values) for i in range(len(values))]
                 ax.step([v * 1e3 for v in values], ys, where="post", label=run["label"])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel(f"{metric[:-2].upper()} (ms, log)")
         ax.set_ylabel("fraction of samples")
         ax.grid(alpha=0.3)
