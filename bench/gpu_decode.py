@@ -66,7 +66,7 @@ async def engine_run(loaded, prompts: list[list[int]], new: int) -> dict:
         await engine.prefill_locally(seq, prompt)
         first_done.append(time.perf_counter())
         count = 0
-        while (event := await seq.events.get()) is not None:
+        while await seq.events.get() is not None:
             count += 1
         return count
 

@@ -40,6 +40,7 @@ from pdserve.engine.admission import Admission, Ticket
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.paged_attention import StepCache, use_paged_attention
 from pdserve.engine.prefill import PrefillEngine
+from pdserve.aio import cancel_and_wait
 from pdserve.engine.sampling import SamplingParams, sample
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, NotFound, PdserveError
 from pdserve.kv.assembly import KVAssembly, check_layout
@@ -329,12 +330,7 @@ class DecodeEngine:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="decode-loop")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         await self.local_prefill.close()
         for seq in list(self._waiting.values()) + list(self._ready) + self._running:
             if seq.state is not SeqState.FINISHED:

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from pdserve.aio import cancel_and_wait
 from pdserve.engine.sampling import SamplingParams, sample
 from pdserve.errors import Cancelled
 from pdserve.kv.wire import DTYPE_NAMES, KVLayout
@@ -245,8 +246,8 @@ class PrefillEngine:
         job.keys, job.values = [], []
         if job in self._queue:
             self._queue.remove(job)
-        if job.future.done():
-            return
+        if job.future.done() or job.cancelled:
+            return  # nobody awaits a cancelled job's future
         if exc is not None:
             job.future.set_exception(exc)
         else:
@@ -275,12 +276,7 @@ class PrefillEngine:
         return firsts, start_ns, time.monotonic_ns()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         for job in self._queue:
             if not job.future.done():
                 job.future.set_exception(Cancelled("prefill engine shutting down"))
