@@ -78,7 +78,7 @@ async def engine_run(loaded, prompts: list[list[int]], new: int) -> dict:
     decode_s = end - max(first_done)
     generated = sum(counts) - len(prompts)  # tokens after the first
     return {"decode_s": decode_s, "decode_tokens": generated, "tokens_per_s": generated / decode_s,
-            "steps": steps, "step_ms": decode_s * 1e3 / max(1, steps - 0)}
+            "steps": steps, "step_ms": decode_s * 1e3 / max(1, steps)}
 
 
 @torch.inference_mode()

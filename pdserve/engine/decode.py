@@ -145,10 +145,10 @@ class DecodeEngine:
         """Raises ``InvalidArgument`` for a request this instance can never serve."""
         if params.prompt_tokens < 1:
             raise InvalidArgument("prompt_tokens: must be >= 1")
-        least = 1 if local else 2
-        if params.max_tokens < least:
-            raise InvalidArgument(f"max_tokens: decode needs >= 2 (prefill samples the first), got {params.max_tokens}"
-                                  if not local else f"max_tokens: must be >= 1, got {params.max_tokens}")
+        if local and params.max_tokens < 1:
+            raise InvalidArgument(f"max_tokens: must be >= 1, got {params.max_tokens}")
+        if not local and params.max_tokens < 2:
+            raise InvalidArgument(f"max_tokens: decode needs >= 2 (prefill samples the first), got {params.max_tokens}")
         limit = self.info.context_length
         if params.prompt_tokens + params.max_tokens > limit:
             raise InvalidArgument(
@@ -196,11 +196,12 @@ class DecodeEngine:
         if seq.state is not SeqState.WAITING_KV:
             return  # released meanwhile
         self.counters.local_prefills += 1
-        first = TokenOut(result.first_token, 0, None)
-        finish = FinishReason.STOP if result.first_token in seq.params.eos_token_ids else (
+        token = result.first_token
+        finish = FinishReason.STOP if token in seq.params.eos_token_ids else (
             FinishReason.LENGTH if seq.params.max_tokens <= 1 else None)
+        first = TokenOut(token, 0, finish)
         if finish is not None:
-            self._finish(seq, TokenOut(result.first_token, 0, finish))
+            self._finish(seq, first)
             return
         seq.events.put_nowait(first)
         self._kv_complete(seq, result.first_token)

@@ -112,9 +112,8 @@ def plan_batch(queue: Sequence[PrefillJob], token_budget: int, chunk_tokens: int
 class PackedPrefillCache:
     """``past_key_values`` for one packed pass: hands out each segment's K/V and keeps what later chunks need."""
 
-    def __init__(self, plan: list[Segment], num_layers: int, notify: Callable[[PrefillJob, int, int, torch.Tensor, torch.Tensor], None]) -> None:
+    def __init__(self, plan: list[Segment], notify: Callable[[PrefillJob, int, int, torch.Tensor, torch.Tensor], None]) -> None:
         self._plan = plan
-        self._num_layers = num_layers
         self._notify = notify
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -265,7 +264,7 @@ class PrefillEngine:
             if seg.last:
                 ends.append(offset - 1)
                 finishing.append(seg.job)
-        cache = PackedPrefillCache(plan, self.info.kv.num_layers, notify)
+        cache = PackedPrefillCache(plan, notify)
         keep = torch.tensor(ends, device=self._loaded.device) if ends else 1
         out = self._loaded.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                                  past_key_values=cache, use_cache=True, logits_to_keep=keep)
