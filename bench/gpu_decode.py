@@ -1,6 +1,6 @@
 """Decode engine throughput against HF ``generate`` in the same run, and step time against the memory floor.
 
-For each concurrency N: N requests of ``--prompt`` random tokens each
+For each concurrency N and each paged kernel (gather + SDPA, compiled FlexAttention): N requests of ``--prompt`` random tokens each
 generating ``--new`` tokens (``ignore_eos``), through the ``DecodeEngine``
 in-process (prefilled on the engine itself, then continuous batching over the
 paged KV pool), and through one ``model.generate`` over the same N prompts
@@ -51,12 +51,12 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes * reps / (time.perf_counter() - started)
 
 
-async def engine_run(loaded, prompts: list[list[int]], new: int) -> dict:
+async def engine_run(loaded, prompts: list[list[int]], new: int, kernel: str) -> dict:
     kv = loaded.info.kv
     tokens = len(prompts) * (len(prompts[0]) + new + 16)
     engine = DecodeEngine(loaded, kv_budget=tokens * kv.bytes_per_token(loaded.dtype) + (1 << 24), block_size=16,
                           max_batch=max(len(prompts), 1), max_queued=len(prompts), prefill_token_budget=8192,
-                          prefill_chunk_tokens=0)
+                          prefill_chunk_tokens=0, paged_kernel=kernel)
     engine.start()
     greedy = SamplingParams(temperature=0)
     first_done: list[float] = []
@@ -66,19 +66,22 @@ async def engine_run(loaded, prompts: list[list[int]], new: int) -> dict:
         await engine.prefill_locally(seq, prompt)
         first_done.append(time.perf_counter())
         count = 0
-        while await seq.events.get() is not None:
+        while (event := await seq.events.get()) is not None:
+            if isinstance(event, Exception):
+                raise event
             count += 1
         return count
 
-    steps_before = engine.counters.steps
+    steps_before, step_s_before = engine.counters.steps, engine.counters.step_seconds
     counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
     end = time.perf_counter()
     steps = engine.counters.steps - steps_before
+    in_step_ms = (engine.counters.step_seconds - step_s_before) * 1e3 / max(1, steps)
     await engine.stop()
     decode_s = end - max(first_done)
     generated = sum(counts) - len(prompts)  # tokens after the first
     return {"decode_s": decode_s, "decode_tokens": generated, "tokens_per_s": generated / decode_s,
-            "steps": steps, "step_ms": decode_s * 1e3 / max(1, steps)}
+            "steps": steps, "step_ms": decode_s * 1e3 / max(1, steps), "in_step_ms": in_step_ms}
 
 
 @torch.inference_mode()
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--concurrency", default="1,32,128")
+    parser.add_argument("--kernels", default="gather,flex", help="paged attention kernels to compare")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--out", default="bench/out/gpu_decode.json")
@@ -123,21 +127,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model} {loaded.dtype} on {name}: weights {weight_bytes / 2**30:.2f} GiB, copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s, floor {floor_ms:.2f} ms/step", flush=True)
     gen = torch.Generator().manual_seed(0)
+    kernels = args.kernels.split(",")
+    for kernel in kernels:  # warm-up: compiles the flex kernel (two batch sizes: then it is shape-dynamic)
+        warm = torch.randint(100, loaded.info.vocab_size, (3, args.prompt), generator=gen).tolist()
+        asyncio.run(engine_run(loaded, warm[:1], 4, kernel))
+        asyncio.run(engine_run(loaded, warm, 4, kernel))
     rows = []
     for n in [int(x) for x in args.concurrency.split(",")]:
         prompts = torch.randint(100, loaded.info.vocab_size, (n, args.prompt), generator=gen).tolist()
-        ours = asyncio.run(engine_run(loaded, prompts, args.new))
-        hf = hf_run(loaded, prompts, args.new)
-        rows.append({"concurrency": n, "pdserve": ours, "hf_generate": hf})
-        print(f"N={n}: pdserve {ours['tokens_per_s']:.0f} tok/s ({ours['step_ms']:.2f} ms/step), "
-              f"HF generate {hf['tokens_per_s']:.0f} tok/s ({hf['step_ms']:.2f} ms/step)", flush=True)
-    print(f"\n| concurrency | pdserve tok/s | HF generate tok/s | ratio | pdserve ms/step | HF ms/step | step / floor ({floor_ms:.2f} ms) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        row = {"concurrency": n, "hf_generate": hf_run(loaded, prompts, args.new)}
+        for kernel in kernels:
+            row[kernel] = asyncio.run(engine_run(loaded, prompts, args.new, kernel))
+        rows.append(row)
+        print(f"N={n}: " + ", ".join(f"pdserve[{k}] {row[k]['tokens_per_s']:.0f} tok/s ({row[k]['step_ms']:.2f} ms/step, "
+                                     f"{row[k]['in_step_ms']:.2f} in the step)" for k in kernels)
+              + f", HF generate {row['hf_generate']['tokens_per_s']:.0f} tok/s ({row['hf_generate']['step_ms']:.2f} ms/step)",
+              flush=True)
+    print(f"\n| concurrency | kernel | pdserve tok/s | HF generate tok/s | ratio | pdserve ms/step (in step) | HF ms/step "
+          f"| step / floor ({floor_ms:.2f} ms) |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        o, h = r["pdserve"], r["hf_generate"]
-        print(f"| {r['concurrency']} | {o['tokens_per_s']:.0f} | {h['tokens_per_s']:.0f} | "
-              f"{o['tokens_per_s'] / h['tokens_per_s']:.2f}x | {o['step_ms']:.2f} | {h['step_ms']:.2f} | "
-              f"{o['step_ms'] / floor_ms:.1f}x |")
+        h = r["hf_generate"]
+        for kernel in kernels:
+            o = r[kernel]
+            print(f"| {r['concurrency']} | {kernel} | {o['tokens_per_s']:.0f} | {h['tokens_per_s']:.0f} | "
+                  f"{o['tokens_per_s'] / h['tokens_per_s']:.2f}x | {o['step_ms']:.2f} ({o['in_step_ms']:.2f}) | "
+                  f"{h['step_ms']:.2f} | {o['step_ms'] / floor_ms:.1f}x |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "device": name, "model": args.model,

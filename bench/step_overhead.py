@@ -65,7 +65,8 @@ def main(args) -> None:
         sample(out.logits[:, -1], [greedy], [1])
         dyn.crop(-1)
 
-    pool = KVPool(info.kv, loaded.dtype, device, budget=(args.context + 64) * info.kv.bytes_per_token(loaded.dtype) * 2)
+    pool = KVPool(info.kv, loaded.dtype, device, budget=(args.context + 64) * info.kv.bytes_per_token(loaded.dtype) * 2,
+                  kernel=args.kernel)
     table = pool.allocator.allocate(pool.blocks_for(args.context + 1))
     for i, layer in enumerate(dyn.layers):
         pool.write(table, i, 0, layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1))
@@ -81,14 +82,16 @@ def main(args) -> None:
     step_ms = median_ms(step, args.steps, device)
     with ThreadPoolExecutor(1) as worker:  # the engine runs its steps on a worker thread
         thread_ms = median_ms(lambda: worker.submit(torch.inference_mode()(step)).result(), args.steps, device)
-    loop_ms = asyncio.run(engine_loop_ms(loaded, dyn, args))
-    print(f"model {info.name} {loaded.dtype} on {device}, context {args.context}, threads {torch.get_num_threads()}")
+    loop_ms, in_step_ms = asyncio.run(engine_loop_ms(loaded, dyn, args))
+    print(f"model {info.name} {loaded.dtype} on {device}, context {args.context}, threads {torch.get_num_threads()}, "
+          f"{pool.kernel} kernel")
     print("| path | ms per token | vs bare |")
     print("| --- | ---: | ---: |")
     for name, ms in (("bare forward (DynamicCache) + sample", bare_ms),
                      ("pdserve step (paged pool: metadata + gather + SDPA + sample)", step_ms),
                      ("the same step on a worker thread", thread_ms),
-                     ("DecodeEngine loop, 1 request", loop_ms)):
+                     ("DecodeEngine loop, 1 request", loop_ms),
+                     ("  of which inside the engine's step", in_step_ms)):
         print(f"| {name} | {ms:.2f} | {ms / bare_ms:.2f}x |")
     if args.profile:
         model.set_attn_implementation("sdpa")
@@ -97,12 +100,13 @@ def main(args) -> None:
         print("\npdserve step, top operators:\n" + top_ops(step))
 
 
-async def engine_loop_ms(loaded, dyn, args) -> float:
+async def engine_loop_ms(loaded, dyn, args) -> tuple[float, float]:
+    """Per token of one request through the engine, and the engine's own moving average of its step."""
     from pdserve.kv.wire import DTYPE_NAMES, KVLayout, split_layer, token_major
 
     n = args.steps + 1
     engine = DecodeEngine(loaded, kv_budget=4 * (args.context + n + 64) * loaded.info.kv.bytes_per_token(loaded.dtype),
-                          max_batch=1)
+                          max_batch=1, paged_kernel=args.kernel)
     engine.start()
     seq = await engine.reserve(DecodeParams("r", "r", args.context, SamplingParams(temperature=0), frozenset(), n + 1))
     kv = loaded.info.kv
@@ -112,18 +116,22 @@ async def engine_loop_ms(loaded, dyn, args) -> float:
         for chunk in split_layer(i, token_major(layer.keys), token_major(layer.values), 1 << 20):
             assembly.add(chunk)
     engine.complete_transfer("r", 42)
-    stamps = []
+    stamps, counters = [], engine.counters
     while await seq.events.get() is not None:
         stamps.append(time.perf_counter())
+        if len(stamps) == 6:  # after warm-up
+            steps_before, step_s_before = counters.steps, counters.step_seconds
+    in_step_ms = (counters.step_seconds - step_s_before) * 1e3 / max(1, counters.steps - steps_before)
     await engine.stop()
     gaps = [(b - a) * 1e3 for a, b in zip(stamps[5:], stamps[6:])]
-    return statistics.median(gaps)
+    return statistics.median(gaps), in_step_ms
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kernel", default="auto", help="paged attention kernel: auto, gather or flex")
     parser.add_argument("--profile", action="store_true", help="print the top operators of both paths")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=64)

@@ -60,6 +60,9 @@ class ServerConfig:
             raise ConfigError(f"shutdown_grace_s: must be >= 0, got {self.shutdown_grace_s}")
 
 
+PAGED_KERNELS = ("auto", "gather", "flex")  # attention over the decode KV pool (pdserve.engine.kv_pool)
+
+
 @dataclass(frozen=True)
 class PrefillBatchConfig:
     """How prompts are packed into prefill forward passes (prefill instances and colocated decode)."""
@@ -99,6 +102,9 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
         "help": "KV pool size: bytes (512MiB, 4GiB), a fraction of free device memory (0.8), "
                 "or auto (1GiB on cpu, 0.9 of free GPU memory on cuda)"})
     kv_block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    paged_kernel: str = field(default="auto", metadata={
+        "help": "attention over the KV pool: gather (block-table gather + SDPA), flex (compiled FlexAttention "
+                "reading the pool in place), or auto (flex on cuda, gather on cpu)"})
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
@@ -110,6 +116,8 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
             raise ConfigError(f"max_queued: must be >= 0, got {self.max_queued}")
         if self.kv_block_size < 1:
             raise ConfigError(f"kv_block_size: must be >= 1, got {self.kv_block_size}")
+        if self.paged_kernel not in PAGED_KERNELS:
+            raise ConfigError(f"paged_kernel: must be one of {', '.join(PAGED_KERNELS)}, got {self.paged_kernel!r}")
         if self.kv_budget != "auto":
             try:
                 parse_budget(self.kv_budget)

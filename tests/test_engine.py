@@ -92,6 +92,20 @@ def test_step_metadata_reads_each_row_through_its_own_table():
     assert step.gather.tolist() == [[6, 7, 2], [4, 0, 0]]
 
 
+def test_flex_step_mask_is_exactly_each_rows_own_tokens():
+    pool = KVPool(KVShape(1, 1, 1), torch.float32, torch.device("cpu"), budget=8 * 2 * 4 * 2, block_size=2,
+                  kernel="flex")
+    step = pool.prepare_step([[3, 1], [2]], positions=[2, 0])
+    assert step.write_slots.tolist() == [1 * 2 + 0, 2 * 2 + 0] and step.gather is None
+    # Block sparsity: the kernel visits only each row's own blocks.
+    counts, indices = step.block_mask.kv_num_blocks[:, 0, 0].tolist(), step.block_mask.kv_indices[:, 0, 0].tolist()
+    assert [indices[b][:n] for b, n in enumerate(counts)] == [[3, 1], [2]]
+    allowed = [[bool(step.block_mask.mask_mod(torch.tensor(b), 0, 0, torch.tensor(slot))) for slot in range(8)]
+               for b in range(2)]
+    # Row 0: tokens 0,1 in block 3 (slots 6,7) and token 2 in block 1 (slot 2); row 1: token 0 in block 2 (slot 4).
+    assert [s for s in range(8) if allowed[0][s]] == [2, 6, 7] and [s for s in range(8) if allowed[1][s]] == [4]
+
+
 # ---- admission ----------------------------------------------------------------------------
 
 
@@ -226,10 +240,11 @@ async def drain(seq) -> list:
     return events
 
 
-@pytest.mark.parametrize("spec", ["preset:tiny-llama", "preset:tiny-gpt2"])
-async def test_chunked_packed_prefill_into_paged_decode_matches_generate(spec):
+@pytest.mark.parametrize("spec,kernel", [("preset:tiny-llama", "gather"), ("preset:tiny-gpt2", "gather"),
+                                         ("preset:tiny-llama", "flex")])
+async def test_chunked_packed_prefill_into_paged_decode_matches_generate(spec, kernel):
     loaded = get_loaded(spec)
-    engine = make_decode(loaded, block_size=4)
+    engine = make_decode(loaded, block_size=4, paged_kernel=kernel)
     prefill = PrefillEngine(loaded, token_budget=48, chunk_tokens=32)  # several prompts a pass, long ones chunked
     engine.start()
     rng = random.Random(spec)

@@ -110,6 +110,7 @@ class DecodeSequence:
 class DecodeCounters:
     peak_running: int = 0
     steps: int = 0
+    step_seconds: float = 0.0  # time inside forward steps (the worker's share of the loop)
     tokens_generated: int = 0
     transfers_completed: int = 0
     transfers_rejected: int = 0
@@ -118,10 +119,11 @@ class DecodeCounters:
 
 class DecodeEngine:
     def __init__(self, loaded: LoadedModel, *, kv_budget: int, block_size: int = 16, max_batch: int = 32,
-                 max_queued: int = 256, prefill_token_budget: int = 2048, prefill_chunk_tokens: int = 512) -> None:
+                 max_queued: int = 256, prefill_token_budget: int = 2048, prefill_chunk_tokens: int = 512,
+                 paged_kernel: str = "auto") -> None:
         self._loaded = loaded
         self.max_batch = max_batch
-        self.pool = KVPool(loaded.info.kv, loaded.dtype, loaded.device, kv_budget, block_size)
+        self.pool = KVPool(loaded.info.kv, loaded.dtype, loaded.device, kv_budget, block_size, paged_kernel)
         self.admission = Admission(self.pool.allocator, max_queued, self._retry_hint_ms)
         use_paged_attention(loaded.model)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-engine")
@@ -308,7 +310,7 @@ class DecodeEngine:
                 break
         return int(min(60_000, max(10, wait_tokens * step_ms)))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float]:
         alloc = self.pool.allocator
         return {
             "running": sum(1 for s in self._running if s.state is SeqState.RUNNING and not s.cancelled),
@@ -370,6 +372,7 @@ class DecodeEngine:
                         seq.state = SeqState.FINISHED
                 continue
             elapsed_ms = (time.perf_counter() - started) * 1e3
+            self.counters.step_seconds += elapsed_ms / 1e3
             self._step_ms = elapsed_ms if not self._step_ms else 0.9 * self._step_ms + 0.1 * elapsed_ms
             self._postprocess(batch, tokens)
 

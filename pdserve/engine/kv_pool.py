@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.config import parse_budget
+from pdserve.config import PAGED_KERNELS, parse_budget
 from pdserve.errors import ResourceExhausted
 from pdserve.model.loader import KVShape
 
@@ -83,18 +83,37 @@ def budget_bytes(text: str, device: torch.device) -> int:
     return size if size is not None else int(fraction * free_memory_bytes(device))
 
 
+def resolve_kernel(name: str, device: torch.device) -> str:
+    """``auto`` is FlexAttention on a GPU (a fused kernel reading the pool in place), gather + SDPA elsewhere."""
+    if name not in PAGED_KERNELS:
+        raise ValueError(f"paged kernel must be one of {', '.join(PAGED_KERNELS)}, got {name!r}")
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "gather"
+    return name
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 @dataclass(frozen=True)
 class PagedStep:
-    """Where one decode step writes and reads, computed once and shared by every layer."""
+    """Where one decode step writes and reads, computed once and shared by every layer.
 
-    write_slots: torch.Tensor  # (B,) the slot of each row's new token
-    gather: torch.Tensor       # (B, L) slots of each row's tokens 0..L-1 (null slot past its length)
-    mask: torch.Tensor         # (B, 1, 1, L) True where a row may attend
+    ``gather``/``mask`` drive the gather + SDPA kernel; ``block_mask`` (a FlexAttention
+    ``BlockMask`` over the pool's slots) drives the flex kernel. ``mask`` is what the
+    model's ``attention_mask`` argument gets: a 4-D mask transformers passes through.
+    """
+
+    write_slots: torch.Tensor                 # (B,) the slot of each row's new token
+    mask: torch.Tensor                        # (B, 1, 1, L) True where a row may attend (gather), (B, 1, 1, 1) (flex)
+    gather: torch.Tensor | None = None        # (B, L) slots of each row's tokens 0..L-1 (null slot past its length)
+    block_mask: object | None = None          # flex: row b reads its own blocks, positions 0..positions[b]
 
 
 class KVPool:
     def __init__(self, kv: KVShape, dtype: torch.dtype, device: torch.device, budget: int,
-                 block_size: int = 16) -> None:
+                 block_size: int = 16, kernel: str = "auto") -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.kv = kv
@@ -114,6 +133,20 @@ class KVPool:
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(kv.num_layers)]
         for t in self.keys + self.values:
             t[:block_size].zero_()
+        self.kernel = resolve_kernel(kernel, device)
+        if self.kernel == "flex":
+            # Per step, for every block: the batch row owning it (-1: none) and its index in
+            # that row's table; per row, its newest position. The mask reads these in the kernel.
+            self._owner = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
+            self._logical = torch.zeros(num_blocks, dtype=torch.int32, device=device)
+            self._last = torch.zeros(num_blocks, dtype=torch.int32, device=device)
+            owner, logical, last = self._owner, self._logical, self._last
+
+            def mask_mod(b, h, q_idx, kv_idx):  # one function for the pool's life: compiled once
+                block = kv_idx // block_size
+                return (owner[block] == b) & (logical[block] * block_size + kv_idx % block_size <= last[b])
+
+            self._mask_mod = mask_mod
 
     @property
     def nbytes(self) -> int:
@@ -142,6 +175,8 @@ class KVPool:
 
     def prepare_step(self, tables: list[list[int]], positions: list[int]) -> PagedStep:
         """Row b writes its new token at ``positions[b]`` and attends to tokens 0..positions[b]."""
+        if self.kernel == "flex":
+            return self._flex_step(tables, positions)
         bs = self.block_size
         length = max(positions) + 1
         width = blocks_for(length, bs)
@@ -156,4 +191,36 @@ class KVPool:
         gather = torch.where(mask, slots, torch.zeros_like(slots))   # null block past each length
         write = slots[torch.arange(len(tables)), pos]
         device = self.device
-        return PagedStep(write.to(device), gather.to(device), mask[:, None, None, :].to(device))
+        return PagedStep(write.to(device), mask[:, None, None, :].to(device), gather=gather.to(device))
+
+    def _flex_step(self, tables: list[list[int]], positions: list[int]) -> PagedStep:
+        from torch.nn.attention.flex_attention import BlockMask
+
+        bs, rows = self.block_size, len(tables)
+        used = [blocks_for(p + 1, bs) for p in positions]
+        # The compiled kernel is specialised to static shapes (flex decoding needs a static batch):
+        # rows and table width are padded to powers of two so few shapes ever compile. Padded rows
+        # have no blocks; the attention function drops their output.
+        padded_rows, width = _pow2(rows), _pow2(max(used))
+        counts = torch.zeros(padded_rows, dtype=torch.int32)
+        counts[:rows] = torch.tensor(used, dtype=torch.int32)
+        indices = torch.zeros(padded_rows, width, dtype=torch.int32)
+        flat, owner, logical = [], [], []
+        for row, (table, n) in enumerate(zip(tables, used)):
+            indices[row, :n] = torch.tensor(table[:n], dtype=torch.int32)
+            flat += table[:n]
+            owner += [row] * n
+            logical += range(n)
+        write = [table[p // bs] * bs + p % bs for table, p in zip(tables, positions)]
+        device = self.device
+        flat_t = torch.tensor(flat, dtype=torch.long).to(device)
+        self._owner.fill_(-1)
+        self._owner[flat_t] = torch.tensor(owner, dtype=torch.int32).to(device)
+        self._logical[flat_t] = torch.tensor(logical, dtype=torch.int32).to(device)
+        self._last[:rows] = torch.tensor(positions, dtype=torch.int32).to(device)
+        block_mask = BlockMask.from_kv_blocks(
+            counts[:, None, None].to(device), indices[:, None, None, :].to(device),
+            BLOCK_SIZE=(128, bs), mask_mod=self._mask_mod, seq_lengths=(1, self.allocator.num_blocks * bs),
+            compute_q_blocks=False)
+        return PagedStep(torch.tensor(write, dtype=torch.long).to(device),
+                         torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=device), block_mask=block_mask)

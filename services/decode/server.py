@@ -112,11 +112,12 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
     engine = DecodeEngine(loaded, kv_budget=budget_bytes(config.kv_budget_spec, loaded.device),
                           block_size=config.kv_block_size, max_batch=config.max_batch, max_queued=config.max_queued,
                           prefill_token_budget=config.prefill_token_budget,
-                          prefill_chunk_tokens=config.prefill_chunk_tokens)
+                          prefill_chunk_tokens=config.prefill_chunk_tokens, paged_kernel=config.paged_kernel)
     engine.start()
     pool = engine.pool
-    log.info("KV pool: %d blocks of %d tokens (%.1f MiB), max_batch %d, max_queued %d", pool.allocator.capacity,
-             pool.block_size, pool.nbytes / 2**20, config.max_batch, config.max_queued)
+    log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %s kernel), max_batch %d, max_queued %d",
+             pool.allocator.capacity, pool.block_size, pool.nbytes / 2**20, pool.kernel, config.max_batch,
+             config.max_queued)
     server, port, health = await start_server(
         config.listen, SERVICE, lambda server: decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine), server))
     return RunningService("decode", server, port, health, (SERVICE,), [engine.stop], engine)
