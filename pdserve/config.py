@@ -60,7 +60,8 @@ class ServerConfig:
             raise ConfigError(f"shutdown_grace_s: must be >= 0, got {self.shutdown_grace_s}")
 
 
-PAGED_KERNELS = ("auto", "gather", "flex")  # attention over the decode KV pool (pdserve.engine.kv_pool)
+PAGED_KERNELS = ("auto", "gather", "flex")
+KV_TRANSPORTS = ("auto", "grpc", "shm")  # attention over the decode KV pool (pdserve.engine.kv_pool)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,14 @@ class PrefillBatchConfig:
 class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
     listen: str = "127.0.0.1:50061"
     kv_chunk_bytes: int = field(default=1 << 20, metadata={"help": "target bytes of K+V per KV message"})
+    kv_transport: str = field(default="auto", metadata={
+        "help": "how KV reaches decode: grpc (bytes in gRPC messages), shm (shared memory, same host only), "
+                "or auto (shm when the decode instance reports this host, else grpc)"})
+    kv_streams: int = field(default=2, metadata={"help": "parallel gRPC streams (own TCP connections) per transfer"})
+    kv_checksums: bool = field(default=True, metadata={"help": "an xxh3-64 checksum on every KV message, "
+                                                                "verified by decode (DATA_LOSS on mismatch)"})
+    kv_inflight_bytes: str = field(default="1GiB", metadata={
+        "help": "most KV bytes of unfinished transfers at once; further prompts wait (backpressure)"})
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
@@ -90,6 +99,17 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
         PrefillBatchConfig.__post_init__(self)
         if self.kv_chunk_bytes < 1024:
             raise ConfigError(f"kv_chunk_bytes: must be >= 1024, got {self.kv_chunk_bytes}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ConfigError(f"kv_transport: must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
+        if not 1 <= self.kv_streams <= 64:
+            raise ConfigError(f"kv_streams: must be in [1, 64], got {self.kv_streams}")
+        size, _ = parse_budget(self.kv_inflight_bytes) if _SIZE.match(self.kv_inflight_bytes.strip()) else (None, None)
+        if size is None:
+            raise ConfigError(f"kv_inflight_bytes: expected a size such as 512MiB or 2GiB, got {self.kv_inflight_bytes!r}")
+
+    @property
+    def kv_inflight_limit(self) -> int:
+        return parse_budget(self.kv_inflight_bytes)[0]
 
 
 @dataclass(frozen=True)

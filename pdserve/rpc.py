@@ -120,16 +120,19 @@ async def check_health(address: str, service: str = "", timeout: float = 1.0) ->
 
 
 class ChannelPool:
-    """One channel per peer address, reused across requests."""
+    """Channels per peer address, reused across requests. ``lane`` > 0 gives further channels to
+    the same address on their own TCP connections (parallel KV streams)."""
 
     def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
 
-    def get(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
+    def get(self, address: str, lane: int = 0) -> grpc.aio.Channel:
+        channel = self._channels.get((address, lane))
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=OPTIONS)
-            self._channels[address] = channel
+            options = OPTIONS if lane == 0 else OPTIONS + [("grpc.use_local_subchannel_pool", 1),
+                                                           ("pdserve.lane", lane)]
+            channel = grpc.aio.insecure_channel(address, options=options)
+            self._channels[(address, lane)] = channel
         return channel
 
     async def close(self) -> None:

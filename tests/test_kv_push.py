@@ -53,6 +53,12 @@ CASES = {
     "no trailer": (lambda tid: [header(tid), *full_layers()], "ended before the KVTrailer"),
     "bad first token": (lambda tid: [header(tid), *full_layers(), trailer(5000)], "first_token_id: 5000 outside"),
     "no header": (lambda tid: [chunk(0), trailer()], "first message must be a KVHeader"),
+    "stream index": (lambda tid: [header(tid, num_streams=2, stream_index=2), *full_layers(), trailer()],
+                     "header.stream_index: 2 outside [0, 2)"),
+    "segment name": (lambda tid: [header(tid, shm_segment="../../etc/passwd"), *full_layers(), trailer()],
+                     "is not a pdserve KV segment name"),
+    "missing segment": (lambda tid: [header(tid, shm_segment="pdserve-kv-1-0123456789abcdef"), trailer()],
+                        "cannot open"),
 }
 
 
@@ -158,3 +164,36 @@ async def test_cancelled_request_mid_transfer_frees_everything(decode_stub):
     assert info.value.code() == grpc.StatusCode.CANCELLED
     after = await stats(decode_stub)
     assert (after.waiting_for_kv, after.ready, after.running, after.kv_blocks_used) == (0, 0, 0, 0)
+
+
+async def test_corrupt_chunk_is_data_loss_and_frees_everything(decode_stub):
+    from pdserve.kv.wire import checksum
+
+    tid = f"corrupt-{next(_ids)}"
+    waiting = await reserve(decode_stub, tid)
+    messages = [header(tid, checksums=True)]
+    for layer in range(LAYERS):
+        m = chunk(layer)
+        m.chunk.checksum = checksum(m.chunk.key, m.chunk.value)
+        messages.append(m)
+    messages[2].chunk.value = b"\1" + messages[2].chunk.value[1:]  # one flipped byte in layer 1
+    result = await push(decode_stub, [*messages, trailer()])
+    assert result.code() == grpc.StatusCode.DATA_LOSS and "checksum mismatch in layer 1" in result.details()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await waiting.read()
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS
+    after = await stats(decode_stub)
+    assert (after.waiting_for_kv, after.kv_blocks_used) == (0, 0)
+
+
+async def test_two_streams_complete_one_transfer(decode_stub):
+    tid = f"streams-{next(_ids)}"
+    waiting = await reserve(decode_stub, tid)
+    even = push(decode_stub, [header(tid, num_streams=2, stream_index=0), chunk(0), chunk(2), trailer(7)])
+    odd = push(decode_stub, [header(tid, num_streams=2, stream_index=1), chunk(1), chunk(3), trailer(7)])
+    replies = await asyncio.gather(even, odd)
+    assert sum(r.bytes_received for r in replies) == 2 * LAYERS * TOKENS * TOKEN_BYTES
+    events = []
+    while (event := await waiting.read()) is not grpc.aio.EOF:
+        events.append(event)
+    assert [e.token.index for e in events] == [1, 2, 3]

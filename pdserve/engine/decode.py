@@ -44,7 +44,7 @@ from pdserve.aio import cancel_and_wait
 from pdserve.engine.sampling import SamplingParams, sample
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, NotFound, PdserveError
 from pdserve.kv.assembly import KVAssembly, check_layout
-from pdserve.kv.wire import KVLayout
+from pdserve.kv.wire import KVLayout, StreamInfo
 from pdserve.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -208,22 +208,27 @@ class DecodeEngine:
         seq.events.put_nowait(first)
         self._kv_complete(seq, result.first_token)
 
-    def begin_transfer(self, layout: KVLayout) -> KVAssembly:
-        """Validates a transfer's header against the reservation; returns where its chunks go."""
+    def begin_transfer(self, layout: KVLayout, stream: StreamInfo = StreamInfo()) -> KVAssembly:
+        """Validates a transfer stream's header against the reservation; returns where its chunks go
+        (the same assembly for every stream of one transfer)."""
         seq = self._waiting.get(layout.transfer_id)
         if seq is None:
             raise NotFound(f"transfer_id: {layout.transfer_id!r} is not reserved on this decode instance")
         if seq.transfer is not None:
-            raise InvalidArgument(f"transfer_id: {layout.transfer_id!r} already has a transfer in progress")
+            if seq.transfer.stream.num_streams == 1:
+                raise InvalidArgument(f"transfer_id: {layout.transfer_id!r} already has a transfer in progress")
+            seq.transfer.attach(layout, stream)
+            return seq.transfer
         kv = self.info.kv
         try:
             check_layout(layout, num_layers=kv.num_layers, kv_heads=kv.kv_heads, head_dim=kv.head_dim,
                          dtype=self._loaded.dtype, num_tokens=seq.params.prompt_tokens)
+            blocks = seq.blocks
+            seq.transfer = KVAssembly(layout, lambda layer, start, k, v: self.pool.write(blocks, layer, start, k, v),
+                                      stream)
         except InvalidArgument as exc:
             self.fail_transfer(layout.transfer_id, DataLoss(f"KV transfer rejected: {exc}"))
             raise
-        blocks = seq.blocks
-        seq.transfer = KVAssembly(layout, lambda layer, start, k, v: self.pool.write(blocks, layer, start, k, v))
         return seq.transfer
 
     def check_transfer_alive(self, transfer_id: str) -> None:
@@ -232,9 +237,11 @@ class DecodeEngine:
         if seq is None or seq.cancelled:
             raise Cancelled(f"transfer {transfer_id!r}: the request was cancelled")
 
-    def complete_transfer(self, transfer_id: str, first_token: int) -> None:
-        """All layers landed: the request joins the batch at the next step."""
+    def complete_transfer(self, transfer_id: str, first_token: int, stream_index: int = 0) -> None:
+        """A stream's trailer arrived; once every stream's has, the request joins the batch at the next step."""
         seq = self._waiting[transfer_id]
+        if not seq.transfer.stream_finished(stream_index, first_token):
+            return
         seq.transfer.finish(first_token, self.info.vocab_size)
         del self._waiting[transfer_id]
         seq.transfer = None

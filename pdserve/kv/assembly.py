@@ -3,8 +3,10 @@
 Pure logic on tensors (no I/O): the decode servicer feeds it messages, and
 each valid chunk goes straight to ``write`` (the decode engine's KV pool,
 into the blocks reserved for the request), so no staging copy is kept. Any
-violation raises ``InvalidArgument`` naming what was wrong; the caller then
-fails the transfer and the blocks are freed.
+violation raises ``InvalidArgument`` naming what was wrong, a checksum
+mismatch ``DataLoss``; the caller then fails the transfer and the blocks are
+freed. A transfer over several streams shares one assembly: each stream
+``attach``es with its header and ends with ``stream_finished``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Callable
 
 import torch
 
-from pdserve.errors import InvalidArgument
-from pdserve.kv.wire import DTYPES, KVChunkData, KVLayout, from_bytes
+from pdserve.errors import DataLoss, InvalidArgument
+from pdserve.kv.wire import DTYPES, KVChunkData, KVLayout, StreamInfo, checksum, from_bytes
+
+MAX_STREAMS = 64
 
 # write(layer, token_start, keys, values) with (count, H, D) tensors.
 ChunkWriter = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -40,16 +44,40 @@ def check_layout(layout: KVLayout, *, num_layers: int, kv_heads: int, head_dim: 
         raise InvalidArgument(f"header.dtype: got {layout.dtype}, this decode instance runs {str(dtype).removeprefix('torch.')}")
 
 
+def _check_index(stream: StreamInfo) -> None:
+    if not 0 <= stream.stream_index < stream.num_streams:
+        raise InvalidArgument(f"header.stream_index: {stream.stream_index} outside [0, {stream.num_streams})")
+
+
 class KVAssembly:
     """Collects one transfer; per layer, chunks must arrive in token order without gaps or repeats."""
 
-    def __init__(self, layout: KVLayout, write: ChunkWriter) -> None:
+    def __init__(self, layout: KVLayout, write: ChunkWriter, stream: StreamInfo = StreamInfo()) -> None:
+        if not 1 <= stream.num_streams <= MAX_STREAMS:
+            raise InvalidArgument(f"header.num_streams: {stream.num_streams} outside [1, {MAX_STREAMS}]")
+        _check_index(stream)
         self.layout = layout
+        self.stream = stream
         self._write = write
         self._next_token = [0] * layout.num_layers
+        self._streams_open = {stream.stream_index}
+        self._streams_done: set[int] = set()
+        self._first_token: int | None = None
         self.bytes_received = 0
         self.first_chunk_ns = 0
         self.last_chunk_ns = 0
+        self.layer_written_ns = [0] * layout.num_layers  # when each layer's last token was written
+
+    def attach(self, layout: KVLayout, stream: StreamInfo) -> None:
+        """Another stream of the same transfer announced itself."""
+        if layout != self.layout or (stream.num_streams, stream.checksums) != (self.stream.num_streams,
+                                                                               self.stream.checksums):
+            raise InvalidArgument(f"header: stream {stream.stream_index} of transfer {layout.transfer_id!r} "
+                                  "disagrees with the transfer's first header")
+        _check_index(stream)
+        if stream.stream_index in self._streams_open:
+            raise InvalidArgument(f"transfer_id: {layout.transfer_id!r} already has stream {stream.stream_index}")
+        self._streams_open.add(stream.stream_index)
 
     def add(self, chunk: KVChunkData) -> None:
         lay = self.layout
@@ -77,6 +105,8 @@ class KVAssembly:
                     f"chunk.{name}: {len(data)} bytes for {chunk.token_count} tokens of layer {chunk.layer}; "
                     f"expected {want} ({lay.kv_heads} heads x {lay.head_dim} dims x {lay.torch_dtype.itemsize} bytes per token)"
                 )
+        if self.stream.checksums and checksum(chunk.key, chunk.value) != chunk.checksum:
+            raise DataLoss(f"chunk: checksum mismatch in layer {chunk.layer} tokens [{chunk.token_start}, {end})")
         shape = (chunk.token_count, lay.kv_heads, lay.head_dim)
         self._write(chunk.layer, chunk.token_start, from_bytes(chunk.key, lay.torch_dtype, shape),
                     from_bytes(chunk.value, lay.torch_dtype, shape))
@@ -85,6 +115,17 @@ class KVAssembly:
         now = time.monotonic_ns()
         self.first_chunk_ns = self.first_chunk_ns or now
         self.last_chunk_ns = now
+        if end == lay.num_tokens:
+            self.layer_written_ns[chunk.layer] = now
+
+    def stream_finished(self, stream_index: int, first_token: int) -> bool:
+        """One stream's trailer arrived; True once every stream's has."""
+        if self._first_token is not None and first_token != self._first_token:
+            raise InvalidArgument(f"trailer.first_token_id: {first_token} on stream {stream_index}, "
+                                  f"{self._first_token} on another")
+        self._first_token = first_token
+        self._streams_done.add(stream_index)
+        return len(self._streams_done) == self.stream.num_streams
 
     def finish(self, first_token: int, vocab_size: int) -> None:
         """Raises unless every layer holds every token and the first token is valid."""

@@ -6,10 +6,12 @@ import argparse
 import logging
 
 from pdserve import config as cfg
-from pdserve.convert import check_token_ids, chunk_from_proto, layout_from_proto, sampling_from_proto
+from pdserve.convert import (check_token_ids, chunk_from_proto, layout_from_proto, sampling_from_proto,
+                             stream_info_from_proto)
 from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason
 from pdserve.engine.kv_pool import budget_bytes
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
+from pdserve.kv.shm import Segment, chunk_from_segment, host_id, sweep_orphans
 from pdserve.model import LoadedModel
 from pdserve.rpc import rpc_errors, start_server
 from pdserve.service import RunningService, load_model_for, run_service, service_main
@@ -24,6 +26,7 @@ _FINISH = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, engine: DecodeEngine) -> None:
         self._engine = engine
+        self._host_id = host_id()
 
     def _params(self, request: decode_pb2.DecodeRequest) -> DecodeParams:
         if not request.request_id or not (request.transfer_id or request.prompt_token_ids):
@@ -69,17 +72,22 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("message") != "header":
             raise InvalidArgument("PushKV: the first message must be a KVHeader")
-        layout = layout_from_proto(first.header)
+        layout, stream = layout_from_proto(first.header), stream_info_from_proto(first.header)
         tid = layout.transfer_id
-        assembly = self._engine.begin_transfer(layout)
+        assembly = self._engine.begin_transfer(layout, stream)
+        segment, received = None, 0  # bytes on this stream (a transfer may have several)
         try:
+            if stream.shm_segment:
+                segment = Segment.open(stream.shm_segment)
             async for message in request_iterator:
                 self._engine.check_transfer_alive(tid)
                 kind = message.WhichOneof("message")
                 if kind == "chunk":
-                    assembly.add(chunk_from_proto(message.chunk))
+                    chunk = chunk_from_proto(message.chunk)
+                    assembly.add(chunk if segment is None else chunk_from_segment(chunk, segment, layout))
+                    received += 2 * chunk.token_count * layout.token_bytes
                 elif kind == "trailer":
-                    self._engine.complete_transfer(tid, message.trailer.first_token_id)
+                    self._engine.complete_transfer(tid, message.trailer.first_token_id, stream.stream_index)
                     break
                 else:
                     raise InvalidArgument(f"PushKV: unexpected {kind or 'empty'} message after the header")
@@ -89,21 +97,25 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise
         except PdserveError as exc:
             log.warning("transfer %s rejected: %s", tid, exc)
-            self._engine.fail_transfer(tid, DataLoss(f"KV transfer rejected: {exc}"))
+            self._engine.fail_transfer(tid, exc if isinstance(exc, DataLoss) else DataLoss(f"KV transfer rejected: {exc}"))
             raise
         except BaseException:
             # The sender went away (cancelled stream) or something broke: free it all.
             self._engine.fail_transfer(tid, DataLoss("KV transfer aborted before completion"))
             raise
+        finally:
+            if segment is not None:
+                segment.close()
         return decode_pb2.PushKVReply(
-            bytes_received=assembly.bytes_received,
+            bytes_received=received,
             first_chunk_received_ns=assembly.first_chunk_ns,
             last_chunk_received_ns=assembly.last_chunk_ns,
+            layer_written_ns=assembly.layer_written_ns,
         )
 
     @rpc_errors
     async def GetStats(self, request, context):
-        return decode_pb2.DecodeStats(**self._engine.stats())
+        return decode_pb2.DecodeStats(**self._engine.stats(), host_id=self._host_id)
 
 
 async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = None) -> RunningService:
@@ -114,6 +126,7 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
                           prefill_token_budget=config.prefill_token_budget,
                           prefill_chunk_tokens=config.prefill_chunk_tokens, paged_kernel=config.paged_kernel)
     engine.start()
+    sweep_orphans()
     pool = engine.pool
     log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %s kernel), max_batch %d, max_queued %d",
              pool.allocator.capacity, pool.block_size, pool.nbytes / 2**20, pool.kernel, config.max_batch,

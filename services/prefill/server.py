@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 
+import grpc
+
 from pdserve import config as cfg
 from pdserve.convert import check_token_ids, sampling_from_proto
 from pdserve.engine.prefill import PrefillEngine
 from pdserve.errors import InvalidArgument
-from pdserve.kv.grpc_sender import GrpcKVSender
+from pdserve.aio import ByteBudget
+from pdserve.kv.grpc_sender import GrpcKVSender, ShmKVSender
+from pdserve.kv.shm import host_id, sweep_orphans
+from pdserve.kv.transport import KVSender
 from pdserve.model import LoadedModel
 from pdserve.rpc import ChannelPool, rpc_errors, start_server
 from pdserve.service import RunningService, load_model_for, run_service, service_main
-from pdserve.v1 import prefill_pb2, prefill_pb2_grpc
+from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +26,35 @@ SERVICE = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, engine: PrefillEngine, channels: ChannelPool, chunk_bytes: int) -> None:
+    def __init__(self, engine: PrefillEngine, channels: ChannelPool, config: cfg.PrefillConfig) -> None:
         self._engine = engine
         self._channels = channels
-        self._chunk_bytes = chunk_bytes
+        self._config = config
+        self.inflight = ByteBudget(config.kv_inflight_limit)  # KV bytes of unfinished transfers
+        self._same_host: dict[str, bool] = {}  # decode address -> shares this host's /dev/shm
+
+    async def _transport(self, address: str) -> str:
+        transport = self._config.kv_transport
+        if transport != "auto":
+            return transport
+        if address not in self._same_host:
+            here = host_id()
+            try:
+                stats = await decode_pb2_grpc.DecodeStub(self._channels.get(address)).GetStats(
+                    decode_pb2.GetStatsRequest(), timeout=5.0)
+                self._same_host[address] = bool(here) and stats.host_id == here
+            except grpc.aio.AioRpcError as exc:
+                log.warning("decode %s: no host id (%s); sending KV over gRPC", address, exc.code().name)
+                return "grpc"
+            log.info("decode %s: KV over %s", address, "shared memory" if self._same_host[address] else "gRPC")
+        return "shm" if self._same_host[address] else "grpc"
+
+    async def _sender(self, address: str) -> KVSender:
+        c = self._config
+        if await self._transport(address) == "shm":
+            return ShmKVSender(self._channels.get(address), address, c.kv_chunk_bytes, c.kv_checksums)
+        channels = [self._channels.get(address, lane) for lane in range(c.kv_streams)]
+        return GrpcKVSender(channels, address, c.kv_chunk_bytes, c.kv_checksums)
 
     @rpc_errors
     async def Prefill(self, request, context):
@@ -34,30 +64,39 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if len(token_ids) > info.context_length:
             raise InvalidArgument(f"token_ids: {len(token_ids)} tokens exceed the context length {info.context_length}")
         sampling = sampling_from_proto(request.sampling)
+        if not request.decode_address:
+            result = await self._engine.prefill(token_ids, sampling, None)
+            yield self._first_token(result)
+            return
+        if not request.transfer_id:
+            raise InvalidArgument("transfer_id: must not be empty when decode_address is set")
+        layout = self._engine.layout(request.transfer_id, len(token_ids))
+        await self.inflight.acquire(layout.total_bytes)
         sender = None
-        if request.decode_address:
-            if not request.transfer_id:
-                raise InvalidArgument("transfer_id: must not be empty when decode_address is set")
-            sender = GrpcKVSender(self._channels.get(request.decode_address), request.decode_address, self._chunk_bytes)
         try:
-            if sender is not None:
-                await sender.open(self._engine.layout(request.transfer_id, len(token_ids)))
-            result = await self._engine.prefill(token_ids, sampling, sender.send_layer if sender else None)
+            sender = await self._sender(request.decode_address)
+            await sender.open(layout)
+            result = await self._engine.prefill(token_ids, sampling, sender.send_layer)
             log.debug("request_id=%s prefilled %d tokens in %.1f ms", request.request_id, len(token_ids), result.forward_ms)
-            yield prefill_pb2.PrefillEvent(first_token=prefill_pb2.FirstToken(
-                token_id=result.first_token, queue_ms=result.queue_ms, forward_ms=result.forward_ms))
-            if sender is not None:
-                receipt = await sender.finish(result.first_token)
-                yield prefill_pb2.PrefillEvent(transfer_done=prefill_pb2.TransferDone(
-                    bytes=receipt.bytes_sent, layers=receipt.layers, messages=receipt.messages,
-                    forward_start_ns=result.forward_start_ns, forward_end_ns=result.forward_end_ns,
-                    first_chunk_sent_ns=receipt.first_chunk_sent_ns, acked_ns=receipt.acked_ns,
-                    first_chunk_received_ns=receipt.first_chunk_received_ns,
-                    last_chunk_received_ns=receipt.last_chunk_received_ns))
+            yield self._first_token(result)
+            receipt = await sender.finish(result.first_token)
+            yield prefill_pb2.PrefillEvent(transfer_done=prefill_pb2.TransferDone(
+                bytes=receipt.bytes_sent, layers=receipt.layers, messages=receipt.messages,
+                forward_start_ns=result.forward_start_ns, forward_end_ns=result.forward_end_ns,
+                first_chunk_sent_ns=receipt.first_chunk_sent_ns, acked_ns=receipt.acked_ns,
+                first_chunk_received_ns=receipt.first_chunk_received_ns,
+                last_chunk_received_ns=receipt.last_chunk_received_ns))
         except BaseException:
             if sender is not None:
                 await sender.abort()
             raise
+        finally:
+            self.inflight.release(layout.total_bytes)
+
+    @staticmethod
+    def _first_token(result) -> prefill_pb2.PrefillEvent:
+        return prefill_pb2.PrefillEvent(first_token=prefill_pb2.FirstToken(
+            token_id=result.first_token, queue_ms=result.queue_ms, forward_ms=result.forward_ms))
 
 
 async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = None) -> RunningService:
@@ -65,7 +104,8 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
     loaded = loaded or await load_model_for(config)
     engine = PrefillEngine(loaded, config.prefill_token_budget, config.prefill_chunk_tokens)
     channels = ChannelPool()
-    servicer = PrefillServicer(engine, channels, config.kv_chunk_bytes)
+    sweep_orphans()
+    servicer = PrefillServicer(engine, channels, config)
     server, port, health = await start_server(
         config.listen, SERVICE, lambda server: prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server))
 

@@ -1,0 +1,197 @@
+"""KV transports end to end: token-exact over each, corruption caught and retried, nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import grpc
+import pytest
+
+from pdserve import config as cfg
+from pdserve.engine.prefill import PrefillEngine
+from pdserve.kv import shm
+from pdserve.kv.grpc_sender import GrpcKVSender
+from pdserve.rpc import ChannelPool
+from pdserve.sdk import AsyncClient
+from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from services.prefill.server import PrefillServicer
+from tests.cluster import reference_greedy, start_cluster
+from tests.conftest import get_loaded
+
+PROMPTS = [[5, 6, 7], list(range(30, 100)), list(range(200, 241))]
+
+
+def kv_push_tasks() -> list[asyncio.Task]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("kv-push-") and not t.done()]
+
+
+@pytest.mark.parametrize("transport,streams", [("grpc", 1), ("grpc", 3), ("shm", 1)])
+async def test_every_transport_is_token_exact_with_chunked_prefill(transport, streams):
+    loaded = get_loaded("preset:tiny-llama")
+    cluster = await start_cluster(loaded, prefill_options={"kv_transport": transport, "kv_streams": streams,
+                                                           "prefill_chunk_tokens": 16, "kv_chunk_bytes": 4096})
+    try:
+        async with AsyncClient(cluster.address) as client:
+            results = await asyncio.gather(*(client.generate(token_ids=p, max_tokens=6, temperature=0, ignore_eos=True)
+                                             for p in PROMPTS))
+        for prompt, result in zip(PROMPTS, results):
+            assert result.token_ids == reference_greedy(loaded, prompt, 6, ignore_eos=True)
+        stats = await decode_pb2_grpc.DecodeStub(grpc.aio.insecure_channel(cluster.decode_address)).GetStats(
+            decode_pb2.GetStatsRequest())
+        assert stats.transfers_completed == len(PROMPTS) and stats.kv_blocks_used == 0
+        assert not [n for n in shm.segment_names() if n.startswith(f"{shm.PREFIX}{os.getpid()}-")]
+    finally:
+        await cluster.stop()
+
+
+async def test_auto_transport_is_shm_on_this_host_and_grpc_for_another(monkeypatch):
+    loaded = get_loaded("preset:tiny-llama")
+    here = await start_cluster(loaded)
+    monkeypatch.setattr("services.decode.server.host_id", lambda: "another-host")
+    elsewhere = await start_cluster(loaded)
+    channels = ChannelPool()
+    servicer = PrefillServicer(PrefillEngine(loaded), channels, cfg.PrefillConfig())
+    try:
+        assert await servicer._transport(here.decode_address) == "shm"
+        assert await servicer._transport(elsewhere.decode_address) == "grpc"
+    finally:
+        await channels.close()
+        await here.stop()
+        await elsewhere.stop()
+
+
+async def test_corrupt_transfer_is_data_loss_and_the_gateway_retries_it(monkeypatch):
+    loaded = get_loaded("preset:tiny-llama")
+    cluster = await start_cluster(loaded, prefill_options={"kv_transport": "grpc", "kv_streams": 2})
+    original = GrpcKVSender._encode
+    corrupted = []
+
+    def corrupt_once(self, *args):
+        message = original(self, *args)
+        if not corrupted:
+            corrupted.append(True)
+            middle = len(message) // 2  # inside the K/V bytes: flip one bit after the checksum was taken
+            message = message[:middle] + bytes([message[middle] ^ 1]) + message[middle + 1:]
+        return message
+
+    monkeypatch.setattr(GrpcKVSender, "_encode", corrupt_once)
+    try:
+        prompt = list(range(40, 90))
+        async with AsyncClient(cluster.address) as client:
+            result = await client.generate(token_ids=prompt, max_tokens=8, temperature=0, ignore_eos=True)
+        assert result.token_ids == reference_greedy(loaded, prompt, 8, ignore_eos=True)
+        stats = await decode_pb2_grpc.DecodeStub(grpc.aio.insecure_channel(cluster.decode_address)).GetStats(
+            decode_pb2.GetStatsRequest())
+        assert corrupted and stats.transfers_rejected == 1 and stats.transfers_completed == 1
+        assert stats.kv_blocks_used == 0
+    finally:
+        await cluster.stop()
+
+
+class _DyingDecode(decode_pb2_grpc.DecodeServicer):
+    """A decode instance that dies mid-transfer: it reads the header and one chunk, then its server stops."""
+
+    def __init__(self) -> None:
+        self.server: grpc.aio.Server | None = None
+        self.got_chunk = asyncio.Event()
+
+    async def GetStats(self, request, context):
+        return decode_pb2.DecodeStats(host_id=shm.host_id())
+
+    async def PushKV(self, request_iterator, context):
+        async for message in request_iterator:
+            if message.WhichOneof("message") == "chunk":
+                self.got_chunk.set()
+                await asyncio.sleep(30)  # the server is stopped under us
+        return decode_pb2.PushKVReply()
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+async def test_receiver_dying_mid_transfer_leaves_nothing_behind(transport):
+    loaded = get_loaded("preset:tiny-llama")
+    dying = _DyingDecode()
+    server = grpc.aio.server()
+    decode_pb2_grpc.add_DecodeServicer_to_server(dying, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channels = ChannelPool()
+    engine = PrefillEngine(loaded)
+    servicer = PrefillServicer(engine, channels, cfg.PrefillConfig(kv_transport=transport, kv_chunk_bytes=1024))
+    server2 = grpc.aio.server()
+    prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server2)
+    prefill_port = server2.add_insecure_port("127.0.0.1:0")
+    await server2.start()
+    mine = f"{shm.PREFIX}{os.getpid()}-"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{prefill_port}") as channel:
+            call = prefill_pb2_grpc.PrefillStub(channel).Prefill(prefill_pb2.PrefillRequest(
+                request_id="r", token_ids=list(range(10, 200)), decode_address=f"127.0.0.1:{port}",
+                transfer_id="r/0"))
+            await asyncio.wait_for(dying.got_chunk.wait(), 10)
+            if transport == "shm":
+                assert any(n.startswith(mine) for n in shm.segment_names())  # the segment exists mid-transfer
+            await server.stop(0)  # the receiver dies
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in call:
+                    pass
+            assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                         grpc.StatusCode.INTERNAL)
+        await asyncio.sleep(0.1)
+        assert not [n for n in shm.segment_names() if n.startswith(mine)], "segment left behind"
+        assert servicer.inflight.used == 0 and not kv_push_tasks()
+    finally:
+        await server2.stop(0)
+        await channels.close()
+        await engine.close()
+
+
+async def test_a_slow_receiver_makes_prefill_wait_instead_of_piling_up_kv(tiny_cluster):
+    """Backpressure: at most kv_inflight_bytes of unfinished transfers at once, whatever the receiver's speed."""
+    loaded = tiny_cluster.loaded
+    kv_bytes_per_token = loaded.info.kv.bytes_per_token(loaded.dtype)
+    prompt = list(range(10, 110))
+    per_request = len(prompt) * kv_bytes_per_token
+    received = []
+
+    class SlowDecode(decode_pb2_grpc.DecodeServicer):
+        async def GetStats(self, request, context):
+            return decode_pb2.DecodeStats()  # no host id: gRPC
+
+        async def PushKV(self, request_iterator, context):
+            async for message in request_iterator:
+                await asyncio.sleep(0.01)  # a slow reader
+                if message.WhichOneof("message") == "trailer":
+                    break
+            received.append(True)
+            return decode_pb2.PushKVReply()
+
+    server = grpc.aio.server()
+    decode_pb2_grpc.add_DecodeServicer_to_server(SlowDecode(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channels = ChannelPool()
+    engine = PrefillEngine(loaded)
+    servicer = PrefillServicer(engine, channels, cfg.PrefillConfig(kv_chunk_bytes=1024, kv_streams=1,
+                                                                   kv_inflight_bytes=str(2 * per_request)))
+    server2 = grpc.aio.server()
+    prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server2)
+    prefill_port = server2.add_insecure_port("127.0.0.1:0")
+    await server2.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{prefill_port}") as channel:
+            stub = prefill_pb2_grpc.PrefillStub(channel)
+
+            async def one(i):
+                return [e async for e in stub.Prefill(prefill_pb2.PrefillRequest(
+                    request_id=f"r{i}", token_ids=prompt, decode_address=f"127.0.0.1:{port}", transfer_id=f"r{i}"))]
+
+            results = await asyncio.gather(*(one(i) for i in range(8)))
+        assert all(len(events) == 2 for events in results) and len(received) == 8
+        # Eight requests' KV wanted at once; never more than two transfers' worth held.
+        assert servicer.inflight.peak == 2 * per_request and servicer.inflight.used == 0
+    finally:
+        await server2.stop(0)
+        await server.stop(0)
+        await channels.close()
+        await engine.close()
