@@ -61,6 +61,7 @@ class Timings:
     prefill_forward_ms: float = 0.0
     kv_transfer_ms: float = 0.0
     kv_bytes: int = 0
+    kv_tail_ms: float = 0.0
 
 
 @dataclass
@@ -245,3 +246,5 @@ class Router:
             done = event.transfer_done
             timings.kv_bytes = done.bytes
             timings.kv_transfer_ms = (done.acked_ns - done.first_chunk_sent_ns) / 1e6
+            # Both clocks are CLOCK_MONOTONIC: comparable when prefill and decode share a host.
+            timings.kv_tail_ms = max(0.0, (done.last_chunk_received_ns - done.forward_end_ns) / 1e6)
