@@ -210,11 +210,11 @@ async def ttft(args) -> list[dict]:
                         samples.append(result.server_timings)
                     t = samples[1:]  # the first warms up
                     forward = statistics.median(s["prefill_forward_ms"] for s in t)
-                    queue = statistics.median(s["prefill_queue_ms"] for s in t)
-                    tail = statistics.median(s["kv_tail_ms"] for s in t)
+                    queue = statistics.median(s.get("prefill_queue_ms", 0.0) for s in t)
+                    tail = statistics.median(s.get("kv_tail_ms", 0.0) for s in t)
                     row = {"transport": f"{transport} x{streams}" if transport == "grpc" else transport,
                            "tokens": tokens, "kv_bytes": t[0]["kv_bytes"], "forward_ms": forward, "queue_ms": queue,
-                           "transfer_ms": statistics.median(s["kv_transfer_ms"] for s in t), "tail_ms": tail,
+                           "transfer_ms": statistics.median(s.get("kv_transfer_ms", 0.0) for s in t), "tail_ms": tail,
                            "overhead": tail / (forward + queue)}
                     rows.append(row)
                     print(f"{row['transport']} {tokens} tokens: forward {forward:.1f} ms, transfer "

@@ -45,7 +45,7 @@ class Completion:
     ttft_s: float           # client-side: call start -> first token
     tpot_s: float           # client-side: mean gap between later tokens
     e2e_s: float
-    server_timings: dict[str, float]
+    server_timings: dict[str, float]  # fields the gateway set (a zero field is absent)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
