@@ -71,8 +71,8 @@ async def test_corrupt_transfer_is_data_loss_and_the_gateway_retries_it(monkeypa
         message = original(self, *args)
         if not corrupted:
             corrupted.append(True)
-            middle = len(message) // 2  # inside the K/V bytes: flip one bit after the checksum was taken
-            message = message[:middle] + bytes([message[middle] ^ 1]) + message[middle + 1:]
+            at = len(message) // 4  # inside the key bytes (K and V are equal halves): flip one bit after the checksum
+            message = message[:at] + bytes([message[at] ^ 1]) + message[at + 1:]
         return message
 
     monkeypatch.setattr(GrpcKVSender, "_encode", corrupt_once)
