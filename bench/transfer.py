@@ -29,11 +29,10 @@ from pathlib import Path
 import grpc
 import torch
 
-from pdserve.aio import cancel_and_wait
-from pdserve.convert import chunk_from_proto, layout_from_proto, stream_info_from_proto
+from pdserve.convert import layout_from_proto, stream_info_from_proto
 from pdserve.kv.assembly import KVAssembly
 from pdserve.kv.grpc_sender import GrpcKVSender, ShmKVSender
-from pdserve.kv.shm import Segment, chunk_from_segment
+from pdserve.kv.receiver import receive_stream
 from pdserve.kv.wire import DTYPE_NAMES, KVLayout
 from pdserve.model.loader import KVShape
 from pdserve.rpc import OPTIONS, ChannelPool
@@ -52,7 +51,6 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
     def __init__(self) -> None:
         self.pool: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.assembly: KVAssembly | None = None
-        self.done = asyncio.Event()
 
     def prepare(self, kv: KVShape, dtype: torch.dtype, tokens: int) -> None:
         """A pool for this shape, allocated and touched once (as the decode pool is), reused across transfers."""
@@ -62,7 +60,6 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
             self.pool = ([torch.zeros(shape, dtype=dtype) for _ in range(kv.num_layers)],
                          [torch.zeros(shape, dtype=dtype) for _ in range(kv.num_layers)])
         self.assembly = None
-        self.done = asyncio.Event()
 
     def _write(self, layer, start, k, v) -> None:
         self.pool[0][layer][start:start + k.shape[0]] = k
@@ -75,19 +72,8 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
             self.assembly = KVAssembly(layout, self._write, stream)
         else:
             self.assembly.attach(layout, stream)
-        segment = Segment.open(stream.shm_segment) if stream.shm_segment else None
-        try:
-            async for message in request_iterator:
-                if message.WhichOneof("message") == "chunk":
-                    chunk = chunk_from_proto(message.chunk)
-                    self.assembly.add(chunk if segment is None else chunk_from_segment(chunk, segment, layout))
-                else:
-                    if self.assembly.stream_finished(stream.stream_index, message.trailer.first_token_id):
-                        self.done.set()
-                    break
-        finally:
-            if segment is not None:
-                segment.close()
+        await receive_stream(request_iterator, self.assembly, stream,
+                             lambda token: self.assembly.stream_finished(stream.stream_index, token))
         return decode_pb2.PushKVReply(first_chunk_received_ns=self.assembly.first_chunk_ns,
                                       last_chunk_received_ns=self.assembly.last_chunk_ns)
 

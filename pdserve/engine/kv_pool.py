@@ -202,25 +202,26 @@ class KVPool:
         # rows and table width are padded to powers of two so few shapes ever compile. Padded rows
         # have no blocks; the attention function drops their output.
         padded_rows, width = _pow2(rows), _pow2(max(used))
-        counts = torch.zeros(padded_rows, dtype=torch.int32)
-        counts[:rows] = torch.tensor(used, dtype=torch.int32)
-        indices = torch.zeros(padded_rows, width, dtype=torch.int32)
-        flat, owner, logical = [], [], []
+        counts = used + [0] * (padded_rows - rows)
+        indices, flat, owner, logical = [], [], [], []
         for row, (table, n) in enumerate(zip(tables, used)):
-            indices[row, :n] = torch.tensor(table[:n], dtype=torch.int32)
+            indices += table[:n] + [0] * (width - n)
             flat += table[:n]
             owner += [row] * n
             logical += range(n)
+        indices += [0] * (width * (padded_rows - rows))
         write = [table[p // bs] * bs + p % bs for table, p in zip(tables, positions)]
-        device = self.device
-        flat_t = torch.tensor(flat, dtype=torch.long).to(device)
+        # Everything the step needs on the device in one host-to-device copy, then sliced.
+        parts = (counts, indices, flat, owner, logical, positions, write)
+        packed = torch.tensor([x for part in parts for x in part], dtype=torch.long).to(self.device)
+        counts_t, indices_t, flat_t, owner_t, logical_t, last_t, write_t = packed.split([len(p) for p in parts])
         self._owner.fill_(-1)
-        self._owner[flat_t] = torch.tensor(owner, dtype=torch.int32).to(device)
-        self._logical[flat_t] = torch.tensor(logical, dtype=torch.int32).to(device)
-        self._last[:rows] = torch.tensor(positions, dtype=torch.int32).to(device)
+        self._owner[flat_t] = owner_t.int()
+        self._logical[flat_t] = logical_t.int()
+        self._last[:rows] = last_t.int()
         block_mask = BlockMask.from_kv_blocks(
-            counts[:, None, None].to(device), indices[:, None, None, :].to(device),
+            counts_t.int()[:, None, None], indices_t.int().view(padded_rows, 1, 1, width),
             BLOCK_SIZE=(128, bs), mask_mod=self._mask_mod, seq_lengths=(1, self.allocator.num_blocks * bs),
             compute_q_blocks=False)
-        return PagedStep(torch.tensor(write, dtype=torch.long).to(device),
-                         torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=device), block_mask=block_mask)
+        return PagedStep(write_t, torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=self.device),
+                         block_mask=block_mask)

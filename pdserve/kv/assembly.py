@@ -63,7 +63,6 @@ class KVAssembly:
         self._streams_open = {stream.stream_index}
         self._streams_done: set[int] = set()
         self._first_token: int | None = None
-        self.bytes_received = 0
         self.first_chunk_ns = 0
         self.last_chunk_ns = 0
         self.layer_written_ns = [0] * layout.num_layers  # when each layer's last token was written
@@ -111,7 +110,6 @@ class KVAssembly:
         self._write(chunk.layer, chunk.token_start, from_bytes(chunk.key, lay.torch_dtype, shape),
                     from_bytes(chunk.value, lay.torch_dtype, shape))
         self._next_token[chunk.layer] = end
-        self.bytes_received += 2 * want
         now = time.monotonic_ns()
         self.first_chunk_ns = self.first_chunk_ns or now
         self.last_chunk_ns = now

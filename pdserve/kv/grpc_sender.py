@@ -55,8 +55,7 @@ class GrpcKVSender(KVSender):
         self._bytes = 0
         self._messages = 0
         self._first_sent_ns = 0
-        self.layer_ready_ns: list[int] = []  # per layer: when its (last chunk's) K/V was queued
-        self.layer_sent_ns: list[int] = []   # per layer: when its last message was written
+        self.layer_sent_ns: list[int] = []  # per layer: when its last message was written
 
     @property
     def shm_segment(self) -> str:
@@ -64,7 +63,6 @@ class GrpcKVSender(KVSender):
 
     async def open(self, layout: KVLayout) -> None:
         self._layout = layout
-        self.layer_ready_ns = [0] * layout.num_layers
         self.layer_sent_ns = [0] * layout.num_layers
         loop = asyncio.get_running_loop()
         n = len(self._streams)
@@ -82,7 +80,6 @@ class GrpcKVSender(KVSender):
             await self._write(s, decode_pb2.KVMessage(header=header).SerializeToString())
 
     def send_layer(self, layer, token_start, keys, values) -> None:
-        self.layer_ready_ns[layer] = time.monotonic_ns()
         self._streams[layer % len(self._streams)].queue.put_nowait((layer, token_start, keys, values))
 
     async def _write(self, stream: _Stream, message: bytes) -> None:

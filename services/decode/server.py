@@ -6,12 +6,12 @@ import argparse
 import logging
 
 from pdserve import config as cfg
-from pdserve.convert import (check_token_ids, chunk_from_proto, layout_from_proto, sampling_from_proto,
-                             stream_info_from_proto)
+from pdserve.convert import check_token_ids, layout_from_proto, sampling_from_proto, stream_info_from_proto
 from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason
 from pdserve.engine.kv_pool import budget_bytes
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
-from pdserve.kv.shm import Segment, chunk_from_segment, host_id, sweep_orphans
+from pdserve.kv.receiver import receive_stream
+from pdserve.kv.shm import host_id, sweep_orphans
 from pdserve.model import LoadedModel
 from pdserve.rpc import rpc_errors, start_server
 from pdserve.service import RunningService, load_model_for, run_service, service_main
@@ -75,24 +75,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         layout, stream = layout_from_proto(first.header), stream_info_from_proto(first.header)
         tid = layout.transfer_id
         assembly = self._engine.begin_transfer(layout, stream)
-        segment, received = None, 0  # bytes on this stream (a transfer may have several)
         try:
-            if stream.shm_segment:
-                segment = Segment.open(stream.shm_segment)
-            async for message in request_iterator:
-                self._engine.check_transfer_alive(tid)
-                kind = message.WhichOneof("message")
-                if kind == "chunk":
-                    chunk = chunk_from_proto(message.chunk)
-                    assembly.add(chunk if segment is None else chunk_from_segment(chunk, segment, layout))
-                    received += 2 * chunk.token_count * layout.token_bytes
-                elif kind == "trailer":
-                    self._engine.complete_transfer(tid, message.trailer.first_token_id, stream.stream_index)
-                    break
-                else:
-                    raise InvalidArgument(f"PushKV: unexpected {kind or 'empty'} message after the header")
-            else:
-                raise InvalidArgument("PushKV: stream ended before the KVTrailer")
+            received = await receive_stream(
+                request_iterator, assembly, stream,
+                on_trailer=lambda token: self._engine.complete_transfer(tid, token, stream.stream_index),
+                before_message=lambda: self._engine.check_transfer_alive(tid))
         except Cancelled:
             raise
         except PdserveError as exc:
@@ -103,9 +90,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             # The sender went away (cancelled stream) or something broke: free it all.
             self._engine.fail_transfer(tid, DataLoss("KV transfer aborted before completion"))
             raise
-        finally:
-            if segment is not None:
-                segment.close()
         return decode_pb2.PushKVReply(
             bytes_received=received,
             first_chunk_received_ns=assembly.first_chunk_ns,
