@@ -197,3 +197,16 @@ async def test_two_streams_complete_one_transfer(decode_stub):
     while (event := await waiting.read()) is not grpc.aio.EOF:
         events.append(event)
     assert [e.token.index for e in events] == [1, 2, 3]
+
+
+async def test_rejection_reaches_a_sender_still_writing(tiny_cluster, decode_stub):
+    """The sender learns the real code even when the server rejects while it is mid-stream (grpc/grpc#36066)."""
+    big = [chunk(0, nbytes=1 << 20)] * 64  # rejected on the first chunk; 64 MiB still to write
+    for _ in range(3):
+        tid = f"bad-{next(_ids)}"
+        waiting = await reserve(decode_stub, tid)
+        result = await push(decode_stub, [header(tid), *big, trailer()])
+        assert isinstance(result, grpc.aio.AioRpcError)
+        assert result.code() == grpc.StatusCode.INVALID_ARGUMENT, (result.code(), result.details())
+        with pytest.raises(grpc.aio.AioRpcError):
+            await waiting.read()

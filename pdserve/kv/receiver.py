@@ -7,6 +7,7 @@ and each chunk resolved against it; every chunk goes through ``KVAssembly``.
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator, Callable
 
 from pdserve.convert import chunk_from_proto
@@ -15,6 +16,9 @@ from pdserve.kv.assembly import KVAssembly
 from pdserve.kv.shm import Segment, chunk_from_segment
 from pdserve.kv.wire import StreamInfo
 from pdserve.v1 import decode_pb2
+
+# How long a rejected push is read to its end before the server answers anyway.
+DRAIN_SECONDS = 10.0
 
 
 async def receive_stream(messages: AsyncIterator[decode_pb2.KVMessage], assembly: KVAssembly, stream: StreamInfo,
@@ -41,3 +45,21 @@ async def receive_stream(messages: AsyncIterator[decode_pb2.KVMessage], assembly
     finally:
         if segment is not None:
             segment.close()
+
+
+async def drain(messages: AsyncIterator[decode_pb2.KVMessage], limit_s: float = DRAIN_SECONDS) -> None:
+    """Reads and discards the rest of a rejected stream, for at most ``limit_s``.
+
+    A grpc.aio client still writing when the server ends the RPC loses the
+    server's status and sees ``INTERNAL: Internal error from Core`` instead
+    (grpc/grpc#36066), so the sender would never learn *why* (DATA_LOSS,
+    INVALID_ARGUMENT). Answering after the sender half-closes keeps the code.
+    """
+    async def read_all() -> None:
+        async for _ in messages:
+            pass
+
+    try:
+        await asyncio.wait_for(read_all(), limit_s)
+    except Exception:  # the sender went away or stalled: answer now
+        pass

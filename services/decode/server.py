@@ -10,7 +10,7 @@ from pdserve.convert import check_token_ids, layout_from_proto, sampling_from_pr
 from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason
 from pdserve.engine.kv_pool import budget_bytes
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
-from pdserve.kv.receiver import receive_stream
+from pdserve.kv.receiver import drain, receive_stream
 from pdserve.kv.shm import host_id, sweep_orphans
 from pdserve.model import LoadedModel
 from pdserve.rpc import rpc_errors, start_server
@@ -69,6 +69,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @rpc_errors
     async def PushKV(self, request_iterator, context):
+        try:
+            return await self._push_kv(request_iterator)
+        except Cancelled:
+            raise
+        except PdserveError:
+            await drain(request_iterator)
+            raise
+
+    async def _push_kv(self, request_iterator) -> decode_pb2.PushKVReply:
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("message") != "header":
             raise InvalidArgument("PushKV: the first message must be a KVHeader")
