@@ -32,7 +32,7 @@ import torch
 from pdserve.convert import layout_from_proto, stream_info_from_proto
 from pdserve.kv.assembly import KVAssembly
 from pdserve.kv.grpc_sender import GrpcKVSender, ShmKVSender
-from pdserve.kv.receiver import receive_stream
+from pdserve.kv.receiver import add_decode_servicer, read_header, receive_stream
 from pdserve.kv.wire import DTYPE_NAMES, KVLayout
 from pdserve.model.loader import KVShape
 from pdserve.rpc import OPTIONS, ChannelPool
@@ -66,8 +66,8 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
         self.pool[1][layer][start:start + v.shape[0]] = v
 
     async def PushKV(self, request_iterator, context):
-        first = await anext(aiter(request_iterator))
-        layout, stream = layout_from_proto(first.header), stream_info_from_proto(first.header)
+        header = await read_header(request_iterator)
+        layout, stream = layout_from_proto(header), stream_info_from_proto(header)
         if self.assembly is None:
             self.assembly = KVAssembly(layout, self._write, stream)
         else:
@@ -135,7 +135,7 @@ def memcpy_seconds(nbytes: int) -> float:
 async def wire(args) -> list[dict]:
     receiver = Receiver()
     server = grpc.aio.server(options=OPTIONS)
-    decode_pb2_grpc.add_DecodeServicer_to_server(receiver, server)
+    add_decode_servicer(receiver, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     address = f"127.0.0.1:{port}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import InvalidArgument
-from pdserve.kv.wire import KVChunkData, KVLayout, StreamInfo
+from pdserve.kv.wire import KVLayout, StreamInfo
 from pdserve.v1 import common_pb2, decode_pb2
 
 def sampling_from_proto(msg: common_pb2.SamplingParams, default_seed: int = 0) -> SamplingParams:
@@ -38,16 +38,6 @@ def layout_to_proto(layout: KVLayout) -> decode_pb2.KVHeader:
 
 def stream_info_from_proto(header: decode_pb2.KVHeader) -> StreamInfo:
     return StreamInfo(header.num_streams or 1, header.stream_index, header.shm_segment, header.checksums)
-
-
-def chunk_from_proto(msg: decode_pb2.KVChunk) -> KVChunkData:
-    return KVChunkData(msg.layer, msg.token_start, msg.token_count, msg.key, msg.value, msg.checksum, msg.shm_offset)
-
-
-def chunk_to_proto(chunk: KVChunkData) -> decode_pb2.KVMessage:
-    return decode_pb2.KVMessage(chunk=decode_pb2.KVChunk(
-        layer=chunk.layer, token_start=chunk.token_start, token_count=chunk.token_count,
-        key=chunk.key, value=chunk.value, checksum=chunk.checksum))
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, field: str = "token_ids") -> None:

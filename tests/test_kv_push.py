@@ -186,6 +186,28 @@ async def test_corrupt_chunk_is_data_loss_and_frees_everything(decode_stub):
     assert (after.waiting_for_kv, after.kv_blocks_used) == (0, 0)
 
 
+@pytest.mark.parametrize("cut", ["truncated", "bad length"])
+async def test_broken_framing_is_data_loss(tiny_cluster, decode_stub, cut):
+    """Bytes that no longer parse as a KVMessage are corruption on the way: DATA_LOSS, so the gateway retries."""
+    tid = f"framing-{next(_ids)}"
+    waiting = await reserve(decode_stub, tid)
+    raw = chunk(0).SerializeToString()
+    broken = raw[:len(raw) // 2] if cut == "truncated" else raw[:2] + b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff" + raw[2:]
+    async with grpc.aio.insecure_channel(tiny_cluster.decode_address) as channel:
+        call = channel.stream_unary("/pdserve.v1.Decode/PushKV", request_serializer=None,
+                                    response_deserializer=decode_pb2.PushKVReply.FromString)(timeout=10)
+        for message in (header(tid).SerializeToString(), broken, trailer().SerializeToString()):
+            await call.write(message)
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS, info.value.details()
+    with pytest.raises(grpc.aio.AioRpcError):
+        await waiting.read()
+    after = await stats(decode_stub)
+    assert (after.waiting_for_kv, after.kv_blocks_used) == (0, 0)
+
+
 async def test_two_streams_complete_one_transfer(decode_stub):
     tid = f"streams-{next(_ids)}"
     waiting = await reserve(decode_stub, tid)

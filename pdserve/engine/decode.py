@@ -231,12 +231,6 @@ class DecodeEngine:
             raise
         return seq.transfer
 
-    def check_transfer_alive(self, transfer_id: str) -> None:
-        """Raises ``Cancelled`` once the request a transfer feeds has gone."""
-        seq = self._waiting.get(transfer_id)
-        if seq is None or seq.cancelled:
-            raise Cancelled(f"transfer {transfer_id!r}: the request was cancelled")
-
     def complete_transfer(self, transfer_id: str, first_token: int, stream_index: int = 0) -> None:
         """A stream's trailer arrived; once every stream's has, the request joins the batch at the next step."""
         seq = self._waiting[transfer_id]
@@ -265,7 +259,8 @@ class DecodeEngine:
         if seq is None:
             return
         self.counters.transfers_rejected += 1
-        seq.transfer = None
+        if seq.transfer is not None:
+            seq.transfer.fail(error)  # the transfer's other streams stop with the same reason
         self._free(seq)
         seq.events.put_nowait(error)
 
@@ -278,8 +273,10 @@ class DecodeEngine:
             self.admission.cancel(seq.ticket)
             seq.state = SeqState.FINISHED
         elif seq.state is SeqState.WAITING_KV:
-            # NOTE: a PushKV handler still holding seq.transfer stops at its next chunk
-            # (check_transfer_alive); chunks are written on this loop, so none lands after this.
+            # A PushKV handler still holding seq.transfer stops at its next message (KVAssembly.check_alive);
+            # chunks are written on this loop, so none lands after this.
+            if seq.transfer is not None:
+                seq.transfer.fail(Cancelled(f"transfer {seq.params.transfer_id!r}: the request was cancelled"))
             if not seq.local:
                 self._waiting.pop(seq.params.transfer_id, None)
             self._free(seq)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from pdserve.errors import DataLoss, InvalidArgument
+from pdserve.errors import DataLoss, InvalidArgument, PdserveError
 from pdserve.kv.wire import DTYPES, KVChunkData, KVLayout, StreamInfo, checksum, from_bytes
 
 MAX_STREAMS = 64
@@ -66,6 +66,16 @@ class KVAssembly:
         self.first_chunk_ns = 0
         self.last_chunk_ns = 0
         self.layer_written_ns = [0] * layout.num_layers  # when each layer's last token was written
+        self.failure: PdserveError | None = None
+
+    def fail(self, error: PdserveError) -> None:
+        """The transfer is over (broken, or its request gone): every stream of it stops with ``error``."""
+        self.failure = self.failure or error
+
+    def check_alive(self) -> None:
+        """Raises the transfer's failure, so no stream writes into blocks that were freed."""
+        if self.failure is not None:
+            raise self.failure
 
     def attach(self, layout: KVLayout, stream: StreamInfo) -> None:
         """Another stream of the same transfer announced itself."""
@@ -79,6 +89,7 @@ class KVAssembly:
         self._streams_open.add(stream.stream_index)
 
     def add(self, chunk: KVChunkData) -> None:
+        self.check_alive()
         lay = self.layout
         if not 0 <= chunk.layer < lay.num_layers:
             raise InvalidArgument(f"chunk.layer: {chunk.layer} outside [0, {lay.num_layers})")

@@ -1,8 +1,10 @@
-"""The consumer side of one ``PushKV`` stream, after its header: chunks into the assembly, then the trailer.
+"""The consumer side of one ``PushKV`` stream: raw messages, chunks into the assembly, then the trailer.
 
 Shared by the decode servicer and the transfer benchmark so both run the
-same path: a shared-memory stream's segment is mapped for the stream's life
-and each chunk resolved against it; every chunk goes through ``KVAssembly``.
+same path: ``PushKV`` is registered to take raw bytes (``add_decode_servicer``)
+which ``wire.decode_message`` parses with K/V as views, a shared-memory
+stream's segment is mapped for the stream's life and each chunk resolved
+against it; every chunk goes through ``KVAssembly``.
 """
 
 from __future__ import annotations
@@ -10,34 +12,35 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Callable
 
-from pdserve.convert import chunk_from_proto
+import grpc
+
 from pdserve.errors import InvalidArgument
 from pdserve.kv.assembly import KVAssembly
 from pdserve.kv.shm import Segment, chunk_from_segment
-from pdserve.kv.wire import StreamInfo
-from pdserve.v1 import decode_pb2
+from pdserve.kv.wire import StreamInfo, decode_message
+from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
 # How long a rejected push is read to its end before the server answers anyway.
 DRAIN_SECONDS = 10.0
 
 
-async def receive_stream(messages: AsyncIterator[decode_pb2.KVMessage], assembly: KVAssembly, stream: StreamInfo,
-                         on_trailer: Callable[[int], None], before_message: Callable[[], None] = lambda: None) -> int:
+async def receive_stream(messages: AsyncIterator[bytes], assembly: KVAssembly, stream: StreamInfo,
+                         on_trailer: Callable[[int], None]) -> int:
     """Feeds the stream's chunks to ``assembly`` and its trailer's first token to ``on_trailer``;
-    returns the K/V bytes this stream carried. ``before_message`` may raise to stop the stream."""
+    returns the K/V bytes this stream carried. Stops with the transfer's failure once it has one."""
     layout = assembly.layout
     segment = Segment.open(stream.shm_segment) if stream.shm_segment else None
     received = 0
     try:
-        async for message in messages:
-            before_message()
-            kind = message.WhichOneof("message")
+        async for data in messages:
+            assembly.check_alive()
+            kind, message = decode_message(data)
             if kind == "chunk":
-                chunk = chunk_from_proto(message.chunk)
+                chunk = message
                 assembly.add(chunk if segment is None else chunk_from_segment(chunk, segment, layout))
                 received += 2 * chunk.token_count * layout.token_bytes
             elif kind == "trailer":
-                on_trailer(message.trailer.first_token_id)
+                on_trailer(message.first_token_id)
                 return received
             else:
                 raise InvalidArgument(f"PushKV: unexpected {kind or 'empty'} message after the header")
@@ -47,7 +50,7 @@ async def receive_stream(messages: AsyncIterator[decode_pb2.KVMessage], assembly
             segment.close()
 
 
-async def drain(messages: AsyncIterator[decode_pb2.KVMessage], limit_s: float = DRAIN_SECONDS) -> None:
+async def drain(messages: AsyncIterator[bytes], limit_s: float = DRAIN_SECONDS) -> None:
     """Reads and discards the rest of a rejected stream, for at most ``limit_s``.
 
     A grpc.aio client still writing when the server ends the RPC loses the
@@ -63,3 +66,30 @@ async def drain(messages: AsyncIterator[decode_pb2.KVMessage], limit_s: float = 
         await asyncio.wait_for(read_all(), limit_s)
     except Exception:  # the sender went away or stalled: answer now
         pass
+
+
+async def read_header(messages: AsyncIterator[bytes]) -> decode_pb2.KVHeader:
+    first = await anext(aiter(messages), None)
+    kind, header = decode_message(first) if first is not None else ("", None)
+    if kind != "header":
+        raise InvalidArgument("PushKV: the first message must be a KVHeader")
+    return header
+
+
+class _Capture:
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, name: str, handlers: dict) -> None:
+        self.name, self.handlers = name, handlers
+
+
+def add_decode_servicer(servicer: decode_pb2_grpc.DecodeServicer, server: grpc.aio.Server) -> None:
+    """``add_DecodeServicer_to_server``, except ``PushKV`` gets each message's raw bytes: parsed by
+    ``decode_message`` with K/V left in place, and bad framing becomes DATA_LOSS, not INTERNAL."""
+    generated = _Capture()
+    decode_pb2_grpc.add_DecodeServicer_to_server(servicer, generated)
+    handlers = dict(generated.handlers)
+    handlers["PushKV"] = handlers["PushKV"]._replace(request_deserializer=None)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(generated.name, handlers),))
+    server.add_registered_method_handlers(generated.name, handlers)

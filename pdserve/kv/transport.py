@@ -25,8 +25,9 @@ Consumer side (``KVReceiver``, implemented by the decode engine):
      layout that does not match the model or the reservation.
   2. Chunks go to the returned ``KVAssembly`` (``add``), which validates each
      and writes it straight into the KV blocks reserved for the request.
-     Before each chunk the transport calls ``check_transfer_alive`` so a
-     cancelled request stops its transfer.
+     Before each message the transport calls ``KVAssembly.check_alive``: once
+     the transfer failed or its request was cancelled, every stream of it
+     stops with that reason (and nothing is written into freed blocks).
   3. ``complete_transfer(transfer_id, first_token)`` once the producer
      finished; the request joins the decode batch.
   4. ``fail_transfer(transfer_id, error)`` on any failure: the request's
@@ -79,8 +80,6 @@ class KVReceiver(Protocol):
     """Consumer side; see the module docstring for the call order."""
 
     def begin_transfer(self, layout: KVLayout) -> KVAssembly: ...
-
-    def check_transfer_alive(self, transfer_id: str) -> None: ...
 
     def complete_transfer(self, transfer_id: str, first_token: int) -> None: ...
 

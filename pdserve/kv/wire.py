@@ -7,7 +7,9 @@ its key then value bytes (about 30x faster than zlib.crc32 here).
 
 ``encode_chunk`` writes a ``KVMessage{chunk}`` in protobuf wire format by hand
 so the K/V bytes are copied once, from the tensor into the message, instead
-of through numpy bytes, the protobuf object and its serialization.
+of through numpy bytes, the protobuf object and its serialization;
+``decode_message`` reads one back with K/V as views of the received bytes.
+Anything that does not parse is ``DataLoss``: framing corrupted on the way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from typing import Iterator
 
 import torch
 import xxhash
+from google.protobuf.message import DecodeError
+
+from pdserve.errors import DataLoss
+from pdserve.v1 import decode_pb2
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -142,3 +148,73 @@ def encode_chunk(layer: int, token_start: int, token_count: int, key, value, che
 def from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """A read-only view of ``data`` as a tensor; the caller copies it out."""
     return torch.frombuffer(data, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise DataLoss("KV message: truncated or overlong varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+_CHUNK_VARINTS = {1: "layer", 2: "token_start", 3: "token_count", 7: "shm_offset"}
+
+
+def _decode_chunk(buf: memoryview) -> KVChunkData:
+    """A ``KVChunk`` in protobuf wire format, any field order, unknown fields skipped; K/V stay views."""
+    fields = {"layer": 0, "token_start": 0, "token_count": 0, "key": b"", "value": b"", "checksum": 0, "shm_offset": 0}
+    pos, end = 0, len(buf)
+    while pos < end:
+        tag, pos = _read_varint(buf, pos)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:
+            value, pos = _read_varint(buf, pos)
+            if number in _CHUNK_VARINTS:
+                fields[_CHUNK_VARINTS[number]] = value
+        elif wire_type == 1:
+            if pos + 8 > end:
+                raise DataLoss("KV message: truncated fixed64")
+            if number == 6:
+                fields["checksum"] = int.from_bytes(buf[pos:pos + 8], "little")
+            pos += 8
+        elif wire_type == 2:
+            size, pos = _read_varint(buf, pos)
+            if pos + size > end:
+                raise DataLoss(f"KV message: field {number} claims {size} bytes, {end - pos} left")
+            if number in (4, 5):
+                fields["key" if number == 4 else "value"] = buf[pos:pos + size]
+            pos += size
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise DataLoss(f"KV message: wire type {wire_type} in field {number}")
+    if pos != end:
+        raise DataLoss("KV message: truncated field")
+    if max(fields["layer"], fields["token_start"], fields["token_count"]) >= 1 << 32:
+        raise DataLoss("KV message: a uint32 field out of range")
+    return KVChunkData(**fields)
+
+
+def decode_message(data: bytes) -> tuple[str, object]:
+    """A serialized ``KVMessage`` -> (kind, payload): ("chunk", KVChunkData with K/V views of ``data``),
+    ("header", KVHeader), ("trailer", KVTrailer) or ("", None) for an empty message."""
+    buf = memoryview(data)
+    if len(buf) > 1 and buf[0] == 0x12:  # the one chunk field, as every pdserve sender writes it
+        size, pos = _read_varint(buf, 1)
+        if pos + size == len(buf):
+            return "chunk", _decode_chunk(buf[pos:])
+    try:
+        message = decode_pb2.KVMessage.FromString(data)
+    except DecodeError as exc:
+        raise DataLoss(f"KV message: does not parse ({exc})") from None
+    kind = message.WhichOneof("message")
+    if kind == "chunk":
+        c = message.chunk
+        return kind, KVChunkData(c.layer, c.token_start, c.token_count, c.key, c.value, c.checksum, c.shm_offset)
+    return kind or "", getattr(message, kind) if kind else None

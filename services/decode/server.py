@@ -10,7 +10,7 @@ from pdserve.convert import check_token_ids, layout_from_proto, sampling_from_pr
 from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason
 from pdserve.engine.kv_pool import budget_bytes
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
-from pdserve.kv.receiver import drain, receive_stream
+from pdserve.kv.receiver import add_decode_servicer, drain, read_header, receive_stream
 from pdserve.kv.shm import host_id, sweep_orphans
 from pdserve.model import LoadedModel
 from pdserve.rpc import rpc_errors, start_server
@@ -78,17 +78,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise
 
     async def _push_kv(self, request_iterator) -> decode_pb2.PushKVReply:
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("message") != "header":
-            raise InvalidArgument("PushKV: the first message must be a KVHeader")
-        layout, stream = layout_from_proto(first.header), stream_info_from_proto(first.header)
+        header = await read_header(request_iterator)
+        layout, stream = layout_from_proto(header), stream_info_from_proto(header)
         tid = layout.transfer_id
         assembly = self._engine.begin_transfer(layout, stream)
         try:
             received = await receive_stream(
                 request_iterator, assembly, stream,
-                on_trailer=lambda token: self._engine.complete_transfer(tid, token, stream.stream_index),
-                before_message=lambda: self._engine.check_transfer_alive(tid))
+                on_trailer=lambda token: self._engine.complete_transfer(tid, token, stream.stream_index))
         except Cancelled:
             raise
         except PdserveError as exc:
@@ -125,7 +122,7 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
              pool.allocator.capacity, pool.block_size, pool.nbytes / 2**20, pool.kernel, config.max_batch,
              config.max_queued)
     server, port, health = await start_server(
-        config.listen, SERVICE, lambda server: decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine), server))
+        config.listen, SERVICE, lambda server: add_decode_servicer(DecodeServicer(engine), server))
     return RunningService("decode", server, port, health, (SERVICE,), [engine.stop], engine)
 
 

@@ -1,0 +1,46 @@
+"""KV chunk framing: the hand encoder and decoder agree with protobuf, and broken bytes are DataLoss."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.errors import DataLoss
+from pdserve.kv.wire import KVChunkData, decode_message, encode_chunk
+from pdserve.v1 import decode_pb2
+
+
+def test_hand_encoded_chunk_is_the_protobuf_message_and_decodes_to_views():
+    key, value = bytes(range(48)), bytes(range(100, 148))
+    data = encode_chunk(3, 17, 2, key, value, 0xDEADBEEF12345678, shm_offset=4096)
+    parsed = decode_pb2.KVMessage.FromString(data).chunk
+    assert (parsed.layer, parsed.token_start, parsed.token_count, parsed.key, parsed.value, parsed.checksum,
+            parsed.shm_offset) == (3, 17, 2, key, value, 0xDEADBEEF12345678, 4096)
+    kind, chunk = decode_message(data)
+    assert kind == "chunk" and isinstance(chunk.key, memoryview)
+    assert chunk == KVChunkData(3, 17, 2, key, value, 0xDEADBEEF12345678, 4096)
+
+
+def test_any_field_order_and_unknown_fields_decode_like_protobuf():
+    message = decode_pb2.KVMessage(chunk=decode_pb2.KVChunk(value=b"vv", key=b"kk", layer=1, checksum=5))
+    data = message.SerializeToString()
+    # A field this version does not know (number 15, varint) inside the chunk is skipped.
+    inner = data[2:] + b"\x78\x01"
+    extended = b"\x12" + bytes([len(inner)]) + inner
+    for raw in (data, extended):
+        kind, chunk = decode_message(raw)
+        assert (kind, chunk.layer, bytes(chunk.key), bytes(chunk.value), chunk.checksum) == ("chunk", 1, b"kk", b"vv", 5)
+
+
+def test_header_and_trailer_decode_through_protobuf():
+    kind, header = decode_message(decode_pb2.KVMessage(header=decode_pb2.KVHeader(transfer_id="t")).SerializeToString())
+    assert kind == "header" and header.transfer_id == "t"
+    kind, trailer = decode_message(decode_pb2.KVMessage(trailer=decode_pb2.KVTrailer(first_token_id=9)).SerializeToString())
+    assert kind == "trailer" and trailer.first_token_id == 9
+    assert decode_message(b"") == ("", None)
+
+
+@pytest.mark.parametrize("cut", range(1, 20))
+def test_every_truncation_is_data_loss(cut):
+    data = encode_chunk(1, 0, 2, b"k" * 8, b"v" * 8, 7)
+    with pytest.raises(DataLoss):
+        decode_message(data[:-cut])
