@@ -4,9 +4,14 @@ Part 1, the wire: for each KV shape and prompt length, one transfer of random
 K/V (every layer) from the real senders (``GrpcKVSender`` with 1..n streams,
 ``ShmKVSender``) to a receiver running the decode side's real path (header
 checks, checksum verification, segment mapping, ``KVAssembly`` writing into a
-preallocated pool tensor), on loopback. Ceilings in the same run: raw asyncio
-TCP on one connection (the same bytes in 1 MiB writes) and memcpy into a
-preallocated tensor.
+preallocated pool tensor), on loopback. The receivers run in their own
+process, as a decode server does (``--same-process`` puts them on the
+sender's event loop), each process with its share of the cores' torch
+threads, as ``pdserve up`` gives them. Ceilings in the same run: raw asyncio
+TCP on one connection to that process (the same bytes in 1 MiB writes, read
+and dropped) and memcpy into a preallocated tensor. ``shm`` reuses the
+producer's pooled segment (steady state); ``shm, fresh segment`` creates and
+unlinks one per transfer.
 
 Part 2, TTFT: the default model prefills each prompt on a ``PrefillEngine``
 while the KV streams to a real decode server; the tail = KV complete at
@@ -20,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,10 +41,11 @@ from pdserve.convert import layout_from_proto, stream_info_from_proto
 from pdserve.kv.assembly import KVAssembly
 from pdserve.kv.grpc_sender import GrpcKVSender, ShmKVSender
 from pdserve.kv.receiver import add_decode_servicer, read_header, receive_stream
+from pdserve.kv.shm import SegmentPool
 from pdserve.kv.wire import DTYPE_NAMES, KVLayout
 from pdserve.model.loader import KVShape
 from pdserve.rpc import OPTIONS, ChannelPool
-from pdserve.service import tune_malloc
+from pdserve.service import set_torch_threads, tune_malloc
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
 SHAPES = {  # name: (KV shape, dtype)
@@ -50,16 +59,15 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
 
     def __init__(self) -> None:
         self.pool: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        self.assembly: KVAssembly | None = None
+        self.assemblies: dict[str, KVAssembly] = {}
 
-    def prepare(self, kv: KVShape, dtype: torch.dtype, tokens: int) -> None:
-        """A pool for this shape, allocated and touched once (as the decode pool is), reused across transfers."""
-        shape = (tokens, kv.kv_heads, kv.head_dim)
-        if self.pool is None or self.pool[0][0].shape != shape or self.pool[0][0].dtype != dtype \
-                or len(self.pool[0]) != kv.num_layers:
-            self.pool = ([torch.zeros(shape, dtype=dtype) for _ in range(kv.num_layers)],
-                         [torch.zeros(shape, dtype=dtype) for _ in range(kv.num_layers)])
-        self.assembly = None
+    def _prepare(self, layout: KVLayout) -> None:
+        """A pool for this geometry, allocated and touched once (as the decode pool is), reused across transfers."""
+        shape = (layout.num_tokens, layout.kv_heads, layout.head_dim)
+        if self.pool is None or self.pool[0][0].shape != shape or self.pool[0][0].dtype != layout.torch_dtype \
+                or len(self.pool[0]) != layout.num_layers:
+            self.pool = tuple([torch.zeros(shape, dtype=layout.torch_dtype) for _ in range(layout.num_layers)]
+                              for _ in range(2))
 
     def _write(self, layer, start, k, v) -> None:
         self.pool[0][layer][start:start + k.shape[0]] = k
@@ -68,18 +76,28 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
     async def PushKV(self, request_iterator, context):
         header = await read_header(request_iterator)
         layout, stream = layout_from_proto(header), stream_info_from_proto(header)
-        if self.assembly is None:
-            self.assembly = KVAssembly(layout, self._write, stream)
+        assembly = self.assemblies.get(layout.transfer_id)
+        if assembly is None:
+            self._prepare(layout)
+            assembly = self.assemblies[layout.transfer_id] = KVAssembly(layout, self._write, stream)
         else:
-            self.assembly.attach(layout, stream)
-        await receive_stream(request_iterator, self.assembly, stream,
-                             lambda token: self.assembly.stream_finished(stream.stream_index, token))
-        return decode_pb2.PushKVReply(first_chunk_received_ns=self.assembly.first_chunk_ns,
-                                      last_chunk_received_ns=self.assembly.last_chunk_ns)
+            assembly.attach(layout, stream)
+
+        def on_trailer(token: int) -> None:
+            if assembly.stream_finished(stream.stream_index, token):
+                del self.assemblies[layout.transfer_id]
+
+        await receive_stream(request_iterator, assembly, stream, on_trailer)
+        return decode_pb2.PushKVReply(first_chunk_received_ns=assembly.first_chunk_ns,
+                                      last_chunk_received_ns=assembly.last_chunk_ns)
+
+
+_transfer_ids = itertools.count()
 
 
 async def one_transfer(make_sender, layout: KVLayout, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     sender = make_sender()
+    layout = dataclasses.replace(layout, transfer_id=f"bench-{next(_transfer_ids)}")
     started = time.perf_counter()
     await sender.open(layout)
     for i, (k, v) in enumerate(layers):
@@ -88,37 +106,61 @@ async def one_transfer(make_sender, layout: KVLayout, layers: list[tuple[torch.T
     return time.perf_counter() - started
 
 
-async def raw_tcp_seconds(nbytes: int, chunk: int = 1 << 20) -> float:
-    """One asyncio TCP connection on loopback: the same bytes, written in ``chunk``-byte pieces, read and counted."""
-    done = asyncio.Event()
-    got = 0
-
-    async def handle(reader, writer):
-        nonlocal got
-        while got < nbytes:
-            data = await reader.read(1 << 20)
-            if not data:
-                break
-            got += len(data)
-        done.set()
+async def tcp_sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Raw TCP receiver: an 8-byte length, that many bytes read and dropped, a one-byte ack; repeat."""
+    try:
+        while head := await reader.readexactly(8):
+            left = int.from_bytes(head, "little")
+            while left:
+                left -= len(await reader.read(min(left, 1 << 20)))
+            writer.write(b"k")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+
+async def raw_tcp_seconds(port: int, nbytes: int, chunk: int = 1 << 20) -> float:
+    """One asyncio TCP connection on loopback: the same bytes, written in ``chunk``-byte pieces, until acked."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     payload = bytes(chunk)
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
     started = time.perf_counter()
+    writer.write(nbytes.to_bytes(8, "little"))
     sent = 0
     while sent < nbytes:
-        writer.write(payload[:min(chunk, nbytes - sent)])
-        sent += min(chunk, nbytes - sent)
+        n = min(chunk, nbytes - sent)
+        writer.write(payload[:n])
+        sent += n
         await writer.drain()
-    await done.wait()
+    await reader.readexactly(1)
     elapsed = time.perf_counter() - started
     writer.close()
-    server.close()
-    await server.wait_closed()
     return elapsed
+
+
+async def start_receivers() -> tuple[Receiver, list, int, int]:
+    """The gRPC receiver and the raw TCP sink on port 0 of this loop: (receiver, servers, grpc port, tcp port)."""
+    receiver = Receiver()
+    server = grpc.aio.server(options=OPTIONS)
+    add_decode_servicer(receiver, server)
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    sink = await asyncio.start_server(tcp_sink, "127.0.0.1", 0)
+    return receiver, [server, sink], grpc_port, sink.sockets[0].getsockname()[1]
+
+
+async def stop_receivers(servers) -> None:
+    server, sink = servers
+    sink.close()
+    await server.stop(0)
+
+
+async def serve_receivers() -> None:
+    """``--serve``: the receivers in their own process (the deployment's shape: decode is another
+    process); prints the two ports, runs until stdin closes."""
+    _, servers, grpc_port, tcp_port = await start_receivers()
+    print(grpc_port, tcp_port, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await stop_receivers(servers)
 
 
 def memcpy_seconds(nbytes: int) -> float:
@@ -133,17 +175,23 @@ def memcpy_seconds(nbytes: int) -> float:
 
 
 async def wire(args) -> list[dict]:
-    receiver = Receiver()
-    server = grpc.aio.server(options=OPTIONS)
-    add_decode_servicer(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    address = f"127.0.0.1:{port}"
+    child = None
+    if args.same_process:
+        receiver, servers, grpc_port, tcp_port = await start_receivers()
+    else:
+        receiver, servers = None, None
+        child = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.transfer", "--serve",
+                                                     "--threads", str(args.threads),
+                                                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        grpc_port, tcp_port = map(int, (await child.stdout.readline()).split())
+    address = f"127.0.0.1:{grpc_port}"
     channels = ChannelPool()
     paths = {f"grpc x{n}": (lambda n=n: GrpcKVSender([channels.get(address, lane) for lane in range(n)], address))
              for n in args.streams}
     paths["grpc x1, no checksum"] = lambda: GrpcKVSender([channels.get(address)], address, checksums=False)
-    paths["shm"] = lambda: ShmKVSender(channels.get(address), address)
+    segments = SegmentPool()
+    paths["shm"] = lambda: ShmKVSender(channels.get(address), address, segments)  # steady state: segment reused
+    paths["shm, fresh segment"] = lambda: ShmKVSender(channels.get(address), address, SegmentPool(idle_limit=0))
     rows = []
     try:
         for shape_name, (kv, dtype) in SHAPES.items():
@@ -153,22 +201,26 @@ async def wire(args) -> list[dict]:
                            torch.randn(1, kv.kv_heads, tokens, kv.head_dim).to(dtype)) for _ in range(kv.num_layers)]
                 nbytes = layout.total_bytes
                 row = {"shape": shape_name, "tokens": tokens, "bytes": nbytes}
+                await one_transfer(paths["grpc x1"], layout, layers)  # warm-up: the receiver's pool for this shape
                 for name, make in paths.items():
-                    times = []
-                    for _ in range(args.repeats):
-                        receiver.prepare(kv, dtype, tokens)
-                        times.append(await one_transfer(make, layout, layers))
-                    assert torch.equal(receiver.pool[0][-1], layers[-1][0][0].transpose(0, 1)), name
+                    times = [await one_transfer(make, layout, layers) for _ in range(args.repeats)]
+                    if receiver is not None:  # in another process, the checksums vouch for the bytes
+                        assert torch.equal(receiver.pool[0][-1], layers[-1][0][0].transpose(0, 1)), name
                     row[name] = nbytes / statistics.median(times) / 1e9
-                row["raw TCP x1"] = nbytes / statistics.median([await raw_tcp_seconds(nbytes)
+                row["raw TCP x1"] = nbytes / statistics.median([await raw_tcp_seconds(tcp_port, nbytes)
                                                                 for _ in range(args.repeats)]) / 1e9
                 row["memcpy"] = nbytes / memcpy_seconds(nbytes) / 1e9
                 rows.append(row)
                 print(f"{shape_name} {tokens} tokens ({nbytes / 2**20:.1f} MiB): "
                       + ", ".join(f"{k} {v:.2f} GB/s" for k, v in row.items() if isinstance(v, float)), flush=True)
     finally:
+        segments.close()
         await channels.close()
-        await server.stop(0)
+        if child is not None:
+            child.stdin.close()
+            await child.wait()
+        else:
+            await stop_receivers(servers)
     return rows
 
 
@@ -221,11 +273,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-ttft", action="store_true")
     parser.add_argument("--out", default="bench/out/transfer.json")
+    parser.add_argument("--same-process", action="store_true",
+                        help="receivers on the sender's event loop (default: their own process, as decode is)")
+    parser.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0)) // 2),
+                        help="torch threads per process (as `pdserve up` splits the cores between services)")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    tune_malloc()  # as the services do
+    set_torch_threads(args.threads)
+    if args.serve:
+        asyncio.run(serve_receivers())
+        return 0
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.ttft_lengths = [int(x) for x in args.ttft_lengths.split(",")]
     args.streams = [int(x) for x in args.streams.split(",")]
-    tune_malloc()  # as the services do
 
     wire_rows = asyncio.run(wire(args))
     paths = [k for k in wire_rows[0] if isinstance(wire_rows[0][k], float)]

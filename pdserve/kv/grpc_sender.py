@@ -9,9 +9,11 @@ each queued layer into ~``chunk_bytes`` messages, encoded by hand
 awaiting gRPC flow control: the bytes in flight per stream stay at one
 message however slow the receiver is.
 
-``ShmKVSender`` uses one stream for control: each chunk's K/V is copied
-straight from the layer tensor (device or host) into a shared-memory segment
-at a fixed offset, and the message carries only that offset and the checksum.
+``ShmKVSender`` uses one stream for control: each queued layer range's K/V
+is copied straight from the layer tensor (device or host) into a segment
+from the producer's ``SegmentPool`` at a fixed offset, and one small message
+carries that offset and the checksum (no ~1 MiB chunking: the bytes never
+pass through gRPC).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import grpc
 import torch
 
 from pdserve.errors import Internal, PdserveError
-from pdserve.kv.shm import Segment, unlink
+from pdserve.kv.shm import Segment, SegmentPool
 from pdserve.kv.transport import KVSender, TransferReceipt
 from pdserve.kv.wire import KVLayout, as_bytes_view, checksum, chunk_ranges, encode_chunk, token_major
 from pdserve.rpc import error_from_rpc
@@ -55,6 +57,7 @@ class GrpcKVSender(KVSender):
         self._bytes = 0
         self._messages = 0
         self._first_sent_ns = 0
+        self._acked = False  # every stream's reply arrived: the consumer is done with the transfer
         self.layer_sent_ns: list[int] = []  # per layer: when its last message was written
 
     @property
@@ -116,6 +119,7 @@ class GrpcKVSender(KVSender):
         trailer = decode_pb2.KVMessage(trailer=decode_pb2.KVTrailer(first_token_id=first_token)).SerializeToString()
         try:
             replies = await asyncio.gather(*(self._finish_stream(s, trailer) for s in self._streams))
+            self._acked = True
         finally:
             self._close()
         return TransferReceipt(
@@ -160,9 +164,10 @@ class GrpcKVSender(KVSender):
 class ShmKVSender(GrpcKVSender):
     """Same host: K/V through a shared-memory segment, one gRPC stream for control."""
 
-    def __init__(self, channel: grpc.aio.Channel, address: str, chunk_bytes: int = 1 << 20,
-                 checksums: bool = True, timeout_s: float | None = 300.0) -> None:
-        super().__init__([channel], address, chunk_bytes, checksums, timeout_s)
+    def __init__(self, channel: grpc.aio.Channel, address: str, pool: SegmentPool, checksums: bool = True,
+                 timeout_s: float | None = 300.0) -> None:
+        super().__init__([channel], address, 1 << 62, checksums, timeout_s)
+        self._pool = pool
         self._segment: Segment | None = None
         self._buffer: torch.Tensor | None = None
 
@@ -171,7 +176,7 @@ class ShmKVSender(GrpcKVSender):
         return self._segment.name if self._segment else ""
 
     async def open(self, layout: KVLayout) -> None:
-        self._segment = Segment.create(layout.total_bytes)
+        self._segment = self._pool.acquire(layout.total_bytes)
         self._buffer = torch.frombuffer(self._segment.map, dtype=torch.uint8)
         await super().open(layout)
 
@@ -191,6 +196,8 @@ class ShmKVSender(GrpcKVSender):
     def _close(self) -> None:
         if self._segment is not None:
             self._buffer = None
-            unlink(self._segment.name)
-            self._segment.close()
+            if self._acked:  # the consumer has read it all: reuse
+                self._pool.release(self._segment)
+            else:  # failed or aborted: the consumer may still read it, so never reuse it
+                self._pool.discard(self._segment)
             self._segment = None

@@ -16,10 +16,12 @@ import grpc
 
 from pdserve.errors import InvalidArgument
 from pdserve.kv.assembly import KVAssembly
-from pdserve.kv.shm import Segment, chunk_from_segment
+from pdserve.kv.shm import SegmentCache, chunk_from_segment
 from pdserve.kv.wire import StreamInfo, decode_message
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
+# This process's mappings of producers' segments, kept across transfers.
+SEGMENTS = SegmentCache()
 # How long a rejected push is read to its end before the server answers anyway.
 DRAIN_SECONDS = 10.0
 
@@ -29,25 +31,21 @@ async def receive_stream(messages: AsyncIterator[bytes], assembly: KVAssembly, s
     """Feeds the stream's chunks to ``assembly`` and its trailer's first token to ``on_trailer``;
     returns the K/V bytes this stream carried. Stops with the transfer's failure once it has one."""
     layout = assembly.layout
-    segment = Segment.open(stream.shm_segment) if stream.shm_segment else None
+    segment = SEGMENTS.open(stream.shm_segment) if stream.shm_segment else None
     received = 0
-    try:
-        async for data in messages:
-            assembly.check_alive()
-            kind, message = decode_message(data)
-            if kind == "chunk":
-                chunk = message
-                assembly.add(chunk if segment is None else chunk_from_segment(chunk, segment, layout))
-                received += 2 * chunk.token_count * layout.token_bytes
-            elif kind == "trailer":
-                on_trailer(message.first_token_id)
-                return received
-            else:
-                raise InvalidArgument(f"PushKV: unexpected {kind or 'empty'} message after the header")
-        raise InvalidArgument("PushKV: stream ended before the KVTrailer")
-    finally:
-        if segment is not None:
-            segment.close()
+    async for data in messages:
+        assembly.check_alive()
+        kind, message = decode_message(data)
+        if kind == "chunk":
+            chunk = message
+            assembly.add(chunk if segment is None else chunk_from_segment(chunk, segment, layout))
+            received += 2 * chunk.token_count * layout.token_bytes
+        elif kind == "trailer":
+            on_trailer(message.first_token_id)
+            return received
+        else:
+            raise InvalidArgument(f"PushKV: unexpected {kind or 'empty'} message after the header")
+    raise InvalidArgument("PushKV: stream ended before the KVTrailer")
 
 
 async def drain(messages: AsyncIterator[bytes], limit_s: float = DRAIN_SECONDS) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 
 from pdserve import config as cfg
@@ -11,7 +12,7 @@ from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason
 from pdserve.engine.kv_pool import budget_bytes
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
 from pdserve.kv.receiver import add_decode_servicer, drain, read_header, receive_stream
-from pdserve.kv.shm import host_id, sweep_orphans
+from pdserve.kv.shm import host_id, sweep_orphans, sweep_periodically
 from pdserve.model import LoadedModel
 from pdserve.rpc import rpc_errors, start_server
 from pdserve.service import RunningService, load_model_for, run_service, service_main
@@ -117,13 +118,19 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
                           prefill_chunk_tokens=config.prefill_chunk_tokens, paged_kernel=config.paged_kernel)
     engine.start()
     sweep_orphans()
+    sweeper = asyncio.get_running_loop().create_task(sweep_periodically(), name="shm-sweep")
     pool = engine.pool
     log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %s kernel), max_batch %d, max_queued %d",
              pool.allocator.capacity, pool.block_size, pool.nbytes / 2**20, pool.kernel, config.max_batch,
              config.max_queued)
     server, port, health = await start_server(
         config.listen, SERVICE, lambda server: add_decode_servicer(DecodeServicer(engine), server))
-    return RunningService("decode", server, port, health, (SERVICE,), [engine.stop], engine)
+
+    async def close() -> None:
+        sweeper.cancel()
+        await engine.stop()
+
+    return RunningService("decode", server, port, health, (SERVICE,), [close], engine)
 
 
 def main(argv: list[str] | None = None) -> None:

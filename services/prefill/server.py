@@ -13,7 +13,7 @@ from pdserve.engine.prefill import PrefillEngine
 from pdserve.errors import InvalidArgument
 from pdserve.aio import ByteBudget
 from pdserve.kv.grpc_sender import GrpcKVSender, ShmKVSender
-from pdserve.kv.shm import host_id, sweep_orphans
+from pdserve.kv.shm import SegmentPool, host_id, sweep_orphans
 from pdserve.kv.transport import KVSender
 from pdserve.model import LoadedModel
 from pdserve.rpc import ChannelPool, rpc_errors, start_server
@@ -32,6 +32,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self._config = config
         self.inflight = ByteBudget(config.kv_inflight_limit)  # KV bytes of unfinished transfers
         self._same_host: dict[str, bool] = {}  # decode address -> shares this host's /dev/shm
+        self.segments = SegmentPool(idle_limit=config.kv_inflight_limit)
 
     async def _transport(self, address: str) -> str:
         transport = self._config.kv_transport
@@ -52,7 +53,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def _sender(self, address: str) -> KVSender:
         c = self._config
         if await self._transport(address) == "shm":
-            return ShmKVSender(self._channels.get(address), address, c.kv_chunk_bytes, c.kv_checksums)
+            return ShmKVSender(self._channels.get(address), address, self.segments, c.kv_checksums)
         channels = [self._channels.get(address, lane) for lane in range(c.kv_streams)]
         return GrpcKVSender(channels, address, c.kv_chunk_bytes, c.kv_checksums)
 
@@ -110,6 +111,7 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
         config.listen, SERVICE, lambda server: prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server))
 
     async def close() -> None:
+        servicer.segments.close()
         await channels.close()
         await engine.close()
 

@@ -1,0 +1,59 @@
+"""Shared-memory segments: the producer's pool reuses them, the consumer's cache maps each once."""
+
+from __future__ import annotations
+
+import os
+
+from pdserve.kv import shm
+
+
+def mine() -> list[str]:
+    return [n for n in shm.segment_names() if n.startswith(f"{shm.PREFIX}{os.getpid()}-")]
+
+
+def test_pool_reuses_released_segments_by_size_class_and_caps_idle_bytes():
+    pool = shm.SegmentPool(idle_limit=3 << 20)
+    before = set(mine())
+    a = pool.acquire(1000)  # rounded up to the 1 MiB minimum
+    assert a.size == 1 << 20
+    pool.release(a)
+    b = pool.acquire(700_000)
+    assert b is a and pool.created == 1  # same class: reused, not created
+    c = pool.acquire(3 << 20)  # -> 4 MiB class
+    assert c.size == 4 << 20
+    pool.release(b)
+    pool.release(c)  # 1 + 4 MiB idle would exceed 3 MiB: c is unlinked instead
+    assert pool.idle_bytes == 1 << 20 and c.name not in mine()
+    d = pool.acquire(5 << 20)
+    pool.discard(d)  # a failed transfer's segment is never reused
+    assert d.name not in mine()
+    pool.close()
+    assert set(mine()) == before
+
+
+def test_cache_maps_once_and_forgets_segments_whose_name_is_gone():
+    pool = shm.SegmentPool()
+    cache = shm.SegmentCache(capacity=2)
+    a, b, c = (pool.acquire(n << 20) for n in (1, 2, 4))
+    a.view[:3] = b"abc"
+    seen = cache.open(a.name)
+    assert cache.open(a.name) is seen and bytes(seen.view[:3]) == b"abc"
+    cache.open(b.name)
+    pool.discard(a)  # the producer removed it: the next new name drops its mapping
+    cache.open(c.name)
+    assert len(cache) == 2 and a.name not in cache._maps
+    pool.release(b)
+    pool.release(c)
+    pool.close()
+
+
+def test_sweep_removes_segments_of_dead_producers_only():
+    dead = f"{shm.PREFIX}{2**22 + 12345}-{'0' * 16}"  # beyond pid_max on this kernel's default
+    open(os.path.join(shm.SHM_DIR, dead), "wb").close()
+    pool = shm.SegmentPool()
+    live = pool.acquire(1)
+    try:
+        assert shm.sweep_orphans() >= 1
+        assert dead not in shm.segment_names() and live.name in shm.segment_names()
+    finally:
+        pool.discard(live)
