@@ -92,6 +92,9 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
                                                                 "verified by decode (DATA_LOSS on mismatch)"})
     kv_inflight_bytes: str = field(default="1GiB", metadata={
         "help": "most KV bytes of unfinished transfers at once; further prompts wait (backpressure)"})
+    kv_quantization: str = field(default="none", metadata={
+        "help": "none (exact) or int8: K per channel and V per token as int8 on the wire, ~1/2 (bf16) or ~1/4 "
+                "(fp32) of the bytes, NOT token-exact; gRPC only (a same-host decode gets it over gRPC too)"})
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
@@ -103,6 +106,10 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
             raise ConfigError(f"kv_transport: must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
         if not 1 <= self.kv_streams <= 64:
             raise ConfigError(f"kv_streams: must be in [1, 64], got {self.kv_streams}")
+        if self.kv_quantization not in ("none", "int8"):
+            raise ConfigError(f"kv_quantization: must be none or int8, got {self.kv_quantization!r}")
+        if self.kv_quantization != "none" and self.kv_transport == "shm":
+            raise ConfigError("kv_quantization: int8 travels over gRPC; it cannot be combined with kv_transport=shm")
         size, _ = parse_budget(self.kv_inflight_bytes) if _SIZE.match(self.kv_inflight_bytes.strip()) else (None, None)
         if size is None:
             raise ConfigError(f"kv_inflight_bytes: expected a size such as 512MiB or 2GiB, got {self.kv_inflight_bytes!r}")

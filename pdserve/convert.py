@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import InvalidArgument
-from pdserve.kv.wire import KVLayout, StreamInfo
+from pdserve.kv.wire import QUANTIZATIONS, KVLayout, StreamInfo
 from pdserve.v1 import common_pb2, decode_pb2
 
 def sampling_from_proto(msg: common_pb2.SamplingParams, default_seed: int = 0) -> SamplingParams:
@@ -37,7 +37,12 @@ def layout_to_proto(layout: KVLayout) -> decode_pb2.KVHeader:
 
 
 def stream_info_from_proto(header: decode_pb2.KVHeader) -> StreamInfo:
-    return StreamInfo(header.num_streams or 1, header.stream_index, header.shm_segment, header.checksums)
+    if header.quantization not in QUANTIZATIONS:
+        raise InvalidArgument(f"header.quantization: {header.quantization!r} unsupported (one of {QUANTIZATIONS})")
+    if header.quantization and header.shm_segment:
+        raise InvalidArgument("header.quantization: int8 travels over gRPC only, not shared memory")
+    return StreamInfo(header.num_streams or 1, header.stream_index, header.shm_segment, header.checksums,
+                      header.quantization)
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, field: str = "token_ids") -> None:

@@ -59,6 +59,12 @@ CASES = {
                      "is not a pdserve KV segment name"),
     "missing segment": (lambda tid: [header(tid, shm_segment="pdserve-kv-1-0123456789abcdef"), trailer()],
                         "cannot open"),
+    "unknown quantization": (lambda tid: [header(tid, quantization="int4"), *full_layers(), trailer()],
+                             "header.quantization: 'int4' unsupported"),
+    "int8 over shm": (lambda tid: [header(tid, quantization="int8", shm_segment="pdserve-kv-1-0123456789abcdef"),
+                                   trailer()], "int8 travels over gRPC only"),
+    "int8 without scales": (lambda tid: [header(tid, quantization="int8"), chunk(0, nbytes=TOKENS * HEADS * DIM),
+                                         trailer()], "chunk.key_scales: 0 bytes"),
 }
 
 

@@ -199,3 +199,22 @@ async def test_a_slow_receiver_makes_prefill_wait_instead_of_piling_up_kv(tiny_c
         await server.stop(0)
         await channels.close()
         await engine.close()
+
+
+async def test_int8_wire_moves_a_quarter_of_fp32_bytes_and_keeps_the_first_token():
+    """Opt-in int8 is not token-exact, so this checks what it promises: the bytes, and that the request
+    decodes; the quality cost is measured by bench/int8_quality.py, not asserted."""
+    loaded = get_loaded("preset:tiny-llama")  # float32: 4 heads-dims bytes -> 1, plus scales
+    cluster = await start_cluster(loaded, prefill_options={"kv_transport": "auto", "kv_quantization": "int8",
+                                                           "kv_chunk_bytes": 4096})
+    prompt = list(range(30, 100))
+    try:
+        async with AsyncClient(cluster.address) as client:
+            result = await client.generate(token_ids=prompt, max_tokens=6, temperature=0, ignore_eos=True)
+        kv = loaded.info.kv
+        exact = 2 * kv.num_layers * len(prompt) * kv.kv_heads * kv.head_dim * 4
+        assert exact / 4 < result.server_timings["kv_bytes"] < exact / 3.5
+        assert len(result.token_ids) == 6
+        assert result.token_ids[0] == reference_greedy(loaded, prompt, 1)[0]  # sampled from prefill's exact logits
+    finally:
+        await cluster.stop()

@@ -44,3 +44,26 @@ def test_every_truncation_is_data_loss(cut):
     data = encode_chunk(1, 0, 2, b"k" * 8, b"v" * 8, 7)
     with pytest.raises(DataLoss):
         decode_message(data[:-cut])
+
+
+def test_int8_error_is_within_half_a_step_per_channel_for_k_and_per_token_for_v():
+    import torch
+
+    from pdserve.kv.wire import dequantize_int8, quantize_int8
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(37, 3, 16, generator=g) * torch.linspace(0.1, 10, 16)  # channels of very different range
+    v = torch.randn(37, 3, 16, generator=g) * torch.linspace(0.1, 10, 37)[:, None, None]  # tokens likewise
+    k8, v8, ks, vs = quantize_int8(k, v)
+    assert (k8.dtype, v8.dtype, ks.shape, vs.shape) == (torch.int8, torch.int8, (3, 16), (37,))
+    dk, dv = dequantize_int8(k8, v8, ks, vs, torch.float32)
+    assert ((dk - k).abs() <= ks / 2 + 1e-6).all()
+    assert ((dv - v).abs() <= vs[:, None, None] / 2 + 1e-6).all()
+
+
+def test_int8_chunk_carries_its_scales():
+    data = encode_chunk(0, 0, 2, b"k" * 4, b"v" * 4, 1, key_scales=b"s" * 8, value_scales=b"t" * 8)
+    parsed = decode_pb2.KVMessage.FromString(data).chunk
+    assert (parsed.key_scales, parsed.value_scales) == (b"s" * 8, b"t" * 8)
+    _, chunk = decode_message(data)
+    assert (bytes(chunk.key_scales), bytes(chunk.value_scales)) == (b"s" * 8, b"t" * 8)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from pdserve.errors import DataLoss, InvalidArgument, PdserveError
-from pdserve.kv.wire import DTYPES, KVChunkData, KVLayout, StreamInfo, checksum, from_bytes
+from pdserve.kv.wire import DTYPES, KVChunkData, KVLayout, StreamInfo, checksum, dequantize_int8, from_bytes
 
 MAX_STREAMS = 64
 
@@ -79,8 +79,8 @@ class KVAssembly:
 
     def attach(self, layout: KVLayout, stream: StreamInfo) -> None:
         """Another stream of the same transfer announced itself."""
-        if layout != self.layout or (stream.num_streams, stream.checksums) != (self.stream.num_streams,
-                                                                               self.stream.checksums):
+        if layout != self.layout or (stream.num_streams, stream.checksums, stream.quantization) != (
+                self.stream.num_streams, self.stream.checksums, self.stream.quantization):
             raise InvalidArgument(f"header: stream {stream.stream_index} of transfer {layout.transfer_id!r} "
                                   "disagrees with the transfer's first header")
         _check_index(stream)
@@ -108,18 +108,30 @@ class KVAssembly:
         end = chunk.token_start + chunk.token_count
         if end > lay.num_tokens:
             raise InvalidArgument(f"chunk: layer {chunk.layer} tokens up to {end} exceed header.num_tokens {lay.num_tokens}")
-        want = chunk.token_count * lay.token_bytes
-        for name, data in (("key", chunk.key), ("value", chunk.value)):
-            if len(data) != want:
+        int8 = self.stream.quantization == "int8"
+        itemsize = 1 if int8 else lay.torch_dtype.itemsize
+        want = chunk.token_count * lay.kv_heads * lay.head_dim * itemsize
+        expected = {"key": want, "value": want}
+        if int8:
+            expected.update(key_scales=lay.kv_heads * lay.head_dim * 4, value_scales=chunk.token_count * 4)
+        for name, size in expected.items():
+            got = len(getattr(chunk, name))
+            if got != size:
                 raise InvalidArgument(
-                    f"chunk.{name}: {len(data)} bytes for {chunk.token_count} tokens of layer {chunk.layer}; "
-                    f"expected {want} ({lay.kv_heads} heads x {lay.head_dim} dims x {lay.torch_dtype.itemsize} bytes per token)"
-                )
-        if self.stream.checksums and checksum(chunk.key, chunk.value) != chunk.checksum:
+                    f"chunk.{name}: {got} bytes for {chunk.token_count} tokens of layer {chunk.layer}; expected "
+                    f"{size} ({lay.kv_heads} heads x {lay.head_dim} dims x {itemsize} bytes per token"
+                    f"{', int8' if int8 else ''})")
+        parts = (chunk.key, chunk.value, chunk.key_scales, chunk.value_scales) if int8 else (chunk.key, chunk.value)
+        if self.stream.checksums and checksum(*parts) != chunk.checksum:
             raise DataLoss(f"chunk: checksum mismatch in layer {chunk.layer} tokens [{chunk.token_start}, {end})")
         shape = (chunk.token_count, lay.kv_heads, lay.head_dim)
-        self._write(chunk.layer, chunk.token_start, from_bytes(chunk.key, lay.torch_dtype, shape),
-                    from_bytes(chunk.value, lay.torch_dtype, shape))
+        if int8:
+            k, v = dequantize_int8(from_bytes(chunk.key, torch.int8, shape), from_bytes(chunk.value, torch.int8, shape),
+                                   from_bytes(chunk.key_scales, torch.float32, shape[1:]),
+                                   from_bytes(chunk.value_scales, torch.float32, shape[:1]), lay.torch_dtype)
+        else:
+            k, v = from_bytes(chunk.key, lay.torch_dtype, shape), from_bytes(chunk.value, lay.torch_dtype, shape)
+        self._write(chunk.layer, chunk.token_start, k, v)
         self._next_token[chunk.layer] = end
         now = time.monotonic_ns()
         self.first_chunk_ns = self.first_chunk_ns or now

@@ -27,7 +27,8 @@ import torch
 from pdserve.errors import Internal, PdserveError
 from pdserve.kv.shm import Segment, SegmentPool
 from pdserve.kv.transport import KVSender, TransferReceipt
-from pdserve.kv.wire import KVLayout, as_bytes_view, checksum, chunk_ranges, encode_chunk, token_major
+from pdserve.kv.wire import (QUANTIZATIONS, KVLayout, as_bytes_view, checksum, chunk_ranges, encode_chunk,
+                             quantize_int8, token_major)
 from pdserve.rpc import error_from_rpc
 from pdserve.v1 import decode_pb2
 
@@ -45,9 +46,12 @@ class _Stream:
 
 class GrpcKVSender(KVSender):
     def __init__(self, channels: list[grpc.aio.Channel], address: str, chunk_bytes: int = 1 << 20,
-                 checksums: bool = True, timeout_s: float | None = 300.0) -> None:
+                 checksums: bool = True, timeout_s: float | None = 300.0, quantization: str = "") -> None:
         if not channels:
             raise ValueError("GrpcKVSender needs at least one channel")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: {quantization!r} not one of {QUANTIZATIONS}")
+        self._quantization = quantization
         self._streams = [_Stream(c, i) for i, c in enumerate(channels)]
         self._address = address
         self._chunk_bytes = chunk_bytes
@@ -77,7 +81,8 @@ class GrpcKVSender(KVSender):
         header = decode_pb2.KVHeader(transfer_id=layout.transfer_id, num_layers=layout.num_layers,
                                      num_tokens=layout.num_tokens, kv_heads=layout.kv_heads,
                                      head_dim=layout.head_dim, dtype=layout.dtype, num_streams=n,
-                                     shm_segment=self.shm_segment, checksums=self._checksums)
+                                     shm_segment=self.shm_segment, checksums=self._checksums,
+                                     quantization=self._quantization)
         for s in self._streams:
             header.stream_index = s.index
             await self._write(s, decode_pb2.KVMessage(header=header).SerializeToString())
@@ -96,7 +101,9 @@ class GrpcKVSender(KVSender):
 
     async def _pump(self, stream: _Stream) -> None:
         lay = self._layout
-        per_token = 2 * lay.token_bytes
+        # K/V payload bytes: int8 is one byte per element, plus a 4-byte scale per token and per channel.
+        per_token = 2 * lay.kv_heads * lay.head_dim + 4 if self._quantization else 2 * lay.token_bytes
+        per_chunk = 4 * lay.kv_heads * lay.head_dim if self._quantization else 0
         while (item := await stream.queue.get()) is not None:
             layer, token_start, keys, values = item
             for start, end in chunk_ranges(keys.shape[2], per_token, self._chunk_bytes):
@@ -104,12 +111,17 @@ class GrpcKVSender(KVSender):
                 if not self._first_sent_ns:
                     self._first_sent_ns = time.monotonic_ns()
                 await self._write(stream, message)
-                self._bytes += (end - start) * per_token
+                self._bytes += (end - start) * per_token + per_chunk
                 self._messages += 1
             self.layer_sent_ns[layer] = time.monotonic_ns()
 
     def _encode(self, layer: int, token_start: int, keys, values, start: int, end: int) -> bytes:
         """One chunk message for tokens [start, end) of (1, H, T, D) ``keys``/``values``."""
+        if self._quantization == "int8":  # quantized where the tensors are: a GPU copies a quarter of the bytes out
+            k8, v8, ks, vs = quantize_int8(keys[0, :, start:end].transpose(0, 1), values[0, :, start:end].transpose(0, 1))
+            parts = [as_bytes_view(t.contiguous().cpu()) for t in (k8, v8, ks, vs)]
+            return encode_chunk(layer, token_start + start, end - start, parts[0], parts[1],
+                                checksum(*parts) if self._checksums else 0, key_scales=parts[2], value_scales=parts[3])
         k, v = as_bytes_view(token_major(keys[:, :, start:end])), as_bytes_view(token_major(values[:, :, start:end]))
         return encode_chunk(layer, token_start + start, end - start, k, v, checksum(k, v) if self._checksums else 0)
 

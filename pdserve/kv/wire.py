@@ -76,6 +76,7 @@ class StreamInfo:
     stream_index: int = 0
     shm_segment: str = ""
     checksums: bool = True
+    quantization: str = ""  # "" exact, or "int8" (see quantize_int8)
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,35 @@ class KVChunkData:
     value: bytes | memoryview
     checksum: int = 0
     shm_offset: int = 0
+    key_scales: bytes | memoryview = b""
+    value_scales: bytes | memoryview = b""
 
 
-def checksum(key, value) -> int:
-    h = xxhash.xxh3_64(key)
-    h.update(value)
+QUANTIZATIONS = ("", "int8")
+
+
+def checksum(*parts) -> int:
+    """xxh3-64 over the parts in order (key, value, then any scales)."""
+    h = xxhash.xxh3_64()
+    for part in parts:
+        h.update(part)
     return h.intdigest()
+
+
+def quantize_int8(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(T, H, D) K/V -> int8 K with a float32 scale per channel (H, D) over these tokens, int8 V with a
+    float32 scale per token (T,): symmetric, scale = absmax / 127. Returns (k8, v8, k_scales, v_scales)."""
+    k, v = keys.float(), values.float()
+    k_scales = k.abs().amax(dim=0).clamp_min(1e-12) / 127
+    v_scales = v.abs().amax(dim=(1, 2)).clamp_min(1e-12) / 127
+    k8 = (k / k_scales).round_().clamp_(-127, 127).to(torch.int8)
+    v8 = (v / v_scales[:, None, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return k8, v8, k_scales, v_scales
+
+
+def dequantize_int8(k8: torch.Tensor, v8: torch.Tensor, k_scales: torch.Tensor, v_scales: torch.Tensor,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return (k8.float() * k_scales).to(dtype), (v8.float() * v_scales[:, None, None]).to(dtype)
 
 
 def token_major(states: torch.Tensor) -> torch.Tensor:
@@ -135,14 +159,17 @@ def _varint(n: int) -> bytes:
 
 
 def encode_chunk(layer: int, token_start: int, token_count: int, key, value, checksum_: int = 0,
-                 shm_offset: int = 0) -> bytes:
+                 shm_offset: int = 0, key_scales=b"", value_scales=b"") -> bytes:
     """A serialized ``KVMessage{chunk: KVChunk{...}}`` (decode.proto), K/V copied once into it."""
     head = (b"\x08" + _varint(layer) + b"\x10" + _varint(token_start) + b"\x18" + _varint(token_count)
             + b"\x22" + _varint(len(key)))
     mid = b"\x2a" + _varint(len(value))
     tail = b"\x31" + checksum_.to_bytes(8, "little") + (b"\x38" + _varint(shm_offset) if shm_offset else b"")
-    size = len(head) + len(key) + len(mid) + len(value) + len(tail)
-    return b"".join((b"\x12", _varint(size), head, key, mid, value, tail))
+    parts = [head, key, mid, value, tail]
+    if len(key_scales) or len(value_scales):
+        parts += [b"\x42" + _varint(len(key_scales)), key_scales, b"\x4a" + _varint(len(value_scales)), value_scales]
+    body = sum(len(p) for p in parts)
+    return b"".join((b"\x12", _varint(body), *parts))
 
 
 def from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -164,11 +191,13 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 
 
 _CHUNK_VARINTS = {1: "layer", 2: "token_start", 3: "token_count", 7: "shm_offset"}
+_CHUNK_BYTES = {4: "key", 5: "value", 8: "key_scales", 9: "value_scales"}
 
 
 def _decode_chunk(buf: memoryview) -> KVChunkData:
     """A ``KVChunk`` in protobuf wire format, any field order, unknown fields skipped; K/V stay views."""
-    fields = {"layer": 0, "token_start": 0, "token_count": 0, "key": b"", "value": b"", "checksum": 0, "shm_offset": 0}
+    fields = {"layer": 0, "token_start": 0, "token_count": 0, "key": b"", "value": b"", "checksum": 0, "shm_offset": 0,
+              "key_scales": b"", "value_scales": b""}
     pos, end = 0, len(buf)
     while pos < end:
         tag, pos = _read_varint(buf, pos)
@@ -187,8 +216,8 @@ def _decode_chunk(buf: memoryview) -> KVChunkData:
             size, pos = _read_varint(buf, pos)
             if pos + size > end:
                 raise DataLoss(f"KV message: field {number} claims {size} bytes, {end - pos} left")
-            if number in (4, 5):
-                fields["key" if number == 4 else "value"] = buf[pos:pos + size]
+            if number in _CHUNK_BYTES:
+                fields[_CHUNK_BYTES[number]] = buf[pos:pos + size]
             pos += size
         elif wire_type == 5:
             pos += 4
@@ -216,5 +245,6 @@ def decode_message(data: bytes) -> tuple[str, object]:
     kind = message.WhichOneof("message")
     if kind == "chunk":
         c = message.chunk
-        return kind, KVChunkData(c.layer, c.token_start, c.token_count, c.key, c.value, c.checksum, c.shm_offset)
+        return kind, KVChunkData(c.layer, c.token_start, c.token_count, c.key, c.value, c.checksum, c.shm_offset,
+                                 c.key_scales, c.value_scales)
     return kind or "", getattr(message, kind) if kind else None

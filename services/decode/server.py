@@ -80,7 +80,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     async def _push_kv(self, request_iterator) -> decode_pb2.PushKVReply:
         header = await read_header(request_iterator)
-        layout, stream = layout_from_proto(header), stream_info_from_proto(header)
+        try:
+            layout, stream = layout_from_proto(header), stream_info_from_proto(header)
+        except InvalidArgument as exc:  # the request waiting for this transfer learns why at once
+            self._engine.fail_transfer(header.transfer_id, DataLoss(f"KV transfer rejected: {exc}"))
+            raise
         tid = layout.transfer_id
         assembly = self._engine.begin_transfer(layout, stream)
         try:

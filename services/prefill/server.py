@@ -38,6 +38,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         transport = self._config.kv_transport
         if transport != "auto":
             return transport
+        if self._config.kv_quantization != "none":
+            return "grpc"  # int8 exists to cut wire bytes; shared memory has none to cut
         if address not in self._same_host:
             here = host_id()
             try:
@@ -55,7 +57,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if await self._transport(address) == "shm":
             return ShmKVSender(self._channels.get(address), address, self.segments, c.kv_checksums)
         channels = [self._channels.get(address, lane) for lane in range(c.kv_streams)]
-        return GrpcKVSender(channels, address, c.kv_chunk_bytes, c.kv_checksums)
+        return GrpcKVSender(channels, address, c.kv_chunk_bytes, c.kv_checksums,
+                            quantization="" if c.kv_quantization == "none" else c.kv_quantization)
 
     @rpc_errors
     async def Prefill(self, request, context):
