@@ -89,7 +89,9 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
 
         await receive_stream(request_iterator, assembly, stream, on_trailer)
         return decode_pb2.PushKVReply(first_chunk_received_ns=assembly.first_chunk_ns,
-                                      last_chunk_received_ns=assembly.last_chunk_ns)
+                                      last_chunk_received_ns=assembly.last_chunk_ns,
+                                      layer_received_ns=assembly.layer_received_ns,
+                                      layer_written_ns=assembly.layer_written_ns)
 
 
 _transfer_ids = itertools.count()
@@ -224,6 +226,33 @@ async def wire(args) -> list[dict]:
     return rows
 
 
+async def layer_timeline(cluster, prompt: list[int], tid: str) -> dict:
+    """One prefill straight to the prefill server (a decode reservation first, as the gateway makes):
+    per layer, ms after the forward pass started that its last chunk was ready, sent, received, written."""
+    from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+
+    greedy = common_pb2.SamplingParams(temperature=0)
+    async with grpc.aio.insecure_channel(cluster.decode_address) as dch, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{cluster.prefill.port}") as pch:
+        decode = decode_pb2_grpc.DecodeStub(dch).Generate(decode_pb2.DecodeRequest(
+            request_id=tid, transfer_id=tid, prompt_tokens=len(prompt), max_tokens=2, sampling=greedy))
+        await decode.read()  # reserved
+        events = [e async for e in prefill_pb2_grpc.PrefillStub(pch).Prefill(prefill_pb2.PrefillRequest(
+            request_id=tid, token_ids=prompt, sampling=greedy, decode_address=cluster.decode_address,
+            transfer_id=tid))]
+        while await decode.read() is not grpc.aio.EOF:
+            pass
+    done = events[-1].transfer_done
+    t0 = done.forward_start_ns
+
+    def ms(ns: int) -> float:
+        return (ns - t0) / 1e6
+
+    return {"forward_ms": ms(done.forward_end_ns),
+            "layers": [{"ready": ms(a), "sent": ms(b), "received": ms(c), "written": ms(d)} for a, b, c, d in
+                       zip(done.layer_ready_ns, done.layer_sent_ns, done.layer_received_ns, done.layer_written_ns)]}
+
+
 async def ttft(args) -> list[dict]:
     from tests.cluster import start_cluster  # in-process services on port 0
 
@@ -254,6 +283,8 @@ async def ttft(args) -> list[dict]:
                            "tokens": tokens, "kv_bytes": t[0]["kv_bytes"], "forward_ms": forward, "queue_ms": queue,
                            "transfer_ms": statistics.median(s.get("kv_transfer_ms", 0.0) for s in t), "tail_ms": tail,
                            "overhead": tail / (forward + queue)}
+                    if tokens == args.overlap_length:
+                        row["timeline"] = await layer_timeline(cluster, prompt, f"timeline-{transport}-{streams}")
                     rows.append(row)
                     print(f"{row['transport']} {tokens} tokens: forward {forward:.1f} ms, transfer "
                           f"{row['transfer_ms']:.1f} ms, tail after forward {tail:.1f} ms "
@@ -263,10 +294,26 @@ async def ttft(args) -> list[dict]:
     return rows
 
 
+def print_timeline(row: dict) -> None:
+    t = row["timeline"]
+    layers = t["layers"]
+    shown = sorted({*range(0, len(layers), max(1, len(layers) // 8)), len(layers) - 1})
+    print(f"\nPer-layer timeline, {row['transport']}, {row['tokens']} tokens: ms after the forward pass started "
+          f"(it ended at {t['forward_ms']:.1f} ms)\n")
+    print("| layer | ready at prefill | sent | received at decode | written into the pool | written - ready |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for i in shown:
+        x = layers[i]
+        print(f"| {i} | {x['ready']:.1f} | {x['sent']:.1f} | {x['received']:.1f} | {x['written']:.1f} "
+              f"| {x['written'] - x['ready']:.1f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="128,512,2048,8192")
-    parser.add_argument("--ttft-lengths", default="128,512,2048")
+    parser.add_argument("--ttft-lengths", default="128,512,2048,8190")
+    parser.add_argument("--overlap-length", type=int, default=2048,
+                        help="TTFT length whose per-layer timeline is printed")
     parser.add_argument("--streams", default="1,2,4")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="default")
@@ -303,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['transport']} | {r['tokens']} | {r['kv_bytes'] / 2**20:.1f} | "
                   f"{r['queue_ms'] + r['forward_ms']:.1f} | {r['transfer_ms']:.1f} | {r['tail_ms']:.1f} | "
                   f"{100 * r['overhead']:.1f}% |")
+        for r in ttft_rows:
+            if "timeline" in r:
+                print_timeline(r)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,

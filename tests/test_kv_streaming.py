@@ -31,4 +31,10 @@ async def test_first_layer_reaches_decode_before_the_forward_pass_ends(smol, smo
     forward = done.forward_end_ns - done.forward_start_ns
     assert done.first_chunk_received_ns - done.forward_start_ns < forward / 2
     assert first.forward_ms > 0
+    # Every layer: ready at prefill <= sent <= arrived at decode <= written into its pool, and all but the
+    # last layer were written before the forward pass ended (the transfer hides behind it).
+    per_layer = list(zip(done.layer_ready_ns, done.layer_sent_ns, done.layer_received_ns, done.layer_written_ns))
+    assert len(per_layer) == smol.info.kv.num_layers
+    assert all(0 < ready <= sent <= received <= written for ready, sent, received, written in per_layer)
+    assert sum(written < done.forward_end_ns for *_, written in per_layer) >= len(per_layer) - 1
     assert [t.token.index for t in tokens] == [1, 2]

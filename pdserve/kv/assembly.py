@@ -65,6 +65,7 @@ class KVAssembly:
         self._first_token: int | None = None
         self.first_chunk_ns = 0
         self.last_chunk_ns = 0
+        self.layer_received_ns = [0] * layout.num_layers  # when each layer's last chunk arrived
         self.layer_written_ns = [0] * layout.num_layers  # when each layer's last token was written
         self.failure: PdserveError | None = None
 
@@ -89,6 +90,7 @@ class KVAssembly:
         self._streams_open.add(stream.stream_index)
 
     def add(self, chunk: KVChunkData) -> None:
+        arrived = time.monotonic_ns()
         self.check_alive()
         lay = self.layout
         if not 0 <= chunk.layer < lay.num_layers:
@@ -134,9 +136,10 @@ class KVAssembly:
         self._write(chunk.layer, chunk.token_start, k, v)
         self._next_token[chunk.layer] = end
         now = time.monotonic_ns()
-        self.first_chunk_ns = self.first_chunk_ns or now
+        self.first_chunk_ns = self.first_chunk_ns or arrived
         self.last_chunk_ns = now
         if end == lay.num_tokens:
+            self.layer_received_ns[chunk.layer] = arrived
             self.layer_written_ns[chunk.layer] = now
 
     def stream_finished(self, stream_index: int, first_token: int) -> bool:

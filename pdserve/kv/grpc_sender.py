@@ -62,7 +62,8 @@ class GrpcKVSender(KVSender):
         self._messages = 0
         self._first_sent_ns = 0
         self._acked = False  # every stream's reply arrived: the consumer is done with the transfer
-        self.layer_sent_ns: list[int] = []  # per layer: when its last message was written
+        self.layer_ready_ns: list[int] = []  # per layer: when the forward pass handed over its last chunk
+        self.layer_sent_ns: list[int] = []  # per layer: when its last message was handed to the stream
 
     @property
     def shm_segment(self) -> str:
@@ -71,6 +72,7 @@ class GrpcKVSender(KVSender):
     async def open(self, layout: KVLayout) -> None:
         self._layout = layout
         self.layer_sent_ns = [0] * layout.num_layers
+        self.layer_ready_ns = [0] * layout.num_layers
         loop = asyncio.get_running_loop()
         n = len(self._streams)
         for s in self._streams:
@@ -88,6 +90,7 @@ class GrpcKVSender(KVSender):
             await self._write(s, decode_pb2.KVMessage(header=header).SerializeToString())
 
     def send_layer(self, layer, token_start, keys, values) -> None:
+        self.layer_ready_ns[layer] = time.monotonic_ns()
         self._streams[layer % len(self._streams)].queue.put_nowait((layer, token_start, keys, values))
 
     async def _write(self, stream: _Stream, message: bytes) -> None:
@@ -108,12 +111,12 @@ class GrpcKVSender(KVSender):
             layer, token_start, keys, values = item
             for start, end in chunk_ranges(keys.shape[2], per_token, self._chunk_bytes):
                 message = self._encode(layer, token_start, keys, values, start, end)
-                if not self._first_sent_ns:
-                    self._first_sent_ns = time.monotonic_ns()
+                sent = time.monotonic_ns()  # handed to the stream (the write returns once it is on its way)
+                self._first_sent_ns = self._first_sent_ns or sent
+                self.layer_sent_ns[layer] = sent
                 await self._write(stream, message)
                 self._bytes += (end - start) * per_token + per_chunk
                 self._messages += 1
-            self.layer_sent_ns[layer] = time.monotonic_ns()
 
     def _encode(self, layer: int, token_start: int, keys, values, start: int, end: int) -> bytes:
         """One chunk message for tokens [start, end) of (1, H, T, D) ``keys``/``values``."""
@@ -139,6 +142,10 @@ class GrpcKVSender(KVSender):
             first_chunk_sent_ns=self._first_sent_ns, acked_ns=time.monotonic_ns(),
             first_chunk_received_ns=min(r.first_chunk_received_ns for r in replies),
             last_chunk_received_ns=max(r.last_chunk_received_ns for r in replies),
+            layer_ready_ns=tuple(self.layer_ready_ns), layer_sent_ns=tuple(self.layer_sent_ns),
+            # each stream reports the layers it carried (0 elsewhere)
+            layer_received_ns=tuple(max(t) for t in zip(*(r.layer_received_ns for r in replies))),
+            layer_written_ns=tuple(max(t) for t in zip(*(r.layer_written_ns for r in replies))),
         )
 
     async def _finish_stream(self, s: _Stream, trailer: bytes):

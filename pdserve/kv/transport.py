@@ -52,11 +52,18 @@ class TransferReceipt:
     bytes_sent: int
     layers: int
     messages: int
-    # CLOCK_MONOTONIC nanoseconds; *_received_ns are the consumer's clock.
+    # CLOCK_MONOTONIC nanoseconds; *_received_ns and layer_written_ns are the consumer's clock
+    # (comparable with the producer's on one host only).
     first_chunk_sent_ns: int
     acked_ns: int
     first_chunk_received_ns: int
     last_chunk_received_ns: int
+    # Per layer, for its last chunk: handed to the sender by the forward pass, written to the wire
+    # (or the segment), arrived at decode, copied into decode's KV pool.
+    layer_ready_ns: tuple[int, ...] = ()
+    layer_sent_ns: tuple[int, ...] = ()
+    layer_received_ns: tuple[int, ...] = ()
+    layer_written_ns: tuple[int, ...] = ()
 
 
 class KVSender(abc.ABC):

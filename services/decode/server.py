@@ -106,6 +106,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             first_chunk_received_ns=assembly.first_chunk_ns,
             last_chunk_received_ns=assembly.last_chunk_ns,
             layer_written_ns=assembly.layer_written_ns,
+            layer_received_ns=assembly.layer_received_ns,
         )
 
     @rpc_errors

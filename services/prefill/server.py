@@ -89,7 +89,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 forward_start_ns=result.forward_start_ns, forward_end_ns=result.forward_end_ns,
                 first_chunk_sent_ns=receipt.first_chunk_sent_ns, acked_ns=receipt.acked_ns,
                 first_chunk_received_ns=receipt.first_chunk_received_ns,
-                last_chunk_received_ns=receipt.last_chunk_received_ns))
+                last_chunk_received_ns=receipt.last_chunk_received_ns,
+                layer_ready_ns=receipt.layer_ready_ns, layer_sent_ns=receipt.layer_sent_ns,
+                layer_received_ns=receipt.layer_received_ns, layer_written_ns=receipt.layer_written_ns))
         except BaseException:
             if sender is not None:
                 await sender.abort()
