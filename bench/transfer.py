@@ -57,7 +57,8 @@ SHAPES = {  # name: (KV shape, dtype)
 class Receiver(decode_pb2_grpc.DecodeServicer):
     """The decode side's transfer path, writing into one preallocated (tokens, H, D) tensor per layer."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = torch.device(device)
         self.pool: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.assemblies: dict[str, KVAssembly] = {}
 
@@ -66,8 +67,8 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
         shape = (layout.num_tokens, layout.kv_heads, layout.head_dim)
         if self.pool is None or self.pool[0][0].shape != shape or self.pool[0][0].dtype != layout.torch_dtype \
                 or len(self.pool[0]) != layout.num_layers:
-            self.pool = tuple([torch.zeros(shape, dtype=layout.torch_dtype) for _ in range(layout.num_layers)]
-                              for _ in range(2))
+            self.pool = tuple([torch.zeros(shape, dtype=layout.torch_dtype, device=self.device)
+                               for _ in range(layout.num_layers)] for _ in range(2))
 
     def _write(self, layer, start, k, v) -> None:
         self.pool[0][layer][start:start + k.shape[0]] = k
@@ -139,9 +140,9 @@ async def raw_tcp_seconds(port: int, nbytes: int, chunk: int = 1 << 20) -> float
     return elapsed
 
 
-async def start_receivers() -> tuple[Receiver, list, int, int]:
+async def start_receivers(device: str = "cpu") -> tuple[Receiver, list, int, int]:
     """The gRPC receiver and the raw TCP sink on port 0 of this loop: (receiver, servers, grpc port, tcp port)."""
-    receiver = Receiver()
+    receiver = Receiver(device)
     server = grpc.aio.server(options=OPTIONS)
     add_decode_servicer(receiver, server)
     grpc_port = server.add_insecure_port("127.0.0.1:0")
@@ -156,10 +157,10 @@ async def stop_receivers(servers) -> None:
     await server.stop(0)
 
 
-async def serve_receivers() -> None:
+async def serve_receivers(device: str) -> None:
     """``--serve``: the receivers in their own process (the deployment's shape: decode is another
     process); prints the two ports, runs until stdin closes."""
-    _, servers, grpc_port, tcp_port = await start_receivers()
+    _, servers, grpc_port, tcp_port = await start_receivers(device)
     print(grpc_port, tcp_port, flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await stop_receivers(servers)
@@ -176,14 +177,28 @@ def memcpy_seconds(nbytes: int) -> float:
     return min(times)
 
 
+def d2h_seconds(nbytes: int, pinned: bool) -> float:
+    """Device to host: one copy of ``nbytes`` into a pinned (or pageable) host tensor, best of 3."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src, non_blocking=pinned)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 async def wire(args) -> list[dict]:
     child = None
     if args.same_process:
-        receiver, servers, grpc_port, tcp_port = await start_receivers()
+        receiver, servers, grpc_port, tcp_port = await start_receivers(args.device)
     else:
         receiver, servers = None, None
         child = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.transfer", "--serve",
-                                                     "--threads", str(args.threads),
+                                                     "--threads", str(args.threads), "--device", args.device,
                                                      stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         grpc_port, tcp_port = map(int, (await child.stdout.readline()).split())
     address = f"127.0.0.1:{grpc_port}"
@@ -199,8 +214,9 @@ async def wire(args) -> list[dict]:
         for shape_name, (kv, dtype) in SHAPES.items():
             for tokens in args.lengths:
                 layout = KVLayout("bench", kv.num_layers, tokens, kv.kv_heads, kv.head_dim, DTYPE_NAMES[dtype])
-                layers = [(torch.randn(1, kv.kv_heads, tokens, kv.head_dim).to(dtype),
-                           torch.randn(1, kv.kv_heads, tokens, kv.head_dim).to(dtype)) for _ in range(kv.num_layers)]
+                layers = [(torch.randn(1, kv.kv_heads, tokens, kv.head_dim).to(args.device, dtype),
+                           torch.randn(1, kv.kv_heads, tokens, kv.head_dim).to(args.device, dtype))
+                          for _ in range(kv.num_layers)]
                 nbytes = layout.total_bytes
                 row = {"shape": shape_name, "tokens": tokens, "bytes": nbytes}
                 await one_transfer(paths["grpc x1"], layout, layers)  # warm-up: the receiver's pool for this shape
@@ -212,6 +228,9 @@ async def wire(args) -> list[dict]:
                 row["raw TCP x1"] = nbytes / statistics.median([await raw_tcp_seconds(tcp_port, nbytes)
                                                                 for _ in range(args.repeats)]) / 1e9
                 row["memcpy"] = nbytes / memcpy_seconds(nbytes) / 1e9
+                if args.device.startswith("cuda"):
+                    row["D2H pinned"] = nbytes / d2h_seconds(nbytes, pinned=True) / 1e9
+                    row["D2H pageable"] = nbytes / d2h_seconds(nbytes, pinned=False) / 1e9
                 rows.append(row)
                 print(f"{shape_name} {tokens} tokens ({nbytes / 2**20:.1f} MiB): "
                       + ", ".join(f"{k} {v:.2f} GB/s" for k, v in row.items() if isinstance(v, float)), flush=True)
@@ -329,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()  # as the services do
     set_torch_threads(args.threads)
     if args.serve:
-        asyncio.run(serve_receivers())
+        asyncio.run(serve_receivers(args.device))
         return 0
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.ttft_lengths = [int(x) for x in args.ttft_lengths.split(",")]

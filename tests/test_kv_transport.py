@@ -22,6 +22,12 @@ from tests.conftest import get_loaded
 PROMPTS = [[5, 6, 7], list(range(30, 100)), list(range(200, 241))]
 
 
+def new_segments(before: set[str]) -> list[str]:
+    """This process's segments that were not there before (other tests' running clusters keep theirs)."""
+    mine = f"{shm.PREFIX}{os.getpid()}-"
+    return [n for n in shm.segment_names() if n.startswith(mine) and n not in before]
+
+
 def kv_push_tasks() -> list[asyncio.Task]:
     return [t for t in asyncio.all_tasks() if t.get_name().startswith("kv-push-") and not t.done()]
 
@@ -31,7 +37,7 @@ async def test_every_transport_is_token_exact_with_chunked_prefill(transport, st
     loaded = get_loaded("preset:tiny-llama")
     cluster = await start_cluster(loaded, prefill_options={"kv_transport": transport, "kv_streams": streams,
                                                            "prefill_chunk_tokens": 16, "kv_chunk_bytes": 4096})
-    mine = f"{shm.PREFIX}{os.getpid()}-"
+    before = set(shm.segment_names())
     try:
         async with AsyncClient(cluster.address) as client:
             for _ in range(2):  # the second round reuses the first round's segments
@@ -43,10 +49,10 @@ async def test_every_transport_is_token_exact_with_chunked_prefill(transport, st
             decode_pb2.GetStatsRequest())
         assert stats.transfers_completed == 2 * len(PROMPTS) and stats.kv_blocks_used == 0
         if transport == "shm":  # 6 transfers through at most 3 segments, kept for the next ones
-            assert 1 <= len([n for n in shm.segment_names() if n.startswith(mine)]) <= len(PROMPTS)
+            assert 1 <= len(new_segments(before)) <= len(PROMPTS)
     finally:
         await cluster.stop()
-    assert not [n for n in shm.segment_names() if n.startswith(mine)], "a stopped prefill leaves no segment"
+    assert not new_segments(before), "a stopped prefill leaves no segment"
 
 
 async def test_auto_transport_is_shm_on_this_host_and_grpc_for_another(monkeypatch):
@@ -126,7 +132,7 @@ async def test_receiver_dying_mid_transfer_leaves_nothing_behind(transport):
     prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server2)
     prefill_port = server2.add_insecure_port("127.0.0.1:0")
     await server2.start()
-    mine = f"{shm.PREFIX}{os.getpid()}-"
+    before = set(shm.segment_names())
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{prefill_port}") as channel:
             call = prefill_pb2_grpc.PrefillStub(channel).Prefill(prefill_pb2.PrefillRequest(
@@ -134,7 +140,7 @@ async def test_receiver_dying_mid_transfer_leaves_nothing_behind(transport):
                 transfer_id="r/0"))
             await asyncio.wait_for(dying.got_chunk.wait(), 10)
             if transport == "shm":
-                assert any(n.startswith(mine) for n in shm.segment_names())  # the segment exists mid-transfer
+                assert new_segments(before)  # the segment exists mid-transfer
             await server.stop(0)  # the receiver dies
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 async for _ in call:
@@ -142,7 +148,7 @@ async def test_receiver_dying_mid_transfer_leaves_nothing_behind(transport):
             assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                                          grpc.StatusCode.INTERNAL)
         await asyncio.sleep(0.1)
-        assert not [n for n in shm.segment_names() if n.startswith(mine)], "segment left behind"
+        assert not new_segments(before), "segment left behind"
         assert servicer.inflight.used == 0 and not kv_push_tasks()
     finally:
         await server2.stop(0)

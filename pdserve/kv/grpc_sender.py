@@ -204,6 +204,8 @@ class ShmKVSender(GrpcKVSender):
         count, tb = end - start, lay.token_bytes
         offset = lay.shm_offset(layer, token_start + start)
         shape = (count, lay.kv_heads, lay.head_dim)
+        if keys.is_cuda:
+            self._segment.pin_for_cuda()
         for i, states in enumerate((keys, values)):
             dst = self._buffer[offset + i * count * tb: offset + (i + 1) * count * tb]
             # (1, H, T, D) -> (T, H, D) straight into the segment: one copy, from the device if need be.

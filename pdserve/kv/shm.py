@@ -66,6 +66,22 @@ class Segment:
         finally:
             os.close(fd)
         self.view = memoryview(self.map)
+        self._pinned = 0  # the address cudaHostRegister page-locked, -1 if that failed
+
+    def pin_for_cuda(self) -> None:
+        """Page-locks the mapping (once per segment; pooled segments keep it) so device-to-host copies
+        into it run at pinned speed instead of through a pageable staging buffer."""
+        if self._pinned:
+            return
+        import torch
+
+        ptr = torch.frombuffer(self.map, dtype=torch.uint8).data_ptr()
+        err = torch.cuda.cudart().cudaHostRegister(ptr, self.size, 0)
+        if int(err) != 0:
+            log.warning("cudaHostRegister of KV segment %s failed (%s): pageable copies", self.name, err)
+            self._pinned = -1
+            return
+        self._pinned = ptr
 
     @classmethod
     def create(cls, size: int) -> "Segment":
@@ -94,6 +110,11 @@ class Segment:
         return cls(name, fd, size, writable=False)
 
     def close(self) -> None:
+        if self._pinned > 0:
+            import torch
+
+            torch.cuda.cudart().cudaHostUnregister(self._pinned)
+            self._pinned = 0
         # A view still held elsewhere keeps the mapping until it is collected.
         with contextlib.suppress(BufferError):
             self.view.release()
