@@ -167,6 +167,10 @@ class GatewayConfig(ServerConfig):
     decode: tuple[str, ...] = field(default=("127.0.0.1:50071",), metadata={"help": "decode instances, comma-separated host:port"})
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request leaves it unset"})
     max_stop_strings: int = field(default=16, metadata={"help": "most stop strings per request"})
+    health_interval_s: float = field(default=1.0, metadata={
+        "help": "seconds between health checks of every instance (NOT_SERVING or no answer: no new work)"})
+    token_timeout_s: float = field(default=30.0, metadata={
+        "help": "seconds a decode instance may go without a token before the request moves to another"})
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
@@ -177,6 +181,9 @@ class GatewayConfig(ServerConfig):
                 _check_address(name, addr)
         if self.default_max_tokens < 1:
             raise ConfigError(f"default_max_tokens: must be >= 1, got {self.default_max_tokens}")
+        for name in ("health_interval_s", "token_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)

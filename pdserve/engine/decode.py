@@ -78,6 +78,7 @@ class DecodeParams:
     sampling: SamplingParams
     eos_token_ids: frozenset[int]
     max_tokens: int  # completion tokens in all, counting the one prefill sampled
+    first_index: int = 0  # the request's index of the token prefill sampled (tokens delivered before: resumed)
 
 
 @dataclass(eq=False)
@@ -194,14 +195,14 @@ class DecodeEngine:
             if seq.state is SeqState.WAITING_KV:
                 self.pool.write(seq.blocks, layer, start, k[0].transpose(0, 1), v[0].transpose(0, 1))
 
-        result = await self.local_prefill.prefill(token_ids, seq.params.sampling, write)
+        result = await self.local_prefill.prefill(token_ids, seq.params.sampling, write, seq.params.first_index)
         if seq.state is not SeqState.WAITING_KV:
             return  # released meanwhile
         self.counters.local_prefills += 1
         token = result.first_token
         finish = FinishReason.STOP if token in seq.params.eos_token_ids else (
             FinishReason.LENGTH if seq.params.max_tokens <= 1 else None)
-        first = TokenOut(token, 0, finish)
+        first = TokenOut(token, seq.params.first_index, finish)
         if finish is not None:
             self._finish(seq, first)
             return
@@ -390,7 +391,8 @@ class DecodeEngine:
         out = self._loaded.model(input_ids=input_ids, position_ids=torch.tensor(positions, device=device)[:, None],
                                  attention_mask=step.mask, past_key_values=StepCache(self.pool, step),
                                  use_cache=True, paged=step)
-        return sample(out.logits[:, -1], [s.params.sampling for s in batch], [s.next_index for s in batch])
+        return sample(out.logits[:, -1], [s.params.sampling for s in batch],
+                      [s.params.first_index + s.next_index for s in batch])
 
     def _postprocess(self, batch: list[DecodeSequence], tokens: list[int]) -> None:
         self.counters.steps += 1
@@ -400,7 +402,7 @@ class DecodeEngine:
             if seq.cancelled or seq.state is SeqState.FINISHED:
                 continue
             self.counters.tokens_generated += 1
-            out = TokenOut(token, seq.next_index, seq.finish_reason(token))
+            out = TokenOut(token, seq.params.first_index + seq.next_index, seq.finish_reason(token))
             seq.last_token = token
             seq.next_index += 1
             if out.finish is not None:

@@ -55,6 +55,7 @@ class PrefillJob:
     sampling: SamplingParams
     on_layer: LayerCallback | None
     future: asyncio.Future
+    first_index: int = 0  # the sampling index of the token this prefill produces
     done: int = 0  # tokens already prefilled
     passes: int = 0
     cancelled: bool = False
@@ -189,12 +190,13 @@ class PrefillEngine:
         return KVLayout(transfer_id, kv.num_layers, num_tokens, kv.kv_heads, kv.head_dim, DTYPE_NAMES[self._loaded.dtype])
 
     async def prefill(self, token_ids: list[int], sampling: SamplingParams,
-                      on_layer: LayerCallback | None = None) -> PrefillResult:
-        """Queues the prompt; ``on_layer`` gets every chunk of every layer on this event loop; returns the first token."""
+                      on_layer: LayerCallback | None = None, first_index: int = 0) -> PrefillResult:
+        """Queues the prompt; ``on_layer`` gets every chunk of every layer on this event loop; returns the first
+        token (token ``first_index`` of the request: a resumed request's prompt ends with the ones delivered)."""
         loop = asyncio.get_running_loop()
         if self._task is None:
             self._task = loop.create_task(self._loop(), name="prefill-loop")
-        job = PrefillJob(list(token_ids), sampling, on_layer, loop.create_future())
+        job = PrefillJob(list(token_ids), sampling, on_layer, loop.create_future(), first_index)
         self._queue.append(job)
         self._wake.set()
         try:
@@ -270,7 +272,7 @@ class PrefillEngine:
                                  past_key_values=cache, use_cache=True, logits_to_keep=keep)
         firsts = {}
         if finishing:
-            tokens = sample(out.logits[0], [job.sampling for job in finishing], [0] * len(finishing))
+            tokens = sample(out.logits[0], [job.sampling for job in finishing], [job.first_index for job in finishing])
             firsts = dict(zip(finishing, tokens))
         return firsts, start_ns, time.monotonic_ns()
 

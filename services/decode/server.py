@@ -43,6 +43,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             sampling=sampling_from_proto(request.sampling),
             eos_token_ids=frozenset(request.eos_token_ids),
             max_tokens=request.max_tokens,
+            first_index=request.first_index,
         )
 
     @rpc_errors

@@ -11,8 +11,13 @@
 4. Relay tokens from the decode stream, detokenizing incrementally and
    applying EOS, stop strings and max_tokens.
 5. On finish, error or client cancellation, cancel whatever is still open.
-   A transfer that fails with DATA_LOSS before decode produced a token runs
-   again (steps 1-3, a new transfer id); the client sees token 0 once.
+   A failure that is not the request's fault (an instance unreachable,
+   silent, shutting down, or a KV transfer broken or corrupt) starts a new
+   attempt on other instances: steps 1-3 with the prompt plus every token
+   delivered so far and a new transfer id, continuing at the next token
+   index, so the client sees each index once, in order. Sampling token ``i``
+   depends only on (logits, seed, i), so a resumed request continues as the
+   first would have.
 """
 
 from __future__ import annotations
@@ -20,15 +25,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import grpc
 
 from pdserve.convert import sampling_to_proto
 from pdserve.engine.sampling import SamplingParams
-from pdserve.errors import DataLoss, Internal, PdserveError, ResourceExhausted
+from pdserve.errors import (Cancelled, DataLoss, DeadlineExceeded, Internal, PdserveError, ResourceExhausted,
+                            Unavailable)
 from pdserve.model import ModelInfo
 from pdserve.rpc import ChannelPool, error_from_rpc
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -37,9 +44,18 @@ from services.gateway.text import IncrementalDetokenizer, StopStrings
 
 log = logging.getLogger(__name__)
 
-# A request whose KV transfer fails (DATA_LOSS: corrupt, or the transfer broke) before decode
-# produced a token is prefilled and transferred again, up to this many attempts in all.
-TRANSFER_ATTEMPTS = 3
+# A request that fails on an instance (unreachable, hung, shutting down, or a broken or corrupt KV
+# transfer) resumes on others: prompt + the tokens delivered so far are prefilled again and decoding
+# continues from the next index, up to this many attempts in all, with jittered exponential backoff.
+MAX_ATTEMPTS = 4
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 1.0
+RETRYABLE = (Unavailable, DataLoss, Cancelled, Internal, DeadlineExceeded)
+
+
+def backoff_s(attempt: int) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2^attempt)]."""
+    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt))
 
 
 @dataclass(frozen=True)
@@ -84,10 +100,12 @@ class _Output:
     stops: StopStrings
     count: int = 0
     finish: str | None = None
+    tokens: list[int] = field(default_factory=list)  # delivered so far: a resumed attempt's prompt suffix
 
     def add(self, token: int) -> OutputChunk:
         index = self.count
         self.count += 1
+        self.tokens.append(token)
         text, stopped = "", False
         if self.detokenizer is not None:
             text, stopped = self.stops.feed(self.detokenizer.push(token))
@@ -106,10 +124,13 @@ class _Output:
 
 
 class Router:
-    def __init__(self, info: ModelInfo, scheduler: Scheduler, channels: ChannelPool) -> None:
+    def __init__(self, info: ModelInfo, scheduler: Scheduler, channels: ChannelPool,
+                 token_timeout_s: float = 30.0) -> None:
         self._info = info
         self._scheduler = scheduler
+        self._registry = scheduler.registry
         self._channels = channels
+        self._token_timeout_s = token_timeout_s
 
     async def generate(self, req: GatewayRequest) -> AsyncIterator[OutputChunk]:
         started = time.monotonic()
@@ -117,107 +138,126 @@ class Router:
         tokenizer = self._info.tokenizer
         output = _Output(req, eos, IncrementalDetokenizer(tokenizer) if tokenizer else None, StopStrings(req.stop))
         timings = Timings()
-        first_at = 0.0
-        chunk = None
-        for attempt in range(TRANSFER_ATTEMPTS):
-            prefill_addr = self._scheduler.pick_prefill(len(req.prompt_ids))
-            local = not prefill_addr  # colocated: the decode instance prefills the prompt itself
-            needs_decode = local or req.max_tokens > 1
-            transfer_id = f"{req.request_id}/{attempt}"
-            decode_addr = ""
-            decode_call = prefill_call = transfer_task = None
+        failed: set[str] = set()  # instances this request failed on: the next attempt avoids them
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(backoff_s(attempt))
             try:
-                # 1-2. Reserve on decode before any KV can arrive there.
-                if needs_decode:
-                    decode_addr, decode_call = await self._reserve(req, eos, transfer_id, local)
-                if local:
-                    event = await self._read(decode_call, f"decode {decode_addr}")
-                    if event is None or event.WhichOneof("event") != "token" or event.token.index != 0:
-                        raise Internal(f"decode {decode_addr}: expected token 0, got {event}")
-                    first_token = event.token.token_id
-                else:
-                    # 3. Prefill; its first event is the first token.
-                    prefill_call = prefill_pb2_grpc.PrefillStub(self._channels.get(prefill_addr)).Prefill(
-                        prefill_pb2.PrefillRequest(request_id=req.request_id, token_ids=req.prompt_ids,
-                                                   sampling=sampling_to_proto(req.sampling),
-                                                   decode_address=decode_addr, transfer_id=transfer_id))
-                    event = await self._read(prefill_call, f"prefill {prefill_addr}")
-                    if event is None or event.WhichOneof("event") != "first_token":
-                        raise Internal(f"prefill {prefill_addr}: expected FirstToken, got {event}")
+                async for chunk in self._attempt(req, eos, output, timings, attempt, failed, started):
+                    yield chunk
+                return
+            except PdserveError as error:
+                if not isinstance(error, RETRYABLE) or attempt + 1 == MAX_ATTEMPTS:
+                    raise
+                log.warning("request_id=%s: attempt %d of %d failed after %d tokens (%s); resuming elsewhere",
+                            req.request_id, attempt + 1, MAX_ATTEMPTS, output.count, error)
+
+    async def _attempt(self, req: GatewayRequest, eos: frozenset[int], output: _Output, timings: Timings,
+                       attempt: int, failed: set[str], started: float) -> AsyncIterator[OutputChunk]:
+        """One try at the rest of the request: prompt + the tokens delivered so far, prefilled and decoded on
+        instances picked now; token indices continue from ``output.count``."""
+        delivered = output.count
+        prompt = req.prompt_ids + output.tokens
+        remaining = req.max_tokens - delivered
+        prefill_addr = self._scheduler.pick_prefill(len(prompt), frozenset(failed))
+        local = not prefill_addr  # colocated: the decode instance prefills the prompt itself
+        needs_decode = local or remaining > 1
+        transfer_id = f"{req.request_id}/{attempt}"
+        decode_addr = ""
+        decode_call = prefill_call = transfer_task = None
+        try:
+            # 1-2. Reserve on decode before any KV can arrive there.
+            if needs_decode:
+                decode_addr, decode_call = await self._reserve(req, eos, prompt, remaining, delivered, transfer_id,
+                                                               local, failed)
+            if local:
+                event = await self._read(decode_call, "decode", decode_addr, failed)
+                if event is None or event.WhichOneof("event") != "token" or event.token.index != delivered:
+                    raise Internal(f"decode {decode_addr}: expected token {delivered}, got {event}")
+                first_token = event.token.token_id
+            else:
+                # 3. Prefill; its first event is the first token.
+                prefill_call = prefill_pb2_grpc.PrefillStub(self._channels.get(prefill_addr)).Prefill(
+                    prefill_pb2.PrefillRequest(request_id=req.request_id, token_ids=prompt,
+                                               sampling=sampling_to_proto(req.sampling), first_index=delivered,
+                                               decode_address=decode_addr, transfer_id=transfer_id))
+                event = await self._read(prefill_call, "prefill", prefill_addr, failed)
+                if event is None or event.WhichOneof("event") != "first_token":
+                    raise Internal(f"prefill {prefill_addr}: expected FirstToken, got {event}")
+                if delivered == 0:
                     timings.prefill_queue_ms = event.first_token.queue_ms
                     timings.prefill_forward_ms = event.first_token.forward_ms
-                    first_token = event.first_token.token_id
-                if needs_decode and not local:
-                    transfer_task = asyncio.get_running_loop().create_task(
-                        self._await_transfer(prefill_call, prefill_addr, decode_call, timings))
-                if chunk is None:
-                    first_at = time.monotonic()
-                    timings.ttft_ms = (first_at - started) * 1e3
-                    chunk = output.add(first_token)
-                    if chunk.finish_reason is None:
-                        yield chunk
-                elif first_token != chunk.token_ids[0]:
-                    # Sampling is a function of (logits, seed, index): a retry must agree.
-                    raise Internal(f"retried prefill sampled token {first_token}, first attempt {chunk.token_ids[0]}")
-                # 4. The rest comes from decode.
-                while chunk.finish_reason is None:
-                    event = await self._read(decode_call, f"decode {decode_addr}")
-                    if event is None:
-                        if transfer_task is not None and transfer_task.done() and transfer_task.exception():
-                            raise transfer_task.exception()
-                        raise Internal(f"decode {decode_addr}: token stream ended before the request finished")
-                    token = event.token
-                    if token.index != output.count:
-                        raise Internal(f"decode {decode_addr}: token index {token.index}, expected {output.count}")
-                    chunk = output.add(token.token_id)
-                    if chunk.finish_reason is None:
-                        yield chunk
-                finished_at = time.monotonic()
-                if transfer_task is not None and output.count > 1:
-                    # The transfer was acknowledged before decode could produce token 1;
-                    # its receipt is in flight: take it for the timings.
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(asyncio.shield(transfer_task), timeout=1.0)
-                timings.e2e_ms = (finished_at - started) * 1e3
-                if output.count > 1:
-                    timings.tpot_ms = (finished_at - first_at) * 1e3 / (output.count - 1)
-                chunk.timings = timings
+                first_token = event.first_token.token_id
+            if needs_decode and not local:
+                transfer_task = asyncio.get_running_loop().create_task(
+                    self._await_transfer(prefill_call, prefill_addr, decode_call, timings, failed))
+            if delivered == 0:
+                timings.ttft_ms = (time.monotonic() - started) * 1e3
+            chunk = output.add(first_token)
+            if chunk.finish_reason is None:
                 yield chunk
-                return
-            except (grpc.aio.AioRpcError, PdserveError) as exc:
-                error = error_from_rpc(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
-                if transfer_task is not None and transfer_task.done() and not transfer_task.cancelled():
-                    # A failed transfer is the root cause of a failed decode stream.
-                    error = transfer_task.exception() or error
-                # A corrupt or broken transfer before decode produced anything: transfer again.
-                if isinstance(error, DataLoss) and output.count == 1 and attempt + 1 < TRANSFER_ATTEMPTS:
-                    log.warning("request_id=%s: KV transfer to %s failed (%s); retrying (attempt %d of %d)",
-                                req.request_id, decode_addr, error, attempt + 2, TRANSFER_ATTEMPTS)
-                    continue
-                raise error from None
-            finally:
-                # 5. Nothing stays open after the request (or the failed attempt).
-                for call in (decode_call, prefill_call):
-                    if call is not None and not call.done():
-                        call.cancel()
-                if transfer_task is not None and not transfer_task.done():
-                    transfer_task.cancel()
+            # 4. The rest comes from decode; a decode instance silent for token_timeout_s is treated as hung.
+            while chunk.finish_reason is None:
+                event = await self._read(decode_call, "decode", decode_addr, failed, self._token_timeout_s)
+                if event is None:
+                    if transfer_task is not None and transfer_task.done() and transfer_task.exception():
+                        raise transfer_task.exception()
+                    failed.add(decode_addr)
+                    raise Internal(f"decode {decode_addr}: token stream ended before the request finished")
+                token = event.token
+                if token.index != output.count:
+                    raise Internal(f"decode {decode_addr}: token index {token.index}, expected {output.count}")
+                chunk = output.add(token.token_id)
+                if chunk.finish_reason is None:
+                    yield chunk
+            finished_at = time.monotonic()
+            if transfer_task is not None and output.count > delivered + 1:
+                # The transfer was acknowledged before decode could produce its first token;
+                # its receipt is in flight: take it for the timings.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(transfer_task), timeout=1.0)
+            timings.e2e_ms = (finished_at - started) * 1e3
+            if output.count > 1:
+                timings.tpot_ms = (finished_at - started - timings.ttft_ms / 1e3) * 1e3 / (output.count - 1)
+            chunk.timings = timings
+            yield chunk
+        except PdserveError as error:
+            if transfer_task is not None and transfer_task.done() and not transfer_task.cancelled() \
+                    and transfer_task.exception() is not None:
+                raise transfer_task.exception() from None  # a failed transfer is the root cause
+            raise error
+        finally:
+            # 5. Nothing stays open after the request (or the failed attempt).
+            for call in (decode_call, prefill_call):
+                if call is not None and not call.done():
+                    call.cancel()
+            if transfer_task is not None and not transfer_task.done():
+                transfer_task.cancel()
 
-    async def _reserve(self, req: GatewayRequest, eos: frozenset[int], transfer_id: str, local: bool):
-        """Opens the decode stream on an instance with room; tries each instance once before giving up."""
-        for attempt in range(self._scheduler.num_decode):
-            addr = self._scheduler.pick_decode(len(req.prompt_ids), req.max_tokens)
+    async def _reserve(self, req: GatewayRequest, eos: frozenset[int], prompt: list[int], remaining: int,
+                       delivered: int, transfer_id: str, local: bool, failed: set[str]):
+        """Opens the decode stream on an instance with room; tries each instance that is up once,
+        those this request failed on last."""
+        tried: set[str] = set()
+        last_error: PdserveError | None = None
+        while True:
+            addr = self._scheduler.pick_decode(len(prompt), remaining, frozenset(failed | tried))
+            if addr in tried:
+                addr = self._scheduler.pick_decode(len(prompt), remaining, frozenset(tried))
+            if addr in tried:  # every instance that is up was tried
+                raise last_error or Unavailable("no decode instance could take the request")
+            tried.add(addr)
             call = decode_pb2_grpc.DecodeStub(self._channels.get(addr)).Generate(
                 decode_pb2.DecodeRequest(
-                    request_id=req.request_id, transfer_id=transfer_id, prompt_tokens=len(req.prompt_ids),
+                    request_id=req.request_id, transfer_id=transfer_id, prompt_tokens=len(prompt),
                     sampling=sampling_to_proto(req.sampling), eos_token_ids=sorted(eos),
-                    max_tokens=req.max_tokens, prompt_token_ids=req.prompt_ids if local else ()))
+                    max_tokens=remaining, first_index=delivered, prompt_token_ids=prompt if local else ()))
             try:
-                event = await self._read(call, f"decode {addr}")
-            except ResourceExhausted:
-                if attempt + 1 < self._scheduler.num_decode:
-                    continue  # full: the next instance may have room
-                raise
+                event = await self._read(call, "decode", addr, failed)
+            except (ResourceExhausted, Unavailable) as exc:
+                call.cancel()
+                last_error = exc  # full or gone: the next instance may take it
+                continue
             except BaseException:
                 call.cancel()
                 raise
@@ -225,20 +265,30 @@ class Router:
                 call.cancel()
                 raise Internal(f"decode {addr}: expected Reserved, got {event}")
             return addr, call
-        raise Internal("no decode instance configured")
 
-    @staticmethod
-    async def _read(call, what: str):
+    async def _read(self, call, role: str, address: str, failed: set[str], timeout: float | None = None):
+        """The call's next message (None at its end). A failure names the instance; one that is unreachable
+        or silent past ``timeout`` is marked down and avoided by this request's next attempt."""
         try:
-            message = await call.read()
+            message = await (call.read() if timeout is None else asyncio.wait_for(call.read(), timeout))
+        except asyncio.TimeoutError:
+            failed.add(address)
+            self._registry.mark_down(address, f"no token for {timeout:.0f} s")
+            raise DeadlineExceeded(f"{role} {address}: no token for {timeout:.0f} s") from None
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, what) from None
+            error = error_from_rpc(exc, f"{role} {address}")
+            if isinstance(error, RETRYABLE):
+                failed.add(address)
+            if isinstance(error, Unavailable):
+                self._registry.mark_down(address, str(error))
+            raise error from None
         return None if message is grpc.aio.EOF else message
 
-    async def _await_transfer(self, prefill_call, prefill_addr: str, decode_call, timings: Timings) -> None:
+    async def _await_transfer(self, prefill_call, prefill_addr: str, decode_call, timings: Timings,
+                              failed: set[str]) -> None:
         """Waits for prefill's TransferDone; if the transfer fails, stops the decode stream too."""
         try:
-            event = await self._read(prefill_call, f"prefill {prefill_addr}")
+            event = await self._read(prefill_call, "prefill", prefill_addr, failed)
         except PdserveError:
             decode_call.cancel()
             raise

@@ -69,7 +69,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise InvalidArgument(f"token_ids: {len(token_ids)} tokens exceed the context length {info.context_length}")
         sampling = sampling_from_proto(request.sampling)
         if not request.decode_address:
-            result = await self._engine.prefill(token_ids, sampling, None)
+            result = await self._engine.prefill(token_ids, sampling, None, request.first_index)
             yield self._first_token(result)
             return
         if not request.transfer_id:
@@ -80,7 +80,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         try:
             sender = await self._sender(request.decode_address)
             await sender.open(layout)
-            result = await self._engine.prefill(token_ids, sampling, sender.send_layer)
+            result = await self._engine.prefill(token_ids, sampling, sender.send_layer, request.first_index)
             log.debug("request_id=%s prefilled %d tokens in %.1f ms", request.request_id, len(token_ids), result.forward_ms)
             yield self._first_token(result)
             receipt = await sender.finish(result.first_token)
