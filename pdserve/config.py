@@ -129,6 +129,9 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
         "help": "KV pool size: bytes (512MiB, 4GiB), a fraction of free device memory (0.8), "
                 "or auto (1GiB on cpu, 0.9 of free GPU memory on cuda)"})
     kv_block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    kv_lease_s: float = field(default=60.0, metadata={
+        "help": "a reservation whose KV transfer shows no progress (no stream, no chunk) for this long is "
+                "freed and its request failed with DEADLINE_EXCEEDED (the gateway moves it elsewhere)"})
     paged_kernel: str = field(default="auto", metadata={
         "help": "attention over the KV pool: gather (block-table gather + SDPA), flex (compiled FlexAttention "
                 "reading the pool in place), or auto (flex on cuda, gather on cpu)"})
@@ -143,6 +146,8 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
             raise ConfigError(f"max_queued: must be >= 0, got {self.max_queued}")
         if self.kv_block_size < 1:
             raise ConfigError(f"kv_block_size: must be >= 1, got {self.kv_block_size}")
+        if not self.kv_lease_s > 0:
+            raise ConfigError(f"kv_lease_s: must be > 0, got {self.kv_lease_s}")
         if self.paged_kernel not in PAGED_KERNELS:
             raise ConfigError(f"paged_kernel: must be one of {', '.join(PAGED_KERNELS)}, got {self.paged_kernel!r}")
         if self.kv_budget != "auto":

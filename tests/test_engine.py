@@ -320,3 +320,31 @@ async def test_cancelled_requests_give_their_blocks_back_in_every_state():
     assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["queued"] == 0
     await engine.stop()
     await prefill.close()
+
+
+async def test_a_reservation_whose_kv_never_comes_or_stalls_is_freed_when_its_lease_expires():
+    from pdserve.errors import DeadlineExceeded
+    from pdserve.kv.wire import KVChunkData, checksum
+
+    loaded = get_loaded("preset:tiny-llama")
+    engine = make_decode(loaded, kv_lease_s=0.2)
+    engine.start()
+    kv = loaded.info.kv
+    never = await engine.reserve(params("never", 8))
+    stalls = await engine.reserve(params("stalls", 8))
+    assembly = engine.begin_transfer(KVLayout("stalls", kv.num_layers, 8, kv.kv_heads, kv.head_dim,
+                                              DTYPE_NAMES[loaded.dtype]))
+    row = bytes(4 * kv.kv_heads * kv.head_dim * loaded.dtype.itemsize)
+    for layer in range(kv.num_layers):  # a chunk every 0.1 s: progress renews the 0.2 s lease
+        await asyncio.sleep(0.1)
+        assembly.add(KVChunkData(layer, 0, 4, row, row, checksum(row, row)))
+    assert engine.stats()["waiting_for_kv"] == 1  # "never" is gone, "stalls" still receiving
+    for seq in (never, stalls):
+        with pytest.raises(DeadlineExceeded, match="no KV arrived"):
+            event = await asyncio.wait_for(seq.events.get(), 2)
+            raise event
+    stats = engine.stats()
+    assert (stats["waiting_for_kv"], stats["kv_blocks_used"], stats["leases_expired"]) == (0, 0, 2)
+    with pytest.raises(DeadlineExceeded):  # a chunk arriving after the lease is refused, not written
+        assembly.add(KVChunkData(0, 4, 4, row, row, checksum(row, row)))
+    await engine.stop()

@@ -21,7 +21,7 @@ from pdserve.v1 import decode_pb2, decode_pb2_grpc
 from tests.cluster import reference_greedy
 from tests.conftest import get_loaded
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 MODEL = "preset:tiny-llama"
 REQUESTS = 50
@@ -73,9 +73,12 @@ class Run:
             else:
                 lost += 1
         result = {"faults": faults, "requests": len(self.prompts), "completed": completed, "token-exact": exact,
-                  "lost": lost, "duplicated": duplicated}
+                  "lost": lost, "duplicated": duplicated,
+                  "errors": sorted({repr(e) for e in self.errors if e is not None})[:5]}
         print(f"faults: {faults} injected, requests: {len(self.prompts)}, completed: {completed}, "
               f"token-exact: {exact}, lost: {lost}, duplicated: {duplicated}")
+        for error in result["errors"]:
+            print(f"  lost to: {error}")
         return result
 
 

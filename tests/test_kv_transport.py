@@ -145,8 +145,8 @@ async def test_receiver_dying_mid_transfer_leaves_nothing_behind(transport):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 async for _ in call:
                     pass
-            assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                                         grpc.StatusCode.INTERNAL)
+            # The transfer failed, not this prefill instance: DATA_LOSS, so the gateway transfers again.
+            assert info.value.code() in (grpc.StatusCode.DATA_LOSS, grpc.StatusCode.CANCELLED)
         await asyncio.sleep(0.1)
         assert not new_segments(before), "segment left behind"
         assert servicer.inflight.used == 0 and not kv_push_tasks()

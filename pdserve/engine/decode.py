@@ -42,7 +42,7 @@ from pdserve.engine.paged_attention import StepCache, use_paged_attention
 from pdserve.engine.prefill import PrefillEngine
 from pdserve.aio import cancel_and_wait
 from pdserve.engine.sampling import SamplingParams, sample
-from pdserve.errors import Cancelled, DataLoss, InvalidArgument, NotFound, PdserveError
+from pdserve.errors import Cancelled, DataLoss, DeadlineExceeded, InvalidArgument, NotFound, PdserveError
 from pdserve.kv.assembly import KVAssembly, check_layout
 from pdserve.kv.wire import KVLayout, StreamInfo
 from pdserve.model import LoadedModel
@@ -116,12 +116,14 @@ class DecodeCounters:
     transfers_completed: int = 0
     transfers_rejected: int = 0
     local_prefills: int = 0
+    leases_expired: int = 0
 
 
 class DecodeEngine:
     def __init__(self, loaded: LoadedModel, *, kv_budget: int, block_size: int = 16, max_batch: int = 32,
                  max_queued: int = 256, prefill_token_budget: int = 2048, prefill_chunk_tokens: int = 512,
-                 paged_kernel: str = "auto") -> None:
+                 paged_kernel: str = "auto", kv_lease_s: float = 60.0) -> None:
+        self.kv_lease_s = kv_lease_s
         self._loaded = loaded
         self.max_batch = max_batch
         self.pool = KVPool(loaded.info.kv, loaded.dtype, loaded.device, kv_budget, block_size, paged_kernel)
@@ -184,7 +186,24 @@ class DecodeEngine:
         seq.state = SeqState.WAITING_KV
         if not local:
             self._waiting[params.transfer_id] = seq
+            asyncio.get_running_loop().call_later(self.kv_lease_s, self._check_lease, seq, time.monotonic_ns())
         return seq
+
+    def _check_lease(self, seq: DecodeSequence, since_ns: int) -> None:
+        """The reservation's lease: a transfer that made no progress (no stream, no chunk) for kv_lease_s is
+        failed and its blocks freed. Chunks are written on this loop, so none is being written now, and the
+        assembly refuses any later one (``KVAssembly.check_alive``)."""
+        tid = seq.params.transfer_id
+        if self._waiting.get(tid) is not seq:
+            return  # completed, failed or cancelled meanwhile
+        last = max(since_ns, seq.transfer.last_chunk_ns if seq.transfer is not None else 0)
+        idle_s = (time.monotonic_ns() - last) / 1e9
+        if idle_s < self.kv_lease_s:
+            asyncio.get_running_loop().call_later(self.kv_lease_s - idle_s, self._check_lease, seq, last)
+            return
+        self.counters.leases_expired += 1
+        self.fail_transfer(tid, DeadlineExceeded(
+            f"transfer {tid!r}: no KV arrived for {self.kv_lease_s:g} s; reservation released"))
 
     async def prefill_locally(self, seq: DecodeSequence, token_ids: list[int]) -> None:
         """Runs the prompt on this engine, writing its KV into the request's blocks; emits token 0."""

@@ -121,7 +121,8 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
     engine = DecodeEngine(loaded, kv_budget=budget_bytes(config.kv_budget_spec, loaded.device),
                           block_size=config.kv_block_size, max_batch=config.max_batch, max_queued=config.max_queued,
                           prefill_token_budget=config.prefill_token_budget,
-                          prefill_chunk_tokens=config.prefill_chunk_tokens, paged_kernel=config.paged_kernel)
+                          prefill_chunk_tokens=config.prefill_chunk_tokens, paged_kernel=config.paged_kernel,
+                          kv_lease_s=config.kv_lease_s)
     engine.start()
     sweep_orphans()
     sweeper = asyncio.get_running_loop().create_task(sweep_periodically(), name="shm-sweep")

@@ -66,6 +66,16 @@ class GatewayRequest:
     max_tokens: int
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    deadline: float | None = None  # time.monotonic() by which the client wants its answer
+
+    def time_left(self) -> float | None:
+        """Seconds to the client's deadline (None: none); raises once it has passed."""
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"request_id={self.request_id}: the client's deadline passed")
+        return left
 
 
 @dataclass
@@ -141,7 +151,8 @@ class Router:
         failed: set[str] = set()  # instances this request failed on: the next attempt avoids them
         for attempt in range(MAX_ATTEMPTS):
             if attempt:
-                await asyncio.sleep(backoff_s(attempt))
+                await asyncio.sleep(min(backoff_s(attempt), req.time_left() or BACKOFF_CAP_S))
+            req.time_left()  # no attempt starts past the client's deadline
             try:
                 async for chunk in self._attempt(req, eos, output, timings, attempt, failed, started):
                     yield chunk
@@ -180,7 +191,8 @@ class Router:
                 prefill_call = prefill_pb2_grpc.PrefillStub(self._channels.get(prefill_addr)).Prefill(
                     prefill_pb2.PrefillRequest(request_id=req.request_id, token_ids=prompt,
                                                sampling=sampling_to_proto(req.sampling), first_index=delivered,
-                                               decode_address=decode_addr, transfer_id=transfer_id))
+                                               decode_address=decode_addr, transfer_id=transfer_id),
+                    timeout=req.time_left())
                 event = await self._read(prefill_call, "prefill", prefill_addr, failed)
                 if event is None or event.WhichOneof("event") != "first_token":
                     raise Internal(f"prefill {prefill_addr}: expected FirstToken, got {event}")
@@ -231,8 +243,11 @@ class Router:
             for call in (decode_call, prefill_call):
                 if call is not None and not call.done():
                     call.cancel()
-            if transfer_task is not None and not transfer_task.done():
-                transfer_task.cancel()
+            if transfer_task is not None:
+                if not transfer_task.done():
+                    transfer_task.cancel()
+                elif not transfer_task.cancelled():
+                    transfer_task.exception()  # retrieved: the attempt already failed or finished
 
     async def _reserve(self, req: GatewayRequest, eos: frozenset[int], prompt: list[int], remaining: int,
                        delivered: int, transfer_id: str, local: bool, failed: set[str]):
@@ -251,7 +266,8 @@ class Router:
                 decode_pb2.DecodeRequest(
                     request_id=req.request_id, transfer_id=transfer_id, prompt_tokens=len(prompt),
                     sampling=sampling_to_proto(req.sampling), eos_token_ids=sorted(eos),
-                    max_tokens=remaining, first_index=delivered, prompt_token_ids=prompt if local else ()))
+                    max_tokens=remaining, first_index=delivered, prompt_token_ids=prompt if local else ()),
+                timeout=req.time_left())
             try:
                 event = await self._read(call, "decode", addr, failed)
             except (ResourceExhausted, Unavailable) as exc:

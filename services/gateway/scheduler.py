@@ -2,9 +2,12 @@
 
 ``Registry`` holds the configured instances and whether each is up: a probe
 task asks every instance's gRPC health service every ``probe_interval_s``
-(SERVING: up; NOT_SERVING, as a draining instance answers, or no answer
-within the timeout: down), and a call that fails with UNAVAILABLE marks its
-instance down at once, until a probe finds it serving again.
+(SERVING: up; NOT_SERVING, as a draining instance answers: down at once; no
+answer within the timeout ``probe_misses`` times in a row: down, since one
+slow answer from a busy instance is no outage), and a call that fails with
+UNAVAILABLE marks its instance down at once, until a probe finds it serving
+again. When every instance of a role is down, picks fall back to all of
+them: a wrong "down" must not turn into an outage of its own.
 
 ``Scheduler`` is the seam for load-aware policies; ``RoundRobinScheduler``
 cycles through the instances that are up, skipping any the request already
@@ -20,17 +23,21 @@ import contextlib
 import logging
 from typing import Iterable, Protocol
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from pdserve.errors import Unavailable
-from pdserve.rpc import check_health
 
 log = logging.getLogger(__name__)
 
 
 class Registry:
     def __init__(self, prefill: Iterable[str], decode: Iterable[str], probe_interval_s: float = 1.0,
-                 probe_timeout_s: float = 1.0) -> None:
+                 probe_timeout_s: float = 1.0, probe_misses: int = 3) -> None:
         self.instances = {"prefill": tuple(prefill), "decode": tuple(decode)}
         self._down: set[str] = set()
+        self._misses: dict[str, int] = {}
+        self.probe_misses = probe_misses
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
         self._task: asyncio.Task | None = None
@@ -53,12 +60,17 @@ class Registry:
 
     async def probe_once(self) -> None:
         addresses = [a for role in self.instances.values() for a in role]
-        results = await asyncio.gather(*(check_health(a, timeout=self.probe_timeout_s) for a in addresses))
-        for address, serving in zip(addresses, results):
-            if serving:
+        results = await asyncio.gather(*(probe(a, self.probe_timeout_s) for a in addresses))
+        for address, status in zip(addresses, results):
+            if status == "serving":
+                self._misses.pop(address, None)
                 self._mark_up(address)
+            elif status == "not serving":
+                self.mark_down(address, "health check: NOT_SERVING (draining or stopping)")
             else:
-                self.mark_down(address, "health check: not serving")
+                self._misses[address] = self._misses.get(address, 0) + 1
+                if self._misses[address] >= self.probe_misses:
+                    self.mark_down(address, f"health check: no answer {self._misses[address]} times in a row")
 
     def start(self) -> None:
         async def loop() -> None:
@@ -78,6 +90,16 @@ class Registry:
                 await self._task
 
 
+async def probe(address: str, timeout: float) -> str:
+    """"serving", "not serving" (the instance answered so: draining) or "no answer"."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return "no answer"
+    return "serving" if reply.status == health_pb2.HealthCheckResponse.SERVING else "not serving"
+
+
 class Scheduler(Protocol):
     registry: Registry
 
@@ -95,10 +117,12 @@ class RoundRobinScheduler:
 
     def _pick(self, role: str, exclude: frozenset[str]) -> str:
         configured = self.registry.instances[role]
-        candidates = [a for a in self.registry.up(role) if a not in exclude] or \
-            [a for a in self.registry.up(role)]  # every up instance failed this request once: any up one
+        up = self.registry.up(role)
+        # Preference: up and not yet failed for this request; up; then (all look down) any configured one.
+        candidates = [a for a in up if a not in exclude] or up or \
+            [a for a in configured if a not in exclude] or list(configured)
         if not candidates:
-            raise Unavailable(f"no {role} instance is up (configured: {', '.join(configured)})")
+            raise Unavailable(f"no {role} instance is configured")
         self._turn[role] += 1
         return candidates[self._turn[role] % len(candidates)]
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import secrets
+import time
 import uuid
 
 from pdserve import config as cfg
@@ -98,6 +100,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @rpc_errors
     async def Generate(self, request, context):
         req = self._to_request(request)
+        remaining = context.time_remaining()
+        if remaining is not None:  # the client's deadline bounds every hop below
+            req = dataclasses.replace(req, deadline=time.monotonic() + remaining)
         log.info("request_id=%s prompt_tokens=%d max_tokens=%d", req.request_id, len(req.prompt_ids), req.max_tokens)
         async for chunk in self._router.generate(req):
             out = gateway_pb2.GenerateChunk(request_id=req.request_id, token_ids=chunk.token_ids,

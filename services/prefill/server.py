@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Awaitable, TypeVar
 
 import grpc
 
 from pdserve import config as cfg
 from pdserve.convert import check_token_ids, sampling_from_proto
 from pdserve.engine.prefill import PrefillEngine
-from pdserve.errors import InvalidArgument
+from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
 from pdserve.aio import ByteBudget
 from pdserve.kv.grpc_sender import GrpcKVSender, ShmKVSender
 from pdserve.kv.shm import SegmentPool, host_id, sweep_orphans
@@ -22,7 +23,21 @@ from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grp
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 SERVICE = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
+PUSH_TIMEOUT_S = 300.0
+
+
+async def transfer_step(step: Awaitable[T]) -> T:
+    """A push that decode broke or refused fails this transfer, not this instance: it is reported as
+    DATA_LOSS (the gateway transfers again, elsewhere if need be), never as the peer's UNAVAILABLE, which
+    would make the gateway take this prefill instance for the one that is down."""
+    try:
+        return await step
+    except (Cancelled, DataLoss):
+        raise
+    except PdserveError as exc:
+        raise DataLoss(f"{exc} ({exc.status})") from None
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
@@ -52,12 +67,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             log.info("decode %s: KV over %s", address, "shared memory" if self._same_host[address] else "gRPC")
         return "shm" if self._same_host[address] else "grpc"
 
-    async def _sender(self, address: str) -> KVSender:
+    async def _sender(self, address: str, timeout_s: float) -> KVSender:
         c = self._config
         if await self._transport(address) == "shm":
-            return ShmKVSender(self._channels.get(address), address, self.segments, c.kv_checksums)
+            return ShmKVSender(self._channels.get(address), address, self.segments, c.kv_checksums, timeout_s)
         channels = [self._channels.get(address, lane) for lane in range(c.kv_streams)]
-        return GrpcKVSender(channels, address, c.kv_chunk_bytes, c.kv_checksums,
+        return GrpcKVSender(channels, address, c.kv_chunk_bytes, c.kv_checksums, timeout_s,
                             quantization="" if c.kv_quantization == "none" else c.kv_quantization)
 
     @rpc_errors
@@ -78,12 +93,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         await self.inflight.acquire(layout.total_bytes)
         sender = None
         try:
-            sender = await self._sender(request.decode_address)
-            await sender.open(layout)
+            # The push may take no longer than the request has left (the gateway's deadline), 300 s at most.
+            push_timeout = min(PUSH_TIMEOUT_S, context.time_remaining() or PUSH_TIMEOUT_S)
+            sender = await self._sender(request.decode_address, push_timeout)
+            await transfer_step(sender.open(layout))
             result = await self._engine.prefill(token_ids, sampling, sender.send_layer, request.first_index)
             log.debug("request_id=%s prefilled %d tokens in %.1f ms", request.request_id, len(token_ids), result.forward_ms)
             yield self._first_token(result)
-            receipt = await sender.finish(result.first_token)
+            receipt = await transfer_step(sender.finish(result.first_token))
             yield prefill_pb2.PrefillEvent(transfer_done=prefill_pb2.TransferDone(
                 bytes=receipt.bytes_sent, layers=receipt.layers, messages=receipt.messages,
                 forward_start_ns=result.forward_start_ns, forward_end_ns=result.forward_end_ns,
