@@ -107,16 +107,21 @@ async def set_serving(health: health_aio.HealthServicer, services: Iterable[str]
         await health.set(name, status)
 
 
-async def check_health(address: str, service: str = "", timeout: float = 1.0) -> bool:
-    """True when the server at ``address`` reports SERVING."""
+async def health_status(address: str, service: str = "", timeout: float = 1.0) -> str:
+    """"serving", "not serving" (the server answered so, e.g. draining) or "no answer"."""
     async with grpc.aio.insecure_channel(address) as channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.aio.AioRpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+            return "no answer"
+    return "serving" if reply.status == health_pb2.HealthCheckResponse.SERVING else "not serving"
+
+
+async def check_health(address: str, service: str = "", timeout: float = 1.0) -> bool:
+    """True when the server at ``address`` reports SERVING."""
+    return await health_status(address, service, timeout) == "serving"
 
 
 class ChannelPool:

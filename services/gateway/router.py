@@ -108,13 +108,15 @@ class _Output:
     eos_token_ids: frozenset[int]
     detokenizer: IncrementalDetokenizer | None
     stops: StopStrings
-    count: int = 0
     finish: str | None = None
     tokens: list[int] = field(default_factory=list)  # delivered so far: a resumed attempt's prompt suffix
 
+    @property
+    def count(self) -> int:
+        return len(self.tokens)
+
     def add(self, token: int) -> OutputChunk:
         index = self.count
-        self.count += 1
         self.tokens.append(token)
         text, stopped = "", False
         if self.detokenizer is not None:

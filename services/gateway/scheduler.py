@@ -23,10 +23,8 @@ import contextlib
 import logging
 from typing import Iterable, Protocol
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from pdserve.errors import Unavailable
+from pdserve.rpc import health_status
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +58,7 @@ class Registry:
 
     async def probe_once(self) -> None:
         addresses = [a for role in self.instances.values() for a in role]
-        results = await asyncio.gather(*(probe(a, self.probe_timeout_s) for a in addresses))
+        results = await asyncio.gather(*(health_status(a, timeout=self.probe_timeout_s) for a in addresses))
         for address, status in zip(addresses, results):
             if status == "serving":
                 self._misses.pop(address, None)
@@ -88,16 +86,6 @@ class Registry:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-
-async def probe(address: str, timeout: float) -> str:
-    """"serving", "not serving" (the instance answered so: draining) or "no answer"."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        except grpc.aio.AioRpcError:
-            return "no answer"
-    return "serving" if reply.status == health_pb2.HealthCheckResponse.SERVING else "not serving"
 
 
 class Scheduler(Protocol):
