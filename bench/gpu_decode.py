@@ -1,13 +1,16 @@
 """Decode engine throughput against HF ``generate`` in the same run, and step time against the memory floor.
 
-For each concurrency N and each paged kernel (gather + SDPA, compiled FlexAttention): N requests of ``--prompt`` random tokens each
+For each concurrency N and each engine mode (``gather``: gather + SDPA; ``flex``: compiled
+FlexAttention; ``flex+graphs``: the same step replayed from CUDA graphs): N requests of ``--prompt`` random tokens each
 generating ``--new`` tokens (``ignore_eos``), through the ``DecodeEngine``
 in-process (prefilled on the engine itself, then continuous batching over the
 paged KV pool), and through one ``model.generate`` over the same N prompts
 (equal lengths, so no padding). Decode tokens/s counts tokens after the first,
 over the time after the last prompt's prefill (engine) or after a
 ``max_new_tokens=1`` run's time (HF). The floor of a decode step is the weight
-bytes over the device-to-device copy bandwidth measured here.
+bytes over the device-to-device copy bandwidth measured here. Each mode runs
+the same N prompts twice on one engine and reports the second run (the first
+compiles modes and captures graphs for the batch sizes it meets).
 
     python -m bench.gpu_decode --model preset:llama-1b --device cuda --out bench/out/gpu_decode.json
 
@@ -51,13 +54,29 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes * reps / (time.perf_counter() - started)
 
 
-async def engine_run(loaded, prompts: list[list[int]], new: int, kernel: str) -> dict:
-    kv = loaded.info.kv
-    tokens = len(prompts) * (len(prompts[0]) + new + 16)
-    engine = DecodeEngine(loaded, kv_budget=tokens * kv.bytes_per_token(loaded.dtype) + (1 << 24), block_size=16,
-                          max_batch=max(len(prompts), 1), max_queued=len(prompts), prefill_token_budget=8192,
-                          prefill_chunk_tokens=0, paged_kernel=kernel)
+MODES = {"gather": ("gather", False), "flex": ("flex", False), "flex+graphs": ("flex", True)}
+
+
+def make_engine(loaded, concurrency: int, prompt: int, new: int, mode: str) -> DecodeEngine:
+    kernel, graphs = MODES[mode]
+    tokens = concurrency * (prompt + new + 16)
+    return DecodeEngine(loaded, kv_budget=tokens * loaded.info.kv.bytes_per_token(loaded.dtype) + (1 << 24),
+                        block_size=16, max_batch=max(concurrency, 1), max_queued=concurrency,
+                        prefill_token_budget=8192, prefill_chunk_tokens=0, paged_kernel=kernel, cuda_graphs=graphs)
+
+
+async def engine_run(loaded, prompts: list[list[int]], new: int, mode: str) -> dict:
+    """The same prompts twice on one engine; the second run's figures."""
+    engine = make_engine(loaded, len(prompts), len(prompts[0]), new, mode)
     engine.start()
+    try:
+        await generate_all(engine, prompts, new)
+        return await generate_all(engine, prompts, new)
+    finally:
+        await engine.stop()
+
+
+async def generate_all(engine: DecodeEngine, prompts: list[list[int]], new: int) -> dict:
     greedy = SamplingParams(temperature=0)
     first_done: list[float] = []
 
@@ -77,11 +96,11 @@ async def engine_run(loaded, prompts: list[list[int]], new: int, kernel: str) ->
     end = time.perf_counter()
     steps = engine.counters.steps - steps_before
     in_step_ms = (engine.counters.step_seconds - step_s_before) * 1e3 / max(1, steps)
-    await engine.stop()
     decode_s = end - max(first_done)
     generated = sum(counts) - len(prompts)  # tokens after the first
     return {"decode_s": decode_s, "decode_tokens": generated, "tokens_per_s": generated / decode_s,
-            "steps": steps, "step_ms": decode_s * 1e3 / max(1, steps), "in_step_ms": in_step_ms}
+            "steps": steps, "step_ms": decode_s * 1e3 / max(1, steps), "in_step_ms": in_step_ms,
+            "graphs": engine.stats()["cuda_graphs"]}
 
 
 @torch.inference_mode()
@@ -112,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--concurrency", default="1,32,128")
-    parser.add_argument("--kernels", default="gather,flex", help="paged attention kernels to compare")
+    parser.add_argument("--modes", default="gather,flex,flex+graphs", help=f"engine modes to compare: {', '.join(MODES)}")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--out", default="bench/out/gpu_decode.json")
@@ -127,30 +146,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model} {loaded.dtype} on {name}: weights {weight_bytes / 2**30:.2f} GiB, copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s, floor {floor_ms:.2f} ms/step", flush=True)
     gen = torch.Generator().manual_seed(0)
-    kernels = args.kernels.split(",")
-    for kernel in kernels:  # warm-up: compiles the flex kernel (two batch sizes: then it is shape-dynamic)
+    modes = args.modes.split(",")
+    for mode in modes:  # compiles the flex kernel once per process for the shapes met below
         warm = torch.randint(100, loaded.info.vocab_size, (3, args.prompt), generator=gen).tolist()
-        asyncio.run(engine_run(loaded, warm[:1], 4, kernel))
-        asyncio.run(engine_run(loaded, warm, 4, kernel))
+        asyncio.run(engine_run(loaded, warm, 4, mode))
     rows = []
     for n in [int(x) for x in args.concurrency.split(",")]:
         prompts = torch.randint(100, loaded.info.vocab_size, (n, args.prompt), generator=gen).tolist()
         row = {"concurrency": n, "hf_generate": hf_run(loaded, prompts, args.new)}
-        for kernel in kernels:
-            row[kernel] = asyncio.run(engine_run(loaded, prompts, args.new, kernel))
+        for mode in modes:
+            row[mode] = asyncio.run(engine_run(loaded, prompts, args.new, mode))
         rows.append(row)
         print(f"N={n}: " + ", ".join(f"pdserve[{k}] {row[k]['tokens_per_s']:.0f} tok/s ({row[k]['step_ms']:.2f} ms/step, "
-                                     f"{row[k]['in_step_ms']:.2f} in the step)" for k in kernels)
+                                     f"{row[k]['in_step_ms']:.2f} in the step)" for k in modes)
               + f", HF generate {row['hf_generate']['tokens_per_s']:.0f} tok/s ({row['hf_generate']['step_ms']:.2f} ms/step)",
               flush=True)
-    print(f"\n| concurrency | kernel | pdserve tok/s | HF generate tok/s | ratio | pdserve ms/step (in step) | HF ms/step "
+    print(f"\n| concurrency | mode | pdserve tok/s | HF generate tok/s | ratio | pdserve ms/step (in step) | HF ms/step "
           f"| step / floor ({floor_ms:.2f} ms) |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         h = r["hf_generate"]
-        for kernel in kernels:
-            o = r[kernel]
-            print(f"| {r['concurrency']} | {kernel} | {o['tokens_per_s']:.0f} | {h['tokens_per_s']:.0f} | "
+        for mode in modes:
+            o = r[mode]
+            print(f"| {r['concurrency']} | {mode} | {o['tokens_per_s']:.0f} | {h['tokens_per_s']:.0f} | "
                   f"{o['tokens_per_s'] / h['tokens_per_s']:.2f}x | {o['step_ms']:.2f} ({o['in_step_ms']:.2f}) | "
                   f"{h['step_ms']:.2f} | {o['step_ms'] / floor_ms:.1f}x |")
     out = Path(args.out)

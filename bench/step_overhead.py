@@ -3,7 +3,8 @@
 (a) bare: ``model(next_token, past_key_values=DynamicCache)`` as ``generate`` runs it;
 (b) pdserve step: the decode engine's step over the paged KV pool (step metadata, block-table
     gather + SDPA in the registered attention function, explicit positions, sampler);
-(c) engine loop: time per token of one request through ``DecodeEngine`` (executor hop and queues included).
+(c) engine loop: time per token of one request through ``DecodeEngine`` (executor hop and queues included),
+    on CUDA with the flex kernel also with the step replayed from a CUDA graph.
 Same process, same threads, after warm-up; medians. ``--profile`` prints the operators that
 take the difference between (a) and (b).
 
@@ -82,7 +83,10 @@ def main(args) -> None:
     step_ms = median_ms(step, args.steps, device)
     with ThreadPoolExecutor(1) as worker:  # the engine runs its steps on a worker thread
         thread_ms = median_ms(lambda: worker.submit(torch.inference_mode()(step)).result(), args.steps, device)
-    loop_ms, in_step_ms = asyncio.run(engine_loop_ms(loaded, dyn, args))
+    loop_ms, in_step_ms = asyncio.run(engine_loop_ms(loaded, dyn, args, cuda_graphs=False))
+    graphs = pool.kernel == "flex" and device.type == "cuda"
+    if graphs:
+        graph_ms, graph_in_step_ms = asyncio.run(engine_loop_ms(loaded, dyn, args, cuda_graphs=True))
     print(f"model {info.name} {loaded.dtype} on {device}, context {args.context}, threads {torch.get_num_threads()}, "
           f"{pool.kernel} kernel")
     print("| path | ms per token | vs bare |")
@@ -91,7 +95,9 @@ def main(args) -> None:
                      ("pdserve step (paged pool: metadata + gather + SDPA + sample)", step_ms),
                      ("the same step on a worker thread", thread_ms),
                      ("DecodeEngine loop, 1 request", loop_ms),
-                     ("  of which inside the engine's step", in_step_ms)):
+                     ("  of which inside the engine's step", in_step_ms),
+                     *((("DecodeEngine loop, CUDA graphs", graph_ms),
+                        ("  of which inside the engine's step", graph_in_step_ms)) if graphs else ())):
         print(f"| {name} | {ms:.2f} | {ms / bare_ms:.2f}x |")
     if args.profile:
         model.set_attn_implementation("sdpa")
@@ -100,13 +106,13 @@ def main(args) -> None:
         print("\npdserve step, top operators:\n" + top_ops(step))
 
 
-async def engine_loop_ms(loaded, dyn, args) -> tuple[float, float]:
+async def engine_loop_ms(loaded, dyn, args, cuda_graphs: bool) -> tuple[float, float]:
     """Per token of one request through the engine, and the engine's own moving average of its step."""
     from pdserve.kv.wire import DTYPE_NAMES, KVLayout, split_layer, token_major
 
     n = args.steps + 1
     engine = DecodeEngine(loaded, kv_budget=4 * (args.context + n + 64) * loaded.info.kv.bytes_per_token(loaded.dtype),
-                          max_batch=1, paged_kernel=args.kernel)
+                          max_batch=1, paged_kernel=args.kernel, cuda_graphs=cuda_graphs)
     engine.start()
     seq = await engine.reserve(DecodeParams("r", "r", args.context, SamplingParams(temperature=0), frozenset(), n + 1))
     kv = loaded.info.kv

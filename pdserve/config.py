@@ -135,6 +135,9 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
     paged_kernel: str = field(default="auto", metadata={
         "help": "attention over the KV pool: gather (block-table gather + SDPA), flex (compiled FlexAttention "
                 "reading the pool in place), or auto (flex on cuda, gather on cpu)"})
+    cuda_graphs: bool = field(default=True, metadata={
+        "help": "replay each decode step from a CUDA graph captured per batch size (flex kernel on cuda; "
+                "ignored elsewhere)"})
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.engine.admission import Admission, Ticket
+from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.paged_attention import StepCache, use_paged_attention
 from pdserve.engine.prefill import PrefillEngine
@@ -122,13 +123,16 @@ class DecodeCounters:
 class DecodeEngine:
     def __init__(self, loaded: LoadedModel, *, kv_budget: int, block_size: int = 16, max_batch: int = 32,
                  max_queued: int = 256, prefill_token_budget: int = 2048, prefill_chunk_tokens: int = 512,
-                 paged_kernel: str = "auto", kv_lease_s: float = 60.0) -> None:
+                 paged_kernel: str = "auto", kv_lease_s: float = 60.0, cuda_graphs: bool = True) -> None:
         self.kv_lease_s = kv_lease_s
         self._loaded = loaded
         self.max_batch = max_batch
         self.pool = KVPool(loaded.info.kv, loaded.dtype, loaded.device, kv_budget, block_size, paged_kernel)
         self.admission = Admission(self.pool.allocator, max_queued, self._retry_hint_ms)
         use_paged_attention(loaded.model)
+        # Decode steps replayed from CUDA graphs where they can be (the flex kernel on a GPU).
+        self._graphs = (DecodeGraphs(loaded.model, self.pool)
+                        if cuda_graphs and self.pool.kernel == "flex" and self.pool.device.type == "cuda" else None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-engine")
         # Prompts prefilled here (colocated serving) share the worker thread with decode steps.
         self.local_prefill = PrefillEngine(loaded, prefill_token_budget, prefill_chunk_tokens, executor=self._executor)
@@ -348,6 +352,7 @@ class DecodeEngine:
             "kv_blocks_peak": alloc.peak_used,
             "kv_block_size": self.pool.block_size,
             "refused": self.admission.refused,
+            "cuda_graphs": self._graphs.captured if self._graphs is not None else 0,
             **vars(self.counters),
         }
 
@@ -403,15 +408,19 @@ class DecodeEngine:
     @torch.inference_mode()
     def _step(self, batch: list[DecodeSequence]) -> list[int]:
         """Runs on the engine thread: one forward pass over ``batch``, one token each."""
-        device = self._loaded.device
-        input_ids = torch.tensor([[s.last_token] for s in batch], dtype=torch.long, device=device)  # (B, 1)
         positions = [s.kv_len for s in batch]
-        step = self.pool.prepare_step([s.blocks for s in batch], positions)
-        out = self._loaded.model(input_ids=input_ids, position_ids=torch.tensor(positions, device=device)[:, None],
-                                 attention_mask=step.mask, past_key_values=StepCache(self.pool, step),
-                                 use_cache=True, paged=step)
-        return sample(out.logits[:, -1], [s.params.sampling for s in batch],
-                      [s.params.first_index + s.next_index for s in batch])
+        tables = [s.blocks for s in batch]
+        if self._graphs is not None:
+            logits = self._graphs.logits([s.last_token for s in batch], tables, positions)
+        else:
+            device = self._loaded.device
+            step = self.pool.prepare_step(tables, positions)
+            out = self._loaded.model(
+                input_ids=torch.tensor([[s.last_token] for s in batch], dtype=torch.long, device=device),
+                position_ids=torch.tensor(positions, device=device)[:, None], attention_mask=step.mask,
+                past_key_values=StepCache(self.pool, step), use_cache=True, paged=step)
+            logits = out.logits[:, -1]
+        return sample(logits, [s.params.sampling for s in batch], [s.params.first_index + s.next_index for s in batch])
 
     def _postprocess(self, batch: list[DecodeSequence], tokens: list[int]) -> None:
         self.counters.steps += 1

@@ -111,6 +111,21 @@ class PagedStep:
     block_mask: object | None = None          # flex: row b reads its own blocks, positions 0..positions[b]
 
 
+@dataclass(frozen=True)
+class FlexMetadata:
+    """One flex step on the host, rows padded to ``padded_rows`` and tables to ``width`` blocks."""
+
+    padded_rows: int
+    width: int
+    counts: list[int]        # per row: blocks it visits
+    indices: list[int]       # row-major (padded_rows, width): the blocks, null-padded
+    write: list[int]         # per row: the slot of its new token (padded rows: the null block's first)
+    blocks: list[int]        # every block the real rows visit, then for each its row and table index
+    owner: list[int]
+    logical: list[int]
+    positions: list[int]     # per real row: its newest token's position
+
+
 class KVPool:
     def __init__(self, kv: KVShape, dtype: torch.dtype, device: torch.device, budget: int,
                  block_size: int = 16, kernel: str = "auto") -> None:
@@ -128,25 +143,29 @@ class KVPool:
         self.allocator = BlockAllocator(num_blocks)
         slots = num_blocks * block_size
         shape = (slots, kv.kv_heads, kv.head_dim)
-        # torch.empty: pages are only touched when KV is written there.
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(kv.num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(kv.num_layers)]
+        # On the host, torch.empty: pages are only touched when KV is written there. On a GPU, zeros (one
+        # fast memset): the flex kernel multiplies a block's unwritten, masked slots by zero, and
+        # uninitialised memory may hold NaN bit patterns.
+        alloc = torch.zeros if device.type == "cuda" else torch.empty
+        self.keys = [alloc(shape, dtype=dtype, device=device) for _ in range(kv.num_layers)]
+        self.values = [alloc(shape, dtype=dtype, device=device) for _ in range(kv.num_layers)]
         for t in self.keys + self.values:
             t[:block_size].zero_()
         self.kernel = resolve_kernel(kernel, device)
         if self.kernel == "flex":
-            # Per step, for every block: the batch row owning it (-1: none) and its index in
-            # that row's table; per row, its newest position. The mask reads these in the kernel.
+            # Per step, for every block: the batch row owning it (-1: none) and its index in that row's
+            # table; per row, its newest position. The mask reads these in the kernel; they live outside
+            # any step's tensors, so a captured CUDA graph reads the step it is replayed for.
             self._owner = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
             self._logical = torch.zeros(num_blocks, dtype=torch.int32, device=device)
-            self._last = torch.zeros(num_blocks, dtype=torch.int32, device=device)
+            self._last = torch.zeros(_pow2(num_blocks), dtype=torch.int32, device=device)
             owner, logical, last = self._owner, self._logical, self._last
 
             def mask_mod(b, h, q_idx, kv_idx):  # one function for the pool's life: compiled once
                 block = kv_idx // block_size
                 return (owner[block] == b) & (logical[block] * block_size + kv_idx % block_size <= last[b])
 
-            self._mask_mod = mask_mod
+            self.mask_mod = mask_mod
 
     @property
     def nbytes(self) -> int:
@@ -193,35 +212,52 @@ class KVPool:
         device = self.device
         return PagedStep(write.to(device), mask[:, None, None, :].to(device), gather=gather.to(device))
 
-    def _flex_step(self, tables: list[list[int]], positions: list[int]) -> PagedStep:
-        from torch.nn.attention.flex_attention import BlockMask
-
+    def flex_metadata(self, tables: list[list[int]], positions: list[int]) -> FlexMetadata:
+        """The flex kernel's view of a step on the host, padded to a compiled shape."""
         bs, rows = self.block_size, len(tables)
         used = [blocks_for(p + 1, bs) for p in positions]
         # The compiled kernel is specialised to static shapes (flex decoding needs a static batch):
         # rows and table width are padded to powers of two so few shapes ever compile. Padded rows
-        # have no blocks; the attention function drops their output.
+        # list no blocks (they read nothing) and write their token into the null block, which the
+        # flex kernel never reads; their output is dropped.
         padded_rows, width = _pow2(rows), _pow2(max(used))
-        counts = used + [0] * (padded_rows - rows)
+        pad = padded_rows - rows
         indices, flat, owner, logical = [], [], [], []
         for row, (table, n) in enumerate(zip(tables, used)):
-            indices += table[:n] + [0] * (width - n)
+            indices += table[:n] + [NULL_BLOCK] * (width - n)
             flat += table[:n]
             owner += [row] * n
             logical += range(n)
-        indices += [0] * (width * (padded_rows - rows))
-        write = [table[p // bs] * bs + p % bs for table, p in zip(tables, positions)]
-        # Everything the step needs on the device in one host-to-device copy, then sliced.
-        parts = (counts, indices, flat, owner, logical, positions, write)
-        packed = torch.tensor([x for part in parts for x in part], dtype=torch.long).to(self.device)
-        counts_t, indices_t, flat_t, owner_t, logical_t, last_t, write_t = packed.split([len(p) for p in parts])
+        return FlexMetadata(
+            padded_rows, width, counts=used + [0] * pad, indices=indices + [NULL_BLOCK] * (width * pad),
+            write=[table[p // bs] * bs + p % bs for table, p in zip(tables, positions)] + [0] * pad,
+            blocks=flat, owner=owner, logical=logical, positions=positions)
+
+    def load_flex_rows(self, meta: FlexMetadata) -> None:
+        """Writes which row owns each block and each row's newest position, where the mask reads them."""
+        packed = torch.tensor(meta.blocks + meta.owner + meta.logical + meta.positions, dtype=torch.int32)
+        blocks, owner, logical, last = packed.to(self.device).split(
+            [len(meta.blocks), len(meta.owner), len(meta.logical), len(meta.positions)])
         self._owner.fill_(-1)
-        self._owner[flat_t] = owner_t.int()
-        self._logical[flat_t] = logical_t.int()
-        self._last[:rows] = last_t.int()
-        block_mask = BlockMask.from_kv_blocks(
-            counts_t.int()[:, None, None], indices_t.int().view(padded_rows, 1, 1, width),
-            BLOCK_SIZE=(128, bs), mask_mod=self._mask_mod, seq_lengths=(1, self.allocator.num_blocks * bs),
+        self._owner[blocks.long()] = owner
+        self._logical[blocks.long()] = logical
+        self._last[:len(meta.positions)] = last
+
+    def block_mask(self, counts: torch.Tensor, indices: torch.Tensor):
+        """A FlexAttention block mask over the pool's slots: row b visits blocks indices[b, :counts[b]]."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        rows, width = indices.shape
+        return BlockMask.from_kv_blocks(
+            counts.view(rows, 1, 1), indices.view(rows, 1, 1, width), BLOCK_SIZE=(128, self.block_size),
+            mask_mod=self.mask_mod, seq_lengths=(1, self.allocator.num_blocks * self.block_size),
             compute_q_blocks=False)
-        return PagedStep(write_t, torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=self.device),
-                         block_mask=block_mask)
+
+    def _flex_step(self, tables: list[list[int]], positions: list[int]) -> PagedStep:
+        meta = self.flex_metadata(tables, positions)
+        self.load_flex_rows(meta)
+        rows = meta.padded_rows
+        packed = torch.tensor(meta.counts + meta.indices + meta.write, dtype=torch.long).to(self.device)
+        counts, indices, write = packed.split([rows, rows * meta.width, rows])
+        return PagedStep(write[:len(tables)], torch.ones(len(tables), 1, 1, 1, dtype=torch.bool, device=self.device),
+                         block_mask=self.block_mask(counts.int(), indices.int().view(rows, meta.width)))

@@ -122,7 +122,7 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
                           block_size=config.kv_block_size, max_batch=config.max_batch, max_queued=config.max_queued,
                           prefill_token_budget=config.prefill_token_budget,
                           prefill_chunk_tokens=config.prefill_chunk_tokens, paged_kernel=config.paged_kernel,
-                          kv_lease_s=config.kv_lease_s)
+                          kv_lease_s=config.kv_lease_s, cuda_graphs=config.cuda_graphs)
     engine.start()
     sweep_orphans()
     sweeper = asyncio.get_running_loop().create_task(sweep_periodically(), name="shm-sweep")
