@@ -213,10 +213,18 @@ def parse_budget(text: str) -> tuple[int | None, float | None]:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()]), None
 
 
-def _check_address(name: str, addr: str) -> None:
-    host, sep, port = addr.rpartition(":")
+def address_problem(address: str) -> str | None:
+    """Why ``address`` is not host:port, or None."""
+    host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{name}: expected host:port, got {addr!r}")
+        return f"expected host:port, got {address[:100]!r}"
+    return None
+
+
+def _check_address(name: str, addr: str) -> None:
+    problem = address_problem(addr)
+    if problem:
+        raise ConfigError(f"{name}: {problem}")
 
 
 C = TypeVar("C")

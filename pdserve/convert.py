@@ -45,6 +45,16 @@ def stream_info_from_proto(header: decode_pb2.KVHeader) -> StreamInfo:
                       header.quantization)
 
 
+MAX_ID_CHARS = 256  # request and transfer ids
+
+
+def check_id(value: str, field: str, required: bool = True) -> None:
+    if required and not value:
+        raise InvalidArgument(f"{field}: must not be empty")
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidArgument(f"{field}: at most {MAX_ID_CHARS} characters, got {len(value)}")
+
+
 def check_token_ids(token_ids: list[int], vocab_size: int, field: str = "token_ids") -> None:
     if not token_ids:
         raise InvalidArgument(f"{field}: must not be empty")

@@ -80,6 +80,71 @@ def rpc_errors(method):
     return unary_wrapper
 
 
+class _Malformed:
+    """What a request that is not a valid protobuf message deserializes to."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer):
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends: the bytes are not that message
+            return _Malformed(exc)
+    return parse
+
+
+async def _reject(request: _Malformed, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid protobuf message: {request.error}")
+
+
+def _checked(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The handler with a request that fails to parse answered INVALID_ARGUMENT (grpc's own is UNKNOWN)."""
+    if handler.request_streaming:
+        return handler  # streamed requests (PushKV) take raw bytes and parse them themselves
+    if handler.response_streaming:
+        behavior = handler.unary_stream
+
+        async def unary_stream(request, context):
+            if isinstance(request, _Malformed):
+                await _reject(request, context)
+            async for item in behavior(request, context):
+                yield item
+
+        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer), unary_stream=unary_stream)
+    unary = handler.unary_unary
+
+    async def unary_unary(request, context):
+        if isinstance(request, _Malformed):
+            await _reject(request, context)
+        return await unary(request, context)
+
+    return handler._replace(request_deserializer=_tolerant(handler.request_deserializer), unary_unary=unary_unary)
+
+
+class _Capture:
+    """Stands in for a server to catch the handlers a generated ``add_*Servicer_to_server`` registers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, name: str, handlers: dict) -> None:
+        self.name, self.handlers = name, handlers
+
+
+def add_servicer(add_generated, servicer, server: grpc.aio.Server, raw: Iterable[str] = ()) -> None:
+    """Registers ``servicer`` as the generated ``add_generated`` would, except that unparseable requests
+    get INVALID_ARGUMENT and the methods named in ``raw`` receive each message's raw bytes."""
+    generated = _Capture()
+    add_generated(servicer, generated)
+    handlers = {name: handler._replace(request_deserializer=None) if name in raw else _checked(handler)
+                for name, handler in generated.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(generated.name, handlers),))
+    server.add_registered_method_handlers(generated.name, handlers)
+
+
 def create_server(listen: str) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server bound to ``listen`` (port 0 picks one); returns it and the port."""
     server = grpc.aio.server(options=OPTIONS)

@@ -15,6 +15,7 @@ from typing import AsyncIterator, Callable
 import grpc
 
 from pdserve.errors import InvalidArgument
+from pdserve.rpc import add_servicer
 from pdserve.kv.assembly import KVAssembly
 from pdserve.kv.shm import SegmentCache, chunk_from_segment
 from pdserve.kv.wire import StreamInfo, decode_message
@@ -74,20 +75,7 @@ async def read_header(messages: AsyncIterator[bytes]) -> decode_pb2.KVHeader:
     return header
 
 
-class _Capture:
-    def add_generic_rpc_handlers(self, handlers) -> None:
-        pass
-
-    def add_registered_method_handlers(self, name: str, handlers: dict) -> None:
-        self.name, self.handlers = name, handlers
-
-
 def add_decode_servicer(servicer: decode_pb2_grpc.DecodeServicer, server: grpc.aio.Server) -> None:
     """``add_DecodeServicer_to_server``, except ``PushKV`` gets each message's raw bytes: parsed by
     ``decode_message`` with K/V left in place, and bad framing becomes DATA_LOSS, not INTERNAL."""
-    generated = _Capture()
-    decode_pb2_grpc.add_DecodeServicer_to_server(servicer, generated)
-    handlers = dict(generated.handlers)
-    handlers["PushKV"] = handlers["PushKV"]._replace(request_deserializer=None)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(generated.name, handlers),))
-    server.add_registered_method_handlers(generated.name, handlers)
+    add_servicer(decode_pb2_grpc.add_DecodeServicer_to_server, servicer, server, raw=("PushKV",))

@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 from pdserve import config as cfg
-from pdserve.convert import check_token_ids, layout_from_proto, sampling_from_proto, stream_info_from_proto
+from pdserve.convert import check_id, check_token_ids, layout_from_proto, sampling_from_proto, stream_info_from_proto
 from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason
 from pdserve.engine.kv_pool import budget_bytes
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
@@ -30,8 +30,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self._host_id = host_id()
 
     def _params(self, request: decode_pb2.DecodeRequest) -> DecodeParams:
-        if not request.request_id or not (request.transfer_id or request.prompt_token_ids):
-            raise InvalidArgument("request_id and transfer_id: must not be empty")
+        check_id(request.request_id, "request_id")
+        check_id(request.transfer_id, "transfer_id", required=not request.prompt_token_ids)
         vocab = self._engine.info.vocab_size
         bad = [t for t in request.eos_token_ids if not 0 <= t < vocab]
         if bad:

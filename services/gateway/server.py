@@ -11,10 +11,10 @@ import time
 import uuid
 
 from pdserve import config as cfg
-from pdserve.convert import check_token_ids, sampling_from_proto
+from pdserve.convert import check_id, check_token_ids, sampling_from_proto
 from pdserve.errors import InvalidArgument
 from pdserve.model import ModelInfo, load_model_info
-from pdserve.rpc import ChannelPool, rpc_errors, start_server
+from pdserve.rpc import ChannelPool, add_servicer, rpc_errors, start_server
 from pdserve.service import RunningService, run_service, service_main
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.router import GatewayRequest, Router
@@ -86,6 +86,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         for i, stop in enumerate(s.stop):
             if not 0 < len(stop) <= MAX_STOP_CHARS:
                 raise InvalidArgument(f"sampling.stop[{i}]: must be 1 to {MAX_STOP_CHARS} characters, got {len(stop)}")
+        check_id(request.request_id, "request_id", required=False)
         if s.stop and info.tokenizer is None:
             raise InvalidArgument(f"sampling.stop: model {info.name} has no tokenizer to match stop strings")
         return GatewayRequest(
@@ -135,7 +136,7 @@ async def start_gateway(config: cfg.GatewayConfig, info: ModelInfo | None = None
     router = Router(info, RoundRobinScheduler(registry), channels, token_timeout_s=config.token_timeout_s)
     servicer = GatewayServicer(info, router, config)
     server, port, health = await start_server(
-        config.listen, SERVICE, lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server))
+        config.listen, SERVICE, lambda server: add_servicer(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, server))
     log.info("gateway routes to prefill %s, decode %s", ",".join(config.prefill) or "(colocated: on decode)",
              ",".join(config.decode))
     registry.start()

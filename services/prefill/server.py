@@ -9,7 +9,7 @@ from typing import Awaitable, TypeVar
 import grpc
 
 from pdserve import config as cfg
-from pdserve.convert import check_token_ids, sampling_from_proto
+from pdserve.convert import check_id, check_token_ids, sampling_from_proto
 from pdserve.engine.prefill import PrefillEngine
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
 from pdserve.aio import ByteBudget
@@ -17,7 +17,7 @@ from pdserve.kv.grpc_sender import GrpcKVSender, ShmKVSender
 from pdserve.kv.shm import SegmentPool, host_id, sweep_orphans
 from pdserve.kv.transport import KVSender
 from pdserve.model import LoadedModel
-from pdserve.rpc import ChannelPool, rpc_errors, start_server
+from pdserve.rpc import ChannelPool, add_servicer, rpc_errors, start_server
 from pdserve.service import RunningService, load_model_for, run_service, service_main
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -78,6 +78,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     @rpc_errors
     async def Prefill(self, request, context):
         info = self._engine.info
+        check_id(request.request_id, "request_id", required=False)
         token_ids = list(request.token_ids)
         check_token_ids(token_ids, info.vocab_size)
         if len(token_ids) > info.context_length:
@@ -87,8 +88,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             result = await self._engine.prefill(token_ids, sampling, None, request.first_index)
             yield self._first_token(result)
             return
-        if not request.transfer_id:
-            raise InvalidArgument("transfer_id: must not be empty when decode_address is set")
+        problem = cfg.address_problem(request.decode_address)
+        if problem:
+            raise InvalidArgument(f"decode_address: {problem}")
+        check_id(request.transfer_id, "transfer_id")
         layout = self._engine.layout(request.transfer_id, len(token_ids))
         await self.inflight.acquire(layout.total_bytes)
         sender = None
@@ -130,7 +133,7 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
     sweep_orphans()
     servicer = PrefillServicer(engine, channels, config)
     server, port, health = await start_server(
-        config.listen, SERVICE, lambda server: prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server))
+        config.listen, SERVICE, lambda server: add_servicer(prefill_pb2_grpc.add_PrefillServicer_to_server, servicer, server))
 
     async def close() -> None:
         servicer.segments.close()
