@@ -70,6 +70,8 @@ class Member:
     name: str
     address: str
     process: subprocess.Popen
+    command: list[str]
+    env: dict[str, str]
 
 
 class LocalCluster:
@@ -101,8 +103,17 @@ class LocalCluster:
             cmd = ["taskset", "-c", ",".join(map(str, cores)), *cmd]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
         process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
-        member = Member(name, address, process)
+        member = Member(name, address, process, cmd, env)
         self.members.append(member)
+        return member
+
+    def restart(self, name: str) -> Member:
+        """Starts member ``name`` again, same command and address, once its old process has exited
+        (``wait_healthy`` then waits for it); the gateway's health checks find it serving again."""
+        member = next(m for m in self.members if m.name == name)
+        if member.process.poll() is None:
+            raise RuntimeError(f"{name} is still running (pid {member.process.pid})")
+        member.process = subprocess.Popen(member.command, env=member.env, stdin=subprocess.DEVNULL)
         return member
 
     def start(self) -> None:

@@ -40,3 +40,20 @@ async def tiny_cluster() -> InProcessCluster:
     cluster = await start_cluster(get_loaded("preset:tiny-llama"))
     yield cluster
     await cluster.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault-injection suite's one line: its runs' summaries added up (tests/test_faults.py)."""
+    from tests import test_faults
+
+    runs = test_faults.SUMMARIES
+    if not runs:
+        return
+    total = {key: sum(r[key] for r in runs) for key in ("faults", "requests", "completed", "token-exact", "lost",
+                                                         "duplicated")}
+    terminalreporter.write_sep("-", "fault injection")
+    terminalreporter.write_line(
+        f"faults: {total['faults']} injected, requests: {total['requests']}, completed: {total['completed']}, "
+        f"token-exact: {total['token-exact']}, lost: {total['lost']}, duplicated: {total['duplicated']}")
+    for error in sorted({e for r in runs for e in r["errors"]}):
+        terminalreporter.write_line(f"  lost to: {error}")

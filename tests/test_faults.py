@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.faults]
 MODEL = "preset:tiny-llama"
 REQUESTS = 50
 MAX_TOKENS = 96
+SUMMARIES: list[dict] = []  # every run's summary; conftest prints their total at the end of the session
 
 
 def workload(seed: int) -> list[list[int]]:
@@ -75,10 +76,12 @@ class Run:
         result = {"faults": faults, "requests": len(self.prompts), "completed": completed, "token-exact": exact,
                   "lost": lost, "duplicated": duplicated,
                   "errors": sorted({repr(e) for e in self.errors if e is not None})[:5]}
-        print(f"faults: {faults} injected, requests: {len(self.prompts)}, completed: {completed}, "
-              f"token-exact: {exact}, lost: {lost}, duplicated: {duplicated}")
+        line = (f"faults: {faults} injected, requests: {len(self.prompts)}, completed: {completed}, "
+                f"token-exact: {exact}, lost: {lost}, duplicated: {duplicated}")
+        print(line)
         for error in result["errors"]:
             print(f"  lost to: {error}")
+        SUMMARIES.append(result)
         return result
 
 
@@ -117,15 +120,31 @@ def expect_all_exact(result: dict[str, int]) -> None:
     assert (result["completed"], result["token-exact"], result["lost"], result["duplicated"]) == (n, n, 0, 0), result
 
 
-async def test_kill_9_a_decode_instance_mid_generation(cluster):
+async def test_kill_9_a_decode_instance_mid_generation_then_restart_it(cluster):
     run = Run(cluster.gateway_address, workload(1))
+    victim = member(cluster, "decode-0")
 
     async def kill_decode(run: Run) -> None:
         await wait_for_tokens(run, REQUESTS * 5)
-        member(cluster, "decode-0").process.send_signal(signal.SIGKILL)
+        victim.process.send_signal(signal.SIGKILL)
 
     await run.run(kill_decode)
     expect_all_exact(run.summary(faults=1))
+    # Restarted on the same address, it rejoins: the gateway's health checks find it and it gets new work.
+    victim.process.wait()
+    cluster.restart("decode-0")
+    await cluster.wait_healthy(timeout_s=120)
+    second = Run(cluster.gateway_address, workload(5)[:8])
+
+    async def nothing(run: Run) -> None:
+        pass
+
+    await asyncio.sleep(1.5)  # a few health probes find it serving
+    await second.run(nothing)
+    expect_all_exact(second.summary(faults=0))
+    stats = await decode_stats(victim.address)
+    assert stats.transfers_completed > 0, "the restarted instance got no work"
+    assert (stats.waiting_for_kv, stats.running, stats.kv_blocks_used) == (0, 0, 0)
 
 
 async def test_kill_9_a_prefill_instance_under_load(cluster):

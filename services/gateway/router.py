@@ -151,19 +151,27 @@ class Router:
         output = _Output(req, eos, IncrementalDetokenizer(tokenizer) if tokenizer else None, StopStrings(req.stop))
         timings = Timings()
         failed: set[str] = set()  # instances this request failed on: the next attempt avoids them
-        for attempt in range(MAX_ATTEMPTS):
-            if attempt:
-                await asyncio.sleep(min(backoff_s(attempt), req.time_left() or BACKOFF_CAP_S))
+        # The budget is MAX_ATTEMPTS failures in a row without a new token: an attempt that delivered
+        # tokens before failing (a second, unrelated fault) starts the count again. Each reset needs a
+        # token, so a request makes at most max_tokens * MAX_ATTEMPTS attempts.
+        attempt = in_a_row = 0
+        while True:
+            if in_a_row:
+                await asyncio.sleep(min(backoff_s(in_a_row), req.time_left() or BACKOFF_CAP_S))
             req.time_left()  # no attempt starts past the client's deadline
+            before = output.count
             try:
                 async for chunk in self._attempt(req, eos, output, timings, attempt, failed, started):
                     yield chunk
                 return
             except PdserveError as error:
-                if not isinstance(error, RETRYABLE) or attempt + 1 == MAX_ATTEMPTS:
+                in_a_row = 1 if output.count > before else in_a_row + 1
+                if not isinstance(error, RETRYABLE) or in_a_row == MAX_ATTEMPTS:
                     raise
-                log.warning("request_id=%s: attempt %d of %d failed after %d tokens (%s); resuming elsewhere",
-                            req.request_id, attempt + 1, MAX_ATTEMPTS, output.count, error)
+                log.warning("request_id=%s: attempt %d failed after %d tokens (%d of %d in a row without a "
+                            "token: %s); resuming elsewhere", req.request_id, attempt + 1, output.count, in_a_row,
+                            MAX_ATTEMPTS, error)
+            attempt += 1
 
     async def _attempt(self, req: GatewayRequest, eos: frozenset[int], output: _Output, timings: Timings,
                        attempt: int, failed: set[str], started: float) -> AsyncIterator[OutputChunk]:
