@@ -5,21 +5,32 @@
   decode steps (no chunking): a long prompt stalls every running request.
 - ``colocated-chunked``: the same engine with chunked prefill (Sarathi-style):
   decode steps interleave with prefill chunks of ``chunk`` tokens.
+- ``disagg-local``: ``disagg`` with conditional disaggregation: prompts up to
+  ``local`` tokens are prefilled on the decode instance.
+- ``disagg-2x2`` / ``disagg-2x2-rr``: 2 prefill + 2 decode instances sharing
+  the cores, with the load-aware scheduler / round robin.
 """
 
 from __future__ import annotations
 
 from pdserve.cluster import ClusterSpec
 
-CONFIGS = ("disagg", "colocated", "colocated-chunked")
+CONFIGS = ("disagg", "colocated", "colocated-chunked", "disagg-local", "disagg-2x2", "disagg-2x2-rr")
 
 
 def cluster_spec(name: str, model: str, device: str = "cpu", dtype: str = "auto", chunk: int = 256,
-                 max_batch: int = 64, kv_budget: str = "auto") -> ClusterSpec:
+                 max_batch: int = 64, kv_budget: str = "auto", local: int = 64) -> ClusterSpec:
     common = dict(model=model, device=device, dtype=dtype, gateway_port=0, pin_cores=device == "cpu",
                   max_batch=max_batch, kv_budget=kv_budget, log_level="WARNING")
     if name == "disagg":
         return ClusterSpec(prefill=1, decode=1, prefill_chunk_tokens=512, **common)
+    if name == "disagg-local":
+        return ClusterSpec(prefill=1, decode=1, prefill_chunk_tokens=512,
+                           extra_env={"PDSERVE_LOCAL_PREFILL_TOKENS": str(local)}, **common)
+    if name in ("disagg-2x2", "disagg-2x2-rr"):
+        policy = "round_robin" if name.endswith("-rr") else "load_aware"
+        return ClusterSpec(prefill=2, decode=2, prefill_chunk_tokens=512, extra_env={"PDSERVE_POLICY": policy},
+                           **common)
     if name == "colocated":
         return ClusterSpec(prefill=0, decode=1, prefill_chunk_tokens=0, **common)
     if name == "colocated-chunked":

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench.configs import CONFIGS
 from bench.workloads import DATASETS, Workload
 from pdserve.errors import PdserveError
 from pdserve.sdk import AsyncClient
@@ -175,10 +176,12 @@ def _rates(text: str) -> list[float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default="127.0.0.1:50051", help="gateway address (unless --start)")
     parser.add_argument("--start", default="", help="configurations to start and compare, comma-separated: "
-                        "disagg, colocated, colocated-chunked (cores pinned; see bench/configs.py)")
+                        f"{', '.join(CONFIGS)} (cores pinned; see bench/configs.py)")
     parser.add_argument("--model", default="default", help="model for --start")
     parser.add_argument("--device", default="cpu", help="device for --start")
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk of colocated-chunked")
+    parser.add_argument("--local-prefill-tokens", type=int, default=64,
+                        help="disagg-local: prompts up to this many tokens are prefilled on decode")
     parser.add_argument("--max-batch", type=int, default=64, help="decode batch limit for --start")
     parser.add_argument("--dataset", choices=DATASETS, default="uniform", help="request mix (bench/workloads.py)")
     parser.add_argument("--num-requests", type=int, default=32)
@@ -219,7 +222,8 @@ async def _bench_started(name: str, workloads: list[Workload], args) -> list[dic
     from bench.configs import cluster_spec
     from pdserve.cluster import LocalCluster
 
-    spec = cluster_spec(name, args.model, device=args.device, chunk=args.chunk, max_batch=args.max_batch)
+    spec = cluster_spec(name, args.model, device=args.device, chunk=args.chunk, max_batch=args.max_batch,
+                        local=args.local_prefill_tokens)
     cluster = LocalCluster(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"[bench] starting {name}: {spec.describe()}", file=sys.stderr, flush=True)
     try:

@@ -179,6 +179,15 @@ class GatewayConfig(ServerConfig):
         "help": "seconds between health checks of every instance (NOT_SERVING or no answer: no new work)"})
     token_timeout_s: float = field(default=30.0, metadata={
         "help": "seconds a decode instance may go without a token before the request moves to another"})
+    policy: str = field(default="load_aware", metadata={
+        "help": "scheduling: load_aware (prefill: power of two choices by outstanding prompt tokens; decode: "
+                "lowest KV-pool plus batch occupancy) or round_robin"})
+    local_prefill_tokens: int = field(default=0, metadata={
+        "help": "conditional disaggregation: prompts up to this many tokens are prefilled on the decode "
+                "instance itself (0: never)"})
+    prefill_full_tokens: int = field(default=0, metadata={
+        "help": "conditional disaggregation: while every prefill instance has this many prompt tokens "
+                "outstanding, prompts are prefilled on decode (0: never)"})
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
@@ -189,6 +198,11 @@ class GatewayConfig(ServerConfig):
                 _check_address(name, addr)
         if self.default_max_tokens < 1:
             raise ConfigError(f"default_max_tokens: must be >= 1, got {self.default_max_tokens}")
+        if self.policy not in ("load_aware", "round_robin"):
+            raise ConfigError(f"policy: must be load_aware or round_robin, got {self.policy!r}")
+        for name in ("local_prefill_tokens", "prefill_full_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("health_interval_s", "token_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")

@@ -36,7 +36,8 @@ class InProcessCluster:
 
 
 async def start_cluster(loaded: LoadedModel, decode_options: dict | None = None,
-                        prefill_options: dict | None = None, colocated: bool = False) -> InProcessCluster:
+                        prefill_options: dict | None = None, colocated: bool = False,
+                        gateway_options: dict | None = None) -> InProcessCluster:
     """One gateway, one prefill (none if ``colocated``) and one decode server sharing ``loaded``'s weights."""
     decode = await start_decode(
         cfg.DecodeConfig(listen="127.0.0.1:0", model=loaded.info.spec, **(decode_options or {})), loaded)
@@ -46,7 +47,8 @@ async def start_cluster(loaded: LoadedModel, decode_options: dict | None = None,
             cfg.PrefillConfig(listen="127.0.0.1:0", model=loaded.info.spec, **(prefill_options or {})), loaded)
     gateway = await start_gateway(cfg.GatewayConfig(
         listen="127.0.0.1:0", model=loaded.info.spec,
-        prefill=(f"127.0.0.1:{prefill.port}",) if prefill else (), decode=(f"127.0.0.1:{decode.port}",)), loaded.info)
+        prefill=(f"127.0.0.1:{prefill.port}",) if prefill else (), decode=(f"127.0.0.1:{decode.port}",),
+        **(gateway_options or {})), loaded.info)
     return InProcessCluster(loaded, gateway, prefill, decode)
 
 

@@ -186,11 +186,22 @@ class Router:
         transfer_id = f"{req.request_id}/{attempt}"
         decode_addr = ""
         decode_call = prefill_call = transfer_task = None
+        load: list[tuple[str, str, int]] = []  # work begun on instances by this attempt (the scheduler counts it)
+
+        def begin(role: str, address: str, tokens: int) -> None:
+            self._scheduler.begin(role, address, tokens)
+            load.append((role, address, tokens))
+
+        def end(role: str, address: str, tokens: int) -> None:
+            load.remove((role, address, tokens))
+            self._scheduler.end(role, address, tokens)
+
         try:
             # 1-2. Reserve on decode before any KV can arrive there.
             if needs_decode:
                 decode_addr, decode_call = await self._reserve(req, eos, prompt, remaining, delivered, transfer_id,
                                                                local, failed)
+                begin("decode", decode_addr, len(prompt) + remaining)
             if local:
                 event = await self._read(decode_call, "decode", decode_addr, failed)
                 if event is None or event.WhichOneof("event") != "token" or event.token.index != delivered:
@@ -198,6 +209,7 @@ class Router:
                 first_token = event.token.token_id
             else:
                 # 3. Prefill; its first event is the first token.
+                begin("prefill", prefill_addr, len(prompt))
                 prefill_call = prefill_pb2_grpc.PrefillStub(self._channels.get(prefill_addr)).Prefill(
                     prefill_pb2.PrefillRequest(request_id=req.request_id, token_ids=prompt,
                                                sampling=sampling_to_proto(req.sampling), first_index=delivered,
@@ -206,6 +218,7 @@ class Router:
                 event = await self._read(prefill_call, "prefill", prefill_addr, failed)
                 if event is None or event.WhichOneof("event") != "first_token":
                     raise Internal(f"prefill {prefill_addr}: expected FirstToken, got {event}")
+                end("prefill", prefill_addr, len(prompt))  # its forward pass is done; the KV may still travel
                 if delivered == 0:
                     timings.prefill_queue_ms = event.first_token.queue_ms
                     timings.prefill_forward_ms = event.first_token.forward_ms
@@ -249,7 +262,9 @@ class Router:
                 raise transfer_task.exception() from None  # a failed transfer is the root cause
             raise error
         finally:
-            # 5. Nothing stays open after the request (or the failed attempt).
+            # 5. Nothing stays open after the request (or the failed attempt), nothing stays counted.
+            for role, address, tokens in list(load):
+                end(role, address, tokens)
             for call in (decode_call, prefill_call):
                 if call is not None and not call.done():
                     call.cancel()

@@ -9,30 +9,48 @@ UNAVAILABLE marks its instance down at once, until a probe finds it serving
 again. When every instance of a role is down, picks fall back to all of
 them: a wrong "down" must not turn into an outage of its own.
 
-``Scheduler`` is the seam for load-aware policies; ``RoundRobinScheduler``
-cycles through the instances that are up, skipping any the request already
-failed on. With no prefill instances the cluster is colocated:
-``pick_prefill`` returns ``""`` and prompts are prefilled on the decode
-instance.
+The registry also asks each decode instance for its ``GetStats`` every
+probe (KV blocks used and total, running batch, queue), the load report
+decode-side policies read.
+
+``Scheduler`` is the policy interface. ``LoadAwareScheduler`` (the default)
+sends a prompt to the less loaded of two random prefill instances by
+outstanding prompt tokens (power of two choices) and a request to the decode
+instance with the lowest KV-pool plus batch occupancy; it also decides
+conditional disaggregation: a prompt up to ``local_prefill_tokens``, or any
+prompt while every prefill instance has ``prefill_full_tokens`` outstanding,
+is prefilled on the decode instance itself (``pick_prefill`` returns
+``""``). ``RoundRobinScheduler`` cycles through the instances. Both skip
+those the request already failed on. The router reports the work it starts
+and ends on each instance (``begin``/``end``), which is what the load-aware
+policy counts between stats reports. With no prefill instances the cluster is
+colocated: every prompt is prefilled on decode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import random
 from typing import Iterable, Protocol
 
+import grpc
+
 from pdserve.errors import Unavailable
-from pdserve.rpc import health_status
+from pdserve.rpc import ChannelPool, health_status
+from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 
 class Registry:
     def __init__(self, prefill: Iterable[str], decode: Iterable[str], probe_interval_s: float = 1.0,
-                 probe_timeout_s: float = 1.0, probe_misses: int = 3) -> None:
+                 probe_timeout_s: float = 1.0, probe_misses: int = 3, channels: ChannelPool | None = None) -> None:
         self.instances = {"prefill": tuple(prefill), "decode": tuple(decode)}
+        self.stats: dict[str, decode_pb2.DecodeStats] = {}  # the last load report of each decode instance
+        self._channels = channels
         self._down: set[str] = set()
         self._misses: dict[str, int] = {}
         self.probe_misses = probe_misses
@@ -46,6 +64,16 @@ class Registry:
     def is_up(self, address: str) -> bool:
         return address not in self._down
 
+    def candidates(self, role: str, exclude: frozenset[str]) -> list[str]:
+        """Where a request may go: up and not yet failed for it; else up; else (all look down) any configured."""
+        configured = self.instances[role]
+        up = self.up(role)
+        found = [a for a in up if a not in exclude] or up or [a for a in configured if a not in exclude] \
+            or list(configured)
+        if not found:
+            raise Unavailable(f"no {role} instance is configured")
+        return found
+
     def mark_down(self, address: str, why: str) -> None:
         if address not in self._down:
             log.warning("instance %s marked down: %s", address, why)
@@ -56,9 +84,18 @@ class Registry:
             log.info("instance %s is serving again", address)
             self._down.discard(address)
 
+    async def _load_report(self, address: str) -> None:
+        try:
+            self.stats[address] = await decode_pb2_grpc.DecodeStub(self._channels.get(address)).GetStats(
+                decode_pb2.GetStatsRequest(), timeout=self.probe_timeout_s)
+        except grpc.aio.AioRpcError:
+            pass  # liveness is the health check's business; the last report stands
+
     async def probe_once(self) -> None:
         addresses = [a for role in self.instances.values() for a in role]
-        results = await asyncio.gather(*(health_status(a, timeout=self.probe_timeout_s) for a in addresses))
+        reports = [self._load_report(a) for a in self.instances["decode"]] if self._channels is not None else []
+        results = (await asyncio.gather(*(health_status(a, timeout=self.probe_timeout_s) for a in addresses),
+                                        *reports))[:len(addresses)]
         for address, status in zip(addresses, results):
             if status == "serving":
                 self._misses.pop(address, None)
@@ -97,20 +134,37 @@ class Scheduler(Protocol):
     def pick_decode(self, prompt_tokens: int, max_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
         """The address of the decode instance that will hold the request's KV."""
 
+    def begin(self, role: str, address: str, tokens: int) -> None:
+        """Work of ``tokens`` (prefill: prompt tokens; decode: KV tokens) started on ``address``."""
 
-class RoundRobinScheduler:
+    def end(self, role: str, address: str, tokens: int) -> None:
+        """That work ended (done, failed or cancelled)."""
+
+
+class _Outstanding:
+    """Work this gateway has started and not yet seen end, per instance: requests and tokens."""
+
+    def __init__(self) -> None:
+        self.tokens: collections.Counter[str] = collections.Counter()
+        self.requests: collections.Counter[str] = collections.Counter()
+
+    def begin(self, role: str, address: str, tokens: int) -> None:
+        self.tokens[address] += tokens
+        self.requests[address] += 1
+
+    def end(self, role: str, address: str, tokens: int) -> None:
+        self.tokens[address] -= tokens
+        self.requests[address] -= 1
+
+
+class RoundRobinScheduler(_Outstanding):
     def __init__(self, registry: Registry) -> None:
+        super().__init__()
         self.registry = registry
         self._turn = {"prefill": 0, "decode": 0}
 
     def _pick(self, role: str, exclude: frozenset[str]) -> str:
-        configured = self.registry.instances[role]
-        up = self.registry.up(role)
-        # Preference: up and not yet failed for this request; up; then (all look down) any configured one.
-        candidates = [a for a in up if a not in exclude] or up or \
-            [a for a in configured if a not in exclude] or list(configured)
-        if not candidates:
-            raise Unavailable(f"no {role} instance is configured")
+        candidates = self.registry.candidates(role, exclude)
         self._turn[role] += 1
         return candidates[self._turn[role] % len(candidates)]
 
@@ -121,3 +175,44 @@ class RoundRobinScheduler:
 
     def pick_decode(self, prompt_tokens: int, max_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
         return self._pick("decode", exclude)
+
+
+class LoadAwareScheduler(_Outstanding):
+    def __init__(self, registry: Registry, local_prefill_tokens: int = 0, prefill_full_tokens: int = 0,
+                 rng: random.Random | None = None) -> None:
+        super().__init__()
+        self.registry = registry
+        self.local_prefill_tokens = local_prefill_tokens
+        self.prefill_full_tokens = prefill_full_tokens
+        self._rng = rng or random.Random()
+        self.local_prefills = 0  # prompts sent to decode by conditional disaggregation
+
+    def pick_prefill(self, prompt_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
+        if not self.registry.instances["prefill"]:
+            return ""
+        if prompt_tokens <= self.local_prefill_tokens:
+            self.local_prefills += 1
+            return ""
+        candidates = self.registry.candidates("prefill", exclude)
+        pair = self._rng.sample(candidates, 2) if len(candidates) > 1 else candidates
+        best = min(pair, key=lambda a: self.tokens[a])
+        if self.prefill_full_tokens and self.tokens[best] >= self.prefill_full_tokens:
+            self.local_prefills += 1
+            return ""  # the prefill pool is full: prefill on decode rather than queue
+        return best
+
+    def decode_load(self, address: str) -> float:
+        """KV-pool plus batch occupancy in [0, 2+]: the larger of this gateway's own count and the instance's
+        last report (which also sees other gateways' requests, up to a probe interval old)."""
+        stats = self.registry.stats.get(address)
+        if stats is None or not stats.kv_blocks_total:
+            return float(self.requests[address])  # no report yet: fewest requests in flight
+        capacity = stats.kv_blocks_total * stats.kv_block_size
+        kv = max(self.tokens[address], stats.kv_blocks_used * stats.kv_block_size) / capacity
+        batch = max(self.requests[address], stats.running + stats.ready + stats.queued) / max(1, stats.max_batch)
+        return kv + batch
+
+    def pick_decode(self, prompt_tokens: int, max_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
+        candidates = self.registry.candidates("decode", exclude)
+        self._rng.shuffle(candidates)  # ties go to a random one
+        return min(candidates, key=self.decode_load)

@@ -18,7 +18,7 @@ from pdserve.rpc import ChannelPool, add_servicer, rpc_errors, start_server
 from pdserve.service import RunningService, run_service, service_main
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.router import GatewayRequest, Router
-from services.gateway.scheduler import Registry, RoundRobinScheduler
+from services.gateway.scheduler import LoadAwareScheduler, Registry, RoundRobinScheduler
 from services.gateway.text import ROLES, encode_chat, encode_prompt
 
 log = logging.getLogger(__name__)
@@ -132,13 +132,15 @@ async def start_gateway(config: cfg.GatewayConfig, info: ModelInfo | None = None
     if info is None:
         info = await asyncio.to_thread(load_model_info, config.model)
     channels = ChannelPool()
-    registry = Registry(config.prefill, config.decode, probe_interval_s=config.health_interval_s)
-    router = Router(info, RoundRobinScheduler(registry), channels, token_timeout_s=config.token_timeout_s)
+    registry = Registry(config.prefill, config.decode, probe_interval_s=config.health_interval_s, channels=channels)
+    scheduler = (RoundRobinScheduler(registry) if config.policy == "round_robin" else
+                 LoadAwareScheduler(registry, config.local_prefill_tokens, config.prefill_full_tokens))
+    router = Router(info, scheduler, channels, token_timeout_s=config.token_timeout_s)
     servicer = GatewayServicer(info, router, config)
     server, port, health = await start_server(
         config.listen, SERVICE, lambda server: add_servicer(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, server))
-    log.info("gateway routes to prefill %s, decode %s", ",".join(config.prefill) or "(colocated: on decode)",
-             ",".join(config.decode))
+    log.info("gateway routes to prefill %s, decode %s (%s policy)", ",".join(config.prefill) or "(colocated: on decode)",
+             ",".join(config.decode), config.policy)
     registry.start()
     return RunningService("gateway", server, port, health, (SERVICE,), [registry.stop, channels.close], router)
 
