@@ -181,3 +181,20 @@ async def test_a_hung_decode_instance_is_left_and_rejoins_after_sigcont(cluster)
     after = await decode_stats(hung.address)
     assert after.transfers_completed > before.transfers_completed, "the resumed instance got no new work"
     assert (after.waiting_for_kv, after.running, after.kv_blocks_used) == (0, 0, 0), "its old requests were freed"
+
+
+async def test_kill_9_the_gateway_mid_stream_the_sdk_resumes_after_its_restart(cluster):
+    run = Run(cluster.gateway_address, workload(6)[:20])
+
+    async def kill_and_restart_gateway(run: Run) -> None:
+        await wait_for_tokens(run, 20 * 10)
+        gateway = member(cluster, "gateway")
+        gateway.process.send_signal(signal.SIGKILL)
+        gateway.process.wait()
+        cluster.restart("gateway")  # same address; each client stream resumes from its last index
+
+    await run.run(kill_and_restart_gateway)
+    expect_all_exact(run.summary(faults=1))
+    for name in ("decode-0", "decode-1"):  # the dead gateway's calls were cancelled: nothing held
+        stats = await decode_stats(member(cluster, name).address)
+        assert (stats.waiting_for_kv, stats.running, stats.kv_blocks_used) == (0, 0, 0), name

@@ -1,18 +1,25 @@
 """Async and blocking clients for ``Gateway.Generate``.
 
 Both build the same request (``build_request``) and fold chunks the same way
-(``Accumulator``), measuring TTFT and TPOT on the client side.
+(``Accumulator``), measuring TTFT and TPOT on the client side. Both resume a
+stream that breaks (the gateway restarted, the connection dropped): the
+request is sent again with the tokens already received and the seed the first
+chunk reported, and the gateway continues at the next index, so the caller
+sees every index once, in order (``_Resume``; at most ``resume_attempts``
+breaks in a row without a new token).
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
 
-from pdserve.errors import PdserveError
+from pdserve.errors import Cancelled, DataLoss, Internal, PdserveError, Unavailable
 from pdserve.rpc import error_from_rpc
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -127,24 +134,72 @@ class Accumulator:
         )
 
 
+RESUMABLE = (Unavailable, Internal, Cancelled, DataLoss)  # a broken stream, not an answer about the request
+# Reconnect to a restarted gateway within a fraction of a second (grpc's default starts at 1 s and grows).
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+class _Resume:
+    """One logical stream across the calls that carry it: what was received, and whether to go on."""
+
+    def __init__(self, request: gateway_pb2.GenerateRequest, timeout: float | None, attempts: int) -> None:
+        self.request = request
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.attempts = attempts
+        self.received: list[int] = []
+        self.in_a_row = 0
+
+    def timeout(self) -> float | None:
+        return None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
+
+    def seen(self, msg: gateway_pb2.GenerateChunk) -> Chunk:
+        if msg.HasField("seed") and not self.request.sampling.HasField("seed"):
+            self.request.sampling.seed = msg.seed  # a resume must sample with the same seed
+        if msg.request_id and not self.request.request_id:
+            self.request.request_id = msg.request_id
+        self.received.extend(msg.token_ids)
+        if msg.token_ids:
+            self.in_a_row = 0
+        return _chunk(msg)
+
+    def after(self, exc: grpc.RpcError) -> float:
+        """Seconds to wait before resuming after ``exc``; raises the error when the stream is not resumed."""
+        error = _error(exc)
+        self.in_a_row += 1
+        if not isinstance(error, RESUMABLE) or self.in_a_row > self.attempts or \
+                (self.deadline is not None and time.monotonic() >= self.deadline):
+            raise error from None
+        del self.request.resume_token_ids[:]
+        self.request.resume_token_ids.extend(self.received)
+        step = min(2.0, 0.1 * 2 ** self.in_a_row)
+        return step / 2 + random.uniform(0, step / 2)  # exponential backoff, equal jitter
+
+
 class AsyncClient:
     """``async with AsyncClient() as c: print((await c.generate("Hi")).text)``"""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None,
+                 resume_attempts: int = 8) -> None:
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout = timeout
+        self._resume_attempts = resume_attempts
 
     async def stream(self, prompt: str | None = None, **kwargs) -> AsyncIterator[Chunk]:
-        """Yields chunks as the gateway streams them; see ``build_request`` for the arguments."""
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self._timeout)
-        try:
-            async for msg in call:
-                yield _chunk(msg)
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
-        finally:
-            call.cancel()
+        """Yields chunks as the gateway streams them, resuming a broken stream; see ``build_request``."""
+        state = _Resume(build_request(prompt, **kwargs), self._timeout, self._resume_attempts)
+        while True:
+            call = self._stub.Generate(state.request, timeout=state.timeout())
+            try:
+                async for msg in call:
+                    yield state.seen(msg)
+                return
+            except grpc.aio.AioRpcError as exc:
+                wait_s = state.after(exc)
+            finally:
+                call.cancel()
+            await asyncio.sleep(wait_s)
 
     async def generate(self, prompt: str | None = None, **kwargs) -> Completion:
         acc = Accumulator()
@@ -171,20 +226,26 @@ class AsyncClient:
 class Client:
     """Blocking client: ``Client().generate("Hi").text``."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None) -> None:
-        self._channel = grpc.insecure_channel(address)
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None,
+                 resume_attempts: int = 8) -> None:
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout = timeout
+        self._resume_attempts = resume_attempts
 
     def stream(self, prompt: str | None = None, **kwargs) -> Iterator[Chunk]:
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self._timeout)
-        try:
-            for msg in call:
-                yield _chunk(msg)
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
-        finally:
-            call.cancel()
+        state = _Resume(build_request(prompt, **kwargs), self._timeout, self._resume_attempts)
+        while True:
+            call = self._stub.Generate(state.request, timeout=state.timeout())
+            try:
+                for msg in call:
+                    yield state.seen(msg)
+                return
+            except grpc.RpcError as exc:
+                wait_s = state.after(exc)
+            finally:
+                call.cancel()
+            time.sleep(wait_s)
 
     def generate(self, prompt: str | None = None, **kwargs) -> Completion:
         acc = Accumulator()

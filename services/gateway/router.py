@@ -34,7 +34,8 @@ import grpc
 
 from pdserve.convert import sampling_to_proto
 from pdserve.engine.sampling import SamplingParams
-from pdserve.errors import (Cancelled, DataLoss, DeadlineExceeded, Internal, PdserveError, ResourceExhausted,
+from pdserve.errors import (Cancelled, DataLoss, DeadlineExceeded, Internal, InvalidArgument, PdserveError,
+                            ResourceExhausted,
                             Unavailable)
 from pdserve.model import ModelInfo
 from pdserve.rpc import ChannelPool, error_from_rpc
@@ -67,6 +68,7 @@ class GatewayRequest:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     deadline: float | None = None  # time.monotonic() by which the client wants its answer
+    resume_token_ids: tuple[int, ...] = ()  # tokens the client already has: the stream continues after them
 
     def time_left(self) -> float | None:
         """Seconds to the client's deadline (None: none); raises once it has passed."""
@@ -149,6 +151,11 @@ class Router:
         eos = frozenset() if req.ignore_eos else frozenset(self._info.eos_token_ids)
         tokenizer = self._info.tokenizer
         output = _Output(req, eos, IncrementalDetokenizer(tokenizer) if tokenizer else None, StopStrings(req.stop))
+        for i, token in enumerate(req.resume_token_ids):  # a resumed stream: rebuild text and stop state, emit nothing
+            output.add(token)
+            if output.finish is not None:
+                raise InvalidArgument(f"resume_token_ids: the request finished ({output.finish}) at index {i}; "
+                                      "nothing to resume")
         timings = Timings()
         failed: set[str] = set()  # instances this request failed on: the next attempt avoids them
         # The budget is MAX_ATTEMPTS failures in a row without a new token: an attempt that delivered

@@ -89,13 +89,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         check_id(request.request_id, "request_id", required=False)
         if s.stop and info.tokenizer is None:
             raise InvalidArgument(f"sampling.stop: model {info.name} has no tokenizer to match stop strings")
+        sampling = sampling_from_proto(s, default_seed=secrets.randbits(63))
+        resume = list(request.resume_token_ids)
+        if resume:
+            check_token_ids(resume, info.vocab_size, "resume_token_ids")
+            if not s.HasField("seed") and sampling.temperature != 0:
+                raise InvalidArgument("sampling.seed: resuming a sampled request needs the seed its first chunk "
+                                      "reported")
         return GatewayRequest(
             request_id=request.request_id or uuid.uuid4().hex,
             prompt_ids=ids,
-            sampling=sampling_from_proto(s, default_seed=secrets.randbits(63)),
+            sampling=sampling,
             max_tokens=max_tokens,
             stop=tuple(s.stop),
             ignore_eos=s.ignore_eos,
+            resume_token_ids=tuple(resume),
         )
 
     @rpc_errors
@@ -105,9 +113,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if remaining is not None:  # the client's deadline bounds every hop below
             req = dataclasses.replace(req, deadline=time.monotonic() + remaining)
         log.info("request_id=%s prompt_tokens=%d max_tokens=%d", req.request_id, len(req.prompt_ids), req.max_tokens)
+        first = True
         async for chunk in self._router.generate(req):
             out = gateway_pb2.GenerateChunk(request_id=req.request_id, token_ids=chunk.token_ids,
                                             index=chunk.index, text=chunk.text)
+            if first:  # what a client needs to resume this stream, should it break
+                out.seed = req.sampling.seed
+                first = False
             if chunk.finish_reason is not None:
                 out.finish_reason = _FINISH[chunk.finish_reason]
                 out.usage.prompt_tokens = len(req.prompt_ids)
