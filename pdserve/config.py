@@ -60,6 +60,27 @@ class ServerConfig:
             raise ConfigError(f"shutdown_grace_s: must be >= 0, got {self.shutdown_grace_s}")
 
 
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """How a prefill or decode instance announces itself to gateways (pdserve.registration)."""
+
+    register_with: tuple[str, ...] = field(default=(), metadata={
+        "help": "gateways to announce this instance to, comma-separated host:port: it joins their pool while "
+                "it sends heartbeats, leaves when it drains or stops sending"})
+    advertise: str = field(default="", metadata={
+        "help": "host:port gateways reach this instance at (default: the listen address and bound port; a "
+                "wildcard host becomes this machine's hostname)"})
+    heartbeat_interval_s: float = field(default=2.0, metadata={"help": "seconds between heartbeats"})
+
+    def __post_init__(self) -> None:
+        for addr in self.register_with:
+            _check_address("register_with", addr)
+        if self.advertise:
+            _check_address("advertise", self.advertise)
+        if not self.heartbeat_interval_s > 0:
+            raise ConfigError(f"heartbeat_interval_s: must be > 0, got {self.heartbeat_interval_s}")
+
+
 PAGED_KERNELS = ("auto", "gather", "flex")
 KV_TRANSPORTS = ("auto", "grpc", "shm")  # attention over the decode KV pool (pdserve.engine.kv_pool)
 
@@ -81,7 +102,7 @@ class PrefillBatchConfig:
 
 
 @dataclass(frozen=True)
-class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
+class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationConfig):
     listen: str = "127.0.0.1:50061"
     kv_chunk_bytes: int = field(default=1 << 20, metadata={"help": "target bytes of K+V per KV message"})
     kv_transport: str = field(default="auto", metadata={
@@ -100,6 +121,7 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
         ServerConfig.__post_init__(self)
         ModelConfig.__post_init__(self)
         PrefillBatchConfig.__post_init__(self)
+        RegistrationConfig.__post_init__(self)
         if self.kv_chunk_bytes < 1024:
             raise ConfigError(f"kv_chunk_bytes: must be >= 1024, got {self.kv_chunk_bytes}")
         if self.kv_transport not in KV_TRANSPORTS:
@@ -120,7 +142,7 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
 
 
 @dataclass(frozen=True)
-class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
+class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationConfig):
     listen: str = "127.0.0.1:50071"
     max_batch: int = field(default=32, metadata={"help": "most requests in the running batch"})
     max_queued: int = field(default=256, metadata={
@@ -143,6 +165,7 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig):
         ServerConfig.__post_init__(self)
         ModelConfig.__post_init__(self)
         PrefillBatchConfig.__post_init__(self)
+        RegistrationConfig.__post_init__(self)
         if self.max_batch < 1:
             raise ConfigError(f"max_batch: must be >= 1, got {self.max_batch}")
         if self.max_queued < 0:
@@ -171,8 +194,11 @@ class GatewayConfig(ServerConfig):
     listen: str = "127.0.0.1:50051"
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "model served (for its tokenizer and limits; no weights are loaded)"})
     prefill: tuple[str, ...] = field(default=("127.0.0.1:50061",), metadata={
-        "help": "prefill instances, comma-separated host:port; empty: colocated, prompts are prefilled on the decode instances"})
-    decode: tuple[str, ...] = field(default=("127.0.0.1:50071",), metadata={"help": "decode instances, comma-separated host:port"})
+        "help": "prefill instances, comma-separated host:port (names resolved like decode's); none configured "
+                "or registered: colocated, prompts are prefilled on the decode instances"})
+    decode: tuple[str, ...] = field(default=("127.0.0.1:50071",), metadata={
+        "help": "decode instances, comma-separated host:port (a name resolving to several addresses, as a "
+                "scaled compose service does, is one instance per address); more may join by heartbeats"})
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request leaves it unset"})
     max_stop_strings: int = field(default=16, metadata={"help": "most stop strings per request"})
     health_interval_s: float = field(default=1.0, metadata={
@@ -191,8 +217,6 @@ class GatewayConfig(ServerConfig):
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
-        if not self.decode:
-            raise ConfigError("decode: at least one address is needed")
         for name in ("prefill", "decode"):
             for addr in getattr(self, name):
                 _check_address(name, addr)

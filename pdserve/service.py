@@ -66,9 +66,12 @@ class RunningService:
     health_services: tuple[str, ...]
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     engine: Any = None  # the service's engine or router, for tests and stats
+    drainers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # first thing on stop
 
     async def stop(self, grace: float | None = 5.0) -> None:
         await set_serving(self.health, self.health_services, False)
+        for drain in self.drainers:
+            await drain()
         await self.server.stop(grace)
         for close in self.closers:
             await close()

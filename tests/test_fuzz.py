@@ -165,6 +165,9 @@ def rpcs(decode_address: str) -> list:
         ("gateway", "/pdserve.v1.Gateway/Generate",
          gateway_pb2.GenerateRequest(token_ids=gateway_pb2.TokenIds(ids=[5, 6, 7]), sampling=greedy), True),
         ("gateway", "/pdserve.v1.Gateway/GetModelInfo", gateway_pb2.GetModelInfoRequest(), False),
+        # Bogus instances may join: the gateway must route around them (health checks, retries).
+        ("gateway", "/pdserve.v1.Gateway/Heartbeat",
+         gateway_pb2.HeartbeatRequest(role="decode", address="127.0.0.1:9", interval_s=0.5), False),
         ("prefill", "/pdserve.v1.Prefill/Prefill",
          prefill_pb2.PrefillRequest(request_id="p", token_ids=[5, 6, 7], sampling=greedy,
                                     decode_address=decode_address, transfer_id="never-reserved"), True),

@@ -1,4 +1,5 @@
-"""Scheduling policies as pure logic: load-aware picks, conditional disaggregation, exclusion and fallback."""
+"""Scheduling and membership: load-aware picks, conditional disaggregation, exclusion and fallback, DNS
+expansion of configured names, instances joining by heartbeats and leaving when they drain."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import random
 
 from pdserve.sdk import AsyncClient
 from pdserve.v1 import decode_pb2
-from services.gateway.scheduler import LoadAwareScheduler, Registry, RoundRobinScheduler
+from pdserve import config as cfg
+from services.decode.server import start_decode
+from services.gateway.scheduler import LoadAwareScheduler, Registry, RoundRobinScheduler, resolve
+from services.gateway.server import start_gateway
+from services.prefill.server import start_prefill
 from tests.cluster import reference_greedy, start_cluster
 from tests.conftest import get_loaded
 
@@ -100,3 +105,70 @@ async def test_short_prompts_prefill_on_decode_long_ones_on_prefill_all_exact():
         assert sum(scheduler.tokens.values()) == 0 and sum(scheduler.requests.values()) == 0
     finally:
         await cluster.stop()
+
+
+async def test_configured_names_become_one_instance_per_address_as_they_resolve():
+    answers = {"decode-svc:7": [["10.0.0.1:7", "10.0.0.2:7"]], "10.0.0.9:5": [["10.0.0.9:5"]]}
+
+    async def resolver(entry):
+        return answers[entry][-1]
+
+    registry = Registry(("10.0.0.9:5",), ("decode-svc:7",), resolver=resolver)
+    assert registry.instances["decode"] == ("decode-svc:7",)  # until resolved: the name itself
+    await registry.resolve_configured()
+    assert registry.instances["decode"] == ("10.0.0.1:7", "10.0.0.2:7")
+    answers["decode-svc:7"].append(["10.0.0.2:7", "10.0.0.3:7"])  # scaled: one replica went, one came
+    await registry.resolve_configured()
+    assert registry.instances["decode"] == ("10.0.0.2:7", "10.0.0.3:7")
+    # The real resolver: an IP literal is itself, a name gets its addresses.
+    assert await resolve("127.0.0.1:80") == ["127.0.0.1:80"]
+    assert "127.0.0.1:80" in await resolve("localhost:80")
+
+
+def test_heartbeats_join_draining_leaves_at_once_silence_leaves_after_three_intervals(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("services.gateway.scheduler.time.monotonic", lambda: clock[0])
+    registry = Registry((), ("d0:1",))
+    sched = LoadAwareScheduler(registry, rng=random.Random(0))
+    assert sched.pick_prefill(100) == ""  # no prefill instance: colocated
+    registry.heartbeat("prefill", "p9:1", interval_s=2.0)
+    registry.heartbeat("decode", "d9:1", interval_s=2.0)
+    assert registry.instances == {"prefill": ("p9:1",), "decode": ("d0:1", "d9:1")}
+    assert sched.pick_prefill(100) == "p9:1"
+    clock[0] += 5.0
+    registry.heartbeat("decode", "d9:1", interval_s=2.0)  # d9 keeps beating, p9 fell silent
+    clock[0] += 1.5  # 6.5 s since p9's last beat > 3 intervals
+    registry._refresh_instances()
+    assert registry.instances == {"prefill": (), "decode": ("d0:1", "d9:1")}
+    registry.heartbeat("decode", "d9:1", interval_s=2.0, draining=True)
+    assert registry.instances["decode"] == ("d0:1",) and not registry.is_up("d9:1")
+
+
+async def test_instances_that_register_serve_requests_and_leave_when_they_drain():
+    loaded = get_loaded("preset:tiny-llama")
+    gateway = await start_gateway(cfg.GatewayConfig(listen="127.0.0.1:0", model=loaded.info.spec, prefill=(),
+                                                    decode=(), health_interval_s=0.2), loaded.info)
+    announce = dict(register_with=(f"127.0.0.1:{gateway.port}",), heartbeat_interval_s=0.2)
+    decode = await start_decode(cfg.DecodeConfig(listen="127.0.0.1:0", model=loaded.info.spec, **announce), loaded)
+    prefill = await start_prefill(cfg.PrefillConfig(listen="127.0.0.1:0", model=loaded.info.spec, **announce), loaded)
+    registry = gateway.engine.registry
+    prompt = list(range(10, 30))
+    try:
+        for _ in range(50):
+            if registry.instances["prefill"] and registry.instances["decode"]:
+                break
+            await asyncio.sleep(0.05)
+        assert registry.instances == {"prefill": (f"127.0.0.1:{prefill.port}",), "decode": (f"127.0.0.1:{decode.port}",)}
+        async with AsyncClient(f"127.0.0.1:{gateway.port}") as client:
+            result = await client.generate(token_ids=prompt, max_tokens=6, temperature=0, ignore_eos=True)
+            assert result.token_ids == reference_greedy(loaded, prompt, 6, ignore_eos=True)
+            assert decode.engine.counters.transfers_completed == 1
+            await prefill.stop(grace=1.0)  # drains: its last heartbeat takes it out at once
+            assert registry.instances["prefill"] == ()
+            result = await client.generate(token_ids=prompt, max_tokens=6, temperature=0, ignore_eos=True)
+            assert result.token_ids == reference_greedy(loaded, prompt, 6, ignore_eos=True)
+            assert decode.engine.counters.local_prefills == 1  # no prefill instance left: prefilled on decode
+    finally:
+        await prefill.stop(grace=0)
+        await decode.stop(grace=1.0)
+        await gateway.stop(grace=1.0)

@@ -14,6 +14,7 @@ from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
 from pdserve.kv.receiver import add_decode_servicer, drain, read_header, receive_stream
 from pdserve.kv.shm import host_id, sweep_orphans, sweep_periodically
 from pdserve.model import LoadedModel
+from pdserve.registration import start_announcer
 from pdserve.rpc import rpc_errors, start_server
 from pdserve.service import RunningService, load_model_for, run_service, service_main
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
@@ -133,11 +134,16 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
     server, port, health = await start_server(
         config.listen, SERVICE, lambda server: add_decode_servicer(DecodeServicer(engine), server))
 
+    announcer = start_announcer(config, "decode", config.listen, port)
+
     async def close() -> None:
         sweeper.cancel()
         await engine.stop()
+        if announcer is not None:
+            await announcer.close()
 
-    return RunningService("decode", server, port, health, (SERVICE,), [close], engine)
+    return RunningService("decode", server, port, health, (SERVICE,), [close], engine,
+                          drainers=[announcer.drain] if announcer else [])
 
 
 def main(argv: list[str] | None = None) -> None:

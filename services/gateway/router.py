@@ -142,7 +142,7 @@ class Router:
                  token_timeout_s: float = 30.0) -> None:
         self._info = info
         self._scheduler = scheduler
-        self._registry = scheduler.registry
+        self.registry = scheduler.registry
         self._channels = channels
         self._token_timeout_s = token_timeout_s
 
@@ -321,14 +321,14 @@ class Router:
             message = await (call.read() if timeout is None else asyncio.wait_for(call.read(), timeout))
         except asyncio.TimeoutError:
             failed.add(address)
-            self._registry.mark_down(address, f"no token for {timeout:.0f} s")
+            self.registry.mark_down(address, f"no token for {timeout:.0f} s")
             raise DeadlineExceeded(f"{role} {address}: no token for {timeout:.0f} s") from None
         except grpc.aio.AioRpcError as exc:
             error = error_from_rpc(exc, f"{role} {address}")
             if isinstance(error, RETRYABLE):
                 failed.add(address)
             if isinstance(error, Unavailable):
-                self._registry.mark_down(address, str(error))
+                self.registry.mark_down(address, str(error))
             raise error from None
         return None if message is grpc.aio.EOF else message
 

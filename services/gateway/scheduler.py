@@ -32,8 +32,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import logging
 import random
+import socket
+import time
 from typing import Iterable, Protocol
 
 import grpc
@@ -45,10 +48,39 @@ from pdserve.v1 import decode_pb2, decode_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+INSTANCE_ROLES = ("prefill", "decode")
+
+
+async def resolve(entry: str) -> list[str]:
+    """The instances behind a configured ``host:port``: one per address its host resolves to (a scaled
+    compose service's name resolves to every replica); an IP literal is itself."""
+    host, _, port = entry.rpartition(":")
+    bare = host.strip("[]")
+    try:
+        ipaddress.ip_address(bare)
+        return [entry]
+    except ValueError:
+        pass
+    infos = await asyncio.get_running_loop().getaddrinfo(bare, int(port), type=socket.SOCK_STREAM)
+    found = []
+    for family, *_, sockaddr in infos:
+        address = f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{port}"
+        if address not in found:
+            found.append(address)
+    return found
+
+
 class Registry:
     def __init__(self, prefill: Iterable[str], decode: Iterable[str], probe_interval_s: float = 1.0,
-                 probe_timeout_s: float = 1.0, probe_misses: int = 3, channels: ChannelPool | None = None) -> None:
-        self.instances = {"prefill": tuple(prefill), "decode": tuple(decode)}
+                 probe_timeout_s: float = 1.0, probe_misses: int = 3, channels: ChannelPool | None = None,
+                 resolver=resolve) -> None:
+        self.configured = {"prefill": tuple(prefill), "decode": tuple(decode)}
+        # Configured entries as last resolved (until resolved: the entry itself, which gRPC resolves).
+        self._resolved: dict[str, list[str]] = {e: [e] for role in INSTANCE_ROLES for e in self.configured[role]}
+        self._registered: dict[str, dict[str, float]] = {role: {} for role in INSTANCE_ROLES}  # address -> expiry
+        self._resolver = resolver
+        self.instances: dict[str, tuple[str, ...]] = {}
+        self._refresh_instances()
         self.stats: dict[str, decode_pb2.DecodeStats] = {}  # the last load report of each decode instance
         self._channels = channels
         self._down: set[str] = set()
@@ -57,6 +89,43 @@ class Registry:
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
         self._task: asyncio.Task | None = None
+
+    def _refresh_instances(self) -> None:
+        now = time.monotonic()
+        for role in INSTANCE_ROLES:
+            registered = self._registered[role]
+            for address in [a for a, expiry in registered.items() if expiry < now]:
+                log.warning("%s instance %s left: no heartbeat", role, address)
+                del registered[address]
+            found = [a for e in self.configured[role] for a in self._resolved[e]] + list(registered)
+            self.instances[role] = tuple(dict.fromkeys(found))
+
+    async def resolve_configured(self) -> None:
+        """Resolves every configured entry again (instances appear and go as a name's addresses change)."""
+        for entry in self._resolved:
+            try:
+                found = await self._resolver(entry)
+            except (OSError, ValueError) as exc:
+                log.warning("cannot resolve %s (%s); keeping %s", entry, exc, ",".join(self._resolved[entry]))
+                continue
+            if found and found != self._resolved[entry]:
+                log.info("%s resolves to %s", entry, ",".join(found))
+                self._resolved[entry] = found
+        self._refresh_instances()
+
+    def heartbeat(self, role: str, address: str, interval_s: float, draining: bool = False) -> None:
+        """An instance announced itself (``Gateway.Heartbeat``): in the pool for three intervals more, or out
+        at once when it drains."""
+        registered = self._registered[role]
+        if draining:
+            if registered.pop(address, None) is not None:
+                log.info("%s instance %s left: draining", role, address)
+            self.mark_down(address, "draining (heartbeat)")
+        else:
+            if address not in registered and address not in self.instances[role]:
+                log.info("%s instance %s joined", role, address)
+            registered[address] = time.monotonic() + 3 * interval_s  # whether it is up: the health probes
+        self._refresh_instances()
 
     def up(self, role: str) -> list[str]:
         return [a for a in self.instances[role] if a not in self._down]
@@ -71,7 +140,7 @@ class Registry:
         found = [a for a in up if a not in exclude] or up or [a for a in configured if a not in exclude] \
             or list(configured)
         if not found:
-            raise Unavailable(f"no {role} instance is configured")
+            raise Unavailable(f"no {role} instance is configured or registered")
         return found
 
     def mark_down(self, address: str, why: str) -> None:
@@ -92,6 +161,7 @@ class Registry:
             pass  # liveness is the health check's business; the last report stands
 
     async def probe_once(self) -> None:
+        await self.resolve_configured()
         addresses = [a for role in self.instances.values() for a in role]
         reports = [self._load_report(a) for a in self.instances["decode"]] if self._channels is not None else []
         results = (await asyncio.gather(*(health_status(a, timeout=self.probe_timeout_s) for a in addresses),

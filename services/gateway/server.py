@@ -18,7 +18,7 @@ from pdserve.rpc import ChannelPool, add_servicer, rpc_errors, start_server
 from pdserve.service import RunningService, run_service, service_main
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.router import GatewayRequest, Router
-from services.gateway.scheduler import LoadAwareScheduler, Registry, RoundRobinScheduler
+from services.gateway.scheduler import INSTANCE_ROLES, LoadAwareScheduler, Registry, RoundRobinScheduler
 from services.gateway.text import ROLES, encode_chat, encode_prompt
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, info: ModelInfo, router: Router, config: cfg.GatewayConfig) -> None:
         self._info = info
         self._router = router
+        self._registry = router.registry
         self._config = config
 
     def _prompt_ids(self, request: gateway_pb2.GenerateRequest) -> list[int]:
@@ -131,6 +132,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             yield out
 
     @rpc_errors
+    async def Heartbeat(self, request, context):
+        if request.role not in INSTANCE_ROLES:
+            raise InvalidArgument(f"role: must be one of {', '.join(INSTANCE_ROLES)}, got {request.role[:40]!r}")
+        problem = cfg.address_problem(request.address)
+        if problem:
+            raise InvalidArgument(f"address: {problem}")
+        if not 0 < request.interval_s <= 3600:
+            raise InvalidArgument(f"interval_s: must be in (0, 3600], got {request.interval_s}")
+        self._registry.heartbeat(request.role, request.address, request.interval_s, request.draining)
+        return gateway_pb2.HeartbeatReply()
+
+    @rpc_errors
     async def GetModelInfo(self, request, context):
         info = self._info
         return gateway_pb2.ModelInfo(name=info.name, context_length=info.context_length, vocab_size=info.vocab_size,
@@ -148,6 +161,7 @@ async def start_gateway(config: cfg.GatewayConfig, info: ModelInfo | None = None
     scheduler = (RoundRobinScheduler(registry) if config.policy == "round_robin" else
                  LoadAwareScheduler(registry, config.local_prefill_tokens, config.prefill_full_tokens))
     router = Router(info, scheduler, channels, token_timeout_s=config.token_timeout_s)
+    await registry.resolve_configured()  # configured names (compose services): one instance per address
     servicer = GatewayServicer(info, router, config)
     server, port, health = await start_server(
         config.listen, SERVICE, lambda server: add_servicer(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, server))

@@ -17,6 +17,7 @@ from pdserve.kv.grpc_sender import GrpcKVSender, ShmKVSender
 from pdserve.kv.shm import SegmentPool, host_id, sweep_orphans
 from pdserve.kv.transport import KVSender
 from pdserve.model import LoadedModel
+from pdserve.registration import start_announcer
 from pdserve.rpc import ChannelPool, add_servicer, rpc_errors, start_server
 from pdserve.service import RunningService, load_model_for, run_service, service_main
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -135,12 +136,17 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
     server, port, health = await start_server(
         config.listen, SERVICE, lambda server: add_servicer(prefill_pb2_grpc.add_PrefillServicer_to_server, servicer, server))
 
+    announcer = start_announcer(config, "prefill", config.listen, port)
+
     async def close() -> None:
         servicer.segments.close()
         await channels.close()
         await engine.close()
+        if announcer is not None:
+            await announcer.close()
 
-    return RunningService("prefill", server, port, health, (SERVICE,), [close], engine)
+    return RunningService("prefill", server, port, health, (SERVICE,), [close], engine,
+                          drainers=[announcer.drain] if announcer else [])
 
 
 def main(argv: list[str] | None = None) -> None:
