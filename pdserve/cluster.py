@@ -49,6 +49,9 @@ class ClusterSpec:
     pin_cores: bool = False
     log_level: str = "INFO"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Decode instance i < len(decode_netns) runs inside network namespace decode_netns[i][0], listening on
+    # host decode_netns[i][1] (fault tests partition it from the others).
+    decode_netns: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.prefill < 0 or self.decode < 1:
@@ -96,11 +99,14 @@ class LocalCluster:
             return self.spec.threads
         return max(1, len(os.sched_getaffinity(0)) // (self.spec.prefill + self.spec.decode))
 
-    def _spawn(self, name: str, module: str, port: int, args: list[str], cores: list[int] | None = None) -> Member:
-        address = f"{self.spec.host}:{port}"
+    def _spawn(self, name: str, module: str, port: int, args: list[str], cores: list[int] | None = None,
+               netns: tuple[str, str] | None = None) -> Member:
+        address = f"{netns[1] if netns else self.spec.host}:{port}"
         cmd = [sys.executable, "-m", module, "--listen", address, "--log-level", self.spec.log_level, *args]
         if cores and shutil.which("taskset"):
             cmd = ["taskset", "-c", ",".join(map(str, cores)), *cmd]
+        if netns:
+            cmd = ["ip", "netns", "exec", netns[0], *cmd]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
         process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         member = Member(name, address, process, cmd, env)
@@ -124,7 +130,8 @@ class LocalCluster:
                       "--prefill-chunk-tokens", str(s.prefill_chunk_tokens),
                       "--prefill-token-budget", str(s.prefill_token_budget)]
         decode_args = [*model_args, "--max-batch", str(s.max_batch), "--kv-budget", s.kv_budget]
-        decodes = [self._spawn(f"decode-{i}", "services.decode", free_port(s.host), decode_args, groups[i])
+        decodes = [self._spawn(f"decode-{i}", "services.decode", free_port(s.host), decode_args, groups[i],
+                               s.decode_netns[i] if i < len(s.decode_netns) else None)
                    for i in range(s.decode)]
         prefills = [self._spawn(f"prefill-{i}", "services.prefill", free_port(s.host), model_args, groups[s.decode + i])
                     for i in range(s.prefill)]

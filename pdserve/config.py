@@ -113,6 +113,9 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
                                                                 "verified by decode (DATA_LOSS on mismatch)"})
     kv_inflight_bytes: str = field(default="1GiB", metadata={
         "help": "most KV bytes of unfinished transfers at once; further prompts wait (backpressure)"})
+    kv_keep_s: float = field(default=30.0, metadata={
+        "help": "seconds the KV of a prompt whose push to decode failed is kept for a re-push elsewhere "
+                "(Prefill.Repush) before it is dropped"})
     kv_quantization: str = field(default="none", metadata={
         "help": "none (exact) or int8: K per channel and V per token as int8 on the wire, ~1/2 (bf16) or ~1/4 "
                 "(fp32) of the bytes, NOT token-exact; gRPC only (a same-host decode gets it over gRPC too)"})
@@ -128,6 +131,8 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
             raise ConfigError(f"kv_transport: must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
         if not 1 <= self.kv_streams <= 64:
             raise ConfigError(f"kv_streams: must be in [1, 64], got {self.kv_streams}")
+        if not self.kv_keep_s > 0:
+            raise ConfigError(f"kv_keep_s: must be > 0, got {self.kv_keep_s}")
         if self.kv_quantization not in ("none", "int8"):
             raise ConfigError(f"kv_quantization: must be none or int8, got {self.kv_quantization!r}")
         if self.kv_quantization != "none" and self.kv_transport == "shm":

@@ -27,6 +27,11 @@ RETRY_AFTER_KEY = "retry-after-ms"
 OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # A restarted peer is reachable again within a second: grpc's default reconnect backoff grows to 120 s,
+    # and a channel waiting it out fails every call with UNAVAILABLE.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 

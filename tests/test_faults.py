@@ -198,3 +198,76 @@ async def test_kill_9_the_gateway_mid_stream_the_sdk_resumes_after_its_restart(c
     for name in ("decode-0", "decode-1"):  # the dead gateway's calls were cancelled: nothing held
         stats = await decode_stats(member(cluster, name).address)
         assert (stats.waiting_for_kv, stats.running, stats.kv_blocks_used) == (0, 0, 0), name
+
+
+@pytest.fixture
+def netns():
+    """A network namespace joined to this one by a veth pair (10.231.<n>.1 here, .2 there); skips where the
+    machine does not allow it (not root, no iproute2)."""
+    import os
+    import shutil
+    import subprocess
+
+    n = os.getpid() % 250
+    name, here, there = f"pdserve{os.getpid()}", f"pdh{os.getpid()}"[:15], f"pdn{os.getpid()}"[:15]
+    setup = [["ip", "netns", "add", name], ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
+             ["ip", "link", "set", there, "netns", name], ["ip", "addr", "add", f"10.231.{n}.1/30", "dev", here],
+             ["ip", "link", "set", here, "up"],
+             ["ip", "netns", "exec", name, "ip", "addr", "add", f"10.231.{n}.2/30", "dev", there],
+             ["ip", "netns", "exec", name, "ip", "link", "set", there, "up"],
+             ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"]]
+    if shutil.which("ip") is None:
+        pytest.skip("network namespaces: no ip command (iproute2)")
+    for cmd in setup:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            pytest.skip(f"network namespaces not available here: {' '.join(cmd)}: {done.stderr.strip()}")
+    try:
+        yield name, here, f"10.231.{n}.2"
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+async def test_a_decode_instance_cut_off_by_a_network_partition_is_left_and_rejoins_when_healed(netns):
+    import subprocess
+
+    name, link, address = netns
+    spec = ClusterSpec(model=MODEL, prefill=2, decode=2, gateway_port=0, threads=1, max_batch=64,
+                       prefill_chunk_tokens=0, log_level="WARNING", decode_netns=((name, address),),
+                       extra_env={"PDSERVE_TOKEN_TIMEOUT_S": "3", "PDSERVE_HEALTH_INTERVAL_S": "0.5"})
+    cluster = LocalCluster(spec)
+    cluster.start()
+    try:
+        await cluster.wait_healthy(timeout_s=120)
+        cut_off = member(cluster, "decode-0")
+        assert cut_off.address.startswith(address)
+        run = Run(cluster.gateway_address, workload(7))
+
+        async def partition(run: Run) -> None:
+            await wait_for_tokens(run, REQUESTS * 5)
+            subprocess.run(["ip", "link", "set", link, "down"], check=True)  # packets to it go nowhere
+
+        await run.run(partition)
+        expect_all_exact(run.summary(faults=1))
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+        await asyncio.sleep(2.0)  # health probes reach it again
+        before = await decode_stats(cut_off.address)
+        second = Run(cluster.gateway_address, workload(8)[:8])
+
+        async def nothing(run: Run) -> None:
+            pass
+
+        await second.run(nothing)
+        expect_all_exact(second.summary(faults=0))
+        after = await decode_stats(cut_off.address)
+        assert after.transfers_completed > before.transfers_completed, "the healed instance got no new work"
+        for _ in range(300):  # cancellations sent during the partition arrive when TCP retransmits them
+            if (after.waiting_for_kv, after.running, after.kv_blocks_used) == (0, 0, 0):
+                break
+            await asyncio.sleep(0.1)
+            after = await decode_stats(cut_off.address)
+        assert (after.waiting_for_kv, after.running, after.kv_blocks_used) == (0, 0, 0), "its old requests were freed"
+    finally:
+        cluster.stop()

@@ -20,7 +20,7 @@ from typing import AsyncIterator, Iterator, Sequence
 import grpc
 
 from pdserve.errors import Cancelled, DataLoss, Internal, PdserveError, Unavailable
-from pdserve.rpc import error_from_rpc
+from pdserve.rpc import OPTIONS, error_from_rpc
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -135,9 +135,6 @@ class Accumulator:
 
 
 RESUMABLE = (Unavailable, Internal, Cancelled, DataLoss)  # a broken stream, not an answer about the request
-# Reconnect to a restarted gateway within a fraction of a second (grpc's default starts at 1 s and grows).
-CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                   ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 class _Resume:
@@ -181,7 +178,7 @@ class AsyncClient:
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None,
                  resume_attempts: int = 8) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address, options=OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout = timeout
         self._resume_attempts = resume_attempts
@@ -228,7 +225,7 @@ class Client:
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None,
                  resume_attempts: int = 8) -> None:
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(address, options=OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout = timeout
         self._resume_attempts = resume_attempts

@@ -34,7 +34,7 @@ import grpc
 
 from pdserve.convert import sampling_to_proto
 from pdserve.engine.sampling import SamplingParams
-from pdserve.errors import (Cancelled, DataLoss, DeadlineExceeded, Internal, InvalidArgument, PdserveError,
+from pdserve.errors import (Cancelled, DataLoss, DeadlineExceeded, Internal, InvalidArgument, NotFound, PdserveError,
                             ResourceExhausted,
                             Unavailable)
 from pdserve.model import ModelInfo
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 # transfer) resumes on others: prompt + the tokens delivered so far are prefilled again and decoding
 # continues from the next index, up to this many attempts in all, with jittered exponential backoff.
 MAX_ATTEMPTS = 4
+KEPT_WAIT_S = 5.0  # how long a failed attempt waits to learn whether prefill kept the KV
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 1.0
 RETRYABLE = (Unavailable, DataLoss, Cancelled, Internal, DeadlineExceeded)
@@ -57,6 +58,16 @@ RETRYABLE = (Unavailable, DataLoss, Cancelled, Internal, DeadlineExceeded)
 def backoff_s(attempt: int) -> float:
     """Full jitter: uniform in [0, min(cap, base * 2^attempt)]."""
     return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt))
+
+
+class TransferKept(DataLoss):
+    """The push to decode failed after prefill computed the prompt's KV; prefill keeps it for a Repush."""
+
+    def __init__(self, message: str, prefill_addr: str, kept_id: str, index: int) -> None:
+        super().__init__(message)
+        self.prefill_addr = prefill_addr
+        self.kept_id = kept_id
+        self.index = index  # the request's index of the token prefill sampled with that KV
 
 
 @dataclass(frozen=True)
@@ -162,16 +173,19 @@ class Router:
         # tokens before failing (a second, unrelated fault) starts the count again. Each reset needs a
         # token, so a request makes at most max_tokens * MAX_ATTEMPTS attempts.
         attempt = in_a_row = 0
+        kept: TransferKept | None = None  # KV prefill kept after a failed push: the next attempt re-pushes it
         while True:
             if in_a_row:
                 await asyncio.sleep(min(backoff_s(in_a_row), req.time_left() or BACKOFF_CAP_S))
             req.time_left()  # no attempt starts past the client's deadline
             before = output.count
             try:
-                async for chunk in self._attempt(req, eos, output, timings, attempt, failed, started):
+                async for chunk in self._attempt(req, eos, output, timings, attempt, failed, started, kept):
                     yield chunk
                 return
             except PdserveError as error:
+                # Usable only while no token came after the one prefill sampled with that KV.
+                kept = error if isinstance(error, TransferKept) and output.count == error.index + 1 else None
                 in_a_row = 1 if output.count > before else in_a_row + 1
                 if not isinstance(error, RETRYABLE) or in_a_row == MAX_ATTEMPTS:
                     raise
@@ -181,13 +195,17 @@ class Router:
             attempt += 1
 
     async def _attempt(self, req: GatewayRequest, eos: frozenset[int], output: _Output, timings: Timings,
-                       attempt: int, failed: set[str], started: float) -> AsyncIterator[OutputChunk]:
+                       attempt: int, failed: set[str], started: float,
+                       kept: TransferKept | None = None) -> AsyncIterator[OutputChunk]:
         """One try at the rest of the request: prompt + the tokens delivered so far, prefilled and decoded on
-        instances picked now; token indices continue from ``output.count``."""
-        delivered = output.count
-        prompt = req.prompt_ids + output.tokens
+        instances picked now; token indices continue from ``output.count``. With ``kept``, the prompt's KV
+        (and the token sampled with it, already delivered) is re-pushed by the prefill instance that kept it
+        to a decode instance picked now, instead of computed again."""
+        delivered = kept.index if kept is not None else output.count
+        prompt = req.prompt_ids + output.tokens[:delivered]
         remaining = req.max_tokens - delivered
-        prefill_addr = self._scheduler.pick_prefill(len(prompt), frozenset(failed))
+        prefill_addr = kept.prefill_addr if kept is not None else \
+            self._scheduler.pick_prefill(len(prompt), frozenset(failed))
         local = not prefill_addr  # colocated: the decode instance prefills the prompt itself
         needs_decode = local or remaining > 1
         transfer_id = f"{req.request_id}/{attempt}"
@@ -209,7 +227,14 @@ class Router:
                 decode_addr, decode_call = await self._reserve(req, eos, prompt, remaining, delivered, transfer_id,
                                                                local, failed)
                 begin("decode", decode_addr, len(prompt) + remaining)
-            if local:
+            if kept is not None:
+                # 3'. Re-push the kept KV; the token sampled with it was delivered already.
+                prefill_call = prefill_pb2_grpc.PrefillStub(self._channels.get(prefill_addr)).Repush(
+                    prefill_pb2.RepushRequest(request_id=req.request_id, kept_id=kept.kept_id,
+                                              decode_address=decode_addr, transfer_id=transfer_id),
+                    timeout=req.time_left())
+                first_token = output.tokens[delivered]
+            elif local:
                 event = await self._read(decode_call, "decode", decode_addr, failed)
                 if event is None or event.WhichOneof("event") != "token" or event.token.index != delivered:
                     raise Internal(f"decode {decode_addr}: expected token {delivered}, got {event}")
@@ -232,12 +257,15 @@ class Router:
                 first_token = event.first_token.token_id
             if needs_decode and not local:
                 transfer_task = asyncio.get_running_loop().create_task(
-                    self._await_transfer(prefill_call, prefill_addr, decode_call, timings, failed))
-            if delivered == 0:
-                timings.ttft_ms = (time.monotonic() - started) * 1e3
-            chunk = output.add(first_token)
-            if chunk.finish_reason is None:
-                yield chunk
+                    self._await_transfer(prefill_call, prefill_addr, decode_call, timings, failed, delivered))
+            if kept is not None:
+                chunk = OutputChunk([], delivered, "")  # nothing new to deliver before decode's tokens
+            else:
+                if delivered == 0:
+                    timings.ttft_ms = (time.monotonic() - started) * 1e3
+                chunk = output.add(first_token)
+                if chunk.finish_reason is None:
+                    yield chunk
             # 4. The rest comes from decode; a decode instance silent for token_timeout_s is treated as hung.
             while chunk.finish_reason is None:
                 event = await self._read(decode_call, "decode", decode_addr, failed, self._token_timeout_s)
@@ -264,6 +292,11 @@ class Router:
             chunk.timings = timings
             yield chunk
         except PdserveError as error:
+            if transfer_task is not None and not transfer_task.done() and output.count == delivered + 1:
+                # Decode failed before its first token: prefill's push is failing too, and it may keep the
+                # KV for a re-push. Its answer comes within moments of the connection dropping.
+                with contextlib.suppress(Exception, asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(transfer_task), timeout=KEPT_WAIT_S)
             if transfer_task is not None and transfer_task.done() and not transfer_task.cancelled() \
                     and transfer_task.exception() is not None:
                 raise transfer_task.exception() from None  # a failed transfer is the root cause
@@ -314,11 +347,41 @@ class Router:
                 raise Internal(f"decode {addr}: expected Reserved, got {event}")
             return addr, call
 
+    async def _read_unless_down(self, call, address: str):
+        """``call.read()``, unless the registry marks ``address`` down first (its health checks stopped being
+        answered: a partitioned or frozen instance): then UNAVAILABLE. Waits that have no timeout of their
+        own (a reservation queued on decode, a prompt queued on prefill) end this way."""
+        read = asyncio.ensure_future(call.read())
+        down = asyncio.ensure_future(self.registry.down_event(address).wait())
+        try:
+            await asyncio.wait({read, down}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            read.cancel()
+            raise
+        finally:
+            down.cancel()
+        if not read.done():
+            read.cancel()
+            raise Unavailable(f"{address}: marked down (health checks unanswered) while waiting for it")
+        return read.result()
+
     async def _read(self, call, role: str, address: str, failed: set[str], timeout: float | None = None):
         """The call's next message (None at its end). A failure names the instance; one that is unreachable
-        or silent past ``timeout`` is marked down and avoided by this request's next attempt."""
+        or silent past ``timeout`` is marked down and avoided by this request's next attempt. Without a
+        timeout the wait ends when the registry marks the instance down."""
         try:
-            message = await (call.read() if timeout is None else asyncio.wait_for(call.read(), timeout))
+            message = await (self._read_unless_down(call, address) if timeout is None
+                             else asyncio.wait_for(call.read(), timeout))
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError in a read pending on a call we cancelled (a failed transfer stops
+            # the decode stream): that ends this attempt, not the task, unless the task itself is cancelled.
+            task = asyncio.current_task()
+            if call.cancelled() and not (task is not None and getattr(task, "cancelling", lambda: 0)()):
+                raise Cancelled(f"{role} {address}: call cancelled by the gateway") from None
+            raise
+        except Unavailable:
+            failed.add(address)
+            raise
         except asyncio.TimeoutError:
             failed.add(address)
             self.registry.mark_down(address, f"no token for {timeout:.0f} s")
@@ -333,13 +396,21 @@ class Router:
         return None if message is grpc.aio.EOF else message
 
     async def _await_transfer(self, prefill_call, prefill_addr: str, decode_call, timings: Timings,
-                              failed: set[str]) -> None:
+                              failed: set[str], index: int) -> None:
         """Waits for prefill's TransferDone; if the transfer fails, stops the decode stream too."""
         try:
             event = await self._read(prefill_call, "prefill", prefill_addr, failed)
+        except NotFound as exc:  # a Repush whose kept KV expired: the next attempt prefills again
+            decode_call.cancel()
+            raise DataLoss(str(exc)) from None
         except PdserveError:
             decode_call.cancel()
             raise
+        if event is not None and event.WhichOneof("event") == "kv_kept":
+            decode_call.cancel()
+            kv = event.kv_kept
+            raise TransferKept(f"prefill {prefill_addr}: KV push failed ({kv.reason}); KV kept as {kv.kept_id}",
+                               prefill_addr, kv.kept_id, index)
         if event is not None and event.WhichOneof("event") == "transfer_done":
             done = event.transfer_done
             timings.kv_bytes = done.bytes

@@ -82,6 +82,7 @@ class Registry:
         self.instances: dict[str, tuple[str, ...]] = {}
         self._refresh_instances()
         self.stats: dict[str, decode_pb2.DecodeStats] = {}  # the last load report of each decode instance
+        self._down_events: dict[str, asyncio.Event] = {}
         self._channels = channels
         self._down: set[str] = set()
         self._misses: dict[str, int] = {}
@@ -143,7 +144,18 @@ class Registry:
             raise Unavailable(f"no {role} instance is configured or registered")
         return found
 
+    def down_event(self, address: str) -> asyncio.Event:
+        """Set when ``address`` is next marked down: what calls waiting on it race against."""
+        event = self._down_events.get(address)
+        if event is None:
+            event = self._down_events[address] = asyncio.Event()
+        return event
+
     def mark_down(self, address: str, why: str) -> None:
+        self.stats.pop(address, None)  # its last load report no longer says anything
+        event = self._down_events.pop(address, None)
+        if event is not None:
+            event.set()  # calls waiting on it give up; later waits get a fresh event
         if address not in self._down:
             log.warning("instance %s marked down: %s", address, why)
             self._down.add(address)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
+import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Awaitable, TypeVar
 
 import grpc
@@ -11,11 +15,12 @@ import grpc
 from pdserve import config as cfg
 from pdserve.convert import check_id, check_token_ids, sampling_from_proto
 from pdserve.engine.prefill import PrefillEngine
-from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
+from pdserve.errors import Cancelled, DataLoss, InvalidArgument, NotFound, PdserveError
 from pdserve.aio import ByteBudget
 from pdserve.kv.grpc_sender import GrpcKVSender, ShmKVSender
 from pdserve.kv.shm import SegmentPool, host_id, sweep_orphans
 from pdserve.kv.transport import KVSender
+from pdserve.kv.wire import KVLayout
 from pdserve.model import LoadedModel
 from pdserve.registration import start_announcer
 from pdserve.rpc import ChannelPool, add_servicer, rpc_errors, start_server
@@ -41,6 +46,17 @@ async def transfer_step(step: Awaitable[T]) -> T:
         raise DataLoss(f"{exc} ({exc.status})") from None
 
 
+@dataclass(eq=False)
+class _Kept:
+    """A computed transfer whose push failed: its KV, chunk by chunk, and the prefill's result."""
+
+    kept_id: str
+    layout: KVLayout
+    chunks: list
+    result: object  # PrefillResult: the first token and the forward's timestamps
+    expiry: asyncio.TimerHandle | None = None
+
+
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, engine: PrefillEngine, channels: ChannelPool, config: cfg.PrefillConfig) -> None:
         self._engine = engine
@@ -49,6 +65,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.inflight = ByteBudget(config.kv_inflight_limit)  # KV bytes of unfinished transfers
         self._same_host: dict[str, bool] = {}  # decode address -> shares this host's /dev/shm
         self.segments = SegmentPool(idle_limit=config.kv_inflight_limit)
+        self._kept: dict[str, _Kept] = {}  # by the failed transfer's id
+        self.counters = collections.Counter()  # kept, repushes
 
     async def _transport(self, address: str) -> str:
         transport = self._config.kv_transport
@@ -96,29 +114,103 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         layout = self._engine.layout(request.transfer_id, len(token_ids))
         await self.inflight.acquire(layout.total_bytes)
         sender = None
+        kept = False
+        chunks: list = []  # the prompt's KV, chunk by chunk: kept until decode acknowledges it
         try:
             # The push may take no longer than the request has left (the gateway's deadline), 300 s at most.
             push_timeout = min(PUSH_TIMEOUT_S, context.time_remaining() or PUSH_TIMEOUT_S)
             sender = await self._sender(request.decode_address, push_timeout)
             await transfer_step(sender.open(layout))
-            result = await self._engine.prefill(token_ids, sampling, sender.send_layer, request.first_index)
+
+            def on_layer(layer, start, keys, values) -> None:
+                chunks.append((layer, start, keys, values))
+                sender.send_layer(layer, start, keys, values)
+
+            result = await self._engine.prefill(token_ids, sampling, on_layer, request.first_index)
             log.debug("request_id=%s prefilled %d tokens in %.1f ms", request.request_id, len(token_ids), result.forward_ms)
             yield self._first_token(result)
-            receipt = await transfer_step(sender.finish(result.first_token))
-            yield prefill_pb2.PrefillEvent(transfer_done=prefill_pb2.TransferDone(
-                bytes=receipt.bytes_sent, layers=receipt.layers, messages=receipt.messages,
-                forward_start_ns=result.forward_start_ns, forward_end_ns=result.forward_end_ns,
-                first_chunk_sent_ns=receipt.first_chunk_sent_ns, acked_ns=receipt.acked_ns,
-                first_chunk_received_ns=receipt.first_chunk_received_ns,
-                last_chunk_received_ns=receipt.last_chunk_received_ns,
-                layer_ready_ns=receipt.layer_ready_ns, layer_sent_ns=receipt.layer_sent_ns,
-                layer_received_ns=receipt.layer_received_ns, layer_written_ns=receipt.layer_written_ns))
+            try:
+                receipt = await transfer_step(sender.finish(result.first_token))
+            except DataLoss as exc:
+                # Decode failed (or refused) after the prompt was computed: keep the KV for a Repush.
+                await sender.abort()
+                kept = True
+                yield self._keep(_Kept(request.transfer_id, layout, chunks, result), str(exc))
+                return
+            yield self._transfer_done(receipt, result)
         except BaseException:
             if sender is not None:
                 await sender.abort()
             raise
         finally:
-            self.inflight.release(layout.total_bytes)
+            if not kept:
+                self.inflight.release(layout.total_bytes)
+
+    @rpc_errors
+    async def Repush(self, request, context):
+        check_id(request.request_id, "request_id", required=False)
+        check_id(request.kept_id, "kept_id")
+        problem = cfg.address_problem(request.decode_address)
+        if problem:
+            raise InvalidArgument(f"decode_address: {problem}")
+        check_id(request.transfer_id, "transfer_id")
+        kept = self._kept.pop(request.kept_id, None)
+        if kept is None:
+            raise NotFound(f"kept_id: no KV kept as {request.kept_id!r} (delivered, or expired after "
+                           f"{self._config.kv_keep_s:g} s)")
+        kept.expiry.cancel()
+        layout = dataclasses.replace(kept.layout, transfer_id=request.transfer_id)
+        sender = None
+        delivered = False
+        try:
+            push_timeout = min(PUSH_TIMEOUT_S, context.time_remaining() or PUSH_TIMEOUT_S)
+            sender = await self._sender(request.decode_address, push_timeout)
+            await transfer_step(sender.open(layout))
+            for chunk in kept.chunks:
+                sender.send_layer(*chunk)
+            receipt = await transfer_step(sender.finish(kept.result.first_token))
+            delivered = True
+            self.counters["repushes"] += 1
+            yield self._transfer_done(receipt, kept.result)
+        except DataLoss as exc:
+            if sender is not None:
+                await sender.abort()
+            yield self._keep(kept, str(exc))
+        except BaseException:
+            if sender is not None:
+                await sender.abort()
+            if not delivered:
+                self._keep(kept, "the re-push was interrupted")
+            raise
+        finally:
+            if delivered:
+                self.inflight.release(kept.layout.total_bytes)
+
+    def _keep(self, kept: _Kept, reason: str) -> prefill_pb2.PrefillEvent:
+        """Holds a computed transfer's KV (and its bytes of the in-flight budget) for kv_keep_s."""
+        keep_s = self._config.kv_keep_s
+
+        def expire() -> None:
+            if self._kept.pop(kept.kept_id, None) is not None:
+                self.inflight.release(kept.layout.total_bytes)
+
+        kept.expiry = asyncio.get_running_loop().call_later(keep_s, expire)
+        self._kept[kept.kept_id] = kept
+        self.counters["kept"] += 1
+        log.info("KV of %s kept for %g s after a failed push (%s)", kept.kept_id, keep_s, reason)
+        return prefill_pb2.PrefillEvent(kv_kept=prefill_pb2.KVKept(kept_id=kept.kept_id, reason=reason,
+                                                                   expires_in_s=keep_s))
+
+    @staticmethod
+    def _transfer_done(receipt, result) -> prefill_pb2.PrefillEvent:
+        return prefill_pb2.PrefillEvent(transfer_done=prefill_pb2.TransferDone(
+            bytes=receipt.bytes_sent, layers=receipt.layers, messages=receipt.messages,
+            forward_start_ns=result.forward_start_ns, forward_end_ns=result.forward_end_ns,
+            first_chunk_sent_ns=receipt.first_chunk_sent_ns, acked_ns=receipt.acked_ns,
+            first_chunk_received_ns=receipt.first_chunk_received_ns,
+            last_chunk_received_ns=receipt.last_chunk_received_ns,
+            layer_ready_ns=receipt.layer_ready_ns, layer_sent_ns=receipt.layer_sent_ns,
+            layer_received_ns=receipt.layer_received_ns, layer_written_ns=receipt.layer_written_ns))
 
     @staticmethod
     def _first_token(result) -> prefill_pb2.PrefillEvent:
