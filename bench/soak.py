@@ -7,9 +7,11 @@ prefill or decode instance is restarted, alternately by SIGTERM (it drains)
 and by ``kill -9``. Every 5 s it samples each process's resident memory and
 open file descriptors (``/proc``). At the end it checks that every request
 completed with no error, greedy outputs match a reference computed by the same
-cluster before the soak, and that memory and descriptors of the processes
-never restarted are flat: the last minute's mean within ``--rss-slack`` of the
-first minute's (after warm-up). Prints a table, writes JSON and a PNG plot.
+cluster before the soak, and that memory and descriptors are flat: for every
+process that lived 90 s past its warm-up, the last minute's mean RSS within
+``--rss-slack`` of the first minute's, descriptors (other than mapped KV
+segments) within 2, and mapped KV segments below their bound. Prints a
+table, writes JSON and a PNG plot.
 
     python -m bench.soak --duration 300 --out bench/out/soak.json
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -30,13 +33,23 @@ from pdserve.cluster import ClusterSpec, LocalCluster
 from pdserve.sdk import AsyncClient
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+# Mapped KV segments a process may hold: the consumer's cache (32) plus a producer's idle pool and in-flight
+# transfers; what matters is that the count stays below a bound, not that it is constant.
+SHM_MAPS_BOUND = 64
 
 
-def proc_sample(pid: int) -> tuple[float, int]:
-    """(resident MiB, open file descriptors) of a live process."""
+def proc_sample(pid: int) -> tuple[float, int, int]:
+    """(resident MiB, open file descriptors, of which shared-memory KV segment mappings) of a live process.
+    Each mapped segment holds a descriptor (CPython's mmap keeps a dup); the consumer's ``SegmentCache``
+    bounds them at its capacity, so they are counted apart from the rest."""
     with open(f"/proc/{pid}/statm") as f:
         rss_pages = int(f.read().split()[1])
-    return rss_pages * PAGE / 2**20, len(os.listdir(f"/proc/{pid}/fd"))
+    fds = shm = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        fds += 1
+        with contextlib.suppress(OSError):
+            shm += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/shm/pdserve-kv-")
+    return rss_pages * PAGE / 2**20, fds, shm
 
 
 class Soak:
@@ -66,11 +79,11 @@ class Soak:
             for m in self.cluster.members:
                 if m.process.poll() is None:
                     try:
-                        rss, fds = proc_sample(m.process.pid)
+                        rss, fds, shm = proc_sample(m.process.pid)
                     except OSError:
                         continue
                     self.samples.append({"t": time.monotonic() - started, "name": m.name, "pid": m.process.pid,
-                                         "rss_mib": rss, "fds": fds})
+                                         "rss_mib": rss, "fds": fds - shm, "shm_maps": shm})
             await asyncio.sleep(5)
 
     async def restart_loop(self, started: float) -> None:
@@ -134,45 +147,55 @@ class Soak:
 
     def report(self, capacity: float, rate: float, wall: float) -> dict:
         args = self.args
-        restarted = {r["name"] for r in self.restarts}
-        flat = {}
-        for name in sorted({s["name"] for s in self.samples} - restarted):
-            series = [s for s in self.samples if s["name"] == name and s["t"] >= args.warmup]
-            if len(series) < 4:
-                continue
-            span = series[-1]["t"] - series[0]["t"]
-            window = min(60.0, span / 3)
-            first = [s for s in series if s["t"] <= series[0]["t"] + window]
-            last = [s for s in series if s["t"] >= series[-1]["t"] - window]
-            mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
-            flat[name] = {"rss_first_mib": mean(first, "rss_mib"), "rss_last_mib": mean(last, "rss_mib"),
-                          "fds_first": mean(first, "fds"), "fds_last": mean(last, "fds"),
-                          "rss_max_mib": max(s["rss_mib"] for s in series)}
         errors = [r["error"] for r in self.results if not r["ok"]]
         summary = {
             "date": time.strftime("%Y-%m-%d"), "model": args.model, "duration_s": args.duration, "wall_s": wall,
             "capacity_rps": capacity, "rate_rps": rate, "requests": len(self.results),
             "completed": sum(r["ok"] for r in self.results), "token_exact": sum(r["exact"] for r in self.results),
             "errors": len(errors), "error_kinds": sorted(set(errors))[:10], "restarts": self.restarts,
-            "memory_and_fds": flat, "samples": self.samples,
+            "samples": self.samples,
         }
-        summary["rss_flat"] = all(v["rss_last_mib"] <= v["rss_first_mib"] * (1 + args.rss_slack) for v in flat.values())
-        summary["fds_flat"] = all(v["fds_last"] <= v["fds_first"] + 2 for v in flat.values())
+        summary.update(flatness(self.samples, args.warmup, args.rss_slack))
         return summary
+
+
+def flatness(samples: list[dict], warmup: float, rss_slack: float, min_span: float = 90.0) -> dict:
+    """Per process (name and pid: a restart starts a new one) that lived ``min_span`` s past its warm-up: mean
+    RSS and descriptors over its first and its last minute (a third of its life if shorter)."""
+    lives = {}
+    for pid in dict.fromkeys(x["pid"] for x in samples):
+        series = [x for x in samples if x["pid"] == pid]
+        settled = [x for x in series if x["t"] >= series[0]["t"] + warmup]
+        if len(settled) < 4 or settled[-1]["t"] - settled[0]["t"] < min_span:
+            continue
+        window = min(60.0, (settled[-1]["t"] - settled[0]["t"]) / 3)
+        first = [x for x in settled if x["t"] <= settled[0]["t"] + window]
+        last = [x for x in settled if x["t"] >= settled[-1]["t"] - window]
+        mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
+        lives[f"{series[0]['name']} (pid {pid}, {series[0]['t']:.0f}-{series[-1]['t']:.0f} s)"] = {
+            "rss_first_mib": mean(first, "rss_mib"), "rss_last_mib": mean(last, "rss_mib"),
+            "fds_first": mean(first, "fds"), "fds_last": mean(last, "fds"),
+            "rss_max_mib": max(x["rss_mib"] for x in settled),
+            "shm_maps_max": max(x.get("shm_maps", 0) for x in settled)}
+    return {"memory_and_fds": lives,
+            "rss_flat": all(v["rss_last_mib"] <= v["rss_first_mib"] * (1 + rss_slack) for v in lives.values()),
+            "fds_flat": all(v["fds_last"] <= v["fds_first"] + 2 for v in lives.values()),
+            "shm_maps_bounded": all(v["shm_maps_max"] <= SHM_MAPS_BOUND for v in lives.values())}
 
 
 def print_report(s: dict) -> None:
     print(f"soak: {s['duration_s']:.0f} s at {s['rate_rps']:.2f} req/s ({s['rate_rps'] / s['capacity_rps']:.0%} of "
           f"{s['capacity_rps']:.2f}), restarts: {len(s['restarts'])}, requests: {s['requests']}, completed: "
           f"{s['completed']}, token-exact: {s['token_exact']}, errors: {s['errors']}, rss flat: {s['rss_flat']}, "
-          f"fds flat: {s['fds_flat']}")
+          f"fds flat: {s['fds_flat']}, shm mappings bounded: {s['shm_maps_bounded']}")
     for kind in s["error_kinds"]:
         print(f"  error: {kind}")
-    print("\n| process (never restarted) | RSS first min, MiB | RSS last min, MiB | max | FDs first | FDs last |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| process (lifetime in the soak) | RSS first min, MiB | RSS last min, MiB | max | FDs first | FDs last "
+          "| KV segment mappings, max |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, v in s["memory_and_fds"].items():
         print(f"| {name} | {v['rss_first_mib']:.1f} | {v['rss_last_mib']:.1f} | {v['rss_max_mib']:.1f} | "
-              f"{v['fds_first']:.1f} | {v['fds_last']:.1f} |")
+              f"{v['fds_first']:.1f} | {v['fds_last']:.1f} | {v.get('shm_maps_max', 0)} |")
 
 
 def plot(s: dict, path: Path) -> None:
@@ -182,15 +205,20 @@ def plot(s: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for name in sorted({x["name"] for x in s["samples"]}):
-        series = [x for x in s["samples"] if x["name"] == name]
-        ax1.plot([x["t"] for x in series], [x["rss_mib"] for x in series], ".-", label=name, markersize=3)
-        ax2.plot([x["t"] for x in series], [x["fds"] for x in series], ".-", label=name, markersize=3)
+    for i, name in enumerate(sorted({x["name"] for x in s["samples"]})):
+        color = f"C{i}"
+        for j, pid in enumerate(dict.fromkeys(x["pid"] for x in s["samples"] if x["name"] == name)):
+            series = [x for x in s["samples"] if x["pid"] == pid]  # one line per process: a restart breaks it
+            label = name if j == 0 else None
+            ax1.plot([x["t"] for x in series], [x["rss_mib"] for x in series], ".-", color=color, label=label,
+                     markersize=3)
+            ax2.plot([x["t"] for x in series], [x["fds"] for x in series], ".-", color=color, label=label,
+                     markersize=3)
     for r in s["restarts"]:
         for ax in (ax1, ax2):
             ax.axvline(r["t"], color="grey", alpha=0.3)
     ax1.set_ylabel("resident MiB")
-    ax2.set_ylabel("open fds")
+    ax2.set_ylabel("open fds (no KV segments)")
     ax2.set_xlabel("seconds (grey: an instance restarted)")
     ax1.legend(fontsize=7, ncol=3)
     fig.tight_layout()
@@ -199,6 +227,7 @@ def plot(s: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from-json", metavar="JSON", help="report and plot an earlier run's JSON again, and exit")
     parser.add_argument("--model", default="preset:tiny-llama")
     parser.add_argument("--duration", type=float, default=300.0)
     parser.add_argument("--load", type=float, default=0.8, help="fraction of measured capacity")
@@ -211,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/out/soak.json")
     args = parser.parse_args(argv)
+    if args.from_json:
+        summary = json.loads(Path(args.from_json).read_text())
+        summary.update(flatness(summary["samples"], args.warmup, args.rss_slack))
+        print_report(summary)
+        plot(summary, Path(args.from_json).with_suffix(".png"))
+        Path(args.from_json).write_text(json.dumps(summary, indent=1))
+        return 0
     summary = asyncio.run(Soak(args).run())
     print_report(summary)
     out = Path(args.out)
@@ -219,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(summary, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
     ok = summary["errors"] == 0 and summary["completed"] == summary["token_exact"] == summary["requests"] \
-        and summary["rss_flat"] and summary["fds_flat"]
+        and summary["rss_flat"] and summary["fds_flat"] and summary["shm_maps_bounded"]
     return 0 if ok else 1
 
 

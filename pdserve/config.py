@@ -210,6 +210,8 @@ class GatewayConfig(ServerConfig):
         "help": "seconds between health checks of every instance (NOT_SERVING or no answer: no new work)"})
     token_timeout_s: float = field(default=30.0, metadata={
         "help": "seconds a decode instance may go without a token before the request moves to another"})
+    request_timeout_s: float = field(default=600.0, metadata={
+        "help": "the deadline of a request whose client set none (a client's own deadline applies if shorter)"})
     policy: str = field(default="load_aware", metadata={
         "help": "scheduling: load_aware (prefill: power of two choices by outstanding prompt tokens; decode: "
                 "lowest KV-pool plus batch occupancy) or round_robin"})
@@ -232,7 +234,7 @@ class GatewayConfig(ServerConfig):
         for name in ("local_prefill_tokens", "prefill_full_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("health_interval_s", "token_timeout_s"):
+        for name in ("health_interval_s", "token_timeout_s", "request_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
 

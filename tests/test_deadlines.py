@@ -10,6 +10,8 @@ import pytest
 from pdserve.errors import DeadlineExceeded
 from pdserve.sdk import AsyncClient
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
+from tests.cluster import start_cluster
+from tests.conftest import get_loaded
 
 
 async def test_client_deadline_ends_the_request_everywhere(tiny_cluster):
@@ -24,3 +26,15 @@ async def test_client_deadline_ends_the_request_everywhere(tiny_cluster):
                 break
             await asyncio.sleep(0.05)
         assert (stats.running, stats.waiting_for_kv, stats.kv_blocks_used) == (0, 0, 0)
+
+
+async def test_a_request_without_a_client_deadline_gets_the_gateways_own():
+    cluster = await start_cluster(get_loaded("preset:tiny-llama"), gateway_options={"request_timeout_s": 0.5})
+    try:
+        async with AsyncClient(cluster.address) as client:  # no timeout of its own
+            with pytest.raises(DeadlineExceeded, match="deadline"):
+                await client.generate(token_ids=[3, 4, 5], max_tokens=2000, temperature=0, ignore_eos=True)
+            done = await client.generate(token_ids=[3, 4, 5], max_tokens=4, temperature=0, ignore_eos=True)
+        assert len(done.token_ids) == 4
+    finally:
+        await cluster.stop()

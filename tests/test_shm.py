@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from pdserve.kv import shm
 
 
@@ -44,6 +46,25 @@ def test_cache_maps_once_and_forgets_segments_whose_name_is_gone():
     assert len(cache) == 2 and a.name not in cache._maps
     pool.release(b)
     pool.release(c)
+    pool.close()
+
+
+def test_a_mapping_still_read_by_a_stream_is_closed_only_when_the_stream_releases_it():
+    pool = shm.SegmentPool()
+    cache = shm.SegmentCache(capacity=1)
+    a, b = pool.acquire(1 << 20), pool.acquire(1 << 20)
+    a.view[:2] = b"hi"
+    reading = cache.open(a.name)          # a stream is reading a
+    again = cache.open(a.name)            # and a second one
+    cache.open(b.name)                    # capacity 1: a is evicted while both read it
+    assert bytes(reading.view[:2]) == b"hi"
+    cache.release(again)
+    assert bytes(reading.view[:2]) == b"hi"
+    cache.release(reading)                # the last reader: now it is closed
+    with pytest.raises(ValueError):
+        reading.view[:2]
+    pool.discard(a)
+    pool.discard(b)
     pool.close()
 
 

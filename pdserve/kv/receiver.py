@@ -34,19 +34,23 @@ async def receive_stream(messages: AsyncIterator[bytes], assembly: KVAssembly, s
     layout = assembly.layout
     segment = SEGMENTS.open(stream.shm_segment) if stream.shm_segment else None
     received = 0
-    async for data in messages:
-        assembly.check_alive()
-        kind, message = decode_message(data)
-        if kind == "chunk":
-            chunk = message
-            assembly.add(chunk if segment is None else chunk_from_segment(chunk, segment, layout))
-            received += 2 * chunk.token_count * layout.token_bytes
-        elif kind == "trailer":
-            on_trailer(message.first_token_id)
-            return received
-        else:
-            raise InvalidArgument(f"PushKV: unexpected {kind or 'empty'} message after the header")
-    raise InvalidArgument("PushKV: stream ended before the KVTrailer")
+    try:
+        async for data in messages:
+            assembly.check_alive()
+            kind, message = decode_message(data)
+            if kind == "chunk":
+                chunk = message
+                assembly.add(chunk if segment is None else chunk_from_segment(chunk, segment, layout))
+                received += 2 * chunk.token_count * layout.token_bytes
+            elif kind == "trailer":
+                on_trailer(message.first_token_id)
+                return received
+            else:
+                raise InvalidArgument(f"PushKV: unexpected {kind or 'empty'} message after the header")
+        raise InvalidArgument("PushKV: stream ended before the KVTrailer")
+    finally:
+        if segment is not None:
+            SEGMENTS.release(segment)
 
 
 async def drain(messages: AsyncIterator[bytes], limit_s: float = DRAIN_SECONDS) -> None:

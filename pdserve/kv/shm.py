@@ -164,29 +164,50 @@ class SegmentPool:
 
 
 class SegmentCache:
-    """The consumer's mappings of producers' segments, by name, least recently used evicted."""
+    """The consumer's mappings of producers' segments, by name, least recently used evicted.
+
+    ``open`` hands out a mapping for one stream and ``release`` takes it back: a mapping evicted (or whose
+    file its producer removed) while a stream still reads it is closed when that stream releases it, never
+    under it."""
 
     def __init__(self, capacity: int = 32) -> None:
         self.capacity = capacity
         self._maps: OrderedDict[str, Segment] = OrderedDict()
+        self._users: dict[int, int] = {}  # id(segment) -> streams reading it
+        self._retired: set[int] = set()   # ids of segments out of the cache, closed at their last release
 
     def open(self, name: str) -> Segment:
         segment = self._maps.get(name)
         if segment is not None:
             self._maps.move_to_end(name)
-            return segment
-        # A new name: first forget mappings of segments their producer removed (or that were swept).
-        for gone in [n for n in self._maps if not os.path.exists(os.path.join(SHM_DIR, n))]:
-            self._maps.pop(gone).close()
-        segment = self._maps[name] = Segment.open(name)
-        while len(self._maps) > self.capacity:
-            self._maps.popitem(last=False)[1].close()
+        else:
+            # A new name: first forget mappings of segments their producer removed (or that were swept).
+            for gone in [n for n in self._maps if not os.path.exists(os.path.join(SHM_DIR, n))]:
+                self._retire(self._maps.pop(gone))
+            segment = self._maps[name] = Segment.open(name)
+            while len(self._maps) > self.capacity:
+                self._retire(self._maps.popitem(last=False)[1])
+        self._users[id(segment)] = self._users.get(id(segment), 0) + 1
         return segment
+
+    def release(self, segment: Segment) -> None:
+        users = self._users.pop(id(segment), 1) - 1
+        if users > 0:
+            self._users[id(segment)] = users
+        elif id(segment) in self._retired:
+            self._retired.discard(id(segment))
+            segment.close()
+
+    def _retire(self, segment: Segment) -> None:
+        if self._users.get(id(segment)):
+            self._retired.add(id(segment))  # closed by the last stream reading it
+        else:
+            segment.close()
 
     def forget(self, name: str) -> None:
         segment = self._maps.pop(name, None)
         if segment is not None:
-            segment.close()
+            self._retire(segment)
 
     def __len__(self) -> int:
         return len(self._maps)

@@ -35,8 +35,7 @@ import grpc
 from pdserve.convert import sampling_to_proto
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import (Cancelled, DataLoss, DeadlineExceeded, Internal, InvalidArgument, NotFound, PdserveError,
-                            ResourceExhausted,
-                            Unavailable)
+                            ResourceExhausted, Unavailable)
 from pdserve.model import ModelInfo
 from pdserve.rpc import ChannelPool, error_from_rpc
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -233,7 +232,6 @@ class Router:
                     prefill_pb2.RepushRequest(request_id=req.request_id, kept_id=kept.kept_id,
                                               decode_address=decode_addr, transfer_id=transfer_id),
                     timeout=req.time_left())
-                first_token = output.tokens[delivered]
             elif local:
                 event = await self._read(decode_call, "decode", decode_addr, failed)
                 if event is None or event.WhichOneof("event") != "token" or event.token.index != delivered:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -110,9 +111,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @rpc_errors
     async def Generate(self, request, context):
         req = self._to_request(request)
-        remaining = context.time_remaining()
-        if remaining is not None:  # the client's deadline bounds every hop below
-            req = dataclasses.replace(req, deadline=time.monotonic() + remaining)
+        # The client's deadline, or the gateway's own limit when it set none, bounds every hop below.
+        remaining = min(context.time_remaining() or math.inf, self._config.request_timeout_s)
+        req = dataclasses.replace(req, deadline=time.monotonic() + remaining)
         log.info("request_id=%s prompt_tokens=%d max_tokens=%d", req.request_id, len(req.prompt_ids), req.max_tokens)
         first = True
         async for chunk in self._router.generate(req):
