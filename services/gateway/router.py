@@ -224,8 +224,7 @@ class Router:
             # 1-2. Reserve on decode before any KV can arrive there.
             if needs_decode:
                 decode_addr, decode_call = await self._reserve(req, eos, prompt, remaining, delivered, transfer_id,
-                                                               local, failed)
-                begin("decode", decode_addr, len(prompt) + remaining)
+                                                               local, failed, begin, end)
             if kept is not None:
                 # 3'. Re-push the kept KV; the token sampled with it was delivered already.
                 prefill_call = prefill_pb2_grpc.PrefillStub(self._channels.get(prefill_addr)).Repush(
@@ -313,9 +312,11 @@ class Router:
                     transfer_task.exception()  # retrieved: the attempt already failed or finished
 
     async def _reserve(self, req: GatewayRequest, eos: frozenset[int], prompt: list[int], remaining: int,
-                       delivered: int, transfer_id: str, local: bool, failed: set[str]):
+                       delivered: int, transfer_id: str, local: bool, failed: set[str], begin, end):
         """Opens the decode stream on an instance with room; tries each instance that is up once,
-        those this request failed on last."""
+        those this request failed on last. The work counts on the instance from the moment it is picked
+        (``begin``), so requests picking at the same time spread out; a refusal takes it back (``end``)."""
+        kv_tokens = len(prompt) + remaining
         tried: set[str] = set()
         last_error: PdserveError | None = None
         while True:
@@ -325,6 +326,7 @@ class Router:
             if addr in tried:  # every instance that is up was tried
                 raise last_error or Unavailable("no decode instance could take the request")
             tried.add(addr)
+            begin("decode", addr, kv_tokens)
             call = decode_pb2_grpc.DecodeStub(self._channels.get(addr)).Generate(
                 decode_pb2.DecodeRequest(
                     request_id=req.request_id, transfer_id=transfer_id, prompt_tokens=len(prompt),
@@ -335,6 +337,7 @@ class Router:
                 event = await self._read(call, "decode", addr, failed)
             except (ResourceExhausted, Unavailable) as exc:
                 call.cancel()
+                end("decode", addr, kv_tokens)
                 last_error = exc  # full or gone: the next instance may take it
                 continue
             except BaseException:

@@ -187,6 +187,12 @@ class Registry:
             else:
                 self._misses[address] = self._misses.get(address, 0) + 1
                 if self._misses[address] >= self.probe_misses:
+                    # A peer silent past the timeout (a partition) may leave our connection to it wedged:
+                    # drop it. One that refuses (stopping: its listener closed while its calls finish)
+                    # keeps its connections, so those calls can finish.
+                    if self._misses[address] == self.probe_misses and status == "silent" \
+                            and self._channels is not None:
+                        self._channels.reset(address)
                     self.mark_down(address, f"health check: no answer {self._misses[address]} times in a row")
 
     def start(self) -> None:
