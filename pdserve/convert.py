@@ -5,6 +5,7 @@ Servicers call these at the edge; everything behind them sees dataclasses.
 
 from __future__ import annotations
 
+from pdserve.config import address_problem
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import InvalidArgument
 from pdserve.kv.wire import QUANTIZATIONS, KVLayout, StreamInfo
@@ -53,6 +54,13 @@ def check_id(value: str, field: str, required: bool = True) -> None:
         raise InvalidArgument(f"{field}: must not be empty")
     if len(value) > MAX_ID_CHARS:
         raise InvalidArgument(f"{field}: at most {MAX_ID_CHARS} characters, got {len(value)}")
+
+
+def check_address(value: str, field: str) -> None:
+    """``value`` must be host:port (what a peer is reached at)."""
+    problem = address_problem(value)
+    if problem:
+        raise InvalidArgument(f"{field}: {problem}")
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, field: str = "token_ids") -> None:

@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Bucket:
-    rows: int
-    width: int
     longs: torch.Tensor   # (3, rows): input tokens, positions, write slots
     ints: torch.Tensor    # (rows * (1 + width),): block counts, then block indices
     step: PagedStep
@@ -49,7 +47,6 @@ class DecodeGraphs:
         self._pool = pool
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._memory = torch.cuda.graph_pool_handle()
-        self.capture_seconds = 0.0
 
     @property
     def captured(self) -> int:
@@ -83,7 +80,7 @@ class DecodeGraphs:
         # Zeros everywhere: no row visits a block, every row writes into the null block.
         step = PagedStep(longs[2], torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=device),
                          block_mask=self._pool.block_mask(counts, indices.view(rows, width)))
-        bucket = _Bucket(rows, width, longs, ints, step)
+        bucket = _Bucket(longs, ints, step)
         # Warm up on a side stream (compiles the flex kernel for this shape), then capture.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -96,7 +93,6 @@ class DecodeGraphs:
             bucket.logits = self._forward(bucket)
         bucket.graph = graph
         self._buckets[(rows, width)] = bucket
-        elapsed = time.perf_counter() - started
-        self.capture_seconds += elapsed
-        log.info("captured the decode step for batch %d, %d blocks per row, in %.2f s", rows, width, elapsed)
+        log.info("captured the decode step for batch %d, %d blocks per row, in %.2f s", rows, width,
+                 time.perf_counter() - started)
         return bucket

@@ -12,7 +12,7 @@ import time
 import uuid
 
 from pdserve import config as cfg
-from pdserve.convert import check_id, check_token_ids, sampling_from_proto
+from pdserve.convert import check_address, check_id, check_token_ids, sampling_from_proto
 from pdserve.errors import InvalidArgument
 from pdserve.model import ModelInfo, load_model_info
 from pdserve.rpc import ChannelPool, add_servicer, rpc_errors, start_server
@@ -136,9 +136,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Heartbeat(self, request, context):
         if request.role not in INSTANCE_ROLES:
             raise InvalidArgument(f"role: must be one of {', '.join(INSTANCE_ROLES)}, got {request.role[:40]!r}")
-        problem = cfg.address_problem(request.address)
-        if problem:
-            raise InvalidArgument(f"address: {problem}")
+        check_address(request.address, "address")
         if not 0 < request.interval_s <= 3600:
             raise InvalidArgument(f"interval_s: must be in (0, 3600], got {request.interval_s}")
         self._registry.heartbeat(request.role, request.address, request.interval_s, request.draining)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Awaitable, TypeVar
 import grpc
 
 from pdserve import config as cfg
-from pdserve.convert import check_id, check_token_ids, sampling_from_proto
+from pdserve.convert import check_address, check_id, check_token_ids, sampling_from_proto
 from pdserve.engine.prefill import PrefillEngine
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, NotFound, PdserveError
 from pdserve.aio import ByteBudget
@@ -32,6 +31,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
 PUSH_TIMEOUT_S = 300.0
+
+
+def push_timeout(context) -> float:
+    """A push may take no longer than the request has left (the gateway's deadline), 300 s at most."""
+    return min(PUSH_TIMEOUT_S, context.time_remaining() or PUSH_TIMEOUT_S)
 
 
 async def transfer_step(step: Awaitable[T]) -> T:
@@ -66,7 +70,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self._same_host: dict[str, bool] = {}  # decode address -> shares this host's /dev/shm
         self.segments = SegmentPool(idle_limit=config.kv_inflight_limit)
         self._kept: dict[str, _Kept] = {}  # by the failed transfer's id
-        self.counters = collections.Counter()  # kept, repushes
 
     async def _transport(self, address: str) -> str:
         transport = self._config.kv_transport
@@ -107,9 +110,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             result = await self._engine.prefill(token_ids, sampling, None, request.first_index)
             yield self._first_token(result)
             return
-        problem = cfg.address_problem(request.decode_address)
-        if problem:
-            raise InvalidArgument(f"decode_address: {problem}")
+        check_address(request.decode_address, "decode_address")
         check_id(request.transfer_id, "transfer_id")
         layout = self._engine.layout(request.transfer_id, len(token_ids))
         await self.inflight.acquire(layout.total_bytes)
@@ -117,9 +118,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         kept = False
         chunks: list = []  # the prompt's KV, chunk by chunk: kept until decode acknowledges it
         try:
-            # The push may take no longer than the request has left (the gateway's deadline), 300 s at most.
-            push_timeout = min(PUSH_TIMEOUT_S, context.time_remaining() or PUSH_TIMEOUT_S)
-            sender = await self._sender(request.decode_address, push_timeout)
+            sender = await self._sender(request.decode_address, push_timeout(context))
             await transfer_step(sender.open(layout))
 
             def on_layer(layer, start, keys, values) -> None:
@@ -150,9 +149,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def Repush(self, request, context):
         check_id(request.request_id, "request_id", required=False)
         check_id(request.kept_id, "kept_id")
-        problem = cfg.address_problem(request.decode_address)
-        if problem:
-            raise InvalidArgument(f"decode_address: {problem}")
+        check_address(request.decode_address, "decode_address")
         check_id(request.transfer_id, "transfer_id")
         kept = self._kept.pop(request.kept_id, None)
         if kept is None:
@@ -163,14 +160,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         sender = None
         delivered = False
         try:
-            push_timeout = min(PUSH_TIMEOUT_S, context.time_remaining() or PUSH_TIMEOUT_S)
-            sender = await self._sender(request.decode_address, push_timeout)
+            sender = await self._sender(request.decode_address, push_timeout(context))
             await transfer_step(sender.open(layout))
             for chunk in kept.chunks:
                 sender.send_layer(*chunk)
             receipt = await transfer_step(sender.finish(kept.result.first_token))
             delivered = True
-            self.counters["repushes"] += 1
             yield self._transfer_done(receipt, kept.result)
         except DataLoss as exc:
             if sender is not None:
@@ -196,7 +191,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
         kept.expiry = asyncio.get_running_loop().call_later(keep_s, expire)
         self._kept[kept.kept_id] = kept
-        self.counters["kept"] += 1
         log.info("KV of %s kept for %g s after a failed push (%s)", kept.kept_id, keep_s, reason)
         return prefill_pb2.PrefillEvent(kv_kept=prefill_pb2.KVKept(kept_id=kept.kept_id, reason=reason,
                                                                    expires_in_s=keep_s))
