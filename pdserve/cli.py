@@ -59,27 +59,33 @@ def _generate_kwargs(args: argparse.Namespace) -> dict:
 
 
 async def _stream_to_stdout(address: str, kwargs: dict, as_json: bool) -> int:
+    from opentelemetry import trace
+
+    from pdserve import telemetry
     from pdserve.errors import PdserveError
     from pdserve.sdk import AsyncClient
     from pdserve.sdk.client import Accumulator
 
     acc = Accumulator()
-    try:
-        async with AsyncClient(address) as client:
-            async for chunk in client.stream(**kwargs):
-                acc.add(chunk)
-                if not as_json:
-                    print(chunk.text, end="", flush=True)
-    except PdserveError as exc:
-        print(f"\nerror: {exc.status}: {exc}", file=sys.stderr)
-        return 1
+    # With OTEL_* set, the request's trace starts here (service pdserve-client) and its id is printed.
+    with trace.get_tracer("pdserve.cli").start_as_current_span("pdserve generate"):
+        trace_id, _ = telemetry.current_ids()
+        try:
+            async with AsyncClient(address) as client:
+                async for chunk in client.stream(**kwargs):
+                    acc.add(chunk)
+                    if not as_json:
+                        print(chunk.text, end="", flush=True)
+        except PdserveError as exc:
+            print(f"\nerror: {exc.status}: {exc}", file=sys.stderr)
+            return 1
     result = acc.completion()
     if as_json:
         print(json.dumps({
             "request_id": result.request_id, "text": result.text, "token_ids": result.token_ids,
             "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens, "ttft": result.ttft_s, "tpot": result.tpot_s,
-            "e2e": result.e2e_s, "server_timings": result.server_timings,
+            "e2e": result.e2e_s, "server_timings": result.server_timings, "trace_id": trace_id,
         }))
     else:
         print()
@@ -89,10 +95,20 @@ async def _stream_to_stdout(address: str, kwargs: dict, as_json: bool) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from pdserve import telemetry
+
     if not args.prompt and not args.token_ids:
         print("error: give a prompt or --token-ids", file=sys.stderr)
         return 2
-    return asyncio.run(_stream_to_stdout(args.address, _generate_kwargs(args), args.json))
+    try:
+        telemetry.setup_tracing("pdserve-client")
+    except ValueError as exc:
+        print(f"error: tracing configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_stream_to_stdout(args.address, _generate_kwargs(args), args.json))
+    finally:
+        telemetry.shutdown_tracing()
 
 
 def _cmd_up(args: argparse.Namespace) -> int:

@@ -48,7 +48,9 @@ class ClusterSpec:
     prefill_token_budget: int = 2048
     pin_cores: bool = False
     log_level: str = "INFO"
-    extra_env: dict[str, str] = field(default_factory=dict)
+    metrics: bool = False  # each member serves Prometheus /metrics on a free port (Member.metrics_address)
+    log_dir: str = ""  # each member's log to <log_dir>/<name>.log instead of this process's stderr
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. OTEL_* (tracing), PDSERVE_LOG_FORMAT
     # Decode instance i < len(decode_netns) runs inside network namespace decode_netns[i][0], listening on
     # host decode_netns[i][1] (fault tests partition it from the others).
     decode_netns: tuple[tuple[str, str], ...] = ()
@@ -72,9 +74,10 @@ class ClusterSpec:
 class Member:
     name: str
     address: str
-    process: subprocess.Popen
+    process: subprocess.Popen | None
     command: list[str]
     env: dict[str, str]
+    metrics_address: str = ""  # host:port of its /metrics, if served
 
 
 class LocalCluster:
@@ -101,15 +104,19 @@ class LocalCluster:
 
     def _spawn(self, name: str, module: str, port: int, args: list[str], cores: list[int] | None = None,
                netns: tuple[str, str] | None = None) -> Member:
-        address = f"{netns[1] if netns else self.spec.host}:{port}"
+        host = netns[1] if netns else self.spec.host
+        address = f"{host}:{port}"
         cmd = [sys.executable, "-m", module, "--listen", address, "--log-level", self.spec.log_level, *args]
+        metrics_address = f"{host}:{free_port(self.spec.host)}" if self.spec.metrics else ""
+        if metrics_address:
+            cmd += ["--metrics-listen", metrics_address]
         if cores and shutil.which("taskset"):
             cmd = ["taskset", "-c", ",".join(map(str, cores)), *cmd]
         if netns:
             cmd = ["ip", "netns", "exec", netns[0], *cmd]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
-        process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
-        member = Member(name, address, process, cmd, env)
+        member = Member(name, address, None, cmd, env, metrics_address)
+        member.process = self._popen(member)
         self.members.append(member)
         return member
 
@@ -119,8 +126,15 @@ class LocalCluster:
         member = next(m for m in self.members if m.name == name)
         if member.process.poll() is None:
             raise RuntimeError(f"{name} is still running (pid {member.process.pid})")
-        member.process = subprocess.Popen(member.command, env=member.env, stdin=subprocess.DEVNULL)
+        member.process = self._popen(member)
         return member
+
+    def _popen(self, member: Member) -> subprocess.Popen:
+        if not self.spec.log_dir:
+            return subprocess.Popen(member.command, env=member.env, stdin=subprocess.DEVNULL)
+        os.makedirs(self.spec.log_dir, exist_ok=True)
+        with open(os.path.join(self.spec.log_dir, f"{member.name}.log"), "ab") as log_file:
+            return subprocess.Popen(member.command, env=member.env, stdin=subprocess.DEVNULL, stderr=log_file)
 
     def start(self) -> None:
         """Spawns every member; ``wait_healthy`` then waits for them."""

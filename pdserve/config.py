@@ -53,9 +53,17 @@ class ServerConfig:
     listen: str = field(default="127.0.0.1:0", metadata={"help": "address to listen on, host:port (port 0 picks a free one)"})
     shutdown_grace_s: float = field(default=10.0, metadata={"help": "seconds in-flight calls get to finish on shutdown"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    log_format: str = field(default="text", metadata={
+        "help": "text, or json: one object per line with request_id and trace_id"})
+    metrics_listen: str = field(default="", metadata={
+        "help": "host:port of the Prometheus /metrics endpoint (empty: none; port 0 picks a free one)"})
 
     def __post_init__(self) -> None:
         _check_address("listen", self.listen)
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
+        if self.metrics_listen:
+            _check_address("metrics_listen", self.metrics_listen)
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s: must be >= 0, got {self.shutdown_grace_s}")
 

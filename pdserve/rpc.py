@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from pdserve import telemetry
 from pdserve.errors import Internal, PdserveError, error_for_status
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,18 @@ def error_from_rpc(exc: grpc.RpcError, what: str = "") -> PdserveError:
 
 
 def rpc_errors(method):
-    """Turns ``PdserveError`` (and unexpected exceptions) raised by a servicer method into a status."""
+    """Turns ``PdserveError`` (and unexpected exceptions) raised by a servicer method into a status, counted
+    in the servicer's ``metrics`` (if it has them) by method and code."""
 
-    async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    async def abort(servicer, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, grpc.aio.AbortError):
             raise exc
         if not isinstance(exc, PdserveError):
             log.exception("%s failed", method.__qualname__)
             exc = Internal(f"{type(exc).__name__}: {exc}")
+        metrics = getattr(servicer, "metrics", None)  # pdserve.metrics.ServiceMetrics
+        if metrics is not None:
+            metrics.rpc_failures.labels(method.__name__, exc.status).inc()
         retry_after = getattr(exc, "retry_after_ms", None)
         if retry_after is not None:
             context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(retry_after))),))
@@ -78,7 +83,7 @@ def rpc_errors(method):
                 async for item in method(self, request, context):
                     yield item
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-                await abort(context, exc)
+                await abort(self, context, exc)
 
         return stream_wrapper
 
@@ -87,7 +92,7 @@ def rpc_errors(method):
         try:
             return await method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-            await abort(context, exc)
+            await abort(self, context, exc)
 
     return unary_wrapper
 
@@ -159,7 +164,7 @@ def add_servicer(add_generated, servicer, server: grpc.aio.Server, raw: Iterable
 
 def create_server(listen: str) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server bound to ``listen`` (port 0 picks one); returns it and the port."""
-    server = grpc.aio.server(options=OPTIONS)
+    server = grpc.aio.server(options=OPTIONS, interceptors=telemetry.server_interceptors())
     port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")

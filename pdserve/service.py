@@ -1,4 +1,5 @@
-"""What the three services share around their servicers: logging, threads, start and graceful stop.
+"""What the three services share around their servicers: logging, tracing, metrics, threads, start and
+graceful stop.
 
 Graceful stop: health turns NOT_SERVING, the server stops accepting calls and
 gives in-flight ones ``grace`` seconds, then the service's engines close.
@@ -16,19 +17,13 @@ from typing import Any, Awaitable, Callable
 import grpc
 
 from pdserve import config as cfg
+from pdserve import metrics as prom
+from pdserve import telemetry
 from pdserve.errors import PdserveError
+from pdserve.logs import setup_logging
 from pdserve.rpc import set_serving, wait_for_shutdown_signal
 
 log = logging.getLogger(__name__)
-
-
-def setup_logging(level: str, service: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
 
 
 def tune_malloc() -> None:
@@ -67,6 +62,7 @@ class RunningService:
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     engine: Any = None  # the service's engine or router, for tests and stats
     drainers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # first thing on stop
+    metrics_port: int = 0  # where /metrics is served (0: not served)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         await set_serving(self.health, self.health_services, False)
@@ -98,13 +94,32 @@ async def load_model_for(config: cfg.ModelConfig):
 StartFn = Callable[[Any], Awaitable[RunningService]]
 
 
+def expose_metrics(config: cfg.ServerConfig, metrics: prom.ServiceMetrics,
+                   closers: list[Callable[[], Awaitable[None]]]) -> int:
+    """Serves ``metrics`` on ``config.metrics_listen`` (if set) until the service stops; returns the port."""
+    if not config.metrics_listen:
+        return 0
+    server, port = prom.serve(metrics, config.metrics_listen)
+
+    async def close() -> None:
+        server.shutdown()
+        server.server_close()
+
+    closers.append(close)
+    return port
+
+
 def run_service(name: str, config_cls: type, start: StartFn, args: argparse.Namespace) -> None:
     """Builds the config from env and ``args``, starts the service and serves until SIGINT/SIGTERM."""
     try:
         config = cfg.load(config_cls, args)
     except cfg.ConfigError as exc:
         sys.exit(f"error: configuration: {exc}")
-    setup_logging(config.log_level, name)
+    setup_logging(config.log_level, name, config.log_format)
+    try:
+        telemetry.setup_tracing(f"pdserve-{name}")
+    except ValueError as exc:
+        sys.exit(f"error: tracing configuration: {exc}")
     tune_malloc()
 
     async def serve() -> None:
@@ -116,6 +131,8 @@ def run_service(name: str, config_cls: type, start: StartFn, args: argparse.Name
     except PdserveError as exc:  # e.g. a model that cannot be loaded
         log.error("%s cannot start: %s", name, exc)
         sys.exit(1)
+    finally:
+        telemetry.shutdown_tracing()  # the last requests' spans are exported before the process ends
 
 
 def service_main(name: str, config_cls: type, start: StartFn, argv: list[str] | None = None) -> None:

@@ -181,6 +181,10 @@ class PrefillEngine:
         return self._loaded.info
 
     @property
+    def queued_prompts(self) -> int:
+        return len(self._queue)
+
+    @property
     def queued_tokens(self) -> int:
         return sum(job.remaining for job in self._queue)
 

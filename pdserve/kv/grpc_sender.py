@@ -24,6 +24,7 @@ import time
 import grpc
 import torch
 
+from pdserve import telemetry
 from pdserve.errors import Internal, PdserveError
 from pdserve.kv.shm import Segment, SegmentPool
 from pdserve.kv.transport import KVSender, TransferReceipt
@@ -45,6 +46,7 @@ class _Stream:
 
 
 class GrpcKVSender(KVSender):
+    transport = "grpc"  # how the bytes travel (metrics label)
     def __init__(self, channels: list[grpc.aio.Channel], address: str, chunk_bytes: int = 1 << 20,
                  checksums: bool = True, timeout_s: float | None = 300.0, quantization: str = "") -> None:
         if not channels:
@@ -78,7 +80,7 @@ class GrpcKVSender(KVSender):
         for s in self._streams:
             s.call = s.channel.stream_unary(_PUSH_KV, request_serializer=None,
                                             response_deserializer=decode_pb2.PushKVReply.FromString)(
-                timeout=self._timeout_s)
+                timeout=self._timeout_s, metadata=telemetry.outgoing())  # decode's span joins the caller's trace
             s.task = loop.create_task(self._pump(s), name=f"kv-push-{layout.transfer_id}-{s.index}")
         header = decode_pb2.KVHeader(transfer_id=layout.transfer_id, num_layers=layout.num_layers,
                                      num_tokens=layout.num_tokens, kv_heads=layout.kv_heads,
@@ -182,6 +184,8 @@ class GrpcKVSender(KVSender):
 
 class ShmKVSender(GrpcKVSender):
     """Same host: K/V through a shared-memory segment, one gRPC stream for control."""
+
+    transport = "shm"
 
     def __init__(self, channel: grpc.aio.Channel, address: str, pool: SegmentPool, checksums: bool = True,
                  timeout_s: float | None = 300.0) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
+from opentelemetry import propagate, trace
 
 from pdserve.errors import Cancelled, DataLoss, Internal, PdserveError, Unavailable
 from pdserve.rpc import OPTIONS, error_from_rpc
@@ -137,8 +138,15 @@ class Accumulator:
 RESUMABLE = (Unavailable, Internal, Cancelled, DataLoss)  # a broken stream, not an answer about the request
 
 
+_tracer = trace.get_tracer("pdserve.sdk")
+
+
 class _Resume:
-    """One logical stream across the calls that carry it: what was received, and whether to go on."""
+    """One logical stream across the calls that carry it: what was received, and whether to go on.
+
+    It is one span too (``pdserve.client.generate``, under the caller's current span, recorded by the
+    application's tracer provider if it set one), whose context every call carries to the gateway as W3C
+    ``traceparent`` metadata; each resume is an event on it."""
 
     def __init__(self, request: gateway_pb2.GenerateRequest, timeout: float | None, attempts: int) -> None:
         self.request = request
@@ -146,6 +154,20 @@ class _Resume:
         self.attempts = attempts
         self.received: list[int] = []
         self.in_a_row = 0
+        self.span = _tracer.start_span("pdserve.client.generate", kind=trace.SpanKind.CLIENT,
+                                       attributes={"rpc.system": "grpc", "rpc.method": "Generate"})
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(self.span))
+        self.metadata = tuple(carrier.items()) or None
+
+    def end(self, error: BaseException | None = None) -> None:
+        span = self.span
+        if span.is_recording():
+            span.set_attribute("pdserve.request_id", self.request.request_id)
+            span.set_attribute("pdserve.completion_tokens", len(self.received))
+            if error is not None:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)))
+        span.end()
 
     def timeout(self) -> float | None:
         return None if self.deadline is None else max(0.001, self.deadline - time.monotonic())
@@ -167,6 +189,7 @@ class _Resume:
         if not isinstance(error, RESUMABLE) or self.in_a_row > self.attempts or \
                 (self.deadline is not None and time.monotonic() >= self.deadline):
             raise error from None
+        self.span.add_event("resume", {"error": str(error), "tokens_received": len(self.received)})
         del self.request.resume_token_ids[:]
         self.request.resume_token_ids.extend(self.received)
         step = min(2.0, 0.1 * 2 ** self.in_a_row)
@@ -186,17 +209,26 @@ class AsyncClient:
     async def stream(self, prompt: str | None = None, **kwargs) -> AsyncIterator[Chunk]:
         """Yields chunks as the gateway streams them, resuming a broken stream; see ``build_request``."""
         state = _Resume(build_request(prompt, **kwargs), self._timeout, self._resume_attempts)
-        while True:
-            call = self._stub.Generate(state.request, timeout=state.timeout())
-            try:
-                async for msg in call:
-                    yield state.seen(msg)
-                return
-            except grpc.aio.AioRpcError as exc:
-                wait_s = state.after(exc)
-            finally:
-                call.cancel()
-            await asyncio.sleep(wait_s)
+        error = None
+        try:
+            while True:
+                call = self._stub.Generate(state.request, timeout=state.timeout(), metadata=state.metadata)
+                try:
+                    async for msg in call:
+                        yield state.seen(msg)
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    wait_s = state.after(exc)
+                finally:
+                    call.cancel()
+                await asyncio.sleep(wait_s)
+        except GeneratorExit:  # the caller stopped reading: not a failure
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            state.end(error)
 
     async def generate(self, prompt: str | None = None, **kwargs) -> Completion:
         acc = Accumulator()
@@ -232,17 +264,26 @@ class Client:
 
     def stream(self, prompt: str | None = None, **kwargs) -> Iterator[Chunk]:
         state = _Resume(build_request(prompt, **kwargs), self._timeout, self._resume_attempts)
-        while True:
-            call = self._stub.Generate(state.request, timeout=state.timeout())
-            try:
-                for msg in call:
-                    yield state.seen(msg)
-                return
-            except grpc.RpcError as exc:
-                wait_s = state.after(exc)
-            finally:
-                call.cancel()
-            time.sleep(wait_s)
+        error = None
+        try:
+            while True:
+                call = self._stub.Generate(state.request, timeout=state.timeout(), metadata=state.metadata)
+                try:
+                    for msg in call:
+                        yield state.seen(msg)
+                    return
+                except grpc.RpcError as exc:
+                    wait_s = state.after(exc)
+                finally:
+                    call.cancel()
+                time.sleep(wait_s)
+        except GeneratorExit:  # the caller stopped reading: not a failure
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            state.end(error)
 
     def generate(self, prompt: str | None = None, **kwargs) -> Completion:
         acc = Accumulator()

@@ -5,18 +5,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import time
 
 from pdserve import config as cfg
+from pdserve import telemetry
 from pdserve.convert import check_id, check_token_ids, layout_from_proto, sampling_from_proto, stream_info_from_proto
 from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason
 from pdserve.engine.kv_pool import budget_bytes
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
 from pdserve.kv.receiver import add_decode_servicer, drain, read_header, receive_stream
 from pdserve.kv.shm import host_id, sweep_orphans, sweep_periodically
+from pdserve.logs import bind_request
+from pdserve.metrics import DecodeMetrics
 from pdserve.model import LoadedModel
 from pdserve.registration import start_announcer
 from pdserve.rpc import rpc_errors, start_server
-from pdserve.service import RunningService, load_model_for, run_service, service_main
+from pdserve.service import RunningService, expose_metrics, load_model_for, run_service, service_main
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,25 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, engine: DecodeEngine) -> None:
         self._engine = engine
         self._host_id = host_id()
+        self.metrics = DecodeMetrics()
+        self.metrics.gauges(self._gauges)
+
+    def _gauges(self) -> dict:
+        st = self._engine.stats()
+        total = st["kv_blocks_total"]
+        return {
+            "pdserve_decode_batch_size": ("Decode: requests in the running batch", st["running"]),
+            "pdserve_decode_queue_depth": ("Decode: requests by where they wait",
+                                           {(("state", "admission"),): st["queued"],
+                                            (("state", "kv_transfer"),): st["waiting_for_kv"],
+                                            (("state", "ready"),): st["ready"]}),
+            "pdserve_kv_pool_blocks": ("Decode: KV pool blocks by state",
+                                       {(("state", "used"),): st["kv_blocks_used"],
+                                        (("state", "free"),): total - st["kv_blocks_used"]}),
+            "pdserve_kv_pool_usage_ratio": ("Decode: share of the KV pool in use",
+                                            st["kv_blocks_used"] / total if total else 0.0),
+            "pdserve_kv_pool_bytes": ("Decode: size of the KV pool", st["kv_cache_bytes"]),
+        }
 
     def _params(self, request: decode_pb2.DecodeRequest) -> DecodeParams:
         check_id(request.request_id, "request_id")
@@ -49,13 +72,21 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @rpc_errors
     async def Generate(self, request, context):
+        arrived = time.monotonic_ns()
         params = self._params(request)
+        bind_request(params.request_id)
         prompt = list(request.prompt_token_ids)
         if prompt:
             check_token_ids(prompt, self._engine.info.vocab_size, "prompt_token_ids")
         seq = await self._engine.reserve(params, local=bool(prompt))
+        reserved = time.monotonic_ns()
+        self.metrics.admission.observe((reserved - arrived) / 1e9)
+        telemetry.at("decode.admission", arrived, reserved, attributes={"pdserve.kv_blocks": len(seq.blocks)})
         log.debug("request_id=%s reserved %d KV blocks (%s)", request.request_id, len(seq.blocks),
                   "prefilling here" if prompt else f"transfer {request.transfer_id}")
+        # From reserved to the last token: waiting for the KV (or prefilling it here), then in the batch.
+        life = telemetry.start("decode.lifetime", attributes={"pdserve.local_prefill": bool(prompt)})
+        tokens, first_ns, finish = 0, 0, None
         try:
             yield decode_pb2.DecodeEvent(reserved=decode_pb2.Reserved())
             if prompt:
@@ -63,12 +94,24 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             while (event := await seq.events.get()) is not None:
                 if isinstance(event, PdserveError):
                     raise event
+                tokens += 1
+                if tokens == 1:
+                    first_ns = time.monotonic_ns()
+                    life.add_event("first_token", {"index": event.index})
                 finish = _FINISH.get(event.finish, common_pb2.FINISH_REASON_UNSPECIFIED)
                 yield decode_pb2.DecodeEvent(
                     token=decode_pb2.TokenEvent(token_id=event.token_id, index=event.index, finish_reason=finish)
                 )
+        except BaseException as exc:
+            telemetry.fail(life, exc)
+            raise
         finally:
             self._engine.release(seq)
+            if life.is_recording():
+                tpot_ms = (time.monotonic_ns() - first_ns) / 1e6 / (tokens - 1) if tokens > 1 else 0.0
+                life.set_attributes({"pdserve.tokens": tokens, "pdserve.tpot_ms": round(tpot_ms, 3),
+                                     "pdserve.finish_reason": common_pb2.FinishReason.Name(finish or 0)})
+            life.end()
 
     @rpc_errors
     async def PushKV(self, request_iterator, context):
@@ -103,6 +146,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             # The sender went away (cancelled stream) or something broke: free it all.
             self._engine.fail_transfer(tid, DataLoss("KV transfer aborted before completion"))
             raise
+        self.metrics.kv_received.inc(received)
         return decode_pb2.PushKVReply(
             bytes_received=received,
             first_chunk_received_ns=assembly.first_chunk_ns,
@@ -131,8 +175,8 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
     log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %s kernel), max_batch %d, max_queued %d",
              pool.allocator.capacity, pool.block_size, pool.nbytes / 2**20, pool.kernel, config.max_batch,
              config.max_queued)
-    server, port, health = await start_server(
-        config.listen, SERVICE, lambda server: add_decode_servicer(DecodeServicer(engine), server))
+    servicer = DecodeServicer(engine)
+    server, port, health = await start_server(config.listen, SERVICE, lambda server: add_decode_servicer(servicer, server))
 
     announcer = start_announcer(config, "decode", config.listen, port)
 
@@ -142,8 +186,10 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
         if announcer is not None:
             await announcer.close()
 
-    return RunningService("decode", server, port, health, (SERVICE,), [close], engine,
-                          drainers=[announcer.drain] if announcer else [])
+    closers = [close]
+    metrics_port = expose_metrics(config, servicer.metrics, closers)
+    return RunningService("decode", server, port, health, (SERVICE,), closers, engine,
+                          drainers=[announcer.drain] if announcer else [], metrics_port=metrics_port)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,10 +32,12 @@ from typing import AsyncIterator
 
 import grpc
 
+from pdserve import telemetry
 from pdserve.convert import sampling_to_proto
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import (Cancelled, DataLoss, DeadlineExceeded, Internal, InvalidArgument, NotFound, PdserveError,
                             ResourceExhausted, Unavailable)
+from pdserve.metrics import GatewayMetrics
 from pdserve.model import ModelInfo
 from pdserve.rpc import ChannelPool, error_from_rpc
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -149,14 +151,54 @@ class _Output:
 
 class Router:
     def __init__(self, info: ModelInfo, scheduler: Scheduler, channels: ChannelPool,
-                 token_timeout_s: float = 30.0) -> None:
+                 token_timeout_s: float = 30.0, metrics: GatewayMetrics | None = None) -> None:
         self._info = info
         self._scheduler = scheduler
         self.registry = scheduler.registry
         self._channels = channels
         self._token_timeout_s = token_timeout_s
+        self.metrics = metrics or GatewayMetrics()
 
     async def generate(self, req: GatewayRequest) -> AsyncIterator[OutputChunk]:
+        """The request's chunks, across as many attempts as it takes; one ``pdserve.request`` span (under the
+        current one: the gateway's RPC) with each failed attempt as a ``retry`` event, and a ``migration``
+        event where tokens had been delivered, and the request's latencies in the metrics."""
+        span = telemetry.start("pdserve.request", attributes={
+            "pdserve.request_id": req.request_id, "pdserve.prompt_tokens": len(req.prompt_ids),
+            "pdserve.max_tokens": req.max_tokens, "pdserve.resumed_tokens": len(req.resume_token_ids)})
+        metrics = self.metrics
+        metrics.prompt_tokens.inc(len(req.prompt_ids))
+        outcome = "error"
+        last = None
+        try:
+            async for chunk in self._generate(req, span):
+                now = time.monotonic()
+                if chunk.token_ids:
+                    metrics.generation_tokens.inc(len(chunk.token_ids))
+                    if last is not None:
+                        metrics.itl.observe(now - last)
+                    last = now
+                if chunk.timings is not None:
+                    t = chunk.timings
+                    metrics.ttft.observe(t.ttft_ms / 1e3)
+                    metrics.e2e.observe(t.e2e_ms / 1e3)
+                    if chunk.completion_tokens > 1:
+                        metrics.tpot.observe(t.tpot_ms / 1e3)
+                    outcome = chunk.finish_reason or "error"
+                    if span.is_recording():
+                        span.set_attributes({"pdserve.completion_tokens": chunk.completion_tokens,
+                                             "pdserve.finish_reason": outcome, "pdserve.ttft_ms": t.ttft_ms,
+                                             "pdserve.tpot_ms": t.tpot_ms})
+                yield chunk
+        except BaseException as exc:
+            outcome = getattr(exc, "status", "CANCELLED")
+            telemetry.fail(span, exc)
+            raise
+        finally:
+            metrics.requests.labels(outcome).inc()
+            span.end()
+
+    async def _generate(self, req: GatewayRequest, span) -> AsyncIterator[OutputChunk]:
         started = time.monotonic()
         eos = frozenset() if req.ignore_eos else frozenset(self._info.eos_token_ids)
         tokenizer = self._info.tokenizer
@@ -179,7 +221,7 @@ class Router:
             req.time_left()  # no attempt starts past the client's deadline
             before = output.count
             try:
-                async for chunk in self._attempt(req, eos, output, timings, attempt, failed, started, kept):
+                async for chunk in self._attempt(req, eos, output, timings, attempt, failed, started, kept, span):
                     yield chunk
                 return
             except PdserveError as error:
@@ -188,6 +230,12 @@ class Router:
                 in_a_row = 1 if output.count > before else in_a_row + 1
                 if not isinstance(error, RETRYABLE) or in_a_row == MAX_ATTEMPTS:
                     raise
+                self.metrics.retries.labels(error.status).inc()
+                span.add_event("retry", {"attempt": attempt + 1, "error": str(error), "status": error.status,
+                                         "tokens_delivered": output.count, "kv_kept": kept is not None})
+                if output.count > len(req.resume_token_ids) and kept is None:  # generation moves elsewhere
+                    self.metrics.migrations.inc()
+                    span.add_event("migration", {"tokens_delivered": output.count})
                 log.warning("request_id=%s: attempt %d failed after %d tokens (%d of %d in a row without a "
                             "token: %s); resuming elsewhere", req.request_id, attempt + 1, output.count, in_a_row,
                             MAX_ATTEMPTS, error)
@@ -195,7 +243,7 @@ class Router:
 
     async def _attempt(self, req: GatewayRequest, eos: frozenset[int], output: _Output, timings: Timings,
                        attempt: int, failed: set[str], started: float,
-                       kept: TransferKept | None = None) -> AsyncIterator[OutputChunk]:
+                       kept: TransferKept | None = None, request_span=None) -> AsyncIterator[OutputChunk]:
         """One try at the rest of the request: prompt + the tokens delivered so far, prefilled and decoded on
         instances picked now; token indices continue from ``output.count``. With ``kept``, the prompt's KV
         (and the token sampled with it, already delivered) is re-pushed by the prefill instance that kept it
@@ -203,9 +251,18 @@ class Router:
         delivered = kept.index if kept is not None else output.count
         prompt = req.prompt_ids + output.tokens[:delivered]
         remaining = req.max_tokens - delivered
-        prefill_addr = kept.prefill_addr if kept is not None else \
-            self._scheduler.pick_prefill(len(prompt), frozenset(failed))
+        span = telemetry.start("pdserve.attempt", request_span, attributes={
+            "pdserve.attempt": attempt, "pdserve.prompt_tokens": len(prompt), "pdserve.first_index": delivered})
+        schedule = telemetry.start("pdserve.schedule", span, attributes={"pdserve.policy": self._scheduler.policy})
+        if kept is not None:
+            prefill_addr, why = kept.prefill_addr, "re-push: the instance that kept the prompt's KV"
+        else:
+            prefill_addr = self._scheduler.pick_prefill(len(prompt), frozenset(failed))
+            why = self._scheduler.reason
         local = not prefill_addr  # colocated: the decode instance prefills the prompt itself
+        if schedule.is_recording():
+            schedule.set_attributes({"pdserve.prefill.instance": prefill_addr or "(on decode)",
+                                     "pdserve.prefill.reason": why, "pdserve.avoiding": sorted(failed)})
         needs_decode = local or remaining > 1
         transfer_id = f"{req.request_id}/{attempt}"
         decode_addr = ""
@@ -220,17 +277,29 @@ class Router:
             load.remove((role, address, tokens))
             self._scheduler.end(role, address, tokens)
 
+        metadata = telemetry.outgoing(span)  # the remote spans hang under this attempt's
         try:
             # 1-2. Reserve on decode before any KV can arrive there.
-            if needs_decode:
-                decode_addr, decode_call = await self._reserve(req, eos, prompt, remaining, delivered, transfer_id,
-                                                               local, failed, begin, end)
+            try:
+                if needs_decode:
+                    decode_addr, decode_call = await self._reserve(req, eos, prompt, remaining, delivered,
+                                                                   transfer_id, local, failed, begin, end, metadata,
+                                                                   schedule)
+            except BaseException as exc:
+                telemetry.fail(schedule, exc)
+                raise
+            finally:
+                schedule.end()
+            if span.is_recording():
+                span.set_attributes({"pdserve.prefill.instance": prefill_addr or "(on decode)",
+                                     "pdserve.decode.instance": decode_addr, "pdserve.kv_repush": kept is not None})
             if kept is not None:
                 # 3'. Re-push the kept KV; the token sampled with it was delivered already.
+                self.metrics.repushes.inc()
                 prefill_call = prefill_pb2_grpc.PrefillStub(self._channels.get(prefill_addr)).Repush(
                     prefill_pb2.RepushRequest(request_id=req.request_id, kept_id=kept.kept_id,
                                               decode_address=decode_addr, transfer_id=transfer_id),
-                    timeout=req.time_left())
+                    timeout=req.time_left(), metadata=metadata)
             elif local:
                 event = await self._read(decode_call, "decode", decode_addr, failed)
                 if event is None or event.WhichOneof("event") != "token" or event.token.index != delivered:
@@ -243,7 +312,7 @@ class Router:
                     prefill_pb2.PrefillRequest(request_id=req.request_id, token_ids=prompt,
                                                sampling=sampling_to_proto(req.sampling), first_index=delivered,
                                                decode_address=decode_addr, transfer_id=transfer_id),
-                    timeout=req.time_left())
+                    timeout=req.time_left(), metadata=metadata)
                 event = await self._read(prefill_call, "prefill", prefill_addr, failed)
                 if event is None or event.WhichOneof("event") != "first_token":
                     raise Internal(f"prefill {prefill_addr}: expected FirstToken, got {event}")
@@ -260,6 +329,7 @@ class Router:
             else:
                 if delivered == 0:
                     timings.ttft_ms = (time.monotonic() - started) * 1e3
+                span.add_event("first_token", {"index": delivered})
                 chunk = output.add(first_token)
                 if chunk.finish_reason is None:
                     yield chunk
@@ -287,8 +357,12 @@ class Router:
             if output.count > 1:
                 timings.tpot_ms = (finished_at - started - timings.ttft_ms / 1e3) * 1e3 / (output.count - 1)
             chunk.timings = timings
+            if span.is_recording():
+                span.set_attributes({"pdserve.tokens": output.count - delivered, "pdserve.kv_bytes": timings.kv_bytes,
+                                     "pdserve.kv_transfer_ms": timings.kv_transfer_ms})
             yield chunk
         except PdserveError as error:
+            telemetry.fail(span, error)
             if transfer_task is not None and not transfer_task.done() and output.count == delivered + 1:
                 # Decode failed before its first token: prefill's push is failing too, and it may keep the
                 # KV for a re-push. Its answer comes within moments of the connection dropping.
@@ -299,6 +373,7 @@ class Router:
                 raise transfer_task.exception() from None  # a failed transfer is the root cause
             raise error
         finally:
+            span.end()
             # 5. Nothing stays open after the request (or the failed attempt), nothing stays counted.
             for role, address, tokens in list(load):
                 end(role, address, tokens)
@@ -312,10 +387,12 @@ class Router:
                     transfer_task.exception()  # retrieved: the attempt already failed or finished
 
     async def _reserve(self, req: GatewayRequest, eos: frozenset[int], prompt: list[int], remaining: int,
-                       delivered: int, transfer_id: str, local: bool, failed: set[str], begin, end):
+                       delivered: int, transfer_id: str, local: bool, failed: set[str], begin, end, metadata,
+                       schedule):
         """Opens the decode stream on an instance with room; tries each instance that is up once,
         those this request failed on last. The work counts on the instance from the moment it is picked
-        (``begin``), so requests picking at the same time spread out; a refusal takes it back (``end``)."""
+        (``begin``), so requests picking at the same time spread out; a refusal takes it back (``end``).
+        Each pick and refusal is an event on the ``schedule`` span."""
         kv_tokens = len(prompt) + remaining
         tried: set[str] = set()
         last_error: PdserveError | None = None
@@ -326,18 +403,22 @@ class Router:
             if addr in tried:  # every instance that is up was tried
                 raise last_error or Unavailable("no decode instance could take the request")
             tried.add(addr)
+            schedule.add_event("decode.pick", {"instance": addr, "reason": self._scheduler.reason})
+            if schedule.is_recording():
+                schedule.set_attributes({"pdserve.decode.instance": addr, "pdserve.decode.reason": self._scheduler.reason})
             begin("decode", addr, kv_tokens)
             call = decode_pb2_grpc.DecodeStub(self._channels.get(addr)).Generate(
                 decode_pb2.DecodeRequest(
                     request_id=req.request_id, transfer_id=transfer_id, prompt_tokens=len(prompt),
                     sampling=sampling_to_proto(req.sampling), eos_token_ids=sorted(eos),
                     max_tokens=remaining, first_index=delivered, prompt_token_ids=prompt if local else ()),
-                timeout=req.time_left())
+                timeout=req.time_left(), metadata=metadata)
             try:
                 event = await self._read(call, "decode", addr, failed)
             except (ResourceExhausted, Unavailable) as exc:
                 call.cancel()
                 end("decode", addr, kv_tokens)
+                schedule.add_event("decode.refused", {"instance": addr, "error": str(exc)})
                 last_error = exc  # full or gone: the next instance may take it
                 continue
             except BaseException:

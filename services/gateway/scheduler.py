@@ -215,6 +215,8 @@ class Registry:
 
 class Scheduler(Protocol):
     registry: Registry
+    policy: str  # its name in the configuration
+    reason: str  # why the last pick went where it did (for the trace)
 
     def pick_prefill(self, prompt_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
         """The address of the prefill instance for a prompt of ``prompt_tokens`` ("": prefill on decode)."""
@@ -235,6 +237,7 @@ class _Outstanding:
     def __init__(self) -> None:
         self.tokens: collections.Counter[str] = collections.Counter()
         self.requests: collections.Counter[str] = collections.Counter()
+        self.reason = ""
 
     def begin(self, role: str, address: str, tokens: int) -> None:
         self.tokens[address] += tokens
@@ -246,6 +249,8 @@ class _Outstanding:
 
 
 class RoundRobinScheduler(_Outstanding):
+    policy = "round_robin"
+
     def __init__(self, registry: Registry) -> None:
         super().__init__()
         self.registry = registry
@@ -254,10 +259,12 @@ class RoundRobinScheduler(_Outstanding):
     def _pick(self, role: str, exclude: frozenset[str]) -> str:
         candidates = self.registry.candidates(role, exclude)
         self._turn[role] += 1
+        self.reason = f"round robin: turn {self._turn[role]} of {len(candidates)} instances"
         return candidates[self._turn[role] % len(candidates)]
 
     def pick_prefill(self, prompt_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
         if not self.registry.instances["prefill"]:
+            self.reason = "colocated: no prefill instances"
             return ""
         return self._pick("prefill", exclude)
 
@@ -266,6 +273,8 @@ class RoundRobinScheduler(_Outstanding):
 
 
 class LoadAwareScheduler(_Outstanding):
+    policy = "load_aware"
+
     def __init__(self, registry: Registry, local_prefill_tokens: int = 0, prefill_full_tokens: int = 0,
                  rng: random.Random | None = None) -> None:
         super().__init__()
@@ -277,16 +286,21 @@ class LoadAwareScheduler(_Outstanding):
 
     def pick_prefill(self, prompt_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
         if not self.registry.instances["prefill"]:
+            self.reason = "colocated: no prefill instances"
             return ""
         if prompt_tokens <= self.local_prefill_tokens:
             self.local_prefills += 1
+            self.reason = f"on decode: prompt of {prompt_tokens} tokens <= local_prefill_tokens"
             return ""
         candidates = self.registry.candidates("prefill", exclude)
         pair = self._rng.sample(candidates, 2) if len(candidates) > 1 else candidates
         best = min(pair, key=lambda a: self.tokens[a])
         if self.prefill_full_tokens and self.tokens[best] >= self.prefill_full_tokens:
             self.local_prefills += 1
+            self.reason = f"on decode: prefill pool full ({self.tokens[best]} prompt tokens outstanding)"
             return ""  # the prefill pool is full: prefill on decode rather than queue
+        self.reason = (f"fewest outstanding prompt tokens of {len(pair)} sampled: "
+                       + ", ".join(f"{a}={self.tokens[a]}" for a in pair))
         return best
 
     def decode_load(self, address: str) -> float:
@@ -303,4 +317,7 @@ class LoadAwareScheduler(_Outstanding):
     def pick_decode(self, prompt_tokens: int, max_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
         candidates = self.registry.candidates("decode", exclude)
         self._rng.shuffle(candidates)  # ties go to a random one
-        return min(candidates, key=self.decode_load)
+        loads = {a: self.decode_load(a) for a in candidates}
+        best = min(candidates, key=loads.__getitem__)
+        self.reason = "lowest KV + batch occupancy: " + ", ".join(f"{a}={v:.2f}" for a, v in loads.items())
+        return best

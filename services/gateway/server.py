@@ -14,9 +14,11 @@ import uuid
 from pdserve import config as cfg
 from pdserve.convert import check_address, check_id, check_token_ids, sampling_from_proto
 from pdserve.errors import InvalidArgument
+from pdserve.logs import bind_request
+from pdserve.metrics import GatewayMetrics
 from pdserve.model import ModelInfo, load_model_info
 from pdserve.rpc import ChannelPool, add_servicer, rpc_errors, start_server
-from pdserve.service import RunningService, run_service, service_main
+from pdserve.service import RunningService, expose_metrics, run_service, service_main
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.router import GatewayRequest, Router
 from services.gateway.scheduler import INSTANCE_ROLES, LoadAwareScheduler, Registry, RoundRobinScheduler
@@ -35,6 +37,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._router = router
         self._registry = router.registry
         self._config = config
+        self.metrics: GatewayMetrics = router.metrics
+        self.running = 0  # Generate calls in progress
+        self.metrics.gauges(self._gauges)
+
+    def _gauges(self) -> dict:
+        registry = self._registry
+        instances = {}
+        for role in INSTANCE_ROLES:
+            up = set(registry.up(role))
+            known = set(registry.instances[role])
+            instances[(("role", role), ("state", "up"))] = len(up)
+            instances[(("role", role), ("state", "down"))] = len(known - up)
+        return {"pdserve_requests_running": ("Gateway: Generate calls in progress", self.running),
+                "pdserve_instances": ("Instances this gateway knows, by role and state", instances)}
 
     def _prompt_ids(self, request: gateway_pb2.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("input")
@@ -114,7 +130,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # The client's deadline, or the gateway's own limit when it set none, bounds every hop below.
         remaining = min(context.time_remaining() or math.inf, self._config.request_timeout_s)
         req = dataclasses.replace(req, deadline=time.monotonic() + remaining)
+        bind_request(req.request_id)
         log.info("request_id=%s prompt_tokens=%d max_tokens=%d", req.request_id, len(req.prompt_ids), req.max_tokens)
+        self.running += 1
+        try:
+            async for out in self._stream(req):
+                yield out
+        finally:
+            self.running -= 1
+
+    async def _stream(self, req: GatewayRequest):
         first = True
         async for chunk in self._router.generate(req):
             out = gateway_pb2.GenerateChunk(request_id=req.request_id, token_ids=chunk.token_ids,
@@ -167,7 +192,9 @@ async def start_gateway(config: cfg.GatewayConfig, info: ModelInfo | None = None
     log.info("gateway routes to prefill %s, decode %s (%s policy)", ",".join(config.prefill) or "(colocated: on decode)",
              ",".join(config.decode), config.policy)
     registry.start()
-    return RunningService("gateway", server, port, health, (SERVICE,), [registry.stop, channels.close], router)
+    closers = [registry.stop, channels.close]
+    metrics_port = expose_metrics(config, servicer.metrics, closers)
+    return RunningService("gateway", server, port, health, (SERVICE,), closers, router, metrics_port=metrics_port)
 
 
 def main(argv: list[str] | None = None) -> None:

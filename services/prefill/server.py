@@ -12,6 +12,7 @@ from typing import Awaitable, TypeVar
 import grpc
 
 from pdserve import config as cfg
+from pdserve import telemetry
 from pdserve.convert import check_address, check_id, check_token_ids, sampling_from_proto
 from pdserve.engine.prefill import PrefillEngine
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, NotFound, PdserveError
@@ -20,10 +21,12 @@ from pdserve.kv.grpc_sender import GrpcKVSender, ShmKVSender
 from pdserve.kv.shm import SegmentPool, host_id, sweep_orphans
 from pdserve.kv.transport import KVSender
 from pdserve.kv.wire import KVLayout
+from pdserve.logs import bind_request
+from pdserve.metrics import PrefillMetrics
 from pdserve.model import LoadedModel
 from pdserve.registration import start_announcer
 from pdserve.rpc import ChannelPool, add_servicer, rpc_errors, start_server
-from pdserve.service import RunningService, load_model_for, run_service, service_main
+from pdserve.service import RunningService, expose_metrics, load_model_for, run_service, service_main
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,44 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self._same_host: dict[str, bool] = {}  # decode address -> shares this host's /dev/shm
         self.segments = SegmentPool(idle_limit=config.kv_inflight_limit)
         self._kept: dict[str, _Kept] = {}  # by the failed transfer's id
+        self.metrics = PrefillMetrics()
+        self.metrics.gauges(self._gauges)
+
+    def _gauges(self) -> dict:
+        return {
+            "pdserve_prefill_queue_prompts": ("Prefill: prompts queued or in a forward pass", self._engine.queued_prompts),
+            "pdserve_prefill_queue_tokens": ("Prefill: prompt tokens not yet prefilled", self._engine.queued_tokens),
+            "pdserve_kv_inflight_bytes": ("Prefill: KV bytes of unfinished or kept transfers", self.inflight.used),
+            "pdserve_kv_kept_transfers": ("Prefill: transfers whose KV is kept for a re-push", len(self._kept)),
+        }
+
+    def _observe(self, result, token_count: int) -> None:
+        """The forward pass in the metrics and, as spans under the current one, in the trace."""
+        m = self.metrics
+        m.queue.observe(result.queue_ms / 1e3)
+        m.forward.observe(result.forward_ms / 1e3)
+        m.prompt_tokens.inc(token_count)
+        queued_ns = result.forward_start_ns - int(result.queue_ms * 1e6)
+        telemetry.at("prefill.queue", queued_ns, result.forward_start_ns)
+        telemetry.at("prefill.forward", result.forward_start_ns, result.forward_end_ns,
+                     attributes={"pdserve.prompt_tokens": token_count, "pdserve.passes": result.passes,
+                                 "pdserve.forward_ms": round(result.forward_ms, 3)})
+
+    def _transferred(self, receipt, transport: str) -> None:
+        """A delivered transfer in the metrics and, as a ``kv.transfer`` span with an event per layer
+        (received/written offsets compare decode's clock with ours: meaningful on one host), in the trace."""
+        m = self.metrics
+        seconds = max(0, receipt.acked_ns - receipt.first_chunk_sent_ns) / 1e9
+        m.transfers.labels("done").inc()
+        m.transfer_bytes.labels(transport).inc(receipt.bytes_sent)
+        m.transfer_size.observe(receipt.bytes_sent)
+        m.transfer_seconds.observe(seconds)
+        telemetry.at("kv.transfer", receipt.first_chunk_sent_ns, receipt.acked_ns, attributes={
+            "pdserve.kv.bytes": receipt.bytes_sent, "pdserve.kv.layers": receipt.layers,
+            "pdserve.kv.messages": receipt.messages, "pdserve.kv.transport": transport,
+            "pdserve.kv.gb_per_s": round(receipt.bytes_sent / seconds / 1e9, 3) if seconds else 0.0},
+            events=telemetry.layer_events(receipt.layer_ready_ns, receipt.layer_sent_ns,
+                                          receipt.layer_received_ns, receipt.layer_written_ns))
 
     async def _transport(self, address: str) -> str:
         transport = self._config.kv_transport
@@ -101,6 +142,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def Prefill(self, request, context):
         info = self._engine.info
         check_id(request.request_id, "request_id", required=False)
+        bind_request(request.request_id)
         token_ids = list(request.token_ids)
         check_token_ids(token_ids, info.vocab_size)
         if len(token_ids) > info.context_length:
@@ -108,6 +150,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         sampling = sampling_from_proto(request.sampling)
         if not request.decode_address:
             result = await self._engine.prefill(token_ids, sampling, None, request.first_index)
+            self._observe(result, len(token_ids))
             yield self._first_token(result)
             return
         check_address(request.decode_address, "decode_address")
@@ -126,6 +169,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 sender.send_layer(layer, start, keys, values)
 
             result = await self._engine.prefill(token_ids, sampling, on_layer, request.first_index)
+            self._observe(result, len(token_ids))
             log.debug("request_id=%s prefilled %d tokens in %.1f ms", request.request_id, len(token_ids), result.forward_ms)
             yield self._first_token(result)
             try:
@@ -134,11 +178,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 # Decode failed (or refused) after the prompt was computed: keep the KV for a Repush.
                 await sender.abort()
                 kept = True
+                self.metrics.transfers.labels("kept").inc()
                 yield self._keep(_Kept(request.transfer_id, layout, chunks, result), str(exc))
                 return
+            self._transferred(receipt, sender.transport)
             yield self._transfer_done(receipt, result)
         except BaseException:
             if sender is not None:
+                self.metrics.transfers.labels("failed").inc()
                 await sender.abort()
             raise
         finally:
@@ -148,6 +195,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     @rpc_errors
     async def Repush(self, request, context):
         check_id(request.request_id, "request_id", required=False)
+        bind_request(request.request_id)
         check_id(request.kept_id, "kept_id")
         check_address(request.decode_address, "decode_address")
         check_id(request.transfer_id, "transfer_id")
@@ -166,6 +214,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 sender.send_layer(*chunk)
             receipt = await transfer_step(sender.finish(kept.result.first_token))
             delivered = True
+            self._transferred(receipt, sender.transport)
             yield self._transfer_done(receipt, kept.result)
         except DataLoss as exc:
             if sender is not None:
@@ -231,8 +280,10 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
         if announcer is not None:
             await announcer.close()
 
-    return RunningService("prefill", server, port, health, (SERVICE,), [close], engine,
-                          drainers=[announcer.drain] if announcer else [])
+    closers = [close]
+    metrics_port = expose_metrics(config, servicer.metrics, closers)
+    return RunningService("prefill", server, port, health, (SERVICE,), closers, engine,
+                          drainers=[announcer.drain] if announcer else [], metrics_port=metrics_port)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,191 @@
+"""Distributed tracing: OpenTelemetry, configured by the standard ``OTEL_*`` variables.
+
+Tracing is on when an exporter is configured (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_TRACES_EXPORTER=otlp|console``)
+and ``OTEL_SDK_DISABLED`` is not true. Off, nothing is installed: no gRPC
+interceptor, and every span below is the API's non-recording one.
+
+Context crosses processes as W3C ``traceparent`` in gRPC metadata: servers
+take it through the OpenTelemetry gRPC instrumentation's aio interceptor
+(health checks and the periodic probes filtered out), and callers put the
+span a call belongs to into the call's metadata (``outgoing``). Spans that
+describe work timed elsewhere (a forward pass, a KV transfer with its
+per-layer timestamps) are recorded after the fact from monotonic timestamps
+(``at``), so the hot paths never touch the tracer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Iterable, Sequence
+
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+log = logging.getLogger(__name__)
+
+TRACER_NAME = "pdserve"
+# RPCs that run on a timer, not for a request: a trace each would bury the requests' traces.
+UNTRACED_METHODS = ("Check", "Watch", "GetStats", "Heartbeat")
+
+tracer = trace.get_tracer(TRACER_NAME)
+_enabled = False
+
+
+def enabled() -> bool:
+    """True once ``setup_tracing`` installed an exporting tracer provider in this process."""
+    return _enabled
+
+
+def wanted(env: dict | None = None) -> bool:
+    """Whether the ``OTEL_*`` variables ask for traces to be exported."""
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter == "none":
+        return False
+    return bool(exporter or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+def _exporter(env: dict):
+    kind = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() or "otlp"
+    if kind == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if kind != "otlp":
+        raise ValueError(f"OTEL_TRACES_EXPORTER: pdserve supports otlp, console or none, got {kind!r}")
+    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or "http/protobuf").strip().lower()
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    elif protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    else:
+        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL: grpc or http/protobuf, got {protocol!r}")
+    return OTLPSpanExporter()  # endpoint, headers, certificates, timeout: from the OTEL_EXPORTER_OTLP_* variables
+
+
+class _ServiceNameOnSpans(SpanProcessor):
+    """Copies ``service.name`` onto every span: some viewers (Phoenix) show span attributes, not the resource."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+
+    def on_start(self, span, parent_context=None) -> None:
+        span.set_attribute("service.name", self._service)
+
+
+def setup_tracing(service: str, env: dict | None = None):
+    """Installs a tracer provider exporting to the configured backend, if the environment asks for one.
+    ``service`` names this process unless ``OTEL_SERVICE_NAME`` does. Returns the provider (None: off)."""
+    global _enabled
+    env = os.environ if env is None else env
+    if not wanted(env):
+        return None
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({} if env.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service})
+    name = str(resource.attributes.get(SERVICE_NAME, service))
+    provider = TracerProvider(resource=resource)  # sampler: OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG
+    provider.add_span_processor(_ServiceNameOnSpans(name))
+    provider.add_span_processor(BatchSpanProcessor(_exporter(env)))
+    trace.set_tracer_provider(provider)
+    _enabled = True
+    log.info("tracing on: service.name=%s, exporter %s, sampler %s", name,
+             env.get("OTEL_TRACES_EXPORTER", "otlp") or "otlp", provider.sampler.get_description())
+    return provider
+
+
+def shutdown_tracing() -> None:
+    """Flushes and stops the exporter (at service stop): spans of the last requests are not lost."""
+    provider = trace.get_tracer_provider()
+    if _enabled and hasattr(provider, "shutdown"):
+        provider.shutdown()
+
+
+def server_interceptors() -> list:
+    """The gRPC aio server interceptors for tracing (none when it is off)."""
+    if not _enabled:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+    untraced = filters.any_of(*(filters.method_name(m) for m in UNTRACED_METHODS))
+    return [aio_server_interceptor(filter_=filters.negate(untraced))]
+
+
+def outgoing(span: Span | None = None) -> tuple[tuple[str, str], ...] | None:
+    """gRPC metadata carrying ``span``'s context (default: the current span) to the callee; None when
+    there is nothing to carry."""
+    if not _enabled:
+        return None
+    carrier: dict[str, str] = {}
+    context = trace.set_span_in_context(span) if span is not None else None
+    propagate.inject(carrier, context=context)
+    return tuple(carrier.items()) or None
+
+
+def start(name: str, parent: Span | None = None, kind: SpanKind = SpanKind.INTERNAL,
+          attributes: dict | None = None, start_ns: int | None = None) -> Span:
+    """A span under ``parent`` (default: the current span), ended by the caller. Not made current: spans
+    that live across the yields of an async generator must not change the context."""
+    context = trace.set_span_in_context(parent) if parent is not None else None
+    return tracer.start_span(name, context=context, kind=kind, attributes=attributes, start_time=start_ns)
+
+
+_OFFSET_NS: int | None = None
+
+
+def wall_ns(monotonic_ns: int) -> int:
+    """A ``time.monotonic_ns()`` timestamp on the wall clock spans use."""
+    global _OFFSET_NS
+    if _OFFSET_NS is None:
+        _OFFSET_NS = time.time_ns() - time.monotonic_ns()
+    return monotonic_ns + _OFFSET_NS
+
+
+def at(name: str, start_mono_ns: int, end_mono_ns: int, parent: Span | None = None,
+       attributes: dict | None = None, events: Iterable[tuple[str, int, dict]] = ()) -> None:
+    """Records a finished span from monotonic timestamps; ``events`` are (name, monotonic ns, attributes)."""
+    if not _enabled or not start_mono_ns:
+        return
+    span = start(name, parent, attributes=attributes, start_ns=wall_ns(start_mono_ns))
+    for event, when, attrs in events:
+        if when:
+            span.add_event(event, attrs, timestamp=wall_ns(when))
+    span.end(end_time=wall_ns(max(end_mono_ns, start_mono_ns)))
+
+
+def fail(span: Span, error: BaseException) -> None:
+    """Marks ``span`` failed with ``error`` (its status code, if it is a PdserveError)."""
+    if span.is_recording():
+        span.set_status(Status(StatusCode.ERROR, f"{getattr(error, 'status', type(error).__name__)}: {error}"))
+
+
+def current_ids() -> tuple[str, str]:
+    """(trace id, span id) of the current span as hex, or ("", "")."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return "", ""
+    return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+
+
+def layer_events(ready_ns: Sequence[int], sent_ns: Sequence[int], received_ns: Sequence[int],
+                 written_ns: Sequence[int]) -> list[tuple[str, int, dict]]:
+    """One event per layer of a KV transfer, at the moment decode wrote it into its pool, with the
+    layer's ready/sent/received/written offsets from the layer being ready (ms)."""
+    events = []
+    for layer, written in enumerate(written_ns):
+        ready = ready_ns[layer] if layer < len(ready_ns) else 0
+        attrs = {"layer": layer}
+        for key, when in (("sent_ms", sent_ns), ("received_ms", received_ns), ("written_ms", written_ns)):
+            if ready and layer < len(when) and when[layer]:
+                attrs[key] = round((when[layer] - ready) / 1e6, 3)
+        events.append(("kv.layer", written or ready, attrs))
+    return events
