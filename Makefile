@@ -5,17 +5,35 @@ PY := $(VENV)/bin/python
 PROTOS := $(wildcard protos/pdserve/v1/*.proto)
 PROTO_STAMP := pdserve/v1/.generated
 
-.PHONY: run test test-fast test-faults install proto model clean
+.PHONY: run test test-fast test-faults test-compose docker-setup compose-up trace-viewer install proto model clean
 
 run: install proto model
 	$(PY) -m pdserve.cli up --demo
 
-test: install proto model
+# Everything, the docker-compose stage included (its tests skip where Docker cannot run, but not under CI=true).
+test: install proto model docker-setup
 	$(PY) -m pytest -q -ra
 
 # The fault-injection suite alone (real processes, kill -9, SIGSTOP, restart), with every log line.
 test-faults: install proto model
 	$(PY) -m pytest -q -ra -s tests/test_faults.py
+
+# The docker-compose cluster end to end: build, up, requests, scale, kill a decode, trace in Phoenix, down.
+test-compose: install proto model docker-setup
+	$(PY) -m pytest -q -ra -s tests/test_compose.py
+
+# Installs and starts Docker, the compose plugin, debootstrap and Chromium where it can (root + apt).
+docker-setup:
+	@bash scripts/docker-setup.sh
+
+# The compose cluster on this machine (local base image, CA certificates and torch wheel when needed).
+compose-up: docker-setup
+	bash docker/prepare.sh
+	PDSERVE_BASE_IMAGE=$${PDSERVE_BASE_IMAGE:-pdserve-base:bookworm} docker compose up -d --build --wait
+
+# Arize Phoenix in its own venv (.venv-phoenix) for `pdserve up --trace-viewer`.
+trace-viewer:
+	@[[ -x .venv-phoenix/bin/phoenix ]] || { python3 -m venv .venv-phoenix && .venv-phoenix/bin/pip install -q arize-phoenix==20.26.1; }
 
 # Everything but the slow end-to-end tests with real processes.
 test-fast: install proto model

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import random
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -222,8 +223,11 @@ async def _bench_started(name: str, workloads: list[Workload], args) -> list[dic
     from bench.configs import cluster_spec
     from pdserve.cluster import LocalCluster
 
+    sink = None
+    if name.endswith("-traced"):  # an OTLP receiver in its own process takes every span
+        sink = subprocess.Popen([sys.executable, "-m", "bench.otlp_sink"], stdout=subprocess.PIPE, text=True)
     spec = cluster_spec(name, args.model, device=args.device, chunk=args.chunk, max_batch=args.max_batch,
-                        local=args.local_prefill_tokens)
+                        local=args.local_prefill_tokens, otlp=sink.stdout.readline().strip() if sink else "")
     cluster = LocalCluster(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"[bench] starting {name}: {spec.describe()}", file=sys.stderr, flush=True)
     try:
@@ -232,6 +236,9 @@ async def _bench_started(name: str, workloads: list[Workload], args) -> list[dic
         return await _bench_address(cluster.gateway_address, workloads, args, name, name)
     finally:
         cluster.stop()
+        if sink is not None:
+            sink.terminate()
+            print(f"[bench] {name}: OTLP receiver {sink.communicate(timeout=10)[0].strip()}", file=sys.stderr)
 
 
 def main(args: argparse.Namespace) -> int:

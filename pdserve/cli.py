@@ -111,6 +111,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         telemetry.shutdown_tracing()
 
 
+def _start_trace_viewer(port: int):
+    """Arize Phoenix (``make trace-viewer`` installs it in .venv-phoenix) on ``port``; returns the process
+    and the OTEL_* settings that send the cluster's traces to it."""
+    import os
+    import shutil
+    import subprocess
+    import time
+    import urllib.request
+
+    phoenix = ".venv-phoenix/bin/phoenix" if os.path.exists(".venv-phoenix/bin/phoenix") else shutil.which("phoenix")
+    if not phoenix:
+        raise RuntimeError("--trace-viewer: Arize Phoenix is not installed (run `make trace-viewer`, or "
+                           "`pip install arize-phoenix` into a separate venv and put `phoenix` on PATH)")
+    env = {**os.environ, "PHOENIX_PORT": str(port)}
+    process = subprocess.Popen([phoenix, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"--trace-viewer: Phoenix did not start on port {port}") from None
+            time.sleep(0.5)
+    _progress(f"[up] traces: http://127.0.0.1:{port} (Arize Phoenix)")
+    return process, {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_BSP_SCHEDULE_DELAY": "500"}
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from pdserve.cluster import ClusterSpec, LocalCluster
     from pdserve.rpc import wait_for_shutdown_signal
@@ -119,11 +148,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
         from pdserve.model.provision import fetch_default_model
 
         fetch_default_model(progress=_progress)
+    viewer, otel = None, {}
+    if args.trace_viewer:
+        try:
+            viewer, otel = _start_trace_viewer(args.trace_viewer_port)
+        except RuntimeError as exc:
+            _progress(f"[up] error: {exc}")
+            return 1
     spec = ClusterSpec(model=args.model, device=args.device, dtype=args.dtype,
                        prefill=0 if args.colocated else args.prefill, decode=args.decode, gateway_port=args.port,
                        threads=args.threads, max_batch=args.max_batch, kv_budget=args.kv_budget,
                        prefill_chunk_tokens=args.prefill_chunk_tokens, pin_cores=args.pin_cores,
-                       log_level=args.log_level)
+                       log_level=args.log_level, metrics=args.metrics, extra_env=otel)
     cluster = LocalCluster(spec, progress=_progress)
 
     async def run() -> int:
@@ -131,6 +167,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
         cluster.start()
         await cluster.wait_healthy()
         _progress(f"[up] cluster ready: gateway on {cluster.gateway_address}")
+        for member in cluster.members:
+            if member.metrics_address:
+                _progress(f"[up] metrics of {member.name}: http://{member.metrics_address}/metrics")
         if args.demo is not None:
             prompt = args.demo or DEMO_PROMPT
             _progress(f"[demo] {prompt}")
@@ -152,6 +191,25 @@ def _cmd_up(args: argparse.Namespace) -> int:
     finally:
         _progress("[up] stopping the cluster")
         cluster.stop()
+        if viewer is not None:
+            viewer.terminate()
+            viewer.wait(timeout=15)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server answers SERVING (a container healthcheck); the default address is this
+    container's own service, from PDSERVE_LISTEN."""
+    import os
+
+    from pdserve.rpc import health_status
+
+    address = args.address
+    if not address:
+        port = os.environ.get("PDSERVE_LISTEN", "127.0.0.1:50051").rpartition(":")[2]
+        address = f"127.0.0.1:{port}"
+    status = asyncio.run(health_status(address, timeout=args.timeout))
+    print(f"{address}: {status}")
+    return 0 if status == "serving" else 1
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -180,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=50051, help="gateway port (0: any free port)")
     up.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     up.add_argument("--log-level", default="WARNING", help="log level of the services")
+    up.add_argument("--metrics", action="store_true", help="every service serves Prometheus /metrics (free ports)")
+    up.add_argument("--trace-viewer", action="store_true",
+                    help="start Arize Phoenix (make trace-viewer installs it) and trace every request into it")
+    up.add_argument("--trace-viewer-port", type=int, default=6006, help="Phoenix's port (UI and OTLP/HTTP)")
     up.add_argument("--demo", nargs="?", const="", default=None, metavar="PROMPT",
                     help="once healthy, stream an answer to PROMPT (a default prompt if none)")
     up.set_defaults(func=_cmd_up)
@@ -199,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.set_defaults(func=_cmd_generate)
+
+    health = sub.add_parser("health", help="exit 0 if a server reports SERVING (for container healthchecks)")
+    health.add_argument("--address", default="", help="host:port (default: this host, PDSERVE_LISTEN's port)")
+    health.add_argument("--timeout", type=float, default=2.0)
+    health.set_defaults(func=_cmd_health)
 
     bench = sub.add_parser("bench", help="serving benchmark against a running gateway (bench/serving.py)")
     bench.set_defaults(func=_cmd_bench)

@@ -19,7 +19,7 @@ import pytest
 
 from pdserve import telemetry
 from pdserve.cluster import ClusterSpec, LocalCluster
-from tests.otlp_sink import OtlpSink
+from bench.otlp_sink import OtlpSink
 
 pytestmark = pytest.mark.slow
 

@@ -96,21 +96,27 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                      attributes={"pdserve.prompt_tokens": token_count, "pdserve.passes": result.passes,
                                  "pdserve.forward_ms": round(result.forward_ms, 3)})
 
-    def _transferred(self, receipt, transport: str) -> None:
+    def _transferred(self, receipt, transport: str, forward_end_ns: int = 0) -> None:
         """A delivered transfer in the metrics and, as a ``kv.transfer`` span with an event per layer
-        (received/written offsets compare decode's clock with ours: meaningful on one host), in the trace."""
+        (received/written offsets compare decode's clock with ours: meaningful on one host), in the trace.
+        The span runs from the first chunk sent to decode's acknowledgement, so it overlaps the forward pass;
+        ``pdserve.kv.after_forward_ms`` is what the transfer added after the pass ended."""
         m = self.metrics
         seconds = max(0, receipt.acked_ns - receipt.first_chunk_sent_ns) / 1e9
         m.transfers.labels("done").inc()
         m.transfer_bytes.labels(transport).inc(receipt.bytes_sent)
         m.transfer_size.observe(receipt.bytes_sent)
         m.transfer_seconds.observe(seconds)
-        telemetry.at("kv.transfer", receipt.first_chunk_sent_ns, receipt.acked_ns, attributes={
-            "pdserve.kv.bytes": receipt.bytes_sent, "pdserve.kv.layers": receipt.layers,
-            "pdserve.kv.messages": receipt.messages, "pdserve.kv.transport": transport,
-            "pdserve.kv.gb_per_s": round(receipt.bytes_sent / seconds / 1e9, 3) if seconds else 0.0},
-            events=telemetry.layer_events(receipt.layer_ready_ns, receipt.layer_sent_ns,
-                                          receipt.layer_received_ns, receipt.layer_written_ns))
+        if not telemetry.enabled():
+            return
+        attributes = {"pdserve.kv.bytes": receipt.bytes_sent, "pdserve.kv.layers": receipt.layers,
+                      "pdserve.kv.messages": receipt.messages, "pdserve.kv.transport": transport,
+                      "pdserve.kv.gb_per_s": round(receipt.bytes_sent / seconds / 1e9, 3) if seconds else 0.0}
+        if forward_end_ns:  # not for a re-push: its forward pass was long ago
+            attributes["pdserve.kv.after_forward_ms"] = round(max(0, receipt.acked_ns - forward_end_ns) / 1e6, 3)
+        telemetry.at("kv.transfer", receipt.first_chunk_sent_ns, receipt.acked_ns, attributes=attributes,
+                     events=telemetry.layer_events(receipt.layer_ready_ns, receipt.layer_sent_ns,
+                                                   receipt.layer_received_ns, receipt.layer_written_ns))
 
     async def _transport(self, address: str) -> str:
         transport = self._config.kv_transport
@@ -181,7 +187,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 self.metrics.transfers.labels("kept").inc()
                 yield self._keep(_Kept(request.transfer_id, layout, chunks, result), str(exc))
                 return
-            self._transferred(receipt, sender.transport)
+            self._transferred(receipt, sender.transport, result.forward_end_ns)
             yield self._transfer_done(receipt, result)
         except BaseException:
             if sender is not None:

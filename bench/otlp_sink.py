@@ -1,8 +1,11 @@
-"""A real OTLP/HTTP trace receiver for tests: services export to it as they would to Jaeger or Phoenix.
+"""A real OTLP/HTTP trace receiver: services export to it as they would to Jaeger or Phoenix.
 
 It accepts ``POST /v1/traces`` (protobuf, optionally gzip) and keeps every span
 as a plain dict: ids in hex, the parent's id, name, the resource's service
-name, attributes and events.
+name, attributes and events. Tests read them; the tracing benchmark runs it as
+its own process (``python -m bench.otlp_sink PORT``: parses and counts, keeps
+nothing) so that the traced services pay their full export cost while no
+heavyweight backend competes for the cores.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ def _attrs(kvs) -> dict:
 
 
 class OtlpSink:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0, keep: bool = True) -> None:
+        self.keep = keep
+        self.received = 0
         self.spans: list[dict] = []
         self._lock = threading.Lock()
         sink = self
@@ -49,11 +54,15 @@ class OtlpSink:
             def log_message(self, *args) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def _add(self, request: ExportTraceServiceRequest) -> None:
+        if not self.keep:
+            with self._lock:
+                self.received += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+            return
         found = []
         for rs in request.resource_spans:
             service = _attrs(rs.resource.attributes).get("service.name", "")
@@ -68,6 +77,7 @@ class OtlpSink:
                     })
         with self._lock:
             self.spans.extend(found)
+            self.received += len(found)
 
     def trace(self, trace_id: str) -> list[dict]:
         with self._lock:
@@ -87,3 +97,15 @@ class OtlpSink:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+if __name__ == "__main__":
+    import signal
+    import sys
+
+    stop = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # before the server thread starts: it inherits the mask
+    sink = OtlpSink(int(sys.argv[1]) if len(sys.argv) > 1 else 0, keep=False)
+    print(sink.endpoint, flush=True)
+    signal.sigwait(stop)
+    print(f"spans received: {sink.received}", flush=True)
