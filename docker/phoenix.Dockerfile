@@ -7,12 +7,8 @@ ARG PHOENIX_VERSION=20.26.1
 ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PATH=/opt/phoenix/bin:$PATH \
     PHOENIX_WORKING_DIR=/data
 COPY docker/ca-certificates/ /usr/local/share/ca-certificates/pdserve/
-RUN set -e; \
-    if ls /usr/local/share/ca-certificates/pdserve/*.crt >/dev/null 2>&1; then \
-      update-ca-certificates >/dev/null; \
-      printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' > /etc/pip.conf; \
-    fi; \
-    python3 -m venv /opt/phoenix && pip install arize-phoenix==${PHOENIX_VERSION}
+COPY docker/trust-extra-ca.sh /usr/local/bin/
+RUN trust-extra-ca.sh && python3 -m venv /opt/phoenix && pip install arize-phoenix==${PHOENIX_VERSION}
 EXPOSE 6006 4317
 HEALTHCHECK --interval=2s --timeout=3s --retries=60 \
   CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:6006/healthz', timeout=2)"
