@@ -6,9 +6,15 @@ and ``OTEL_SDK_DISABLED`` is not true. Off, nothing is installed: no gRPC
 interceptor, and every span below is the API's non-recording one.
 
 Context crosses processes as W3C ``traceparent`` in gRPC metadata: servers
-take it through the OpenTelemetry gRPC instrumentation's aio interceptor
-(health checks and the periodic probes filtered out), and callers put the
-span a call belongs to into the call's metadata (``outgoing``). Spans that
+take it in ``ServerSpans``, an aio interceptor that opens the RPC's span
+(health checks and the periodic probes left out), and callers put the span a
+call belongs to into the call's metadata (``outgoing``). The OpenTelemetry
+gRPC instrumentation's aio server interceptor does the same but keeps the
+span's context attached across the yields of a streaming handler, so a stream
+closed from another context (every decode stream the gateway cancels) logs a
+"Failed to detach context" traceback (open-telemetry/opentelemetry-python-
+contrib#2357); here the context is attached once in the RPC's own task and
+never detached, since that task ends with the RPC. Spans that
 describe work timed elsewhere (a forward pass, a KV transfer with its
 per-layer timestamps) are recorded after the fact from monotonic timestamps
 (``at``), so the hot paths never touch the tracer.
@@ -21,6 +27,8 @@ import os
 import time
 from typing import Iterable, Sequence
 
+import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -110,14 +118,71 @@ def shutdown_tracing() -> None:
         provider.shutdown()
 
 
+class ServerSpans(grpc.aio.ServerInterceptor):
+    """A SERVER span per RPC (but ``UNTRACED_METHODS``), child of the caller's ``traceparent``, current while
+    the handler runs, ended with the RPC's status code."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or method.rpartition("/")[2] in UNTRACED_METHODS:
+            return handler
+        service, _, name = method.lstrip("/").rpartition("/")
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+        def begin(context) -> Span:
+            parent = propagate.extract({k: v for k, v in context.invocation_metadata() or ()})
+            span = tracer.start_span(method, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+            otel_context.attach(trace.set_span_in_context(span, parent))  # this RPC's task only: never detached
+            return span
+
+        def end(span: Span, context, error: BaseException | None) -> None:
+            code = context.code()
+            if code is None and error is not None and not isinstance(error, (GeneratorExit, grpc.aio.AbortError)):
+                code = grpc.StatusCode.UNKNOWN
+            code = code or grpc.StatusCode.OK
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code is not grpc.StatusCode.OK:
+                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {context.details() or error or ''}"))
+            span.end()
+
+        def unary(behavior):
+            async def call(request, context):
+                span, error = begin(context), None
+                try:
+                    return await behavior(request, context)
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    end(span, context, error)
+            return call
+
+        def streaming(behavior):
+            async def call(request, context):
+                span, error = begin(context), None
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    end(span, context, error)
+            return call
+
+        if handler.unary_unary:
+            return handler._replace(unary_unary=unary(handler.unary_unary))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=unary(handler.stream_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=streaming(handler.unary_stream))
+        return handler._replace(stream_stream=streaming(handler.stream_stream))
+
+
 def server_interceptors() -> list:
     """The gRPC aio server interceptors for tracing (none when it is off)."""
-    if not _enabled:
-        return []
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
-
-    untraced = filters.any_of(*(filters.method_name(m) for m in UNTRACED_METHODS))
-    return [aio_server_interceptor(filter_=filters.negate(untraced))]
+    return [ServerSpans()] if _enabled else []
 
 
 def outgoing(span: Span | None = None) -> tuple[tuple[str, str], ...] | None:
