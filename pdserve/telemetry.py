@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,11 @@ TRACER_NAME = "pdserve"
 UNTRACED_METHODS = ("Check", "Watch", "GetStats", "Heartbeat")
 
 tracer = trace.get_tracer(TRACER_NAME)
-_enabled = False
 
 
 def enabled() -> bool:
-    """True once ``setup_tracing`` installed an exporting tracer provider in this process."""
-    return _enabled
+    """True once a recording tracer provider is installed in this process (``setup_tracing`` does)."""
+    return isinstance(trace.get_tracer_provider(), TracerProvider)
 
 
 def wanted(env: dict | None = None) -> bool:
@@ -91,12 +90,10 @@ class _ServiceNameOnSpans(SpanProcessor):
 def setup_tracing(service: str, env: dict | None = None):
     """Installs a tracer provider exporting to the configured backend, if the environment asks for one.
     ``service`` names this process unless ``OTEL_SERVICE_NAME`` does. Returns the provider (None: off)."""
-    global _enabled
     env = os.environ if env is None else env
     if not wanted(env):
         return None
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     resource = Resource.create({} if env.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service})
@@ -105,7 +102,6 @@ def setup_tracing(service: str, env: dict | None = None):
     provider.add_span_processor(_ServiceNameOnSpans(name))
     provider.add_span_processor(BatchSpanProcessor(_exporter(env)))
     trace.set_tracer_provider(provider)
-    _enabled = True
     log.info("tracing on: service.name=%s, exporter %s, sampler %s", name,
              env.get("OTEL_TRACES_EXPORTER", "otlp") or "otlp", provider.sampler.get_description())
     return provider
@@ -114,7 +110,7 @@ def setup_tracing(service: str, env: dict | None = None):
 def shutdown_tracing() -> None:
     """Flushes and stops the exporter (at service stop): spans of the last requests are not lost."""
     provider = trace.get_tracer_provider()
-    if _enabled and hasattr(provider, "shutdown"):
+    if isinstance(provider, TracerProvider):
         provider.shutdown()
 
 
@@ -182,13 +178,13 @@ class ServerSpans(grpc.aio.ServerInterceptor):
 
 def server_interceptors() -> list:
     """The gRPC aio server interceptors for tracing (none when it is off)."""
-    return [ServerSpans()] if _enabled else []
+    return [ServerSpans()] if enabled() else []
 
 
 def outgoing(span: Span | None = None) -> tuple[tuple[str, str], ...] | None:
     """gRPC metadata carrying ``span``'s context (default: the current span) to the callee; None when
     there is nothing to carry."""
-    if not _enabled:
+    if not enabled():
         return None
     carrier: dict[str, str] = {}
     context = trace.set_span_in_context(span) if span is not None else None
@@ -204,21 +200,15 @@ def start(name: str, parent: Span | None = None, kind: SpanKind = SpanKind.INTER
     return tracer.start_span(name, context=context, kind=kind, attributes=attributes, start_time=start_ns)
 
 
-_OFFSET_NS: int | None = None
-
-
 def wall_ns(monotonic_ns: int) -> int:
     """A ``time.monotonic_ns()`` timestamp on the wall clock spans use."""
-    global _OFFSET_NS
-    if _OFFSET_NS is None:
-        _OFFSET_NS = time.time_ns() - time.monotonic_ns()
-    return monotonic_ns + _OFFSET_NS
+    return monotonic_ns + time.time_ns() - time.monotonic_ns()
 
 
 def at(name: str, start_mono_ns: int, end_mono_ns: int, parent: Span | None = None,
        attributes: dict | None = None, events: Iterable[tuple[str, int, dict]] = ()) -> None:
     """Records a finished span from monotonic timestamps; ``events`` are (name, monotonic ns, attributes)."""
-    if not _enabled or not start_mono_ns:
+    if not start_mono_ns or not enabled():
         return
     span = start(name, parent, attributes=attributes, start_ns=wall_ns(start_mono_ns))
     for event, when, attrs in events:
