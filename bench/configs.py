@@ -9,8 +9,9 @@
   ``local`` tokens are prefilled on the decode instance.
 - ``disagg-2x2`` / ``disagg-2x2-rr``: 2 prefill + 2 decode instances sharing
   the cores, with the load-aware scheduler / round robin.
-- ``disagg-traced``: ``disagg`` with tracing on at sampling ratio 1.0, every
-  span exported over OTLP/HTTP to ``otlp`` (a receiver the benchmark starts).
+- ``disagg-traced``: ``disagg`` with ``tracing_env`` (tracing on at sampling
+  ratio 1.0, every span exported to a receiver the benchmark starts:
+  ``bench.otlp_sink.ReceiverProcess``).
 """
 
 from __future__ import annotations
@@ -21,17 +22,16 @@ CONFIGS = ("disagg", "colocated", "colocated-chunked", "disagg-local", "disagg-2
 
 
 def cluster_spec(name: str, model: str, device: str = "cpu", dtype: str = "auto", chunk: int = 256,
-                 max_batch: int = 64, kv_budget: str = "auto", local: int = 64, otlp: str = "") -> ClusterSpec:
+                 max_batch: int = 64, kv_budget: str = "auto", local: int = 64,
+                 tracing_env: dict[str, str] | None = None) -> ClusterSpec:
     common = dict(model=model, device=device, dtype=dtype, gateway_port=0, pin_cores=device == "cpu",
                   max_batch=max_batch, kv_budget=kv_budget, log_level="WARNING")
     if name == "disagg":
         return ClusterSpec(prefill=1, decode=1, prefill_chunk_tokens=512, **common)
     if name == "disagg-traced":
-        if not otlp:
-            raise ValueError("disagg-traced needs an OTLP endpoint")
-        return ClusterSpec(prefill=1, decode=1, prefill_chunk_tokens=512, extra_env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-            "OTEL_TRACES_SAMPLER_ARG": "1.0"}, **common)
+        if not tracing_env:
+            raise ValueError("disagg-traced needs tracing_env (where the spans go)")
+        return ClusterSpec(prefill=1, decode=1, prefill_chunk_tokens=512, extra_env=tracing_env, **common)
     if name == "disagg-local":
         return ClusterSpec(prefill=1, decode=1, prefill_chunk_tokens=512,
                            extra_env={"PDSERVE_LOCAL_PREFILL_TOKENS": str(local)}, **common)

@@ -11,6 +11,8 @@ heavyweight backend competes for the cores.
 from __future__ import annotations
 
 import gzip
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -99,9 +101,26 @@ class OtlpSink:
         self._server.server_close()
 
 
+class ReceiverProcess:
+    """``with ReceiverProcess() as receiver:`` an OtlpSink in its own process that counts spans and keeps
+    none; ``receiver.env`` makes a service export every span to it (sampling ratio 1.0); after the block,
+    ``receiver.report`` says how many arrived."""
+
+    def __enter__(self) -> "ReceiverProcess":
+        self._process = subprocess.Popen([sys.executable, "-m", "bench.otlp_sink"], stdout=subprocess.PIPE,
+                                         text=True)
+        self.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": self._process.stdout.readline().strip(),
+                    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.0"}
+        self.report = ""
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._process.terminate()
+        self.report = self._process.communicate(timeout=10)[0].strip()
+
+
 if __name__ == "__main__":
     import signal
-    import sys
 
     stop = {signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # before the server thread starts: it inherits the mask

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -221,24 +221,26 @@ async def _bench_address(address: str, workloads: list[Workload], args, label: s
 
 async def _bench_started(name: str, workloads: list[Workload], args) -> list[dict]:
     from bench.configs import cluster_spec
+    from bench.otlp_sink import ReceiverProcess
     from pdserve.cluster import LocalCluster
 
-    sink = None
-    if name.endswith("-traced"):  # an OTLP receiver in its own process takes every span
-        sink = subprocess.Popen([sys.executable, "-m", "bench.otlp_sink"], stdout=subprocess.PIPE, text=True)
-    spec = cluster_spec(name, args.model, device=args.device, chunk=args.chunk, max_batch=args.max_batch,
-                        local=args.local_prefill_tokens, otlp=sink.stdout.readline().strip() if sink else "")
-    cluster = LocalCluster(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    print(f"[bench] starting {name}: {spec.describe()}", file=sys.stderr, flush=True)
+    # A traced configuration exports every span to an OTLP receiver in its own process.
+    receiver = ReceiverProcess() if name.endswith("-traced") else None
     try:
-        cluster.start()
-        await cluster.wait_healthy()
-        return await _bench_address(cluster.gateway_address, workloads, args, name, name)
+        with receiver or contextlib.nullcontext():
+            spec = cluster_spec(name, args.model, device=args.device, chunk=args.chunk, max_batch=args.max_batch,
+                                local=args.local_prefill_tokens, tracing_env=receiver.env if receiver else None)
+            cluster = LocalCluster(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
+            print(f"[bench] starting {name}: {spec.describe()}", file=sys.stderr, flush=True)
+            try:
+                cluster.start()
+                await cluster.wait_healthy()
+                return await _bench_address(cluster.gateway_address, workloads, args, name, name)
+            finally:
+                cluster.stop()
     finally:
-        cluster.stop()
-        if sink is not None:
-            sink.terminate()
-            print(f"[bench] {name}: OTLP receiver {sink.communicate(timeout=10)[0].strip()}", file=sys.stderr)
+        if receiver is not None:
+            print(f"[bench] {name}: OTLP receiver {receiver.report}", file=sys.stderr)
 
 
 def main(args: argparse.Namespace) -> int:

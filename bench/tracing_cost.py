@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import contextlib
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench.otlp_sink import ReceiverProcess
 from pdserve.cluster import ClusterSpec, LocalCluster
 from pdserve.sdk import AsyncClient
 
@@ -45,31 +46,24 @@ async def load(address: str, requests: int, prompt_len: int, max_tokens: int, co
 
 
 def run_mode(mode: str, args) -> dict:
-    sink = None
-    env = {}
-    if mode == "on":
-        sink = subprocess.Popen([sys.executable, "-m", "bench.otlp_sink"], stdout=subprocess.PIPE, text=True)
-        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.stdout.readline().strip(),
-               "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.0"}
-    spec = ClusterSpec(model=args.model, prefill=1, decode=1, gateway_port=0, threads=1, log_level="WARNING",
-                       max_batch=args.concurrency, extra_env=env)
-    cluster = LocalCluster(spec)
-    try:
-        cluster.start()
-        asyncio.run(cluster.wait_healthy())
-        asyncio.run(load(cluster.gateway_address, 4, args.prompt_len, 8, 4))  # warm-up
-        before = {m.name: cpu_seconds(m.process.pid) for m in cluster.members}
-        started = time.perf_counter()
-        tokens = asyncio.run(load(cluster.gateway_address, args.requests, args.prompt_len, args.max_tokens,
-                                  args.concurrency))
-        wall = time.perf_counter() - started
-        after = {m.name: cpu_seconds(m.process.pid) for m in cluster.members}
-    finally:
-        cluster.stop()
-        spans = ""
-        if sink is not None:
-            sink.terminate()
-            spans = sink.communicate(timeout=10)[0].strip()
+    receiver = ReceiverProcess() if mode == "on" else None
+    with receiver or contextlib.nullcontext():
+        spec = ClusterSpec(model=args.model, prefill=1, decode=1, gateway_port=0, threads=1, log_level="WARNING",
+                           max_batch=args.concurrency, extra_env=receiver.env if receiver else {})
+        cluster = LocalCluster(spec)
+        try:
+            cluster.start()
+            asyncio.run(cluster.wait_healthy())
+            asyncio.run(load(cluster.gateway_address, 4, args.prompt_len, 8, 4))  # warm-up
+            before = {m.name: cpu_seconds(m.process.pid) for m in cluster.members}
+            started = time.perf_counter()
+            tokens = asyncio.run(load(cluster.gateway_address, args.requests, args.prompt_len, args.max_tokens,
+                                      args.concurrency))
+            wall = time.perf_counter() - started
+            after = {m.name: cpu_seconds(m.process.pid) for m in cluster.members}
+        finally:
+            cluster.stop()
+    spans = receiver.report if receiver else ""
     cpu = {name: (after[name] - before[name]) * 1e6 / tokens for name in before}
     return {"mode": mode, "tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall, "cpu_us_per_token": cpu,
             "sink": spans}

@@ -158,6 +158,7 @@ class Router:
         self._channels = channels
         self._token_timeout_s = token_timeout_s
         self.metrics = metrics or GatewayMetrics()
+        self.running = 0  # requests in progress
 
     async def generate(self, req: GatewayRequest) -> AsyncIterator[OutputChunk]:
         """The request's chunks, across as many attempts as it takes; one ``pdserve.request`` span (under the
@@ -170,6 +171,7 @@ class Router:
         metrics.prompt_tokens.inc(len(req.prompt_ids))
         outcome = "error"
         last = None
+        self.running += 1
         try:
             async for chunk in self._generate(req, span):
                 now = time.monotonic()
@@ -195,6 +197,7 @@ class Router:
             telemetry.fail(span, exc)
             raise
         finally:
+            self.running -= 1
             metrics.requests.labels(outcome).inc()
             span.end()
 

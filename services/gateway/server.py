@@ -38,7 +38,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._registry = router.registry
         self._config = config
         self.metrics: GatewayMetrics = router.metrics
-        self.running = 0  # Generate calls in progress
         self.metrics.gauges(self._gauges)
 
     def _gauges(self) -> dict:
@@ -49,7 +48,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             known = set(registry.instances[role])
             instances[(("role", role), ("state", "up"))] = len(up)
             instances[(("role", role), ("state", "down"))] = len(known - up)
-        return {"pdserve_requests_running": ("Gateway: Generate calls in progress", self.running),
+        return {"pdserve_requests_running": ("Gateway: requests in progress", self._router.running),
                 "pdserve_instances": ("Instances this gateway knows, by role and state", instances)}
 
     def _prompt_ids(self, request: gateway_pb2.GenerateRequest) -> list[int]:
@@ -132,14 +131,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         req = dataclasses.replace(req, deadline=time.monotonic() + remaining)
         bind_request(req.request_id)
         log.info("request_id=%s prompt_tokens=%d max_tokens=%d", req.request_id, len(req.prompt_ids), req.max_tokens)
-        self.running += 1
-        try:
-            async for out in self._stream(req):
-                yield out
-        finally:
-            self.running -= 1
-
-    async def _stream(self, req: GatewayRequest):
         first = True
         async for chunk in self._router.generate(req):
             out = gateway_pb2.GenerateChunk(request_id=req.request_id, token_ids=chunk.token_ids,
