@@ -50,3 +50,56 @@ def test_top_k_and_top_p_restrict_the_support():
     # Probabilities ~[0.66, 0.24, 0.09, ...]: top_p=0.5 keeps only the first.
     seen = {sample(logits, [SamplingParams(temperature=1.0, top_p=0.5, seed=s)], [0])[0] for s in range(100)}
     assert seen == {0}
+
+
+HOSTILE = [dict(temperature=t, top_p=p, top_k=k, seed=s)
+           for t in (1e-45, 1e-37, 1e-6, 1e-5, 2e-5, 1.0, 1e30, 3.4e38)
+           for p, k, s in ((1e-45, 0, 0), (1.0, 2**31 - 1, 2**64 - 1), (0.5, 1, 3), (1.0, 0, 12345))]
+
+
+def test_no_accepted_parameters_make_a_row_fail_or_change_its_neighbours():
+    """Every accepted combination of sampling values, on ordinary, huge and non-finite logits: sampling never
+    raises, and an innocent row's token is the one it gets alone."""
+    torch.manual_seed(0)
+    rows = [torch.randn(64), torch.randn(64) * 1e30, torch.full((64,), -1e38)]
+    rows.append(torch.where(torch.arange(64) % 3 == 0, float("-inf"), torch.randn(64)))
+    rows.append(torch.full((64,), float("nan")))
+    rows.append(torch.where(torch.arange(64) == 5, float("inf"), torch.randn(64)))
+    innocent = SamplingParams(temperature=0.8, top_p=0.9, seed=42)
+    clean = torch.randn(64)
+    alone = sample(clean[None], [innocent], [3])[0]
+    for values in HOSTILE:
+        hostile = SamplingParams(**values)
+        for row in rows:
+            tokens = sample(torch.stack([clean, row, clean]), [innocent, hostile, innocent], [3, 7, 3])
+            assert tokens[0] == tokens[2] == alone and 0 <= tokens[1] < 64, (values, row[:3])
+
+
+def test_tiny_temperatures_are_greedy():
+    logits = torch.randn(4, 100)
+    greedy = logits.argmax(-1).tolist()
+    for t in (1e-45, 1e-37, 1e-10, 1e-5):
+        assert SamplingParams(temperature=t).greedy
+        assert sample(logits, [SamplingParams(temperature=t, seed=s) for s in range(4)], [0, 1, 2, 3]) == greedy
+    assert not SamplingParams(temperature=2e-5).greedy
+
+
+async def test_innocent_requests_beside_the_most_hostile_sampling_values_complete_token_exact(tiny_cluster):
+    """Requests with every hostile accepted value share prefill passes and decode batches with greedy ones:
+    every request completes, and the greedy ones are token-identical to generate()."""
+    import asyncio
+    import random
+
+    from tests.conftest import get_loaded
+
+    loaded = get_loaded("preset:tiny-llama")
+    rng = random.Random(3)
+    prompts = [[rng.randrange(loaded.info.vocab_size) for _ in range(rng.randrange(3, 40))] for _ in range(16)]
+    async with AsyncClient(tiny_cluster.address) as client:
+        innocent = [client.generate(token_ids=p, max_tokens=24, temperature=0, ignore_eos=True) for p in prompts]
+        hostile = [client.generate(token_ids=prompts[i % len(prompts)], max_tokens=24, ignore_eos=True, **values)
+                   for i, values in enumerate(HOSTILE)]
+        results = await asyncio.gather(*innocent, *hostile)
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == reference_greedy(loaded, prompt, 24, ignore_eos=True)
+    assert all(r.completion_tokens == 24 for r in results)

@@ -3,6 +3,12 @@
 Token ``i`` of a request is drawn from a generator seeded by ``(seed, i)``:
 the result depends only on the logits, the parameters and the index, never on
 which instance or batch position computed it.
+
+No accepted parameters can make sampling fail, for the row or its batch:
+temperatures at or below ``GREEDY_TEMPERATURE`` are greedy (dividing logits by
+less overflows float32, as vLLM also treats them), scores are clamped finite
+before the softmax, and a row whose logits are not finite (a model that
+produced inf or NaN) is taken greedily.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import torch
 from pdserve.errors import InvalidArgument
 
 _MASK64 = (1 << 64) - 1
+GREEDY_TEMPERATURE = 1e-5  # temperatures at or below this are greedy
+_SCORE_LIMIT = 1e30  # |logit / temperature| beyond this is clamped (float32 stays finite after the softmax)
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature <= GREEDY_TEMPERATURE or self.top_k == 1
 
 
 def token_seed(seed: int, index: int) -> int:
@@ -59,7 +67,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
-    scores = logits.float() / p.temperature  # (V,)
+    raw = logits.float()  # (V,)
+    if not bool(torch.isfinite(raw).all()):  # nothing to sample from; argmax never fails
+        return int(torch.nan_to_num(raw, nan=-math.inf).argmax())
+    scores = (raw / p.temperature).clamp(-_SCORE_LIMIT, _SCORE_LIMIT)
     if p.top_k > 0 and p.top_k < scores.numel():
         kth = torch.topk(scores, p.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, -math.inf)
