@@ -233,7 +233,7 @@ async def _bench_started(name: str, workloads: list[Workload], args) -> list[dic
             cluster = LocalCluster(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
             print(f"[bench] starting {name}: {spec.describe()}", file=sys.stderr, flush=True)
             try:
-                cluster.start()
+                await cluster.start()
                 await cluster.wait_healthy()
                 return await _bench_address(cluster.gateway_address, workloads, args, name, name)
             finally:

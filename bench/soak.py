@@ -117,8 +117,8 @@ class Soak:
 
     async def run(self) -> dict:
         args = self.args
-        self.cluster.start()
         try:
+            await self.cluster.start()
             await self.cluster.wait_healthy(timeout_s=180)
             async with AsyncClient(self.cluster.gateway_address, timeout=120) as client:
                 vocab = (await client.model_info()).vocab_size

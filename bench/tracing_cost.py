@@ -52,7 +52,7 @@ def run_mode(mode: str, args) -> dict:
                            max_batch=args.concurrency, extra_env=receiver.env if receiver else {})
         cluster = LocalCluster(spec)
         try:
-            cluster.start()
+            asyncio.run(cluster.start())
             asyncio.run(cluster.wait_healthy())
             asyncio.run(load(cluster.gateway_address, 4, args.prompt_len, 8, 4))  # warm-up
             before = {m.name: cpu_seconds(m.process.pid) for m in cluster.members}

@@ -35,7 +35,7 @@ from pdserve.cluster import LocalCluster
 async def _through_cluster(spec, workload: Workload, vocab: int) -> dict:
     cluster = LocalCluster(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
     try:
-        cluster.start()
+        await cluster.start()
         await cluster.wait_healthy()
         warm = Workload(num_requests=2, input_len=(16, 64), output_len=(4, 4), seed=99)
         await run(cluster.gateway_address, warm, vocab, progress=False)

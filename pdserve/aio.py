@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import logging
+import signal
+from typing import AsyncIterator, Callable
+
+log = logging.getLogger(__name__)
 
 
 async def cancel_and_wait(task: asyncio.Task | None) -> None:
@@ -16,44 +20,54 @@ async def cancel_and_wait(task: asyncio.Task | None) -> None:
         await task
 
 
-class ByteBudget:
-    """Bytes held at once stay within ``limit``; a single holder larger than the limit runs alone.
+@contextlib.asynccontextmanager
+async def shutdown_signals(on_repeat: Callable[[signal.Signals], None] | None = None) -> AsyncIterator[asyncio.Event]:
+    """An event set by the first SIGINT or SIGTERM while the context lasts. Later ones go to ``on_repeat``
+    (default: logged and ignored), never to the default action that would end the process mid-drain: a
+    terminal's Ctrl-C reaches every process of its group, and a launcher may send SIGTERM after it."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
 
-    ``acquire`` waits (FIFO) until the bytes fit, so a slow consumer downstream
-    makes producers wait instead of piling up memory.
+    def handle(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            stop.set()
+        elif on_repeat is not None:
+            on_repeat(sig)
+        else:
+            log.info("%s ignored: already stopping", sig.name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handle, sig)
+    try:
+        yield stop
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+class ByteBudget:
+    """Bytes held at once stay within ``limit``; a single holder larger than the limit may hold it alone.
+
+    Non-blocking: ``take`` succeeds or not, and whoever waits for room learns of it from ``on_release``
+    (the prefill engine re-plans), so the waiting order is the waiter's policy, not this counter's.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_release: Callable[[], None] = lambda: None) -> None:
         self.limit = limit
         self.used = 0
         self.peak = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+        self._on_release = on_release
 
-    def _fits(self, n: int) -> bool:
+    def fits(self, n: int) -> bool:
         return self.used == 0 or self.used + n <= self.limit
 
-    async def acquire(self, n: int) -> None:
-        if not self._waiters and self._fits(n):
-            self._take(n)
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, fut))
-        try:
-            await fut
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self.release(n)  # granted just as we were cancelled
-            else:
-                self._waiters.remove((n, fut))
-            raise
-
-    def _take(self, n: int) -> None:
+    def take(self, n: int) -> bool:
+        if not self.fits(n):
+            return False
         self.used += n
         self.peak = max(self.peak, self.used)
+        return True
 
     def release(self, n: int) -> None:
         self.used -= n
-        while self._waiters and self._fits(self._waiters[0][0]):
-            n, fut = self._waiters.popleft()
-            self._take(n)
-            fut.set_result(None)
+        self._on_release()

@@ -141,8 +141,8 @@ def _start_trace_viewer(port: int):
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    from pdserve.aio import shutdown_signals
     from pdserve.cluster import ClusterSpec, LocalCluster
-    from pdserve.rpc import wait_for_shutdown_signal
 
     if args.model == cfg.DEFAULT_MODEL:
         from pdserve.model.provision import fetch_default_model
@@ -162,9 +162,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
                        log_level=args.log_level, metrics=args.metrics, extra_env=otel)
     cluster = LocalCluster(spec, progress=_progress)
 
-    async def run() -> int:
+    async def serve() -> None:
         _progress(f"[up] starting gateway + {spec.describe()} ({spec.model} on {spec.device})")
-        cluster.start()
+        await cluster.start()
         await cluster.wait_healthy()
         _progress(f"[up] cluster ready: gateway on {cluster.gateway_address}")
         for member in cluster.members:
@@ -178,19 +178,36 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                      "temperature": 0.0}, as_json=False)
         _progress(f"[up] serving on {cluster.gateway_address}; try: pdserve generate --address "
                   f"{cluster.gateway_address} --chat \"Hello\"  (Ctrl-C stops the cluster)")
-        await wait_for_shutdown_signal()
-        return 0
+
+    def force(sig) -> None:
+        _progress(f"[up] {sig.name} again: killing the cluster")
+        cluster.kill()
+
+    async def run() -> int:
+        # Ctrl-C reaches every member too: they drain their in-flight requests (ignoring the SIGTERM that
+        # stop sends next); a second Ctrl-C here kills them.
+        async with shutdown_signals(on_repeat=force) as stop:
+            try:
+                serving = asyncio.ensure_future(serve())
+                stopped = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if serving.done():
+                    serving.result()  # a start that failed raises here
+                    await stopped
+                else:
+                    serving.cancel()
+                return 0
+            finally:
+                stopped.cancel()
+                _progress("[up] stopping the cluster (Ctrl-C again to kill it)")
+                await asyncio.to_thread(cluster.stop)
 
     try:
         return asyncio.run(run())
-    except KeyboardInterrupt:
-        return 130
     except (RuntimeError, TimeoutError) as exc:
         _progress(f"[up] error: {exc}")
         return 1
     finally:
-        _progress("[up] stopping the cluster")
-        cluster.stop()
         if viewer is not None:
             viewer.terminate()
             viewer.wait(timeout=15)

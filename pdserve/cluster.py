@@ -4,30 +4,69 @@ With no prefill instances the cluster is colocated: each decode instance
 prefills its own prompts (with or without chunked prefill). ``pin_cores``
 gives each model-running member its own share of the CPU cores (``taskset``),
 so a disaggregated and a colocated cluster can be compared on the same cores.
-Used by ``pdserve up``, ``pdserve bench --start`` and the end-to-end tests. Children are started in
-dependency order (decode, prefill, gateway), each is polled through the gRPC
-health service until SERVING, and ``stop`` sends SIGTERM (gateway first, so
-no new work arrives) and waits for graceful exits before killing.
+Used by ``pdserve up``, ``pdserve bench --start`` and the end-to-end tests.
+
+Children are started in dependency order: decode and prefill, then the
+gateway, given their addresses once they serve (each writes a port file
+then). Ports are picked free and outside the kernel's ephemeral range
+(``free_port``); a port taken meanwhile fails the member's bind loudly (never
+shared) and another is tried. Each member is polled through the gRPC health
+service until SERVING (the gateway: until it is ready, i.e. reaches an
+instance of every role). ``stop`` sends SIGTERM to the gateway and waits for
+it to drain before stopping the rest, then kills what is left and removes any
+shared-memory segment a killed member left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pdserve.kv.shm import sweep_orphans
 from pdserve.rpc import check_health
+from pdserve.service import EXIT_ADDRESS_IN_USE
+from pdserve.v1 import decode_pb2, prefill_pb2
+
+DECODE_SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
+PREFILL_SERVICE = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port free now, outside the kernel's ephemeral range. A client that keeps reconnecting to a port in
+    that range while nothing listens there (a restarting instance) may be handed that very port as its own
+    source port: the socket connects to itself, holds the port, and the restart cannot bind it."""
+    low, high = _ephemeral_ports()
+    ranges = [r for r in (range(10000, low), range(high + 1, 65536)) if len(r)]
+    for _ in range(200):
+        port = random.choice(random.choice(ranges))
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+    with socket.socket() as s:  # every guess taken: any free port
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -73,11 +112,28 @@ class ClusterSpec:
 @dataclass
 class Member:
     name: str
-    address: str
+    host: str
     process: subprocess.Popen | None
-    command: list[str]
+    args: list[str]  # the command, but for its --listen address
     env: dict[str, str]
-    metrics_address: str = ""  # host:port of its /metrics, if served
+    port_file: str
+    health_service: str  # what "serving" is asked of (the gateway: "" = ready)
+    wrap: list[str] = field(default_factory=list)  # taskset, ip netns exec
+    port: int = 0  # a restart binds the same one
+    port_chosen: bool = False  # by the launcher (another is tried if it turns out to be taken)
+    metrics_port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        return f"{self.host}:{self.metrics_port}" if self.metrics_port else ""
+
+    @property
+    def command(self) -> list[str]:
+        return [*self.wrap, *self.args, "--listen", f"{self.host}:{self.port}"]
 
 
 class LocalCluster:
@@ -85,6 +141,7 @@ class LocalCluster:
         self.spec = spec
         self.members: list[Member] = []
         self._progress = progress
+        self._run_dir: str | None = None  # the members' port files
 
     @property
     def gateway_address(self) -> str:
@@ -102,20 +159,22 @@ class LocalCluster:
             return self.spec.threads
         return max(1, len(os.sched_getaffinity(0)) // (self.spec.prefill + self.spec.decode))
 
-    def _spawn(self, name: str, module: str, port: int, args: list[str], cores: list[int] | None = None,
-               netns: tuple[str, str] | None = None) -> Member:
+    def _spawn(self, name: str, module: str, args: list[str], cores: list[int] | None = None,
+               netns: tuple[str, str] | None = None, port: int = 0, health_service: str = "") -> Member:
         host = netns[1] if netns else self.spec.host
-        address = f"{host}:{port}"
-        cmd = [sys.executable, "-m", module, "--listen", address, "--log-level", self.spec.log_level, *args]
-        metrics_address = f"{host}:{free_port(self.spec.host)}" if self.spec.metrics else ""
-        if metrics_address:
-            cmd += ["--metrics-listen", metrics_address]
-        if cores and shutil.which("taskset"):
-            cmd = ["taskset", "-c", ",".join(map(str, cores)), *cmd]
+        if self._run_dir is None:
+            self._run_dir = tempfile.mkdtemp(prefix="pdserve-cluster-")
+        port_file = os.path.join(self._run_dir, f"{name}.json")
+        cmd = [sys.executable, "-m", module, "--log-level", self.spec.log_level, *args, "--port-file", port_file]
+        if self.spec.metrics:
+            cmd += ["--metrics-listen", f"{host}:0"]
+        wrap = []
         if netns:
-            cmd = ["ip", "netns", "exec", netns[0], *cmd]
+            wrap = ["ip", "netns", "exec", netns[0]]
+        if cores and shutil.which("taskset"):
+            wrap = [*wrap, "taskset", "-c", ",".join(map(str, cores))]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.extra_env}
-        member = Member(name, address, None, cmd, env, metrics_address)
+        member = Member(name, host, None, cmd, env, port_file, health_service, wrap, port or free_port(), not port)
         member.process = self._popen(member)
         self.members.append(member)
         return member
@@ -126,6 +185,8 @@ class LocalCluster:
         member = next(m for m in self.members if m.name == name)
         if member.process.poll() is None:
             raise RuntimeError(f"{name} is still running (pid {member.process.pid})")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(member.port_file)
         member.process = self._popen(member)
         return member
 
@@ -136,25 +197,61 @@ class LocalCluster:
         with open(os.path.join(self.spec.log_dir, f"{member.name}.log"), "ab") as log_file:
             return subprocess.Popen(member.command, env=member.env, stdin=subprocess.DEVNULL, stderr=log_file)
 
-    def start(self) -> None:
-        """Spawns every member; ``wait_healthy`` then waits for them."""
+    async def _bound(self, members: list[Member], timeout_s: float) -> None:
+        """Waits until each of ``members`` wrote its port file (it serves); raises if one exits first."""
+        deadline = time.monotonic() + timeout_s
+        last_report = time.monotonic()
+        pending = list(members)
+        retries = 3 * len(members)
+        while pending:
+            for member in list(pending):
+                code = member.process.poll()
+                if code == EXIT_ADDRESS_IN_USE and member.port_chosen and retries > 0:
+                    retries -= 1  # taken between our check and its bind: another port
+                    member.port = free_port()
+                    member.process = self._popen(member)
+                    continue
+                if code is not None:
+                    raise RuntimeError(f"{member.name} exited with code {code} before serving (see its log above)")
+                try:
+                    with open(member.port_file) as f:
+                        ports = json.load(f)
+                except (FileNotFoundError, ValueError):
+                    continue
+                member.port, member.metrics_port = ports["port"], ports.get("metrics_port", 0)
+                pending.remove(member)
+            if not pending:
+                return
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(f"not serving after {timeout_s:.0f} s: {', '.join(m.name for m in pending)}")
+            if now - last_report > 10:
+                self._progress(f"[up] waiting for {', '.join(m.name for m in pending)} (loading the model)")
+                last_report = now
+            await asyncio.sleep(0.1)
+
+    async def start(self, timeout_s: float = 300.0) -> None:
+        """Spawns decode and prefill members, waits until they serve (their ports known), then spawns the
+        gateway with their addresses; ``wait_healthy`` then waits until every member is ready."""
         s = self.spec
         groups = self._core_groups() if s.pin_cores else [None] * (s.prefill + s.decode)
         model_args = ["--model", s.model, "--device", s.device, "--dtype", s.dtype, "--threads", str(self._threads()),
                       "--prefill-chunk-tokens", str(s.prefill_chunk_tokens),
                       "--prefill-token-budget", str(s.prefill_token_budget)]
         decode_args = [*model_args, "--max-batch", str(s.max_batch), "--kv-budget", s.kv_budget]
-        decodes = [self._spawn(f"decode-{i}", "services.decode", free_port(s.host), decode_args, groups[i],
-                               s.decode_netns[i] if i < len(s.decode_netns) else None)
+        decodes = [self._spawn(f"decode-{i}", "services.decode", decode_args, groups[i],
+                               s.decode_netns[i] if i < len(s.decode_netns) else None, health_service=DECODE_SERVICE)
                    for i in range(s.decode)]
-        prefills = [self._spawn(f"prefill-{i}", "services.prefill", free_port(s.host), model_args, groups[s.decode + i])
+        prefills = [self._spawn(f"prefill-{i}", "services.prefill", model_args, groups[s.decode + i],
+                                health_service=PREFILL_SERVICE)
                     for i in range(s.prefill)]
-        gateway_port = s.gateway_port or free_port(s.host)
-        self._spawn("gateway", "services.gateway", gateway_port, [
+        await self._bound(decodes + prefills, timeout_s)
+        gateway = self._spawn("gateway", "services.gateway", [
             "--model", s.model,
             "--prefill", ",".join(m.address for m in prefills),
             "--decode", ",".join(m.address for m in decodes),
-        ])
+        ], port=s.gateway_port)
+        await self._bound([gateway], timeout_s)
 
     async def wait_healthy(self, timeout_s: float = 300.0) -> None:
         """Returns once every member reports SERVING; raises if one exits or time runs out."""
@@ -166,7 +263,7 @@ class LocalCluster:
                 code = member.process.poll()
                 if code is not None:
                     raise RuntimeError(f"{member.name} exited with code {code} before becoming healthy (see its log above)")
-                if await check_health(member.address, timeout=0.5):
+                if await check_health(member.address, member.health_service, timeout=0.5):
                     self._progress(f"[up] {member.name} serving on {member.address}")
                     pending.remove(member)
             if not pending:
@@ -180,14 +277,31 @@ class LocalCluster:
             await asyncio.sleep(0.2)
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM in reverse start order (gateway first), then SIGKILL what is left."""
-        for member in reversed(self.members):
-            if member.process.poll() is None:
-                member.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for member in reversed(self.members):
-            try:
-                member.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        """Stops the gateway first (SIGTERM; it drains its requests, up to ``timeout_s``), then the rest
+        likewise, then kills whatever is left, and removes shared-memory segments a killed member left.
+        Members that already got a signal (a terminal's Ctrl-C reaches the whole process group) ignore this
+        one and go on draining."""
+        gateway = [m for m in self.members if m.name == "gateway"]
+        for phase in (gateway, [m for m in self.members if m.name != "gateway"]):
+            for member in phase:
+                if member.process.poll() is None:
+                    member.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            for member in phase:
+                try:
+                    member.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    member.process.kill()
+                    member.process.wait()
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL to every member still running; removes the segments they leave and the port files."""
+        for member in self.members:
+            if member.process is not None and member.process.poll() is None:
                 member.process.kill()
                 member.process.wait()
+        sweep_orphans()
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            self._run_dir = None

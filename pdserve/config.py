@@ -57,6 +57,9 @@ class ServerConfig:
         "help": "text, or json: one object per line with request_id and trace_id"})
     metrics_listen: str = field(default="", metadata={
         "help": "host:port of the Prometheus /metrics endpoint (empty: none; port 0 picks a free one)"})
+    port_file: str = field(default="", metadata={
+        "help": "once serving, write the bound ports as JSON ({\"port\": N, \"metrics_port\": M}) to this "
+                "file (for launchers that listen on port 0)"})
 
     def __post_init__(self) -> None:
         _check_address("listen", self.listen)
@@ -101,17 +104,25 @@ class PrefillBatchConfig:
     prefill_chunk_tokens: int = field(default=512, metadata={
         "help": "prompts are prefilled in chunks of at most this many tokens, each chunk's KV streamed as it is "
                 "computed (0: whole prompts, no chunking)"})
+    max_partial_prefills: int = field(default=2, metadata={
+        "help": "most long prompts being prefilled chunk by chunk at once (each holds its earlier chunks' KV); "
+                "prompts that fit in one chunk are never held back by them"})
 
     def __post_init__(self) -> None:
         if self.prefill_token_budget < 1:
             raise ConfigError(f"prefill_token_budget: must be >= 1, got {self.prefill_token_budget}")
         if self.prefill_chunk_tokens < 0:
             raise ConfigError(f"prefill_chunk_tokens: must be >= 0, got {self.prefill_chunk_tokens}")
+        if self.max_partial_prefills < 1:
+            raise ConfigError(f"max_partial_prefills: must be >= 1, got {self.max_partial_prefills}")
 
 
 @dataclass(frozen=True)
 class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationConfig):
     listen: str = "127.0.0.1:50061"
+    max_queued_tokens: int = field(default=65536, metadata={
+        "help": "most prompt tokens waiting or being prefilled; beyond it, and for a prompt that would not be "
+                "done before its deadline, RESOURCE_EXHAUSTED with a retry-after-ms hint"})
     kv_chunk_bytes: int = field(default=1 << 20, metadata={"help": "target bytes of K+V per KV message"})
     kv_transport: str = field(default="auto", metadata={
         "help": "how KV reaches decode: grpc (bytes in gRPC messages), shm (shared memory, same host only), "
@@ -133,6 +144,8 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
         ModelConfig.__post_init__(self)
         PrefillBatchConfig.__post_init__(self)
         RegistrationConfig.__post_init__(self)
+        if self.max_queued_tokens < 1:
+            raise ConfigError(f"max_queued_tokens: must be >= 1, got {self.max_queued_tokens}")
         if self.kv_chunk_bytes < 1024:
             raise ConfigError(f"kv_chunk_bytes: must be >= 1024, got {self.kv_chunk_bytes}")
         if self.kv_transport not in KV_TRANSPORTS:
@@ -214,6 +227,9 @@ class GatewayConfig(ServerConfig):
                 "scaled compose service does, is one instance per address); more may join by heartbeats"})
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request leaves it unset"})
     max_stop_strings: int = field(default=16, metadata={"help": "most stop strings per request"})
+    max_prompt_chars: int = field(default=0, metadata={
+        "help": "longest prompt text (or chat content) accepted, in characters, checked before tokenizing "
+                "(0: 32 x the model's context length)"})
     health_interval_s: float = field(default=1.0, metadata={
         "help": "seconds between health checks of every instance (NOT_SERVING or no answer: no new work)"})
     token_timeout_s: float = field(default=30.0, metadata={
@@ -237,6 +253,8 @@ class GatewayConfig(ServerConfig):
                 _check_address(name, addr)
         if self.default_max_tokens < 1:
             raise ConfigError(f"default_max_tokens: must be >= 1, got {self.default_max_tokens}")
+        if self.max_prompt_chars < 0:
+            raise ConfigError(f"max_prompt_chars: must be >= 0, got {self.max_prompt_chars}")
         if self.policy not in ("load_aware", "round_robin"):
             raise ConfigError(f"policy: must be load_aware or round_robin, got {self.policy!r}")
         for name in ("local_prefill_tokens", "prefill_full_tokens"):
@@ -266,10 +284,16 @@ def parse_budget(text: str) -> tuple[int | None, float | None]:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()]), None
 
 
+MAX_ADDRESS_CHARS = 261  # a 253-character host name, ":" and a port, or a bracketed IPv6 literal
+_HOST = re.compile(r"^([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])$")
+
+
 def address_problem(address: str) -> str | None:
-    """Why ``address`` is not host:port, or None."""
+    """Why ``address`` is not host:port (a host name, IPv4 or bracketed IPv6 literal, and a port), or None."""
+    if len(address) > MAX_ADDRESS_CHARS:
+        return f"at most {MAX_ADDRESS_CHARS} characters, got {len(address)}"
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not _HOST.match(host) or not port.isdigit() or not 0 <= int(port) <= 65535:
         return f"expected host:port, got {address[:100]!r}"
     return None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 log = logging.getLogger(__name__)
@@ -108,12 +108,23 @@ class DecodeMetrics(ServiceMetrics):
                                    registry=r)
 
 
-def serve(metrics: ServiceMetrics, listen: str):
-    """Starts the ``/metrics`` HTTP endpoint on ``listen`` (host:port; port 0 picks one) in a thread.
-    Returns (server, port)."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
-    server, _thread = start_http_server(int(port), addr=host, registry=metrics.registry)
-    bound = server.server_address[1]
-    log.info("metrics on http://%s:%d/metrics", host, bound)
-    return server, bound
+def metrics_app(metrics: ServiceMetrics):
+    """An ASGI app answering ``GET /metrics`` with the registry in Prometheus text (404 elsewhere)."""
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def endpoint(request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[Route("/metrics", endpoint, methods=["GET"])])
+
+
+async def serve(metrics: ServiceMetrics, listen: str):
+    """Serves ``/metrics`` on ``listen`` (host:port; port 0 picks one) on this event loop; returns the
+    ``pdserve.http.HttpServer``."""
+    from pdserve.http import start_http
+
+    server = await start_http(metrics_app(metrics), listen, max_connections=64)
+    log.info("metrics on http://%s/metrics", f"{listen.rpartition(':')[0]}:{server.port}")
+    return server

@@ -10,7 +10,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import signal
 from typing import Iterable
 
 import grpc
@@ -162,25 +161,48 @@ def add_servicer(add_generated, servicer, server: grpc.aio.Server, raw: Iterable
     server.add_registered_method_handlers(generated.name, handlers)
 
 
+class ListenError(OSError):
+    """A server could not bind its address (in use, or not an address of this host)."""
+
+
+# NOTE: grpc sets SO_REUSEPORT on listening sockets by default, so a second process can bind a port that is
+# already serving and the kernel then splits connections between the two: a gateway's calls to a prefill
+# instance landed on a decode instance sharing its port ("Method not found!"). A port in use must fail to bind.
+SERVER_OPTIONS = OPTIONS + [("grpc.so_reuseport", 0)]
+
+
 def create_server(listen: str) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server bound to ``listen`` (port 0 picks one); returns it and the port."""
-    server = grpc.aio.server(options=OPTIONS, interceptors=telemetry.server_interceptors())
-    port = server.add_insecure_port(listen)
+    """A grpc.aio server bound to ``listen`` (port 0 picks one); returns it and the port. A port another
+    process listens on is refused (``ListenError``), never shared."""
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=telemetry.server_interceptors())
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:  # grpc's "Failed to bind" (in use, or no such address)
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+        raise ListenError(f"cannot listen on {listen}: address in use or not available")
     return server, port
 
 
-async def start_server(listen: str, service: str, register) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
+async def start_server(listen: str, service: str, register,
+                       ready: bool = True) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     """Creates a server on ``listen``, lets ``register(server)`` add the servicer, adds health,
-    starts it and marks ``service`` SERVING. Returns (server, port, health)."""
+    starts it and marks ``service`` SERVING (the process is alive and serves that API) and the overall
+    status ``""`` SERVING if ``ready`` (it can serve requests now; ``set_ready`` changes it). Returns
+    (server, port, health)."""
     server, port = create_server(listen)
     register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    await server.start()
     await set_serving(health, [service], True)
+    await set_ready(health, ready)
+    await server.start()
     return server, port, health
+
+
+async def set_ready(health: health_aio.HealthServicer, ready: bool) -> None:
+    """The overall health status ``""``: whether the server can serve requests now (readiness)."""
+    await health.set("", health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def set_serving(health: health_aio.HealthServicer, services: Iterable[str], serving: bool) -> None:
@@ -189,16 +211,25 @@ async def set_serving(health: health_aio.HealthServicer, services: Iterable[str]
         await health.set(name, status)
 
 
-async def health_status(address: str, service: str = "", timeout: float = 1.0) -> str:
-    """"serving", "not serving" (the server answered so, e.g. draining), "no answer" (refused: stopped or
-    stopping) or "silent" (nothing within ``timeout``: partitioned, frozen or overloaded)."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            return "silent" if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else "no answer"
+async def health_status(address: str, service: str = "", timeout: float = 1.0,
+                        channel: grpc.aio.Channel | None = None) -> str:
+    """"serving", "not serving" (the server answered so, e.g. draining), "wrong service" (the server there
+    does not serve ``service``: another role, or another program, on that port), "no answer" (refused:
+    stopped or stopping) or "silent" (nothing within ``timeout``: partitioned, frozen or overloaded).
+    ``channel``: ask through it (a pooled channel, so that "serving" also means the connection calls use
+    is up) instead of a fresh one."""
+    if channel is None:
+        async with grpc.aio.insecure_channel(address) as fresh:
+            return await health_status(address, service, timeout, fresh)
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return "silent"
+        if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+            return "wrong service"
+        return "no answer"
     return "serving" if reply.status == health_pb2.HealthCheckResponse.SERVING else "not serving"
 
 
@@ -213,6 +244,7 @@ class ChannelPool:
 
     def __init__(self) -> None:
         self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
+        self._closing: set[asyncio.Task] = set()  # channels being closed after a reset
 
     def get(self, address: str, lane: int = 0) -> grpc.aio.Channel:
         channel = self._channels.get((address, lane))
@@ -223,25 +255,19 @@ class ChannelPool:
             self._channels[(address, lane)] = channel
         return channel
 
-    def reset(self, address: str) -> None:
-        """Drops the channels to ``address`` (their calls fail): the next ``get`` connects afresh. For a peer
-        cut off without a reset connection (a partition), whose old connection may stay wedged."""
+    def reset(self, address: str, grace_s: float | None = None) -> None:
+        """Drops the channels to ``address``: the next ``get`` connects afresh. Without ``grace_s`` their calls
+        fail now (a peer cut off without a reset connection, a partition, may leave the old one wedged);
+        with it (an instance that left) calls still running get ``grace_s`` to finish first."""
+        loop = asyncio.get_running_loop()
         for key in [k for k in self._channels if k[0] == address]:
-            asyncio.get_running_loop().create_task(self._channels.pop(key).close())
+            task = loop.create_task(self._channels.pop(key).close(grace_s))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def __contains__(self, address: str) -> bool:
+        return any(k[0] == address for k in self._channels)
 
     async def close(self) -> None:
         channels, self._channels = self._channels, {}
-        await asyncio.gather(*(c.close() for c in channels.values()))
-
-
-async def wait_for_shutdown_signal() -> None:
-    """Returns on SIGINT or SIGTERM."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        await asyncio.gather(*(c.close() for c in channels.values()), *self._closing)

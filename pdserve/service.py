@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -21,7 +23,8 @@ from pdserve import metrics as prom
 from pdserve import telemetry
 from pdserve.errors import PdserveError
 from pdserve.logs import setup_logging
-from pdserve.rpc import set_serving, wait_for_shutdown_signal
+from pdserve.aio import shutdown_signals
+from pdserve.rpc import ListenError, set_serving
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +77,22 @@ class RunningService:
 
 
 async def serve_until_signal(service: RunningService, grace: float) -> None:
-    """Serves until SIGINT/SIGTERM, then stops gracefully."""
+    """Serves until SIGINT/SIGTERM, then stops gracefully; further signals while it drains are ignored."""
     log.info("%s serving on port %d", service.name, service.port)
-    await wait_for_shutdown_signal()
-    log.info("%s draining (up to %.0f s for in-flight calls)", service.name, grace)
-    await service.stop(grace)
+    async with shutdown_signals() as stop:
+        await stop.wait()
+        log.info("%s draining (up to %.0f s for in-flight calls)", service.name, grace)
+        await service.stop(grace)
     log.info("%s stopped", service.name)
+
+
+def write_port_file(path: str, service: RunningService) -> None:
+    """``{"port": ..., "metrics_port": ...}`` to ``path``, atomically: how a launcher that let the service
+    pick free ports (listen on port 0) learns them."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"port": service.port, "metrics_port": service.metrics_port}, f)
+    os.replace(tmp, path)
 
 
 async def load_model_for(config: cfg.ModelConfig):
@@ -92,21 +105,17 @@ async def load_model_for(config: cfg.ModelConfig):
 
 
 StartFn = Callable[[Any], Awaitable[RunningService]]
+EXIT_ADDRESS_IN_USE = 98  # the exit status of a service that could not bind its address (errno EADDRINUSE)
 
 
-def expose_metrics(config: cfg.ServerConfig, metrics: prom.ServiceMetrics,
-                   closers: list[Callable[[], Awaitable[None]]]) -> int:
+async def expose_metrics(config: cfg.ServerConfig, metrics: prom.ServiceMetrics,
+                         closers: list[Callable[[], Awaitable[None]]]) -> int:
     """Serves ``metrics`` on ``config.metrics_listen`` (if set) until the service stops; returns the port."""
     if not config.metrics_listen:
         return 0
-    server, port = prom.serve(metrics, config.metrics_listen)
-
-    async def close() -> None:
-        server.shutdown()
-        server.server_close()
-
-    closers.append(close)
-    return port
+    server = await prom.serve(metrics, config.metrics_listen)
+    closers.append(server.close)
+    return server.port
 
 
 def run_service(name: str, config_cls: type, start: StartFn, args: argparse.Namespace) -> None:
@@ -124,10 +133,15 @@ def run_service(name: str, config_cls: type, start: StartFn, args: argparse.Name
 
     async def serve() -> None:
         service = await start(config)
+        if config.port_file:
+            write_port_file(config.port_file, service)
         await serve_until_signal(service, config.shutdown_grace_s)
 
     try:
         asyncio.run(serve())
+    except ListenError as exc:
+        log.error("%s cannot start: %s", name, exc)
+        sys.exit(EXIT_ADDRESS_IN_USE)
     except PdserveError as exc:  # e.g. a model that cannot be loaded
         log.error("%s cannot start: %s", name, exc)
         sys.exit(1)

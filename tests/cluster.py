@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from pdserve import config as cfg
 from pdserve.model import LoadedModel
+from pdserve.model.reference import reference_greedy  # noqa: F401 - the tests' reference
 from pdserve.service import RunningService
 from services.decode.server import start_decode
 from services.gateway.server import start_gateway
@@ -50,14 +49,3 @@ async def start_cluster(loaded: LoadedModel, decode_options: dict | None = None,
         prefill=(f"127.0.0.1:{prefill.port}",) if prefill else (), decode=(f"127.0.0.1:{decode.port}",),
         **(gateway_options or {})), loaded.info)
     return InProcessCluster(loaded, gateway, prefill, decode)
-
-
-def reference_greedy(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int,
-                     ignore_eos: bool = False) -> list[int]:
-    """What single-process ``model.generate(do_sample=False)`` produces."""
-    extra = {"eos_token_id": None} if ignore_eos else {}
-    with torch.inference_mode():
-        ids = torch.tensor([prompt_ids], device=loaded.device)
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    max_new_tokens=max_new_tokens, pad_token_id=0, **extra)
-    return out[0, len(prompt_ids):].tolist()

@@ -92,8 +92,8 @@ def test_pdserve_up_demo_then_cli_and_sdk_then_ctrl_c(smol):
 
 async def test_graceful_shutdown_finishes_in_flight_requests():
     cluster = LocalCluster(ClusterSpec(model="preset:tiny-llama", gateway_port=0, threads=1))
-    cluster.start()
     try:
+        await cluster.start()
         await cluster.wait_healthy(timeout_s=120)
         async with AsyncClient(cluster.gateway_address) as client:
             stream = client.stream(token_ids=[1, 2, 3], max_tokens=1500, temperature=0)
@@ -111,8 +111,8 @@ async def test_graceful_shutdown_finishes_in_flight_requests():
 
 async def test_health_service_and_refusal_after_shutdown():
     cluster = LocalCluster(ClusterSpec(model="preset:tiny-llama", gateway_port=0, threads=1))
-    cluster.start()
     try:
+        await cluster.start()
         await cluster.wait_healthy(timeout_s=120)
         from pdserve.rpc import check_health
 
@@ -126,3 +126,35 @@ async def test_health_service_and_refusal_after_shutdown():
                 await client.generate(token_ids=[1, 2], max_tokens=2)
     finally:
         cluster.stop()
+
+
+async def test_ctrl_c_to_the_process_group_drains_in_flight_streams_and_leaves_nothing_behind():
+    """A terminal's Ctrl-C reaches `pdserve up` and every member at once (one process group), and then
+    `pdserve up` stops them: in-flight streams still finish, every process exits, no KV segment is left."""
+    import os
+
+    from pdserve.kv.shm import segment_names
+
+    before = set(segment_names())
+    up = subprocess.Popen([*PDSERVE, "up", "--port", "0", "--model", "preset:tiny-llama", "--threads", "1"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                          start_new_session=True)  # its own process group, as a terminal gives it
+    err = LineReader(up.stderr)
+    try:
+        address = err.wait_for(r"serving on (127\.0\.0\.1:\d+);", timeout=240).group(1)
+        prompt = list(range(20, 60))
+        chunks = []
+        async with AsyncClient(address) as client:
+            async for chunk in client.stream(token_ids=prompt, max_tokens=600, temperature=0, ignore_eos=True):
+                chunks.append(chunk)
+                if len(chunks) == 20:
+                    os.killpg(up.pid, signal.SIGINT)
+        assert [c.index for c in chunks] == list(range(600)) and chunks[-1].finish_reason == "length"
+        assert up.wait(timeout=60) == 0
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    err.wait_for(r"\[up\] stopping the cluster", timeout=5)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(up.pid, 0)  # no member of the group is left
+    assert set(segment_names()) <= before

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from pdserve.engine.admission import Admission
 from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason, SeqState
 from pdserve.engine.kv_pool import BlockAllocator, KVPool, blocks_for
 from pdserve.engine.prefill import PrefillEngine, packed_inputs, plan_batch
@@ -106,41 +105,6 @@ def test_flex_step_mask_is_exactly_each_rows_own_tokens():
     assert [s for s in range(8) if allowed[0][s]] == [2, 6, 7] and [s for s in range(8) if allowed[1][s]] == [4]
 
 
-# ---- admission ----------------------------------------------------------------------------
-
-
-async def test_admission_grants_in_order_queues_then_refuses_with_a_hint():
-    alloc = BlockAllocator(11)  # 10 usable
-    admission = Admission(alloc, max_queued=2, retry_hint_ms=lambda shortfall: 100 * shortfall)
-    a = admission.request(6)
-    assert a.granted.done() and len(a.blocks) == 6
-    big = admission.request(8)     # does not fit: queued
-    small = admission.request(1)   # fits, but FIFO: queued behind big
-    assert not big.granted.done() and not small.granted.done()
-    with pytest.raises(ResourceExhausted) as refused:
-        admission.request(1)
-    assert refused.value.retry_after_ms == 100 * (8 + 1 + 1 - 4) and admission.refused == 1
-    with pytest.raises(InvalidArgument, match="needs 11 KV blocks"):
-        admission.request(11)
-    admission.release(a)
-    assert big.granted.done() and small.granted.done() and alloc.num_free == 1
-    admission.release(big)
-    admission.release(small)
-    assert alloc.num_free == alloc.capacity
-
-
-async def test_admission_cancel_while_queued_lets_the_next_in():
-    alloc = BlockAllocator(5)
-    admission = Admission(alloc, max_queued=4)
-    a = admission.request(3)
-    big, small = admission.request(4), admission.request(1)
-    admission.cancel(big)
-    assert big.granted.cancelled() and small.granted.done() and admission.queued == 0
-    admission.cancel(a)
-    admission.cancel(small)
-    assert alloc.num_free == 4
-
-
 # ---- the prefill batcher ------------------------------------------------------------------
 
 
@@ -155,23 +119,54 @@ class FakeJob:
         return len(self.token_ids) - self.done
 
 
-def plan_of(jobs, budget, chunk):
-    return [(jobs.index(s.job), s.start, s.count) for s in plan_batch(jobs, budget, chunk)]
+def plan_of(jobs, budget, chunk, max_partial=2, start=lambda job: True):
+    return [(jobs.index(s.job), s.start, s.count) for s in plan_batch(jobs, budget, chunk, max_partial, start)]
 
 
 def test_batcher_packs_whole_prompts_up_to_the_budget():
     jobs = [FakeJob([0] * n) for n in (300, 500, 400, 100)]
-    assert plan_of(jobs, 1000, 0) == [(0, 0, 300), (1, 0, 500)]  # 400 would not fit; 100 waits its turn
+    assert plan_of(jobs, 1000, 0) == [(0, 0, 300), (1, 0, 500), (3, 0, 100)]  # 400 would not fit: passed over
+    jobs[0].done, jobs[1].done, jobs[3].done = 300, 500, 100
+    assert plan_of(jobs, 1000, 0) == [(2, 0, 400)]
     assert plan_of([FakeJob([0] * 3000)], 1000, 0) == [(0, 0, 3000)]  # alone, past the budget
 
 
 def test_batcher_chunks_long_prompts_and_fills_the_budget():
     jobs = [FakeJob([0] * 1300), FakeJob([0] * 200), FakeJob([0] * 900)]
-    assert plan_of(jobs, 1024, 512) == [(0, 0, 512), (1, 0, 200), (2, 0, 312)]
+    assert plan_of(jobs, 1024, 512) == [(1, 0, 200), (0, 0, 512), (2, 0, 312)]
     jobs[0].done, jobs[1].done, jobs[2].done = 512, 200, 312
     assert plan_of(jobs, 1024, 512) == [(0, 512, 512), (2, 312, 512)]
     jobs[0].cancelled = True
     assert plan_of(jobs, 1024, 512) == [(2, 312, 512)]
+
+
+def test_short_prompts_never_wait_behind_long_ones_and_long_ones_always_progress():
+    """The issue's case: four near-context prompts, then short ones. Short prompts go in the next pass; the
+    oldest long prompt gets a chunk every pass however many short ones come; at most max_partial long
+    prompts are being chunked at once (each holds its earlier chunks' KV)."""
+    longs = [FakeJob([0] * 8191) for _ in range(4)]
+    jobs = longs + [FakeJob([0] * 40) for _ in range(3)]
+    assert plan_of(jobs, 2048, 512) == [(4, 0, 40), (5, 0, 40), (6, 0, 40), (0, 0, 512), (1, 0, 512)]
+    longs[0].done = longs[1].done = 512
+    flood = longs + [FakeJob([0] * 500) for _ in range(10)]
+    plan = plan_of(flood, 2048, 512)
+    assert plan[0] == (0, 512, 512)  # the oldest long prompt first
+    assert [p for p in plan if p[0] >= 4] == [(4, 0, 500), (5, 0, 500), (6, 0, 500)]  # then short prompts
+    assert plan[-1] == (1, 512, 36) and sum(p[2] for p in plan) == 2048  # the other long one fills the rest
+    # Only two long prompts chunked at once; the next starts when one is done.
+    assert {p[0] for p in plan_of(longs, 2048, 512)} == {0, 1}
+    longs[0].done = 8191
+    assert {p[0] for p in plan_of(longs, 2048, 512)} == {1, 2}
+
+
+def test_prompts_start_only_when_their_kv_fits_in_flight():
+    jobs = [FakeJob([0] * 1000), FakeJob([0] * 1000), FakeJob([0] * 50)]
+    blocked = {id(jobs[0])}
+    # The first long prompt cannot start: the second does not pass it (long prompts start in order); the
+    # short one does.
+    assert plan_of(jobs, 2048, 512, start=lambda job: id(job) not in blocked) == [(2, 0, 50)]
+    # Unchunked: any prompt that can start goes.
+    assert plan_of(jobs, 2048, 0, start=lambda job: id(job) not in blocked) == [(1, 0, 1000), (2, 0, 50)]
 
 
 def test_packed_mask_keeps_segments_apart_and_sees_earlier_chunks():
@@ -210,8 +205,10 @@ async def test_reservation_limits():
         await engine.reserve(params("c", 70))
     big = asyncio.ensure_future(engine.reserve(params("d", 40, max_tokens=8)))  # 3 blocks: 2 free, so it queues
     await asyncio.sleep(0)
-    with pytest.raises(ResourceExhausted, match="retry after about"):
-        await engine.reserve(params("e", 4))
+    small = await engine.reserve(params("e", 4))  # 1 block, ends no later than "d" could start: passes it
+    with pytest.raises(ResourceExhausted, match="retry after about"):  # 2 blocks: would queue, queue is full
+        await engine.reserve(params("f", 20))
+    engine.release(small)
     with pytest.raises(NotFound):
         engine.begin_transfer(KVLayout("zzz", 4, 4, 2, 16, "float32"))
     big.cancel()
@@ -322,29 +319,32 @@ async def test_cancelled_requests_give_their_blocks_back_in_every_state():
     await prefill.close()
 
 
-async def test_a_reservation_whose_kv_never_comes_or_stalls_is_freed_when_its_lease_expires():
+async def test_a_reservation_whose_kv_never_comes_or_trickles_is_freed_when_its_lease_expires():
     from pdserve.errors import DeadlineExceeded
     from pdserve.kv.wire import KVChunkData, checksum
 
     loaded = get_loaded("preset:tiny-llama")
-    engine = make_decode(loaded, kv_lease_s=0.2)
+    engine = make_decode(loaded, kv_lease_s=0.3)
     engine.start()
     kv = loaded.info.kv
     never = await engine.reserve(params("never", 8))
-    stalls = await engine.reserve(params("stalls", 8))
-    assembly = engine.begin_transfer(KVLayout("stalls", kv.num_layers, 8, kv.kv_heads, kv.head_dim,
+    trickles = await engine.reserve(params("trickles", 8))
+    assembly = engine.begin_transfer(KVLayout("trickles", kv.num_layers, 8, kv.kv_heads, kv.head_dim,
                                               DTYPE_NAMES[loaded.dtype]))
-    row = bytes(4 * kv.kv_heads * kv.head_dim * loaded.dtype.itemsize)
-    for layer in range(kv.num_layers):  # a chunk every 0.1 s: progress renews the 0.2 s lease
-        await asyncio.sleep(0.1)
-        assembly.add(KVChunkData(layer, 0, 4, row, row, checksum(row, row)))
-    assert engine.stats()["waiting_for_kv"] == 1  # "never" is gone, "stalls" still receiving
-    for seq in (never, stalls):
-        with pytest.raises(DeadlineExceeded, match="no KV arrived"):
-            event = await asyncio.wait_for(seq.events.get(), 2)
-            raise event
+    row = bytes(kv.kv_heads * kv.head_dim * loaded.dtype.itemsize)
+    # One token every 50 ms: always progressing, never complete within the lease. Progress does not renew it:
+    # the transfer is failed 0.3 s after its first chunk.
+    first = asyncio.get_running_loop().time()
+    with pytest.raises(DeadlineExceeded):
+        for layer in range(kv.num_layers):
+            for token in range(8):
+                assembly.add(KVChunkData(layer, token, 1, row, row, checksum(row, row)))
+                await asyncio.sleep(0.05)
+    assert 0.25 < asyncio.get_running_loop().time() - first < 0.6
+    with pytest.raises(DeadlineExceeded, match="no KV arrived"):
+        raise await asyncio.wait_for(never.events.get(), 2)
+    with pytest.raises(DeadlineExceeded, match="not complete 0.3 s after its first chunk"):
+        raise await asyncio.wait_for(trickles.events.get(), 2)
     stats = engine.stats()
     assert (stats["waiting_for_kv"], stats["kv_blocks_used"], stats["leases_expired"]) == (0, 0, 2)
-    with pytest.raises(DeadlineExceeded):  # a chunk arriving after the lease is refused, not written
-        assembly.add(KVChunkData(0, 4, 4, row, row, checksum(row, row)))
     await engine.stop()

@@ -9,97 +9,38 @@ Each test prints one summary line:
 from __future__ import annotations
 
 import asyncio
-import random
 import signal
 
 import grpc
 import pytest
 
-from pdserve.cluster import ClusterSpec, LocalCluster
-from pdserve.sdk import AsyncClient
+from bench.fault_loop import MAX_TOKENS, REQUESTS, Run, cluster_spec, member, wait_for_tokens
+from bench.fault_loop import workload as make_workload
+from pdserve.cluster import LocalCluster
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
-from tests.cluster import reference_greedy
 from tests.conftest import get_loaded
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 MODEL = "preset:tiny-llama"
-REQUESTS = 50
-MAX_TOKENS = 96
 SUMMARIES: list[dict] = []  # every run's summary; conftest prints their total at the end of the session
 
 
 def workload(seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    vocab = get_loaded(MODEL).info.vocab_size
-    return [[rng.randrange(vocab) for _ in range(rng.randrange(4, 48))] for _ in range(REQUESTS)]
+    return make_workload(get_loaded(MODEL), seed)
 
 
-class Run:
-    """Streams every prompt concurrently, recording each request's chunks as they arrive."""
-
-    def __init__(self, address: str, prompts: list[list[int]]) -> None:
-        self.address = address
-        self.prompts = prompts
-        self.chunks: list[list] = [[] for _ in prompts]
-        self.errors: list[BaseException | None] = [None] * len(prompts)
-
-    async def _one(self, client: AsyncClient, i: int) -> None:
-        try:
-            async for chunk in client.stream(token_ids=self.prompts[i], max_tokens=MAX_TOKENS, temperature=0,
-                                             ignore_eos=True):
-                self.chunks[i].append(chunk)
-        except Exception as exc:  # recorded: the summary counts it as lost
-            self.errors[i] = exc
-
-    async def run(self, during) -> None:
-        async with AsyncClient(self.address, timeout=300) as client:
-            tasks = [asyncio.create_task(self._one(client, i)) for i in range(len(self.prompts))]
-            await during(self)
-            await asyncio.gather(*tasks)
-
-    def tokens_seen(self) -> int:
-        return sum(len(c) for c in self.chunks)
-
-    def summary(self, faults: int) -> dict[str, int]:
-        loaded = get_loaded(MODEL)
-        completed = exact = lost = duplicated = 0
-        for prompt, chunks, error in zip(self.prompts, self.chunks, self.errors):
-            indices = [c.index for c in chunks]
-            duplicated += len(indices) - len(set(indices))
-            if error is None and indices == list(range(MAX_TOKENS)) and chunks[-1].finish_reason == "length":
-                completed += 1
-                tokens = [t for c in chunks for t in c.token_ids]
-                exact += tokens == reference_greedy(loaded, prompt, MAX_TOKENS, ignore_eos=True)
-            else:
-                lost += 1
-        result = {"faults": faults, "requests": len(self.prompts), "completed": completed, "token-exact": exact,
-                  "lost": lost, "duplicated": duplicated,
-                  "errors": sorted({repr(e) for e in self.errors if e is not None})[:5]}
-        line = (f"faults: {faults} injected, requests: {len(self.prompts)}, completed: {completed}, "
-                f"token-exact: {exact}, lost: {lost}, duplicated: {duplicated}")
-        print(line)
-        for error in result["errors"]:
-            print(f"  lost to: {error}")
-        SUMMARIES.append(result)
-        return result
-
-
-async def wait_for_tokens(run: Run, tokens: int, timeout_s: float = 60) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while run.tokens_seen() < tokens:
-        assert asyncio.get_running_loop().time() < deadline, f"only {run.tokens_seen()} tokens after {timeout_s} s"
-        await asyncio.sleep(0.02)
+def summarize(run: Run, faults: int) -> dict:
+    result = run.summary(get_loaded(MODEL), faults)
+    SUMMARIES.append(result)
+    return result
 
 
 @pytest.fixture
 async def cluster():
-    spec = ClusterSpec(model=MODEL, prefill=2, decode=2, gateway_port=0, threads=1, max_batch=64,
-                       prefill_chunk_tokens=0, log_level="WARNING",
-                       extra_env={"PDSERVE_TOKEN_TIMEOUT_S": "3", "PDSERVE_HEALTH_INTERVAL_S": "0.5"})
-    cluster = LocalCluster(spec)
-    cluster.start()
+    cluster = LocalCluster(cluster_spec())
     try:
+        await cluster.start()
         await cluster.wait_healthy(timeout_s=120)
         yield cluster
     finally:
@@ -109,10 +50,6 @@ async def cluster():
 async def decode_stats(address: str) -> decode_pb2.DecodeStats:
     async with grpc.aio.insecure_channel(address) as channel:
         return await decode_pb2_grpc.DecodeStub(channel).GetStats(decode_pb2.GetStatsRequest(), timeout=5)
-
-
-def member(cluster: LocalCluster, name: str):
-    return next(m for m in cluster.members if m.name == name)
 
 
 def expect_all_exact(result: dict[str, int]) -> None:
@@ -129,7 +66,7 @@ async def test_kill_9_a_decode_instance_mid_generation_then_restart_it(cluster):
         victim.process.send_signal(signal.SIGKILL)
 
     await run.run(kill_decode)
-    expect_all_exact(run.summary(faults=1))
+    expect_all_exact(summarize(run, faults=1))
     # Restarted on the same address, it rejoins: the gateway's health checks find it and it gets new work.
     victim.process.wait()
     cluster.restart("decode-0")
@@ -141,7 +78,7 @@ async def test_kill_9_a_decode_instance_mid_generation_then_restart_it(cluster):
 
     await asyncio.sleep(1.5)  # a few health probes find it serving
     await second.run(nothing)
-    expect_all_exact(second.summary(faults=0))
+    expect_all_exact(summarize(second, faults=0))
     stats = await decode_stats(victim.address)
     assert stats.transfers_completed > 0, "the restarted instance got no work"
     assert (stats.waiting_for_kv, stats.running, stats.kv_blocks_used) == (0, 0, 0)
@@ -154,7 +91,7 @@ async def test_kill_9_a_prefill_instance_under_load(cluster):
         member(cluster, "prefill-0").process.send_signal(signal.SIGKILL)  # while the first prompts are in flight
 
     await run.run(kill_prefill)
-    expect_all_exact(run.summary(faults=1))
+    expect_all_exact(summarize(run, faults=1))
 
 
 async def test_a_hung_decode_instance_is_left_and_rejoins_after_sigcont(cluster):
@@ -168,7 +105,7 @@ async def test_a_hung_decode_instance_is_left_and_rejoins_after_sigcont(cluster)
         hung.process.send_signal(signal.SIGCONT)
 
     await run.run(hang_then_resume)
-    expect_all_exact(run.summary(faults=1))
+    expect_all_exact(summarize(run, faults=1))
     # The resumed instance serves again: a second round spreads over both decode instances.
     second = Run(cluster.gateway_address, workload(4)[:8])
 
@@ -177,7 +114,7 @@ async def test_a_hung_decode_instance_is_left_and_rejoins_after_sigcont(cluster)
 
     before = await decode_stats(hung.address)
     await second.run(nothing)
-    expect_all_exact(second.summary(faults=0))
+    expect_all_exact(summarize(second, faults=0))
     after = await decode_stats(hung.address)
     assert after.transfers_completed > before.transfers_completed, "the resumed instance got no new work"
     assert (after.waiting_for_kv, after.running, after.kv_blocks_used) == (0, 0, 0), "its old requests were freed"
@@ -194,7 +131,7 @@ async def test_kill_9_the_gateway_mid_stream_the_sdk_resumes_after_its_restart(c
         cluster.restart("gateway")  # same address; each client stream resumes from its last index
 
     await run.run(kill_and_restart_gateway)
-    expect_all_exact(run.summary(faults=1))
+    expect_all_exact(summarize(run, faults=1))
     for name in ("decode-0", "decode-1"):  # the dead gateway's calls were cancelled: nothing held
         stats = await decode_stats(member(cluster, name).address)
         assert (stats.waiting_for_kv, stats.running, stats.kv_blocks_used) == (0, 0, 0), name
@@ -234,12 +171,9 @@ async def test_a_decode_instance_cut_off_by_a_network_partition_is_left_and_rejo
     import subprocess
 
     name, link, address = netns
-    spec = ClusterSpec(model=MODEL, prefill=2, decode=2, gateway_port=0, threads=1, max_batch=64,
-                       prefill_chunk_tokens=0, log_level="WARNING", decode_netns=((name, address),),
-                       extra_env={"PDSERVE_TOKEN_TIMEOUT_S": "3", "PDSERVE_HEALTH_INTERVAL_S": "0.5"})
-    cluster = LocalCluster(spec)
-    cluster.start()
+    cluster = LocalCluster(cluster_spec(decode_netns=((name, address),)))
     try:
+        await cluster.start()
         await cluster.wait_healthy(timeout_s=120)
         cut_off = member(cluster, "decode-0")
         assert cut_off.address.startswith(address)
@@ -250,7 +184,7 @@ async def test_a_decode_instance_cut_off_by_a_network_partition_is_left_and_rejo
             subprocess.run(["ip", "link", "set", link, "down"], check=True)  # packets to it go nowhere
 
         await run.run(partition)
-        expect_all_exact(run.summary(faults=1))
+        expect_all_exact(summarize(run, faults=1))
         subprocess.run(["ip", "link", "set", link, "up"], check=True)
         await asyncio.sleep(2.0)  # health probes reach it again
         before = await decode_stats(cut_off.address)
@@ -260,7 +194,7 @@ async def test_a_decode_instance_cut_off_by_a_network_partition_is_left_and_rejo
             pass
 
         await second.run(nothing)
-        expect_all_exact(second.summary(faults=0))
+        expect_all_exact(summarize(second, faults=0))
         after = await decode_stats(cut_off.address)
         assert after.transfers_completed > before.transfers_completed, "the healed instance got no new work"
         for _ in range(300):  # cancellations sent during the partition arrive when TCP retransmits them

@@ -183,9 +183,8 @@ async def test_a_slow_receiver_makes_prefill_wait_instead_of_piling_up_kv(tiny_c
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channels = ChannelPool()
-    engine = PrefillEngine(loaded)
-    servicer = PrefillServicer(engine, channels, cfg.PrefillConfig(kv_chunk_bytes=1024, kv_streams=1,
-                                                                   kv_inflight_bytes=str(2 * per_request)))
+    engine = PrefillEngine(loaded, kv_inflight_bytes=2 * per_request)
+    servicer = PrefillServicer(engine, channels, cfg.PrefillConfig(kv_chunk_bytes=1024, kv_streams=1))
     server2 = grpc.aio.server()
     prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server2)
     prefill_port = server2.add_insecure_port("127.0.0.1:0")

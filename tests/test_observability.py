@@ -36,8 +36,8 @@ def traced(tmp_path_factory):
     spec = ClusterSpec(model=MODEL, prefill=1, decode=1, gateway_port=0, threads=1, log_level="INFO", metrics=True,
                        log_dir=str(log_dir), extra_env={**otel, "PDSERVE_LOG_FORMAT": "json"})
     cluster = LocalCluster(spec)
-    cluster.start()
     try:
+        asyncio.run(cluster.start())
         asyncio.run(cluster.wait_healthy(timeout_s=180))
         yield cluster, sink, otel, log_dir
     finally:

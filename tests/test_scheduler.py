@@ -77,6 +77,10 @@ def test_conditional_disaggregation_short_prompts_and_a_full_prefill_pool():
 
 def test_failed_instances_are_avoided_and_all_down_falls_back_to_configured():
     registry = Registry(P, D)
+    assert registry.up("decode") == [] and not registry.ready  # nothing is up before a health check says so
+    for address in P + D:
+        registry._mark_up(address)
+    assert registry.ready
     for sched in (LoadAwareScheduler(registry, rng=random.Random(2)), RoundRobinScheduler(registry)):
         assert {sched.pick_decode(8, 8, exclude=frozenset({"d0:1"})) for _ in range(10)} == {"d1:1"}
         registry.mark_down("d1:1", "test")

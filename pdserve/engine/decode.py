@@ -123,19 +123,21 @@ class DecodeCounters:
 class DecodeEngine:
     def __init__(self, loaded: LoadedModel, *, kv_budget: int, block_size: int = 16, max_batch: int = 32,
                  max_queued: int = 256, prefill_token_budget: int = 2048, prefill_chunk_tokens: int = 512,
-                 paged_kernel: str = "auto", kv_lease_s: float = 60.0, cuda_graphs: bool = True) -> None:
+                 max_partial_prefills: int = 2, paged_kernel: str = "auto", kv_lease_s: float = 60.0, cuda_graphs: bool = True) -> None:
         self.kv_lease_s = kv_lease_s
         self._loaded = loaded
         self.max_batch = max_batch
         self.pool = KVPool(loaded.info.kv, loaded.dtype, loaded.device, kv_budget, block_size, paged_kernel)
-        self.admission = Admission(self.pool.allocator, max_queued, self._retry_hint_ms)
+        self.admission = Admission(self.pool.allocator, max_queued, max_batch, clock=lambda: self.counters.steps,
+                                   step_ms=lambda: self._step_ms)
         use_paged_attention(loaded.model)
         # Decode steps replayed from CUDA graphs where they can be (the flex kernel on a GPU).
         self._graphs = (DecodeGraphs(loaded.model, self.pool)
                         if cuda_graphs and self.pool.kernel == "flex" and self.pool.device.type == "cuda" else None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-engine")
         # Prompts prefilled here (colocated serving) share the worker thread with decode steps.
-        self.local_prefill = PrefillEngine(loaded, prefill_token_budget, prefill_chunk_tokens, executor=self._executor)
+        self.local_prefill = PrefillEngine(loaded, prefill_token_budget, prefill_chunk_tokens, executor=self._executor,
+                                           max_partial=max_partial_prefills)
         self._waiting: dict[str, DecodeSequence] = {}   # by transfer id: blocks granted, KV not complete
         self._ready: collections.deque[DecodeSequence] = collections.deque()
         self._running: list[DecodeSequence] = []
@@ -163,21 +165,28 @@ class DecodeEngine:
             raise InvalidArgument(
                 f"max_tokens: prompt_tokens ({params.prompt_tokens}) + max_tokens ({params.max_tokens}) exceeds the context length {limit}"
             )
+        if params.first_index >= params.prompt_tokens:
+            raise InvalidArgument(f"first_index: {params.first_index} tokens delivered must be part of the prompt "
+                                  f"({params.prompt_tokens} tokens)")
 
     def kv_tokens(self, params: DecodeParams) -> int:
         """Tokens whose KV a request can ever hold: the prompt and every completion token but the last."""
         return params.prompt_tokens + params.max_tokens - 1
 
-    async def reserve(self, params: DecodeParams, local: bool = False) -> DecodeSequence:
+    async def reserve(self, params: DecodeParams, local: bool = False,
+                      deadline_s: float | None = None) -> DecodeSequence:
         """Admits a request: returns once its KV blocks are granted (waiting in the admission queue if needed).
 
         Raises ``InvalidArgument`` for a request that can never fit and ``ResourceExhausted`` (with a retry
-        hint) when the queue is full. A transfer may arrive under ``params.transfer_id`` once this returns.
+        hint) when it cannot be served in time: the queue is full, or by the recent step time it would finish
+        after ``deadline_s`` (seconds from now). A transfer may arrive under ``params.transfer_id`` once this
+        returns.
         """
         self.check(params, local)
         if not local and params.transfer_id in self._waiting:
             raise InvalidArgument(f"transfer_id: {params.transfer_id!r} is already reserved")
-        ticket = self.admission.request(self.pool.blocks_for(self.kv_tokens(params)))
+        steps = params.max_tokens if local else params.max_tokens - 1  # prefill samples the first elsewhere
+        ticket = self.admission.request(self.pool.blocks_for(self.kv_tokens(params)), steps, deadline_s)
         seq = DecodeSequence(params, ticket, local=local)
         try:
             await ticket.granted
@@ -194,20 +203,26 @@ class DecodeEngine:
         return seq
 
     def _check_lease(self, seq: DecodeSequence, since_ns: int) -> None:
-        """The reservation's lease: a transfer that made no progress (no stream, no chunk) for kv_lease_s is
-        failed and its blocks freed. Chunks are written on this loop, so none is being written now, and the
-        assembly refuses any later one (``KVAssembly.check_alive``)."""
+        """The reservation's lease, in two parts of kv_lease_s each: from the reservation to the transfer's
+        first chunk (the prompt's queue and first layer at prefill), then from that chunk to the whole KV
+        (progress does not renew it: a transfer trickling a chunk at a time cannot hold blocks for longer).
+        Past either, the transfer fails and its blocks are freed. Chunks are written on this loop, so none
+        is being written now, and the assembly refuses any later one (``KVAssembly.check_alive``)."""
         tid = seq.params.transfer_id
         if self._waiting.get(tid) is not seq:
             return  # completed, failed or cancelled meanwhile
-        last = max(since_ns, seq.transfer.last_chunk_ns if seq.transfer is not None else 0)
-        idle_s = (time.monotonic_ns() - last) / 1e9
-        if idle_s < self.kv_lease_s:
-            asyncio.get_running_loop().call_later(self.kv_lease_s - idle_s, self._check_lease, seq, last)
+        first_chunk_ns = seq.transfer.first_chunk_ns if seq.transfer is not None else 0
+        since_ns = first_chunk_ns or since_ns
+        left_s = self.kv_lease_s - (time.monotonic_ns() - since_ns) / 1e9
+        if left_s > 0:
+            asyncio.get_running_loop().call_later(left_s, self._check_lease, seq, since_ns)
             return
         self.counters.leases_expired += 1
-        self.fail_transfer(tid, DeadlineExceeded(
-            f"transfer {tid!r}: no KV arrived for {self.kv_lease_s:g} s; reservation released"))
+        if first_chunk_ns:
+            why = f"transfer {tid!r}: KV not complete {self.kv_lease_s:g} s after its first chunk; reservation released"
+        else:
+            why = f"transfer {tid!r}: no KV arrived for {self.kv_lease_s:g} s; reservation released"
+        self.fail_transfer(tid, DeadlineExceeded(why))
 
     async def prefill_locally(self, seq: DecodeSequence, token_ids: list[int]) -> None:
         """Runs the prompt on this engine, writing its KV into the request's blocks; emits token 0."""
@@ -326,18 +341,6 @@ class DecodeEngine:
         else:
             self._free(seq)
 
-    def _retry_hint_ms(self, shortfall: int) -> int:
-        """About when ``shortfall`` more blocks will be free, from running requests' remaining tokens."""
-        step_ms = self._step_ms or 50.0
-        remaining = sorted((s.params.max_tokens - s.next_index, len(s.blocks)) for s in self._running if s.ticket)
-        freed, wait_tokens = 0, 1
-        for tokens_left, blocks in remaining:
-            freed += blocks
-            wait_tokens = max(1, tokens_left)
-            if freed >= shortfall:
-                break
-        return int(min(60_000, max(10, wait_tokens * step_ms)))
-
     def stats(self) -> dict[str, int | float]:
         alloc = self.pool.allocator
         return {
@@ -353,6 +356,7 @@ class DecodeEngine:
             "kv_block_size": self.pool.block_size,
             "refused": self.admission.refused,
             "cuda_graphs": self._graphs.captured if self._graphs is not None else 0,
+            "step_ms": self._step_ms,
             **vars(self.counters),
         }
 
@@ -384,6 +388,7 @@ class DecodeEngine:
             while self._ready and len(self._running) < self.max_batch:
                 seq = self._ready.popleft()
                 seq.state = SeqState.RUNNING
+                self.admission.started(seq.ticket)
                 self._running.append(seq)
             if not self._running:
                 self._wake.clear()

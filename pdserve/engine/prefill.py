@@ -18,6 +18,7 @@ where the KV goes.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -26,9 +27,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from pdserve.aio import cancel_and_wait
+from pdserve.aio import ByteBudget, cancel_and_wait
 from pdserve.engine.sampling import SamplingParams, sample
-from pdserve.errors import Cancelled
+from pdserve.errors import Cancelled, ResourceExhausted
 from pdserve.kv.wire import DTYPE_NAMES, KVLayout
 from pdserve.model import LoadedModel
 
@@ -59,6 +60,8 @@ class PrefillJob:
     done: int = 0  # tokens already prefilled
     passes: int = 0
     cancelled: bool = False
+    kv: KVBytes | None = None  # its KV's share of the in-flight budget (None: the KV stays here)
+    name: str = ""  # for log lines: the request id
     enqueued_ns: int = field(default_factory=time.monotonic_ns)
     start_ns: int = 0
     # Per layer (1, H, T, D): earlier chunks' K/V, kept only while later chunks remain.
@@ -68,6 +71,26 @@ class PrefillJob:
     @property
     def remaining(self) -> int:
         return len(self.token_ids) - self.done
+
+
+@dataclass(eq=False)
+class KVBytes:
+    """The bytes one prompt's KV holds in an in-flight ``ByteBudget``: taken before its first pass, released
+    by whoever ends the transfer (delivered, failed, or a kept copy dropped). Both idempotent."""
+
+    budget: ByteBudget
+    size: int
+    held: bool = False
+
+    def take(self) -> bool:
+        if not self.held:
+            self.held = self.budget.take(self.size)
+        return self.held
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.budget.release(self.size)
 
 
 @dataclass(frozen=True)
@@ -81,32 +104,60 @@ class Segment:
         return self.start + self.count == len(self.job.token_ids)
 
 
-def plan_batch(queue: Sequence[PrefillJob], token_budget: int, chunk_tokens: int) -> list[Segment]:
-    """The segments of the next forward pass, in queue order.
+def plan_batch(queue: Sequence[PrefillJob], token_budget: int, chunk_tokens: int, max_partial: int = 2,
+               start: Callable[[PrefillJob], bool] = lambda job: True) -> list[Segment]:
+    """The segments of the next forward pass, at most ``token_budget`` tokens (a lone whole prompt excepted).
 
-    With chunking (``chunk_tokens > 0``) a prompt contributes at most
-    ``chunk_tokens`` tokens, and the pass is filled up to ``token_budget``
-    (a prompt may contribute a shorter chunk to fill it). Without chunking a
-    prompt goes whole: it waits for a pass with room for it, unless it is
-    first in line, when it runs alone even past the budget.
+    Chunked (``chunk_tokens > 0``), in this order while the budget lasts:
+
+    1. the oldest prompt already being chunked: its next chunk (long prompts always progress);
+    2. prompts not yet started that fit in one chunk, in arrival order, whole: short prompts never wait
+       behind long ones;
+    3. the other prompts being chunked: a chunk each;
+    4. long prompts not yet started, in arrival order, a chunk each, while fewer than ``max_partial``
+       prompts are being chunked (each holds its earlier chunks' KV); the first that cannot start ends
+       this step, so long prompts start in arrival order.
+
+    A long prompt's chunk may be shorter than ``chunk_tokens`` to fill the budget. Without chunking, whole
+    prompts go in arrival order; one that does not fit the room left is passed over for later ones that
+    do, and runs alone, even past the budget, once nothing is planned before it.
+
+    ``start(job)`` is asked once before a prompt's first segment is planned; False (no room for its KV in
+    flight yet, say) passes it over for now.
     """
+    live = [job for job in queue if not job.cancelled and job.remaining > 0]
     plan: list[Segment] = []
     room = token_budget
-    for job in queue:
-        if job.cancelled or job.remaining <= 0:
-            continue
-        if chunk_tokens > 0:
-            count = min(job.remaining, chunk_tokens, room)
-        elif job.remaining <= room or not plan:
-            count = job.remaining
-        else:
-            break
-        if count <= 0:
-            break
+
+    def add(job: PrefillJob, count: int) -> None:
+        nonlocal room
         plan.append(Segment(job, job.done, count))
         room -= count
-        if room <= 0:
+
+    if chunk_tokens <= 0:
+        for job in live:
+            if (job.remaining <= room or not plan) and start(job):
+                add(job, job.remaining)
+            if room <= 0:
+                break
+        return plan
+    partial = [job for job in live if job.done > 0]
+    if partial:
+        add(partial[0], min(partial[0].remaining, chunk_tokens, room))
+    for job in live:
+        if job.done == 0 and job.remaining <= min(chunk_tokens, room) and start(job):
+            add(job, job.remaining)
+    for job in partial[1:]:
+        if room > 0:
+            add(job, min(job.remaining, chunk_tokens, room))
+    for job in live:
+        if room <= 0 or len(partial) >= max_partial:
             break
+        if job.done == 0 and job.remaining > chunk_tokens:
+            if not start(job):
+                break
+            partial.append(job)
+            add(job, min(job.remaining, chunk_tokens, room))
     return plan
 
 
@@ -163,18 +214,36 @@ def packed_inputs(plan: list[Segment], device: torch.device) -> tuple[torch.Tens
 
 
 class PrefillEngine:
+    """Owns the model's prefill passes: a queue of prompts, planned pass by pass (``plan_batch``).
+
+    Bounded and honest: at most ``max_queued_tokens`` prompt tokens wait; a prompt that would overflow
+    them, or that would not be done before its deadline at the recent throughput, is refused at once with
+    ``ResourceExhausted`` and a retry hint (``check_admission``). A prompt whose KV leaves this instance
+    holds its bytes in ``inflight`` (a ``ByteBudget``) from its first pass until its transfer is over: a
+    prompt starts only when they fit, so a slow consumer cannot make memory grow; short prompts may start
+    ahead of a long one waiting for room, until it has waited ``BYTES_AGING_S``.
+    """
+
+    BYTES_AGING_S = 5.0
+
     def __init__(self, loaded: LoadedModel, token_budget: int = 2048, chunk_tokens: int = 512,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, max_partial: int = 2, max_queued_tokens: int = 65536,
+                 kv_inflight_bytes: int = 1 << 30) -> None:
         self._loaded = loaded
         self.token_budget = token_budget
         self.chunk_tokens = chunk_tokens
+        self.max_partial = max_partial
+        self.max_queued_tokens = max_queued_tokens
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-engine")
         self._queue: list[PrefillJob] = []
         self._wake = asyncio.Event()
+        self.inflight = ByteBudget(kv_inflight_bytes, on_release=self._wake.set)
         self._task: asyncio.Task | None = None
         self.passes = 0
         self.peak_batch = 0  # most prompts in one pass
+        self.tokens_per_s = 0.0  # recent throughput (moving average over passes; 0 before the first)
+        self.refused = 0
 
     @property
     def info(self):
@@ -193,14 +262,50 @@ class PrefillEngine:
         kv = self._loaded.info.kv
         return KVLayout(transfer_id, kv.num_layers, num_tokens, kv.kv_heads, kv.head_dim, DTYPE_NAMES[self._loaded.dtype])
 
+    def estimated_s(self, tokens: int) -> float | None:
+        """Seconds until a prompt of ``tokens`` queued now would be done, by the plan's order and the recent
+        throughput (None before the first pass)."""
+        if not self.tokens_per_s:
+            return None
+        live = [job for job in self._queue if not job.cancelled]
+        if self.chunk_tokens and tokens <= self.chunk_tokens:  # short: behind short ones, beside one chunk
+            short = sum(job.remaining for job in live if job.done == 0 and job.remaining <= self.chunk_tokens)
+            room = max(1, self.token_budget - self.chunk_tokens)
+            passes = -(-(short + tokens) // room)
+            before = short + (self.chunk_tokens * passes if any(job.done for job in live) else 0)
+        else:
+            before = sum(job.remaining for job in live)
+        return (before + tokens) / self.tokens_per_s
+
+    def check_admission(self, tokens: int, deadline_s: float | None = None) -> None:
+        """Raises ``ResourceExhausted`` (with a retry hint) unless a prompt of ``tokens`` can queue now and,
+        by the recent throughput, the queue ahead of it does not push it past ``deadline_s`` seconds."""
+        queued = self.queued_tokens
+        estimate = self.estimated_s(tokens)
+        hint_ms = int(max(0.01, (estimate or 1.0) - tokens / (self.tokens_per_s or 1e9)) * 1e3)
+        if queued + tokens > self.max_queued_tokens:
+            why = f"{queued} prompt tokens queued, at most {self.max_queued_tokens}"
+        elif deadline_s is not None and estimate is not None and tokens / self.tokens_per_s <= deadline_s < estimate:
+            why = (f"it would be done in about {estimate:.1f} s ({queued} tokens queued at "
+                   f"{self.tokens_per_s:.0f} tokens/s), after its deadline ({deadline_s:.1f} s)")
+        else:
+            return
+        self.refused += 1
+        raise ResourceExhausted(f"prefill busy: {why}; retry after about {hint_ms} ms", hint_ms)
+
     async def prefill(self, token_ids: list[int], sampling: SamplingParams,
-                      on_layer: LayerCallback | None = None, first_index: int = 0) -> PrefillResult:
+                      on_layer: LayerCallback | None = None, first_index: int = 0,
+                      kv: KVBytes | None = None, name: str = "") -> PrefillResult:
         """Queues the prompt; ``on_layer`` gets every chunk of every layer on this event loop; returns the first
-        token (token ``first_index`` of the request: a resumed request's prompt ends with the ones delivered)."""
+        token (token ``first_index`` of the request: a resumed request's prompt ends with the ones delivered).
+        ``kv``: the bytes its KV will hold in ``inflight`` (taken before its first pass; the caller releases
+        them once the KV is delivered or dropped)."""
         loop = asyncio.get_running_loop()
         if self._task is None:
-            self._task = loop.create_task(self._loop(), name="prefill-loop")
-        job = PrefillJob(list(token_ids), sampling, on_layer, loop.create_future(), first_index)
+            # A fresh context: the loop serves every request, so it must not carry this one's request id
+            # and trace into its log lines.
+            self._task = contextvars.Context().run(loop.create_task, self._loop(), name="prefill-loop")
+        job = PrefillJob(list(token_ids), sampling, on_layer, loop.create_future(), first_index, kv=kv, name=name)
         self._queue.append(job)
         self._wake.set()
         try:
@@ -209,11 +314,28 @@ class PrefillEngine:
             job.cancelled = True  # dropped from the queue before the next pass
             raise
 
+    def _starter(self) -> Callable[[PrefillJob], bool]:
+        """``plan_batch``'s ``start``: a prompt starts once its KV bytes fit in flight; others may start
+        ahead of one waiting for room until it has waited BYTES_AGING_S."""
+        now = time.monotonic_ns()
+        aged = next((job for job in self._queue if job.done == 0 and not job.cancelled and job.kv is not None
+                     and not job.kv.held and not self.inflight.fits(job.kv.size)
+                     and now - job.enqueued_ns > self.BYTES_AGING_S * 1e9), None)
+
+        def start(job: PrefillJob) -> bool:
+            if job.kv is None or job.kv.held:
+                return True
+            if aged is not None and job is not aged:
+                return False
+            return job.kv.take()
+
+        return start
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             self._queue = [job for job in self._queue if not job.cancelled]
-            plan = plan_batch(self._queue, self.token_budget, self.chunk_tokens)
+            plan = plan_batch(self._queue, self.token_budget, self.chunk_tokens, self.max_partial, self._starter())
             if not plan:
                 self._wake.clear()
                 await self._wake.wait()
@@ -226,12 +348,16 @@ class PrefillEngine:
             try:
                 firsts, start_ns, end_ns = await loop.run_in_executor(self._executor, self._forward, plan, notify)
             except Exception as exc:  # a failed pass fails its prompts, not the server
-                log.exception("prefill pass failed")
+                log.exception("prefill pass failed (%d prompts: %s)", len(plan),
+                              ", ".join(sorted({seg.job.name for seg in plan})))
                 for seg in plan:
                     self._finish(seg.job, exc=exc)
                 continue
             self.passes += 1
             self.peak_batch = max(self.peak_batch, len(plan))
+            tokens = sum(seg.count for seg in plan)
+            rate = tokens / max(1e-9, (end_ns - start_ns) / 1e9)
+            self.tokens_per_s = rate if not self.tokens_per_s else 0.8 * self.tokens_per_s + 0.2 * rate
             for seg in plan:
                 job = seg.job
                 job.passes += 1

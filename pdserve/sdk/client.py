@@ -25,6 +25,7 @@ from pdserve.rpc import OPTIONS, error_from_rpc
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+_CLIENT = object()  # a request's timeout when not given: the client's
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
 
 
@@ -206,9 +207,12 @@ class AsyncClient:
         self._timeout = timeout
         self._resume_attempts = resume_attempts
 
-    async def stream(self, prompt: str | None = None, **kwargs) -> AsyncIterator[Chunk]:
-        """Yields chunks as the gateway streams them, resuming a broken stream; see ``build_request``."""
-        state = _Resume(build_request(prompt, **kwargs), self._timeout, self._resume_attempts)
+    async def stream(self, prompt: str | None = None, *, timeout: float | None | object = _CLIENT,
+                     **kwargs) -> AsyncIterator[Chunk]:
+        """Yields chunks as the gateway streams them, resuming a broken stream; see ``build_request``.
+        ``timeout``: this request's deadline in seconds (default: the client's)."""
+        state = _Resume(build_request(prompt, **kwargs), self._timeout if timeout is _CLIENT else timeout,
+                        self._resume_attempts)
         error = None
         try:
             while True:
@@ -262,8 +266,12 @@ class Client:
         self._timeout = timeout
         self._resume_attempts = resume_attempts
 
-    def stream(self, prompt: str | None = None, **kwargs) -> Iterator[Chunk]:
-        state = _Resume(build_request(prompt, **kwargs), self._timeout, self._resume_attempts)
+    def stream(self, prompt: str | None = None, *, timeout: float | None | object = _CLIENT,
+               **kwargs) -> Iterator[Chunk]:
+        """Yields chunks as the gateway streams them, resuming a broken stream; see ``build_request``.
+        ``timeout``: this request's deadline in seconds (default: the client's)."""
+        state = _Resume(build_request(prompt, **kwargs), self._timeout if timeout is _CLIENT else timeout,
+                        self._resume_attempts)
         error = None
         try:
             while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
 import time
 
 from pdserve import config as cfg
@@ -33,6 +34,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, engine: DecodeEngine) -> None:
         self._engine = engine
         self._host_id = host_id()
+        self.incarnation = secrets.token_hex(8)  # a restart on the same address is a new instance
         self.metrics = DecodeMetrics()
         self.metrics.gauges(self._gauges)
 
@@ -78,7 +80,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         prompt = list(request.prompt_token_ids)
         if prompt:
             check_token_ids(prompt, self._engine.info.vocab_size, "prompt_token_ids")
-        seq = await self._engine.reserve(params, local=bool(prompt))
+        seq = await self._engine.reserve(params, local=bool(prompt), deadline_s=context.time_remaining())
         reserved = time.monotonic_ns()
         self.metrics.admission.observe((reserved - arrived) / 1e9)
         telemetry.at("decode.admission", arrived, reserved, attributes={"pdserve.kv_blocks": len(seq.blocks)})
@@ -157,7 +159,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @rpc_errors
     async def GetStats(self, request, context):
-        return decode_pb2.DecodeStats(**self._engine.stats(), host_id=self._host_id)
+        return decode_pb2.DecodeStats(**self._engine.stats(), host_id=self._host_id, incarnation=self.incarnation)
 
 
 async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = None) -> RunningService:
@@ -166,7 +168,8 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
     engine = DecodeEngine(loaded, kv_budget=budget_bytes(config.kv_budget_spec, loaded.device),
                           block_size=config.kv_block_size, max_batch=config.max_batch, max_queued=config.max_queued,
                           prefill_token_budget=config.prefill_token_budget,
-                          prefill_chunk_tokens=config.prefill_chunk_tokens, paged_kernel=config.paged_kernel,
+                          prefill_chunk_tokens=config.prefill_chunk_tokens,
+                          max_partial_prefills=config.max_partial_prefills, paged_kernel=config.paged_kernel,
                           kv_lease_s=config.kv_lease_s, cuda_graphs=config.cuda_graphs)
     engine.start()
     sweep_orphans()
@@ -187,7 +190,7 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
             await announcer.close()
 
     closers = [close]
-    metrics_port = expose_metrics(config, servicer.metrics, closers)
+    metrics_port = await expose_metrics(config, servicer.metrics, closers)
     return RunningService("decode", server, port, health, (SERVICE,), closers, engine,
                           drainers=[announcer.drain] if announcer else [], metrics_port=metrics_port)
 

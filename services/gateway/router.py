@@ -54,6 +54,9 @@ KEPT_WAIT_S = 5.0  # how long a failed attempt waits to learn whether prefill ke
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 1.0
 RETRYABLE = (Unavailable, DataLoss, Cancelled, Internal, DeadlineExceeded)
+# After an instance was found unreachable, the next attempt waits up to this long for the health checks to
+# find one of its role up, rather than spend the attempt budget on refused connections.
+UNAVAILABLE_WAIT_S = 10.0
 
 
 def backoff_s(attempt: int) -> float:
@@ -242,7 +245,17 @@ class Router:
                 log.warning("request_id=%s: attempt %d failed after %d tokens (%d of %d in a row without a "
                             "token: %s); resuming elsewhere", req.request_id, attempt + 1, output.count, in_a_row,
                             MAX_ATTEMPTS, error)
+                if isinstance(error, Unavailable):
+                    await self._wait_for_instances(req)
             attempt += 1
+
+    async def _wait_for_instances(self, req: GatewayRequest) -> None:
+        """Waits until every role the next attempt needs has an instance up (at most UNAVAILABLE_WAIT_S, and
+        never past the deadline)."""
+        for role in ("prefill", "decode"):
+            if self.registry.instances[role] and not self.registry.up(role):
+                left = req.time_left()
+                await self.registry.wait_up(role, frozenset(), min(UNAVAILABLE_WAIT_S, left or UNAVAILABLE_WAIT_S))
 
     async def _attempt(self, req: GatewayRequest, eos: frozenset[int], output: _Output, timings: Timings,
                        attempt: int, failed: set[str], started: float,
@@ -309,24 +322,37 @@ class Router:
                     raise Internal(f"decode {decode_addr}: expected token {delivered}, got {event}")
                 first_token = event.token.token_id
             else:
-                # 3. Prefill; its first event is the first token.
-                begin("prefill", prefill_addr, len(prompt))
-                prefill_call = prefill_pb2_grpc.PrefillStub(self._channels.get(prefill_addr)).Prefill(
-                    prefill_pb2.PrefillRequest(request_id=req.request_id, token_ids=prompt,
-                                               sampling=sampling_to_proto(req.sampling), first_index=delivered,
-                                               decode_address=decode_addr, transfer_id=transfer_id),
-                    timeout=req.time_left(), metadata=metadata)
-                event = await self._read(prefill_call, "prefill", prefill_addr, failed)
+                # 3. Prefill; its first event is the first token. A busy instance refuses at once: try the next.
+                refused: set[str] = set()
+                while True:
+                    begin("prefill", prefill_addr, len(prompt))
+                    prefill_call = prefill_pb2_grpc.PrefillStub(self._channels.get(prefill_addr)).Prefill(
+                        prefill_pb2.PrefillRequest(request_id=req.request_id, token_ids=prompt,
+                                                   sampling=sampling_to_proto(req.sampling), first_index=delivered,
+                                                   decode_address=decode_addr, transfer_id=transfer_id),
+                        timeout=req.time_left(), metadata=metadata)
+                    try:
+                        event = await self._read(prefill_call, "prefill", prefill_addr, failed)
+                        break
+                    except ResourceExhausted:
+                        end("prefill", prefill_addr, len(prompt))
+                        refused.add(prefill_addr)
+                        span.add_event("prefill.refused", {"instance": prefill_addr})
+                        prefill_addr = self._scheduler.pick_prefill(len(prompt), frozenset(failed | refused))
+                        if not prefill_addr or prefill_addr in refused:
+                            raise  # every prefill instance is busy: the client gets the refusal and its hint
                 if event is None or event.WhichOneof("event") != "first_token":
                     raise Internal(f"prefill {prefill_addr}: expected FirstToken, got {event}")
                 end("prefill", prefill_addr, len(prompt))  # its forward pass is done; the KV may still travel
+                self.registry.report(prefill_addr, ok=True)
                 if delivered == 0:
                     timings.prefill_queue_ms = event.first_token.queue_ms
                     timings.prefill_forward_ms = event.first_token.forward_ms
                 first_token = event.first_token.token_id
             if needs_decode and not local:
                 transfer_task = asyncio.get_running_loop().create_task(
-                    self._await_transfer(prefill_call, prefill_addr, decode_call, timings, failed, delivered))
+                    self._await_transfer(prefill_call, prefill_addr, decode_call, decode_addr, timings, failed,
+                                         delivered))
             if kept is not None:
                 chunk = OutputChunk([], delivered, "")  # nothing new to deliver before decode's tokens
             else:
@@ -347,6 +373,8 @@ class Router:
                 token = event.token
                 if token.index != output.count:
                     raise Internal(f"decode {decode_addr}: token index {token.index}, expected {output.count}")
+                if output.count == delivered + 1:
+                    self.registry.report(decode_addr, ok=True)  # its first token: the instance works
                 chunk = output.add(token.token_id)
                 if chunk.finish_reason is None:
                     yield chunk
@@ -450,10 +478,14 @@ class Router:
             raise Unavailable(f"{address}: marked down (health checks unanswered) while waiting for it")
         return read.result()
 
-    async def _read(self, call, role: str, address: str, failed: set[str], timeout: float | None = None):
+    async def _read(self, call, role: str, address: str, failed: set[str], timeout: float | None = None,
+                    blame_data_loss: str | None = None):
         """The call's next message (None at its end). A failure names the instance; one that is unreachable
-        or silent past ``timeout`` is marked down and avoided by this request's next attempt. Without a
-        timeout the wait ends when the registry marks the instance down."""
+        or silent past ``timeout`` is marked down, and the instance a retryable failure is blamed on (for
+        DATA_LOSS, ``blame_data_loss`` if given) is avoided by this request's next attempt and counts
+        towards its ejection. Without a timeout the wait ends when the registry marks the instance down.
+        An answer that the method does not exist there means another program (or role) holds the address:
+        the instance is unavailable, not the request invalid."""
         try:
             message = await (self._read_unless_down(call, address) if timeout is None
                              else asyncio.wait_for(call.read(), timeout))
@@ -469,22 +501,32 @@ class Router:
             raise
         except asyncio.TimeoutError:
             failed.add(address)
+            self.registry.report(address, ok=False)
             self.registry.mark_down(address, f"no token for {timeout:.0f} s")
             raise DeadlineExceeded(f"{role} {address}: no token for {timeout:.0f} s") from None
         except grpc.aio.AioRpcError as exc:
-            error = error_from_rpc(exc, f"{role} {address}")
-            if isinstance(error, RETRYABLE):
-                failed.add(address)
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                error = Unavailable(f"{role} {address}: the server there does not serve the {role} API "
+                                    "(another program on its port?)")
+                self._channels.reset(address)
+            else:
+                error = error_from_rpc(exc, f"{role} {address}")
+            if isinstance(error, RETRYABLE) and not (isinstance(error, Cancelled) and call.cancelled()):
+                blamed = blame_data_loss if isinstance(error, DataLoss) and blame_data_loss else address
+                failed.add(blamed)
+                self.registry.report(blamed, ok=False)
             if isinstance(error, Unavailable):
                 self.registry.mark_down(address, str(error))
             raise error from None
         return None if message is grpc.aio.EOF else message
 
-    async def _await_transfer(self, prefill_call, prefill_addr: str, decode_call, timings: Timings,
-                              failed: set[str], index: int) -> None:
-        """Waits for prefill's TransferDone; if the transfer fails, stops the decode stream too."""
+    async def _await_transfer(self, prefill_call, prefill_addr: str, decode_call, decode_addr: str,
+                              timings: Timings, failed: set[str], index: int) -> None:
+        """Waits for prefill's TransferDone; if the transfer fails, stops the decode stream too. Prefill
+        reports a push that decode broke or refused as DATA_LOSS (or keeps the KV): that is the decode
+        instance's failure, and the next attempt avoids it."""
         try:
-            event = await self._read(prefill_call, "prefill", prefill_addr, failed)
+            event = await self._read(prefill_call, "prefill", prefill_addr, failed, blame_data_loss=decode_addr)
         except NotFound as exc:  # a Repush whose kept KV expired: the next attempt prefills again
             decode_call.cancel()
             raise DataLoss(str(exc)) from None
@@ -492,6 +534,8 @@ class Router:
             decode_call.cancel()
             raise
         if event is not None and event.WhichOneof("event") == "kv_kept":
+            failed.add(decode_addr)
+            self.registry.report(decode_addr, ok=False)
             decode_call.cancel()
             kv = event.kv_kept
             raise TransferKept(f"prefill {prefill_addr}: KV push failed ({kv.reason}); KV kept as {kv.kept_id}",

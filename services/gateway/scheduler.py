@@ -1,17 +1,21 @@
 """Which prefill and which decode instance serve a request, among those that are up.
 
-``Registry`` holds the configured instances and whether each is up: a probe
-task asks every instance's gRPC health service every ``probe_interval_s``
-(SERVING: up; NOT_SERVING, as a draining instance answers: down at once; no
-answer within the timeout ``probe_misses`` times in a row: down, since one
-slow answer from a busy instance is no outage), and a call that fails with
-UNAVAILABLE marks its instance down at once, until a probe finds it serving
-again. When every instance of a role is down, picks fall back to all of
-them: a wrong "down" must not turn into an outage of its own.
+``Registry`` holds the instances (configured, resolved, registered by
+heartbeat) and whether each is up: a probe task asks every instance's gRPC
+health service for its role every ``probe_interval_s`` (through the channel
+calls use while it is up, a fresh one while it is down; SERVING: up; NOT_SERVING, as a draining instance answers, or
+another service on its port: down at once; no answer within the timeout
+``probe_misses`` times in a row: down, since one slow answer from a busy
+instance is no outage), a call that fails with UNAVAILABLE marks its instance
+down at once until a probe finds it serving again, and repeated failed calls
+eject it for a cooldown. An instance is down until its first probe answers.
+When every instance of a role is down, picks fall back to all of them: a
+wrong "down" must not turn into an outage of its own.
 
-The registry also asks each decode instance for its ``GetStats`` every
-probe (KV blocks used and total, running batch, queue), the load report
-decode-side policies read.
+The registry also asks each instance for its ``GetStats`` every probe (decode:
+KV blocks used and total, running batch, queue; prefill: queued tokens), the
+load reports policies read, and each report's ``incarnation``, which changes
+when an instance restarts on the same address.
 
 ``Scheduler`` is the policy interface. ``LoadAwareScheduler`` (the default)
 sends a prompt to the less loaded of two random prefill instances by
@@ -37,18 +41,23 @@ import logging
 import random
 import socket
 import time
-from typing import Iterable, Protocol
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable, Protocol
 
 import grpc
 
-from pdserve.errors import Unavailable
+from pdserve.errors import ResourceExhausted, Unavailable
 from pdserve.rpc import ChannelPool, health_status
-from pdserve.v1 import decode_pb2, decode_pb2_grpc
+from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 
 INSTANCE_ROLES = ("prefill", "decode")
+# The health service each role's instances report SERVING on.
+SERVICES = {"prefill": prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name,
+            "decode": decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name}
+NOT_CHECKED = "not checked yet"
 
 
 async def resolve(entry: str) -> list[str]:
@@ -70,7 +79,36 @@ async def resolve(entry: str) -> list[str]:
     return found
 
 
+@dataclass
+class _Outlier:
+    """Consecutive failures of calls to one instance, and its ejection (outlier detection, as Envoy does)."""
+
+    failures: int = 0
+    ejections: int = 0
+    until: float = 0.0
+
+
 class Registry:
+    """The instances a gateway routes to, and whether each is up.
+
+    An instance is *up* once a health check answers SERVING for its role's service (``pdserve.v1.Prefill`` /
+    ``pdserve.v1.Decode``), so another program (or another role) on its port is never taken for it. An up
+    instance is checked through the pooled channel the gateway's calls use (a broken connection shows); a
+    down one through a fresh channel, and the pooled one is replaced when it comes back (calls get a fresh
+    connection, not one still backing off from failed attempts). It is down while unknown (never answered yet), draining (NOT_SERVING), answering for another
+    service, silent or refusing ``probe_misses`` probes in a row, unreachable on a call, or ejected after
+    ``EJECT_AFTER`` failed calls in a row (for a cooldown that doubles with each ejection). Each probe also
+    fetches its load report (``GetStats``), whose ``incarnation`` tells a restart on the same address.
+    An instance that leaves (heartbeats stop, a draining heartbeat, or its name resolves elsewhere) is
+    forgotten: its channels close once their calls finish.
+    """
+
+    EJECT_AFTER = 3          # failed calls in a row
+    EJECT_BASE_S = 5.0       # first ejection; doubles each time, up to EJECT_MAX_S
+    EJECT_MAX_S = 60.0
+    MAX_REGISTERED = 1024    # instances registered by heartbeat, per role
+    LEFT_GRACE_S = 30.0      # calls still running on an instance that left get this long
+
     def __init__(self, prefill: Iterable[str], decode: Iterable[str], probe_interval_s: float = 1.0,
                  probe_timeout_s: float = 1.0, probe_misses: int = 3, channels: ChannelPool | None = None,
                  resolver=resolve) -> None:
@@ -79,17 +117,26 @@ class Registry:
         self._resolved: dict[str, list[str]] = {e: [e] for role in INSTANCE_ROLES for e in self.configured[role]}
         self._registered: dict[str, dict[str, float]] = {role: {} for role in INSTANCE_ROLES}  # address -> expiry
         self._resolver = resolver
-        self.instances: dict[str, tuple[str, ...]] = {}
-        self._refresh_instances()
-        self.stats: dict[str, decode_pb2.DecodeStats] = {}  # the last load report of each decode instance
+        self.instances: dict[str, tuple[str, ...]] = {role: () for role in INSTANCE_ROLES}
+        self.stats: dict[str, decode_pb2.DecodeStats | prefill_pb2.PrefillStats] = {}  # last load reports
+        self.incarnations: dict[str, str] = {}
         self._down_events: dict[str, asyncio.Event] = {}
         self._channels = channels
-        self._down: set[str] = set()
+        self._down: dict[str, str] = {}  # address -> why it is not picked
         self._misses: dict[str, int] = {}
+        self._outliers: dict[str, _Outlier] = {}
         self.probe_misses = probe_misses
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
         self._task: asyncio.Task | None = None
+        self._changed = asyncio.Event()  # set when an instance comes up
+        self._refresh_instances()
+
+    @property
+    def ready(self) -> bool:
+        """A request can be served: a decode instance is up, and a prefill instance too unless there are
+        none (colocated)."""
+        return bool(self.up("decode")) and (bool(self.up("prefill")) or not self.instances["prefill"])
 
     def _refresh_instances(self) -> None:
         now = time.monotonic()
@@ -98,8 +145,22 @@ class Registry:
             for address in [a for a, expiry in registered.items() if expiry < now]:
                 log.warning("%s instance %s left: no heartbeat", role, address)
                 del registered[address]
-            found = [a for e in self.configured[role] for a in self._resolved[e]] + list(registered)
-            self.instances[role] = tuple(dict.fromkeys(found))
+            found = tuple(dict.fromkeys([a for e in self.configured[role] for a in self._resolved[e]] + list(registered)))
+            for address in set(found) - set(self.instances[role]):
+                self._down.setdefault(address, NOT_CHECKED)
+            for address in set(self.instances[role]) - set(found):
+                self._forget(address)
+            self.instances[role] = found
+
+    def _forget(self, address: str) -> None:
+        """An instance left: drop what is known of it; its channels close once their calls finish."""
+        for table in (self.stats, self.incarnations, self._misses, self._outliers, self._down):
+            table.pop(address, None)
+        event = self._down_events.pop(address, None)
+        if event is not None:
+            event.set()
+        if self._channels is not None:
+            self._channels.reset(address, self.LEFT_GRACE_S)
 
     async def resolve_configured(self) -> None:
         """Resolves every configured entry again (instances appear and go as a name's addresses change)."""
@@ -121,10 +182,13 @@ class Registry:
         if draining:
             if registered.pop(address, None) is not None:
                 log.info("%s instance %s left: draining", role, address)
-            self.mark_down(address, "draining (heartbeat)")
+            self.mark_down(address, "draining (heartbeat)", unreachable=False)
         else:
-            if address not in registered and address not in self.instances[role]:
-                log.info("%s instance %s joined", role, address)
+            if address not in registered:
+                if len(registered) >= self.MAX_REGISTERED:
+                    raise ResourceExhausted(f"{role}: {self.MAX_REGISTERED} instances registered already")
+                if address not in self.instances[role]:
+                    log.info("%s instance %s joined", role, address)
             registered[address] = time.monotonic() + 3 * interval_s  # whether it is up: the health probes
         self._refresh_instances()
 
@@ -132,75 +196,145 @@ class Registry:
         return [a for a in self.instances[role] if a not in self._down]
 
     def is_up(self, address: str) -> bool:
-        return address not in self._down
+        return address not in self._down and any(address in known for known in self.instances.values())
 
     def candidates(self, role: str, exclude: frozenset[str]) -> list[str]:
-        """Where a request may go: up and not yet failed for it; else up; else (all look down) any configured."""
-        configured = self.instances[role]
+        """Where a request may go: up and not yet failed for it; else up; else (all look down) any known."""
+        known = self.instances[role]
         up = self.up(role)
-        found = [a for a in up if a not in exclude] or up or [a for a in configured if a not in exclude] \
-            or list(configured)
+        found = [a for a in up if a not in exclude] or up or [a for a in known if a not in exclude] or list(known)
         if not found:
             raise Unavailable(f"no {role} instance is configured or registered")
         return found
 
+    async def wait_up(self, role: str, exclude: frozenset[str], timeout_s: float) -> bool:
+        """Waits (up to ``timeout_s``) until an instance of ``role`` outside ``exclude`` is up; True if one is.
+        A request that found every instance down waits here for the health checks instead of spending its
+        attempts on connections that are refused."""
+        deadline = time.monotonic() + timeout_s
+        while not [a for a in self.up(role) if a not in exclude]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        return True
+
     def down_event(self, address: str) -> asyncio.Event:
-        """Set when ``address`` is next marked down: what calls waiting on it race against."""
+        """Set when ``address`` is next found unreachable: what calls waiting on it race against."""
         event = self._down_events.get(address)
         if event is None:
             event = self._down_events[address] = asyncio.Event()
         return event
 
-    def mark_down(self, address: str, why: str) -> None:
+    def mark_down(self, address: str, why: str, unreachable: bool = True) -> None:
+        """No new work for ``address``. ``unreachable``: calls waiting on it give up too (``down_event``);
+        an instance that is draining or refuses new work still finishes the calls it has."""
+        if not any(address in known for known in self.instances.values()):
+            return  # not (or no longer) one of ours: nothing to remember
         self.stats.pop(address, None)  # its last load report no longer says anything
-        event = self._down_events.pop(address, None)
-        if event is not None:
-            event.set()  # calls waiting on it give up; later waits get a fresh event
-        if address not in self._down:
+        if unreachable:
+            event = self._down_events.pop(address, None)
+            if event is not None:
+                event.set()  # later waits get a fresh event
+            # Calls failed because it could not be reached, which the health checks now see for themselves:
+            # ejection is for an instance that looks healthy and fails its calls anyway.
+            self._outliers.pop(address, None)
+        if self._down.get(address, NOT_CHECKED) == NOT_CHECKED:
             log.warning("instance %s marked down: %s", address, why)
-            self._down.add(address)
+        self._down[address] = why
 
     def _mark_up(self, address: str) -> None:
         if address in self._down:
-            log.info("instance %s is serving again", address)
-            self._down.discard(address)
+            why = self._down.pop(address)
+            log.info("instance %s is serving%s", address, "" if why == NOT_CHECKED else " again")
+            self._changed.set()
 
-    async def _load_report(self, address: str) -> None:
+    def report(self, address: str, ok: bool) -> None:
+        """A call to ``address`` succeeded or failed (through the instance's fault, not the request's):
+        ``EJECT_AFTER`` failures in a row eject it for a while, however well it answers health checks."""
+        outlier = self._outliers.setdefault(address, _Outlier())
+        if ok:
+            outlier.failures = 0
+            return
+        if address in self._down:
+            return  # not picked already: calls that were in flight when it went down count for nothing
+        outlier.failures += 1
+        if outlier.failures >= self.EJECT_AFTER:
+            outlier.failures = 0
+            outlier.ejections += 1
+            cooldown = min(self.EJECT_MAX_S, self.EJECT_BASE_S * 2 ** (outlier.ejections - 1))
+            outlier.until = time.monotonic() + cooldown
+            self.mark_down(address, f"ejected for {cooldown:g} s: {self.EJECT_AFTER} failed calls in a row",
+                           unreachable=False)
+
+    async def _load_report(self, role: str, address: str) -> None:
         try:
-            self.stats[address] = await decode_pb2_grpc.DecodeStub(self._channels.get(address)).GetStats(
-                decode_pb2.GetStatsRequest(), timeout=self.probe_timeout_s)
+            channel = self._channels.get(address)
+            if role == "decode":
+                report = await decode_pb2_grpc.DecodeStub(channel).GetStats(
+                    decode_pb2.GetStatsRequest(), timeout=self.probe_timeout_s)
+            else:
+                report = await prefill_pb2_grpc.PrefillStub(channel).GetStats(
+                    prefill_pb2.PrefillStatsRequest(), timeout=self.probe_timeout_s)
         except grpc.aio.AioRpcError:
-            pass  # liveness is the health check's business; the last report stands
+            return  # liveness is the health check's business; the last report stands
+        if address not in set(self.instances[role]):
+            return  # left meanwhile
+        known = self.incarnations.get(address)
+        if known and report.incarnation and report.incarnation != known:
+            log.warning("%s instance %s restarted (incarnation %s, was %s)", role, address, report.incarnation, known)
+            self._outliers.pop(address, None)
+        self.incarnations[address] = report.incarnation
+        self.stats[address] = report
+
+    async def _probe(self, role: str, address: str) -> None:
+        # Up: through the pooled channel, so a broken connection that calls would take shows. Down: through
+        # a fresh one (the pooled one may be wedged or backing off), and it is replaced when the instance
+        # comes back, so calls get a fresh connection too.
+        down = address in self._down
+        channel = self._channels.get(address) if self._channels is not None and not down else None
+        status = await health_status(address, SERVICES[role], timeout=self.probe_timeout_s, channel=channel)
+        if address not in set(self.instances[role]):
+            return  # left while we asked
+        if status == "serving":
+            self._misses.pop(address, None)
+            if self._channels is not None:
+                if down:
+                    self._channels.reset(address)
+                await self._load_report(role, address)  # a restart (new incarnation) ends an ejection
+            outlier = self._outliers.get(address)
+            if outlier is not None and outlier.until > time.monotonic():
+                return  # ejected: no work until its cooldown ends
+            self._mark_up(address)
+        elif status == "not serving":
+            self.mark_down(address, "health check: NOT_SERVING (draining or stopping)", unreachable=False)
+        elif status == "wrong service":
+            self.mark_down(address, f"health check: it does not serve {SERVICES[role]} (another program on its port?)")
+        else:
+            misses = self._misses[address] = self._misses.get(address, 0) + 1
+            if misses >= self.probe_misses or address in self._down:
+                # A peer silent past the timeout (a partition) may leave our connection to it wedged:
+                # drop it. One that refuses (stopping: its listener closed while its calls finish)
+                # keeps its connections, so those calls can finish.
+                if misses == self.probe_misses and status == "silent" and self._channels is not None:
+                    self._channels.reset(address)
+                self.mark_down(address, f"health check: no answer {misses} times in a row")
 
     async def probe_once(self) -> None:
         await self.resolve_configured()
-        addresses = [a for role in self.instances.values() for a in role]
-        reports = [self._load_report(a) for a in self.instances["decode"]] if self._channels is not None else []
-        results = (await asyncio.gather(*(health_status(a, timeout=self.probe_timeout_s) for a in addresses),
-                                        *reports))[:len(addresses)]
-        for address, status in zip(addresses, results):
-            if status == "serving":
-                self._misses.pop(address, None)
-                self._mark_up(address)
-            elif status == "not serving":
-                self.mark_down(address, "health check: NOT_SERVING (draining or stopping)")
-            else:
-                self._misses[address] = self._misses.get(address, 0) + 1
-                if self._misses[address] >= self.probe_misses:
-                    # A peer silent past the timeout (a partition) may leave our connection to it wedged:
-                    # drop it. One that refuses (stopping: its listener closed while its calls finish)
-                    # keeps its connections, so those calls can finish.
-                    if self._misses[address] == self.probe_misses and status == "silent" \
-                            and self._channels is not None:
-                        self._channels.reset(address)
-                    self.mark_down(address, f"health check: no answer {self._misses[address]} times in a row")
+        await asyncio.gather(*(self._probe(role, a) for role in INSTANCE_ROLES for a in self.instances[role]))
 
-    def start(self) -> None:
+    def start(self, on_probe: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Probes every ``probe_interval_s`` in a task; ``on_probe`` runs after each round."""
         async def loop() -> None:
             while True:
                 await asyncio.sleep(self.probe_interval_s)
                 try:
                     await self.probe_once()
+                    if on_probe is not None:
+                        await on_probe()
                 except Exception:  # a probe must never end the loop
                     log.exception("health probe failed")
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import secrets
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from pdserve import config as cfg
 from pdserve.convert import check_address, check_id, check_token_ids, sampling_from_proto
@@ -17,7 +19,7 @@ from pdserve.errors import InvalidArgument
 from pdserve.logs import bind_request
 from pdserve.metrics import GatewayMetrics
 from pdserve.model import ModelInfo, load_model_info
-from pdserve.rpc import ChannelPool, add_servicer, rpc_errors, start_server
+from pdserve.rpc import ChannelPool, add_servicer, rpc_errors, set_ready, start_server
 from pdserve.service import RunningService, expose_metrics, run_service, service_main
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.router import GatewayRequest, Router
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 _FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 MAX_STOP_CHARS = 256
+# A prompt longer than this many characters per token of context cannot fit (max_prompt_chars: 0).
+CHARS_PER_TOKEN_LIMIT = 32
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -37,6 +41,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._router = router
         self._registry = router.registry
         self._config = config
+        self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self.metrics: GatewayMetrics = router.metrics
         self.metrics.gauges(self._gauges)
 
@@ -51,38 +56,57 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return {"pdserve_requests_running": ("Gateway: requests in progress", self._router.running),
                 "pdserve_instances": ("Instances this gateway knows, by role and state", instances)}
 
-    def _prompt_ids(self, request: gateway_pb2.GenerateRequest) -> list[int]:
+    @property
+    def max_prompt_chars(self) -> int:
+        return self._config.max_prompt_chars or CHARS_PER_TOKEN_LIMIT * self._info.context_length
+
+    async def _prompt_ids(self, request: gateway_pb2.GenerateRequest) -> list[int]:
+        """The prompt's token ids. Text is measured before it is tokenized (a prompt far longer than any
+        context is refused at once) and tokenized off the event loop, so no prompt stalls other streams."""
         kind = request.WhichOneof("input")
         tokenizer = self._info.tokenizer
         if kind is None:
             raise InvalidArgument("prompt: must not be empty (set prompt, chat or token_ids)")
         if kind == "token_ids":
             ids = list(request.token_ids.ids)
+            if len(ids) > self._info.context_length:
+                raise InvalidArgument(f"prompt: {len(ids)} tokens exceed the model's context length of "
+                                      f"{self._info.context_length}")
             check_token_ids(ids, self._info.vocab_size)
             return ids
         if tokenizer is None:
             raise InvalidArgument(f"{kind}: model {self._info.name} has no tokenizer; send token_ids")
+        limit = self.max_prompt_chars
         if kind == "prompt":
             if not request.prompt:
                 raise InvalidArgument("prompt: must not be empty")
-            ids = encode_prompt(tokenizer, request.prompt)
+            if len(request.prompt) > limit:
+                raise InvalidArgument(f"prompt: {len(request.prompt)} characters exceed the limit of {limit} "
+                                      f"(max_prompt_chars)")
+            encode = functools.partial(encode_prompt, tokenizer, request.prompt)
         else:
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
             if not messages:
                 raise InvalidArgument("chat.messages: must not be empty")
             for i, m in enumerate(messages):
                 if m["role"] not in ROLES:
-                    raise InvalidArgument(f"chat.messages[{i}].role: must be one of {', '.join(ROLES)}, got {m['role']!r}")
-            ids = encode_chat(tokenizer, messages)
+                    raise InvalidArgument(f"chat.messages[{i}].role: must be one of {', '.join(ROLES)}, "
+                                          f"got {m['role'][:40]!r}")
+            chars = sum(len(m["content"]) for m in messages)
+            if chars > limit:
+                raise InvalidArgument(f"chat.messages: {chars} characters of content exceed the limit of {limit} "
+                                      f"(max_prompt_chars)")
+            encode = functools.partial(encode_chat, tokenizer, messages)
+        ids = await asyncio.get_running_loop().run_in_executor(self._tokenizing, encode)
         if not ids:
             raise InvalidArgument(f"{kind}: tokenizes to no tokens")
         return ids
 
-    def _to_request(self, request: gateway_pb2.GenerateRequest) -> GatewayRequest:
+    async def _to_request(self, request: gateway_pb2.GenerateRequest) -> GatewayRequest:
         info = self._info
         if request.model and request.model not in (info.name, info.spec):
-            raise InvalidArgument(f"model: unknown model {request.model!r}; this gateway serves {info.name!r}")
-        ids = self._prompt_ids(request)
+            raise InvalidArgument(f"model: unknown model {request.model[:100]!r}; this gateway serves {info.name!r}")
+        ids = await self._prompt_ids(request)
         context = info.context_length
         room = context - len(ids)
         if room < 1:
@@ -125,7 +149,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @rpc_errors
     async def Generate(self, request, context):
-        req = self._to_request(request)
+        req = await self._to_request(request)
         # The client's deadline, or the gateway's own limit when it set none, bounds every hop below.
         remaining = min(context.time_remaining() or math.inf, self._config.request_timeout_s)
         req = dataclasses.replace(req, deadline=time.monotonic() + remaining)
@@ -176,16 +200,33 @@ async def start_gateway(config: cfg.GatewayConfig, info: ModelInfo | None = None
     scheduler = (RoundRobinScheduler(registry) if config.policy == "round_robin" else
                  LoadAwareScheduler(registry, config.local_prefill_tokens, config.prefill_full_tokens))
     router = Router(info, scheduler, channels, token_timeout_s=config.token_timeout_s)
-    await registry.resolve_configured()  # configured names (compose services): one instance per address
+    # Configured names (compose services) resolve to one instance per address; each is checked once now.
+    await registry.probe_once()
     servicer = GatewayServicer(info, router, config)
+    # Ready (health "") only while a request can be served: a decode instance is up, and a prefill one too
+    # unless there are none; the Gateway service itself reports SERVING from the start (alive).
     server, port, health = await start_server(
-        config.listen, SERVICE, lambda server: add_servicer(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, server))
+        config.listen, SERVICE, lambda server: add_servicer(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, server),
+        ready=registry.ready)
     log.info("gateway routes to prefill %s, decode %s (%s policy)", ",".join(config.prefill) or "(colocated: on decode)",
              ",".join(config.decode), config.policy)
-    registry.start()
-    closers = [registry.stop, channels.close]
-    metrics_port = expose_metrics(config, servicer.metrics, closers)
-    return RunningService("gateway", server, port, health, (SERVICE,), closers, router, metrics_port=metrics_port)
+    if not registry.ready:
+        log.info("gateway not ready yet: waiting for %s", "a decode instance" if not registry.up("decode")
+                 else "a prefill instance")
+    ready = [registry.ready]
+
+    async def update_readiness() -> None:
+        if registry.ready != ready[0]:
+            ready[0] = registry.ready
+            log.info("gateway %s", "ready" if ready[0] else "not ready: no instance of a role is up")
+            await set_ready(health, ready[0])
+
+    registry.start(on_probe=update_readiness)
+    closers = [channels.close]
+    metrics_port = await expose_metrics(config, servicer.metrics, closers)
+    # Draining stops the probes first, so nothing turns the gateway ready again while it stops.
+    return RunningService("gateway", server, port, health, (SERVICE,), closers, router, drainers=[registry.stop],
+                          metrics_port=metrics_port)
 
 
 def main(argv: list[str] | None = None) -> None:

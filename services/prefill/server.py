@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import secrets
 from dataclasses import dataclass
 from typing import Awaitable, TypeVar
 
@@ -14,9 +15,8 @@ import grpc
 from pdserve import config as cfg
 from pdserve import telemetry
 from pdserve.convert import check_address, check_id, check_token_ids, sampling_from_proto
-from pdserve.engine.prefill import PrefillEngine
+from pdserve.engine.prefill import KVBytes, PrefillEngine
 from pdserve.errors import Cancelled, DataLoss, InvalidArgument, NotFound, PdserveError
-from pdserve.aio import ByteBudget
 from pdserve.kv.grpc_sender import GrpcKVSender, ShmKVSender
 from pdserve.kv.shm import SegmentPool, host_id, sweep_orphans
 from pdserve.kv.transport import KVSender
@@ -61,6 +61,7 @@ class _Kept:
     layout: KVLayout
     chunks: list
     result: object  # PrefillResult: the first token and the forward's timestamps
+    kv: KVBytes  # its bytes in the in-flight budget, held while it is kept
     expiry: asyncio.TimerHandle | None = None
 
 
@@ -69,7 +70,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self._engine = engine
         self._channels = channels
         self._config = config
-        self.inflight = ByteBudget(config.kv_inflight_limit)  # KV bytes of unfinished transfers
+        self.inflight = engine.inflight  # KV bytes of unfinished transfers
+        self.incarnation = secrets.token_hex(8)  # a restart on the same address is a new instance
         self._same_host: dict[str, bool] = {}  # decode address -> shares this host's /dev/shm
         self.segments = SegmentPool(idle_limit=config.kv_inflight_limit)
         self._kept: dict[str, _Kept] = {}  # by the failed transfer's id
@@ -153,16 +155,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         check_token_ids(token_ids, info.vocab_size)
         if len(token_ids) > info.context_length:
             raise InvalidArgument(f"token_ids: {len(token_ids)} tokens exceed the context length {info.context_length}")
+        if request.first_index >= len(token_ids):
+            raise InvalidArgument(f"first_index: {request.first_index} tokens delivered must be part of the prompt "
+                                  f"({len(token_ids)} tokens)")
         sampling = sampling_from_proto(request.sampling)
+        self._engine.check_admission(len(token_ids), context.time_remaining())
+        name = request.request_id
         if not request.decode_address:
-            result = await self._engine.prefill(token_ids, sampling, None, request.first_index)
+            result = await self._engine.prefill(token_ids, sampling, None, request.first_index, name=name)
             self._observe(result, len(token_ids))
             yield self._first_token(result)
             return
         check_address(request.decode_address, "decode_address")
         check_id(request.transfer_id, "transfer_id")
         layout = self._engine.layout(request.transfer_id, len(token_ids))
-        await self.inflight.acquire(layout.total_bytes)
+        kv = KVBytes(self.inflight, layout.total_bytes)
         sender = None
         kept = False
         chunks: list = []  # the prompt's KV, chunk by chunk: kept until decode acknowledges it
@@ -174,7 +181,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 chunks.append((layer, start, keys, values))
                 sender.send_layer(layer, start, keys, values)
 
-            result = await self._engine.prefill(token_ids, sampling, on_layer, request.first_index)
+            result = await self._engine.prefill(token_ids, sampling, on_layer, request.first_index, kv, name)
             self._observe(result, len(token_ids))
             log.debug("request_id=%s prefilled %d tokens in %.1f ms", request.request_id, len(token_ids), result.forward_ms)
             yield self._first_token(result)
@@ -185,7 +192,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 await sender.abort()
                 kept = True
                 self.metrics.transfers.labels("kept").inc()
-                yield self._keep(_Kept(request.transfer_id, layout, chunks, result), str(exc))
+                yield self._keep(_Kept(request.transfer_id, layout, chunks, result, kv), str(exc))
                 return
             self._transferred(receipt, sender.transport, result.forward_end_ns)
             yield self._transfer_done(receipt, result)
@@ -196,7 +203,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise
         finally:
             if not kept:
-                self.inflight.release(layout.total_bytes)
+                kv.release()
 
     @rpc_errors
     async def Repush(self, request, context):
@@ -234,7 +241,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise
         finally:
             if delivered:
-                self.inflight.release(kept.layout.total_bytes)
+                kept.kv.release()
 
     def _keep(self, kept: _Kept, reason: str) -> prefill_pb2.PrefillEvent:
         """Holds a computed transfer's KV (and its bytes of the in-flight budget) for kv_keep_s."""
@@ -242,13 +249,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
         def expire() -> None:
             if self._kept.pop(kept.kept_id, None) is not None:
-                self.inflight.release(kept.layout.total_bytes)
+                kept.kv.release()
 
         kept.expiry = asyncio.get_running_loop().call_later(keep_s, expire)
         self._kept[kept.kept_id] = kept
         log.info("KV of %s kept for %g s after a failed push (%s)", kept.kept_id, keep_s, reason)
         return prefill_pb2.PrefillEvent(kv_kept=prefill_pb2.KVKept(kept_id=kept.kept_id, reason=reason,
                                                                    expires_in_s=keep_s))
+
+    @rpc_errors
+    async def GetStats(self, request, context):
+        engine = self._engine
+        return prefill_pb2.PrefillStats(
+            incarnation=self.incarnation, queued_prompts=engine.queued_prompts, queued_tokens=engine.queued_tokens,
+            max_queued_tokens=engine.max_queued_tokens, tokens_per_s=engine.tokens_per_s, passes=engine.passes,
+            refused=engine.refused, kv_inflight_bytes=self.inflight.used)
 
     @staticmethod
     def _transfer_done(receipt, result) -> prefill_pb2.PrefillEvent:
@@ -270,7 +285,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = None) -> RunningService:
     """Loads the model (unless given) and starts the server; returns when serving."""
     loaded = loaded or await load_model_for(config)
-    engine = PrefillEngine(loaded, config.prefill_token_budget, config.prefill_chunk_tokens)
+    engine = PrefillEngine(loaded, config.prefill_token_budget, config.prefill_chunk_tokens,
+                           max_partial=config.max_partial_prefills, max_queued_tokens=config.max_queued_tokens,
+                           kv_inflight_bytes=config.kv_inflight_limit)
     channels = ChannelPool()
     sweep_orphans()
     servicer = PrefillServicer(engine, channels, config)
@@ -287,7 +304,7 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
             await announcer.close()
 
     closers = [close]
-    metrics_port = expose_metrics(config, servicer.metrics, closers)
+    metrics_port = await expose_metrics(config, servicer.metrics, closers)
     return RunningService("prefill", server, port, health, (SERVICE,), closers, engine,
                           drainers=[announcer.drain] if announcer else [], metrics_port=metrics_port)
 
