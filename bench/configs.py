@@ -23,9 +23,11 @@ CONFIGS = ("disagg", "colocated", "colocated-chunked", "disagg-local", "disagg-2
 
 def cluster_spec(name: str, model: str, device: str = "cpu", dtype: str = "auto", chunk: int = 256,
                  max_batch: int = 64, kv_budget: str = "auto", local: int = 64,
-                 tracing_env: dict[str, str] | None = None) -> ClusterSpec:
+                 tracing_env: dict[str, str] | None = None, prefill_device: str = "",
+                 decode_device: str = "") -> ClusterSpec:
     common = dict(model=model, device=device, dtype=dtype, gateway_port=0, pin_cores=device == "cpu",
-                  max_batch=max_batch, kv_budget=kv_budget, log_level="WARNING")
+                  max_batch=max_batch, kv_budget=kv_budget, log_level="WARNING", prefill_device=prefill_device,
+                  decode_device=decode_device)
     if name == "disagg":
         return ClusterSpec(prefill=1, decode=1, prefill_chunk_tokens=512, **common)
     if name == "disagg-traced":

@@ -8,9 +8,9 @@ Scenarios (``--scenario``, all by default):
   within the budget, the pool drains.
 - ``hogs``: three requests reserving 8,000 tokens each hold most of the KV
   pool; small requests arrive (Poisson) at ``--flood`` times the rate the
-  cluster served them in a calibration burst; a client sends requests with
-  every hostile accepted sampling value beside them, and a 10 MB prompt
-  arrives midway while a probe stream's gaps are timed.
+  cluster served them in a calibration burst, and a client sends requests
+  with every hostile accepted sampling value beside them. Before the flood,
+  a 10 MB prompt arrives while a probe stream's gaps are timed.
 - ``long-prompts``: four near-context prompts at once, and small requests
   arriving behind them.
 
@@ -56,6 +56,7 @@ class Outcome:
     status: str  # OK or the gRPC status code name
     ttft_s: float | None = None
     seconds: float = 0.0  # to the end (served) or to the error
+    detail: str = ""  # the error's message
 
 
 async def timed(kind: str, client: AsyncClient, timeout: float | None = None, **kwargs) -> Outcome:
@@ -67,7 +68,7 @@ async def timed(kind: str, client: AsyncClient, timeout: float | None = None, **
             if ttft is None and chunk.token_ids:
                 ttft = time.perf_counter() - started
     except PdserveError as exc:
-        return Outcome(kind, exc.status, ttft, time.perf_counter() - started)
+        return Outcome(kind, exc.status, ttft, time.perf_counter() - started, str(exc)[:300])
     return Outcome(kind, "OK", ttft, time.perf_counter() - started)
 
 
@@ -79,7 +80,9 @@ def report(outcomes: list[Outcome]) -> dict:
         refused = [o.seconds for o in mine if o.status == "RESOURCE_EXHAUSTED"]
         by_kind[kind] = {"requests": len(mine), "by_status": dict(collections.Counter(o.status for o in mine)),
                          "ttft_s": percentiles(served) if served else {},
-                         "refusal_s": percentiles(refused) if refused else {}}
+                         "refusal_s": percentiles(refused) if refused else {},
+                         "errors": {status: sorted({o.detail for o in mine if o.status == status})[:3]
+                                    for status in {o.status for o in mine} - {"OK"}}}
     return by_kind
 
 
@@ -201,14 +204,14 @@ async def hogs(args) -> dict:
                     await asyncio.sleep(1.0)
 
             async def huge() -> None:
-                await asyncio.sleep(args.duration / 3)
                 probing = asyncio.create_task(probe())
                 await asyncio.sleep(1.0)
                 text = "All work and no play makes Jack a dull boy. " * 230_000  # 10 MB
                 outcomes.append(await timed("10 MB prompt", client, prompt=text, max_tokens=4))
                 await probing
 
-            side = [asyncio.create_task(poison()), asyncio.create_task(huge())]
+            await huge()  # with the hogs alone running: a stream beside it must not stall
+            side = [asyncio.create_task(poison())]
             flood_started = time.monotonic()
             while time.monotonic() - flood_started < args.duration:
                 tasks.append(asyncio.create_task(timed("small", client, timeout=args.small_deadline,
@@ -216,7 +219,6 @@ async def hogs(args) -> dict:
                                                        temperature=0, ignore_eos=True)))
                 await asyncio.sleep(rng.expovariate(rate))
             side[0].cancel()
-            await side[1]
             outcomes += await asyncio.gather(*tasks)
             stats = await decode_stats(decode)
             for task in hog_tasks:

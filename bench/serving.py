@@ -180,6 +180,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{', '.join(CONFIGS)} (cores pinned; see bench/configs.py)")
     parser.add_argument("--model", default="default", help="model for --start")
     parser.add_argument("--device", default="cpu", help="device for --start")
+    parser.add_argument("--prefill-device", default="", help="--start: the prefill instances' device (default --device)")
+    parser.add_argument("--decode-device", default="", help="--start: the decode instances' device (default --device)")
+    parser.add_argument("--kv-budget", default="auto", help="--start: each decode instance's KV pool (e.g. 30GiB)")
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk of colocated-chunked")
     parser.add_argument("--local-prefill-tokens", type=int, default=64,
                         help="disagg-local: prompts up to this many tokens are prefilled on decode")
@@ -229,7 +232,9 @@ async def _bench_started(name: str, workloads: list[Workload], args) -> list[dic
     try:
         with receiver or contextlib.nullcontext():
             spec = cluster_spec(name, args.model, device=args.device, chunk=args.chunk, max_batch=args.max_batch,
-                                local=args.local_prefill_tokens, tracing_env=receiver.env if receiver else None)
+                                local=args.local_prefill_tokens, tracing_env=receiver.env if receiver else None,
+                                kv_budget=args.kv_budget, prefill_device=args.prefill_device,
+                                decode_device=args.decode_device)
             cluster = LocalCluster(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
             print(f"[bench] starting {name}: {spec.describe()}", file=sys.stderr, flush=True)
             try:

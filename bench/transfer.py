@@ -13,10 +13,17 @@ and dropped) and memcpy into a preallocated tensor. ``shm`` reuses the
 producer's pooled segment (steady state); ``shm, fresh segment`` creates and
 unlinks one per transfer.
 
-Part 2, TTFT: the default model prefills each prompt on a ``PrefillEngine``
-while the KV streams to a real decode server; the tail = KV complete at
-decode minus forward end. Colocated, decode could start at forward end, so
-the overhead of disaggregation is tail / (queue + forward).
+On a GPU (``--device cuda``) the layers start on the device and the senders
+stage them as the services do (a copy stream into pinned host memory, the
+segment, or, ``cuda_ipc``, scattered into the receiver's pool, which it
+exports by CUDA IPC: 16-token blocks in a shuffled order, as reserved blocks
+are); device-to-host ceilings are measured beside them.
+
+Part 2, TTFT: one decode and one prefill process per transport (real
+services); each prompt is reserved on decode and prefilled straight on the
+prefill instance of that transport while its KV streams; the tail = KV
+complete at decode minus forward end. Colocated, decode could start at
+forward end, so the overhead of disaggregation is tail / (queue + forward).
 
     python -m bench.transfer [--lengths 128,512,2048,8192] [--ttft-lengths 128,512,2048] [--device cpu]
 """
@@ -39,9 +46,11 @@ import torch
 
 from pdserve.convert import layout_from_proto, stream_info_from_proto
 from pdserve.kv.assembly import KVAssembly
-from pdserve.kv.grpc_sender import GrpcKVSender, ShmKVSender
+from pdserve.kv.cuda_ipc import map_pool
+from pdserve.kv.grpc_sender import GrpcKVSender, IpcKVSender, ShmKVSender
 from pdserve.kv.receiver import add_decode_servicer, read_header, receive_stream
 from pdserve.kv.shm import SegmentPool
+from pdserve.kv.staging import DeviceCopies
 from pdserve.kv.wire import DTYPE_NAMES, KVLayout
 from pdserve.model.loader import KVShape
 from pdserve.rpc import OPTIONS, ChannelPool
@@ -51,28 +60,45 @@ from pdserve.v1 import decode_pb2, decode_pb2_grpc
 SHAPES = {  # name: (KV shape, dtype)
     "SmolLM2-135M fp32": (KVShape(num_layers=30, kv_heads=3, head_dim=64), torch.float32),
     "Llama-1B shape bf16": (KVShape(num_layers=16, kv_heads=8, head_dim=64), torch.bfloat16),
+    "Llama-8B shape bf16": (KVShape(num_layers=32, kv_heads=8, head_dim=128), torch.bfloat16),
 }
 
 
+BLOCK = 16
+
+
 class Receiver(decode_pb2_grpc.DecodeServicer):
-    """The decode side's transfer path, writing into one preallocated (tokens, H, D) tensor per layer."""
+    """The decode side's transfer path, writing into one preallocated (2, layers, tokens, H, D) pool; on a
+    GPU the pool is exported by CUDA IPC and a transfer's "reserved blocks" are its 16-token blocks in a
+    shuffled order."""
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = torch.device(device)
+        self.storage: torch.Tensor | None = None
         self.pool: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.assemblies: dict[str, KVAssembly] = {}
 
     def _prepare(self, layout: KVLayout) -> None:
         """A pool for this geometry, allocated and touched once (as the decode pool is), reused across transfers."""
-        shape = (layout.num_tokens, layout.kv_heads, layout.head_dim)
-        if self.pool is None or self.pool[0][0].shape != shape or self.pool[0][0].dtype != layout.torch_dtype \
-                or len(self.pool[0]) != layout.num_layers:
-            self.pool = tuple([torch.zeros(shape, dtype=layout.torch_dtype, device=self.device)
-                               for _ in range(layout.num_layers)] for _ in range(2))
+        shape = (2, layout.num_layers, layout.num_tokens, layout.kv_heads, layout.head_dim)
+        if self.storage is None or tuple(self.storage.shape) != shape or self.storage.dtype != layout.torch_dtype:
+            self.storage = None
+            self.storage = torch.zeros(shape, dtype=layout.torch_dtype, device=self.device)
+            self.pool = list(self.storage[0]), list(self.storage[1])
 
     def _write(self, layer, start, k, v) -> None:
         self.pool[0][layer][start:start + k.shape[0]] = k
         self.pool[1][layer][start:start + v.shape[0]] = v
+
+    async def GetKVPool(self, request, context):
+        from pdserve.kv.cuda_ipc import pool_handle
+
+        return decode_pb2.KVPoolHandle(incarnation="bench", **pool_handle(self.storage, BLOCK))
+
+    async def TransferTarget(self, request, context):
+        blocks = torch.randperm(self.storage.shape[2] // BLOCK, generator=torch.Generator().manual_seed(0))
+        return decode_pb2.TransferTargetReply(blocks=blocks.tolist(), incarnation="bench")
+
 
     async def PushKV(self, request_iterator, context):
         header = await read_header(request_iterator)
@@ -104,7 +130,7 @@ async def one_transfer(make_sender, layout: KVLayout, layers: list[tuple[torch.T
     started = time.perf_counter()
     await sender.open(layout)
     for i, (k, v) in enumerate(layers):
-        sender.send_layer(i, 0, k, v)
+        sender.stage(i, 0, k, v)
     await sender.finish(0)
     return time.perf_counter() - started
 
@@ -203,15 +229,25 @@ async def wire(args) -> list[dict]:
         grpc_port, tcp_port = map(int, (await child.stdout.readline()).split())
     address = f"127.0.0.1:{grpc_port}"
     channels = ChannelPool()
-    paths = {f"grpc x{n}": (lambda n=n: GrpcKVSender([channels.get(address, lane) for lane in range(n)], address))
+    gpu = args.device.startswith("cuda")
+    copies = DeviceCopies(torch.device(args.device)) if gpu else None
+    paths = {f"grpc x{n}": (lambda n=n: GrpcKVSender([channels.get(address, lane) for lane in range(n)], address,
+                                                     copies=copies))
              for n in args.streams}
-    paths["grpc x1, no checksum"] = lambda: GrpcKVSender([channels.get(address)], address, checksums=False)
+    paths["grpc x1, no checksum"] = lambda: GrpcKVSender([channels.get(address)], address, checksums=False,
+                                                         copies=copies)
     segments = SegmentPool()
-    paths["shm"] = lambda: ShmKVSender(channels.get(address), address, segments)  # steady state: segment reused
-    paths["shm, fresh segment"] = lambda: ShmKVSender(channels.get(address), address, SegmentPool(idle_limit=0))
+    # steady state: the segment is reused
+    paths["shm"] = lambda: ShmKVSender(channels.get(address), address, segments, copies=copies)
+    paths["shm, fresh segment"] = lambda: ShmKVSender(channels.get(address), address, SegmentPool(idle_limit=0),
+                                                      copies=copies)
+    mapped: dict = {}
+    if gpu and not args.same_process:
+        paths["cuda_ipc"] = lambda: IpcKVSender(channels.get(address), address, mapped["pool"], BLOCK, "bench",
+                                                copies)
     rows = []
     try:
-        for shape_name, (kv, dtype) in SHAPES.items():
+        for shape_name, (kv, dtype) in ((n, SHAPES[n]) for n in args.shapes):
             for tokens in args.lengths:
                 layout = KVLayout("bench", kv.num_layers, tokens, kv.kv_heads, kv.head_dim, DTYPE_NAMES[dtype])
                 layers = [(torch.randn(1, kv.kv_heads, tokens, kv.head_dim).to(args.device, dtype),
@@ -220,10 +256,20 @@ async def wire(args) -> list[dict]:
                 nbytes = layout.total_bytes
                 row = {"shape": shape_name, "tokens": tokens, "bytes": nbytes}
                 await one_transfer(paths["grpc x1"], layout, layers)  # warm-up: the receiver's pool for this shape
+                if "cuda_ipc" in paths:  # its pool for this shape, mapped here
+                    handle = await decode_pb2_grpc.DecodeStub(channels.get(address)).GetKVPool(
+                        decode_pb2.GetKVPoolRequest())
+                    mapped.clear()
+                    torch.cuda.synchronize()
+                    mapped["pool"] = map_pool(handle)
                 for name, make in paths.items():
                     times = [await one_transfer(make, layout, layers) for _ in range(args.repeats)]
                     if receiver is not None:  # in another process, the checksums vouch for the bytes
                         assert torch.equal(receiver.pool[0][-1], layers[-1][0][0].transpose(0, 1)), name
+                    if name == "cuda_ipc":  # scattered into the shuffled blocks: check one layer's K there
+                        pool, slots = mapped["pool"], ipc_slots(tokens)
+                        torch.cuda.synchronize()
+                        assert torch.equal(pool[0, -1][slots], layers[-1][0][0].transpose(0, 1)), name
                     row[name] = nbytes / statistics.median(times) / 1e9
                 row["raw TCP x1"] = nbytes / statistics.median([await raw_tcp_seconds(tcp_port, nbytes)
                                                                 for _ in range(args.repeats)]) / 1e9
@@ -235,7 +281,10 @@ async def wire(args) -> list[dict]:
                 print(f"{shape_name} {tokens} tokens ({nbytes / 2**20:.1f} MiB): "
                       + ", ".join(f"{k} {v:.2f} GB/s" for k, v in row.items() if isinstance(v, float)), flush=True)
     finally:
+        mapped.clear()
         segments.close()
+        if copies is not None:
+            copies.close()
         await channels.close()
         if child is not None:
             child.stdin.close()
@@ -245,71 +294,83 @@ async def wire(args) -> list[dict]:
     return rows
 
 
-async def layer_timeline(cluster, prompt: list[int], tid: str) -> dict:
-    """One prefill straight to the prefill server (a decode reservation first, as the gateway makes):
-    per layer, ms after the forward pass started that its last chunk was ready, sent, received, written."""
+def ipc_slots(tokens: int) -> torch.Tensor:
+    """Where the receiver's TransferTarget puts tokens [0, tokens) (its shuffled 16-token blocks)."""
+    blocks = torch.randperm(tokens // BLOCK, generator=torch.Generator().manual_seed(0))
+    t = torch.arange(tokens)
+    return (blocks[t // BLOCK] * BLOCK + t % BLOCK).to("cuda")
+
+
+async def prefill_timed(decode: str, prefill: str, prompt: list[int], tid: str) -> dict:
+    """One prefill straight to a prefill server (a decode reservation first, as the gateway makes): its
+    queue and forward times, what the transfer added after the forward pass (KV complete at decode minus
+    forward end; one host's clock) and, per layer, ms after the forward pass started that its last chunk
+    was ready, sent, received, written."""
     from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 
     greedy = common_pb2.SamplingParams(temperature=0)
-    async with grpc.aio.insecure_channel(cluster.decode_address) as dch, \
-            grpc.aio.insecure_channel(f"127.0.0.1:{cluster.prefill.port}") as pch:
-        decode = decode_pb2_grpc.DecodeStub(dch).Generate(decode_pb2.DecodeRequest(
+    async with grpc.aio.insecure_channel(decode) as dch, grpc.aio.insecure_channel(prefill) as pch:
+        call = decode_pb2_grpc.DecodeStub(dch).Generate(decode_pb2.DecodeRequest(
             request_id=tid, transfer_id=tid, prompt_tokens=len(prompt), max_tokens=2, sampling=greedy))
-        await decode.read()  # reserved
+        await call.read()  # reserved
         events = [e async for e in prefill_pb2_grpc.PrefillStub(pch).Prefill(prefill_pb2.PrefillRequest(
-            request_id=tid, token_ids=prompt, sampling=greedy, decode_address=cluster.decode_address,
-            transfer_id=tid))]
-        while await decode.read() is not grpc.aio.EOF:
+            request_id=tid, token_ids=prompt, sampling=greedy, decode_address=decode, transfer_id=tid))]
+        while await call.read() is not grpc.aio.EOF:
             pass
-    done = events[-1].transfer_done
+    first, done = events[0].first_token, events[-1].transfer_done
     t0 = done.forward_start_ns
 
     def ms(ns: int) -> float:
         return (ns - t0) / 1e6
 
-    return {"forward_ms": ms(done.forward_end_ns),
+    return {"queue_ms": first.queue_ms, "forward_ms": first.forward_ms, "bytes": done.bytes,
+            "transfer_ms": (done.acked_ns - done.first_chunk_sent_ns) / 1e6,
+            "tail_ms": max(0.0, (done.last_chunk_received_ns - done.forward_end_ns) / 1e6),
             "layers": [{"ready": ms(a), "sent": ms(b), "received": ms(c), "written": ms(d)} for a, b, c, d in
                        zip(done.layer_ready_ns, done.layer_sent_ns, done.layer_received_ns, done.layer_written_ns)]}
 
 
+TTFT_TRANSPORTS = (("grpc x1", ("--kv-transport", "grpc", "--kv-streams", "1")),
+                   ("grpc x4", ("--kv-transport", "grpc", "--kv-streams", "4")),
+                   ("shm", ("--kv-transport", "shm")),
+                   ("cuda_ipc", ("--kv-transport", "cuda_ipc")))
+
+
 async def ttft(args) -> list[dict]:
-    from tests.cluster import start_cluster  # in-process services on port 0
+    from pdserve.cluster import ClusterSpec, LocalCluster
+    from pdserve.model import load_model_info
 
-    from pdserve.model import load_model
-    from pdserve.sdk import AsyncClient
-
-    loaded = load_model(args.model, device=args.device)
+    transports = [t for t in TTFT_TRANSPORTS if args.device.startswith("cuda") or t[0] != "cuda_ipc"]
+    spec = ClusterSpec(model=args.model, device=args.device, prefill=len(transports), decode=1, gateway_port=0,
+                       threads=args.threads, prefill_chunk_tokens=args.chunk, kv_budget=args.kv_budget,
+                       prefill_token_budget=max(max(args.ttft_lengths), 2048), log_level="WARNING",
+                       prefill_args=tuple(flags for _, flags in transports))
+    cluster = LocalCluster(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    vocab = load_model_info(args.model).vocab_size
     rows = []
-    for transport, streams in (("grpc", 1), ("grpc", 2), ("shm", 1)):
-        cluster = await start_cluster(loaded, prefill_options={"kv_transport": transport, "kv_streams": streams,
-                                                               "prefill_chunk_tokens": 0,
-                                                               "prefill_token_budget": max(args.ttft_lengths)},
-                                      decode_options={"kv_budget": "4GiB"})
-        try:
-            async with AsyncClient(cluster.address) as client:
-                for tokens in args.ttft_lengths:
-                    prompt = torch.randint(100, loaded.info.vocab_size, (tokens,),
-                                           generator=torch.Generator().manual_seed(tokens)).tolist()
-                    samples = []
-                    for _ in range(args.repeats + 1):
-                        result = await client.generate(token_ids=prompt, max_tokens=2, temperature=0, ignore_eos=True)
-                        samples.append(result.server_timings)
-                    t = samples[1:]  # the first warms up
-                    forward = statistics.median(s["prefill_forward_ms"] for s in t)
-                    queue = statistics.median(s.get("prefill_queue_ms", 0.0) for s in t)
-                    tail = statistics.median(s.get("kv_tail_ms", 0.0) for s in t)
-                    row = {"transport": f"{transport} x{streams}" if transport == "grpc" else transport,
-                           "tokens": tokens, "kv_bytes": t[0]["kv_bytes"], "forward_ms": forward, "queue_ms": queue,
-                           "transfer_ms": statistics.median(s.get("kv_transfer_ms", 0.0) for s in t), "tail_ms": tail,
-                           "overhead": tail / (forward + queue)}
-                    if tokens == args.overlap_length:
-                        row["timeline"] = await layer_timeline(cluster, prompt, f"timeline-{transport}-{streams}")
-                    rows.append(row)
-                    print(f"{row['transport']} {tokens} tokens: forward {forward:.1f} ms, transfer "
-                          f"{row['transfer_ms']:.1f} ms, tail after forward {tail:.1f} ms "
-                          f"({100 * row['overhead']:.1f}% of TTFT)", flush=True)
-        finally:
-            await cluster.stop()
+    try:
+        await cluster.start()
+        await cluster.wait_healthy(timeout_s=600)
+        decode = next(m.address for m in cluster.members if m.name == "decode-0")
+        for i, (name, _) in enumerate(transports):
+            prefill = next(m.address for m in cluster.members if m.name == f"prefill-{i}")
+            for tokens in args.ttft_lengths:
+                prompt = torch.randint(100, vocab, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
+                samples = [await prefill_timed(decode, prefill, prompt, f"ttft-{name}-{tokens}-{r}".replace(" ", ""))
+                           for r in range(args.repeats + 1)][1:]  # the first warms up
+                forward = statistics.median(x["forward_ms"] for x in samples)
+                queue = statistics.median(x["queue_ms"] for x in samples)
+                tail = statistics.median(x["tail_ms"] for x in samples)
+                row = {"transport": name, "tokens": tokens, "kv_bytes": samples[0]["bytes"], "forward_ms": forward,
+                       "queue_ms": queue, "transfer_ms": statistics.median(x["transfer_ms"] for x in samples),
+                       "tail_ms": tail, "overhead": tail / (forward + queue)}
+                if tokens == args.overlap_length:
+                    row["timeline"] = {"forward_ms": forward, "layers": samples[-1]["layers"]}
+                rows.append(row)
+                print(f"{name} {tokens} tokens: forward {forward:.1f} ms, transfer {row['transfer_ms']:.1f} ms, "
+                      f"tail after forward {tail:.1f} ms ({100 * row['overhead']:.1f}% of TTFT)", flush=True)
+    finally:
+        cluster.stop()
     return rows
 
 
@@ -336,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", default="1,2,4")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="default")
+    parser.add_argument("--shapes", type=lambda t: t.split(","), default=["SmolLM2-135M fp32", "Llama-1B shape bf16"],
+                        help=f"wire: KV shapes, from {', '.join(SHAPES)}")
+    parser.add_argument("--chunk", type=int, default=0, help="TTFT: the prefill instances' chunk size (0: whole)")
+    parser.add_argument("--kv-budget", default="auto", help="TTFT: the decode instance's KV pool")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-ttft", action="store_true")
     parser.add_argument("--out", default="bench/out/transfer.json")

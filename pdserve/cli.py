@@ -155,7 +155,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             _progress(f"[up] error: {exc}")
             return 1
-    spec = ClusterSpec(model=args.model, device=args.device, dtype=args.dtype,
+    spec = ClusterSpec(model=args.model, device=args.device, prefill_device=args.prefill_device,
+                       decode_device=args.decode_device, dtype=args.dtype,
                        prefill=0 if args.colocated else args.prefill, decode=args.decode, gateway_port=args.port,
                        threads=args.threads, max_batch=args.max_batch, kv_budget=args.kv_budget,
                        prefill_chunk_tokens=args.prefill_chunk_tokens, pin_cores=args.pin_cores,
@@ -241,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run a local cluster (gateway + N prefill + M decode, or colocated)")
     up.add_argument("--model", default=cfg.DEFAULT_MODEL, help="model folder, 'default' or preset:NAME")
-    up.add_argument("--device", default="cpu")
+    up.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N, for every instance")
+    up.add_argument("--prefill-device", default="", help="the prefill instances' device (default --device)")
+    up.add_argument("--decode-device", default="", help="the decode instances' device (default --device)")
     up.add_argument("--dtype", default="auto")
     up.add_argument("--prefill", type=int, default=1, help="prefill instances")
     up.add_argument("--decode", type=int, default=1, help="decode instances")

@@ -75,6 +75,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ClusterSpec:
     model: str = "default"
     device: str = "cpu"
+    prefill_device: str = ""  # the prefill instances' device ("": device), e.g. cuda:0
+    decode_device: str = ""   # the decode instances' device ("": device), e.g. cuda:1
     dtype: str = "auto"
     prefill: int = 1
     decode: int = 1
@@ -93,6 +95,8 @@ class ClusterSpec:
     # Decode instance i < len(decode_netns) runs inside network namespace decode_netns[i][0], listening on
     # host decode_netns[i][1] (fault tests partition it from the others).
     decode_netns: tuple[tuple[str, str], ...] = ()
+    # Extra flags of prefill instance i < len(prefill_args) (e.g. a transport each, for the benchmarks).
+    prefill_args: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.prefill < 0 or self.decode < 1:
@@ -235,15 +239,18 @@ class LocalCluster:
         gateway with their addresses; ``wait_healthy`` then waits until every member is ready."""
         s = self.spec
         groups = self._core_groups() if s.pin_cores else [None] * (s.prefill + s.decode)
-        model_args = ["--model", s.model, "--device", s.device, "--dtype", s.dtype, "--threads", str(self._threads()),
+        model_args = ["--model", s.model, "--dtype", s.dtype, "--threads", str(self._threads()),
                       "--prefill-chunk-tokens", str(s.prefill_chunk_tokens),
                       "--prefill-token-budget", str(s.prefill_token_budget)]
-        decode_args = [*model_args, "--max-batch", str(s.max_batch), "--kv-budget", s.kv_budget]
+        decode_args = [*model_args, "--device", s.decode_device or s.device, "--max-batch", str(s.max_batch),
+                       "--kv-budget", s.kv_budget]
+        model_args = [*model_args, "--device", s.prefill_device or s.device]
         decodes = [self._spawn(f"decode-{i}", "services.decode", decode_args, groups[i],
                                s.decode_netns[i] if i < len(s.decode_netns) else None, health_service=DECODE_SERVICE)
                    for i in range(s.decode)]
-        prefills = [self._spawn(f"prefill-{i}", "services.prefill", model_args, groups[s.decode + i],
-                                health_service=PREFILL_SERVICE)
+        prefills = [self._spawn(f"prefill-{i}", "services.prefill",
+                                [*model_args, *(s.prefill_args[i] if i < len(s.prefill_args) else ())],
+                                groups[s.decode + i], health_service=PREFILL_SERVICE)
                     for i in range(s.prefill)]
         await self._bound(decodes + prefills, timeout_s)
         gateway = self._spawn("gateway", "services.gateway", [

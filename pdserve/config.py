@@ -93,7 +93,7 @@ class RegistrationConfig:
 
 
 PAGED_KERNELS = ("auto", "gather", "flex")
-KV_TRANSPORTS = ("auto", "grpc", "shm")  # attention over the decode KV pool (pdserve.engine.kv_pool)
+KV_TRANSPORTS = ("auto", "grpc", "shm", "cuda_ipc")  # attention over the decode KV pool (pdserve.engine.kv_pool)
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,8 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
     kv_chunk_bytes: int = field(default=1 << 20, metadata={"help": "target bytes of K+V per KV message"})
     kv_transport: str = field(default="auto", metadata={
         "help": "how KV reaches decode: grpc (bytes in gRPC messages), shm (shared memory, same host only), "
-                "or auto (shm when the decode instance reports this host, else grpc)"})
+                "cuda_ipc (prefill copies into decode's GPU pool, same host, a GPU this process sees), or auto "
+                "(cuda_ipc where it can, else shm when the decode instance reports this host, else grpc)"})
     kv_streams: int = field(default=2, metadata={"help": "parallel gRPC streams (own TCP connections) per transfer"})
     kv_checksums: bool = field(default=True, metadata={"help": "an xxh3-64 checksum on every KV message, "
                                                                 "verified by decode (DATA_LOSS on mismatch)"})
@@ -180,6 +181,9 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationCo
     kv_lease_s: float = field(default=60.0, metadata={
         "help": "a reservation whose KV transfer shows no progress (no stream, no chunk) for this long is "
                 "freed and its request failed with DEADLINE_EXCEEDED (the gateway moves it elsewhere)"})
+    kv_transfer_max_s: float = field(default=300.0, metadata={
+        "help": "a reservation whose KV is not complete this long after it was made is freed likewise, however "
+                "the transfer progresses"})
     paged_kernel: str = field(default="auto", metadata={
         "help": "attention over the KV pool: gather (block-table gather + SDPA), flex (compiled FlexAttention "
                 "reading the pool in place), or auto (flex on cuda, gather on cpu)"})
@@ -198,8 +202,9 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationCo
             raise ConfigError(f"max_queued: must be >= 0, got {self.max_queued}")
         if self.kv_block_size < 1:
             raise ConfigError(f"kv_block_size: must be >= 1, got {self.kv_block_size}")
-        if not self.kv_lease_s > 0:
-            raise ConfigError(f"kv_lease_s: must be > 0, got {self.kv_lease_s}")
+        for name in ("kv_lease_s", "kv_transfer_max_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.paged_kernel not in PAGED_KERNELS:
             raise ConfigError(f"paged_kernel: must be one of {', '.join(PAGED_KERNELS)}, got {self.paged_kernel!r}")
         if self.kv_budget != "auto":

@@ -36,6 +36,12 @@ class ResourceExhausted(PdserveError):
         self.retry_after_ms = retry_after_ms
 
 
+class FailedPrecondition(PdserveError):
+    """The server is not in a state to do this (e.g. a GPU-only call on a CPU instance)."""
+
+    status = "FAILED_PRECONDITION"
+
+
 class Unavailable(PdserveError):
     """No instance can serve the request now."""
 
@@ -72,6 +78,7 @@ BY_STATUS: dict[str, type[PdserveError]] = {
         InvalidArgument,
         NotFound,
         ResourceExhausted,
+        FailedPrecondition,
         Unavailable,
         DataLoss,
         Cancelled,

@@ -282,7 +282,8 @@ async def test_prefill_refuses_what_it_cannot_queue_or_finish_in_time_with_a_hin
         engine.check_admission(100)
         with pytest.raises(ResourceExhausted, match="at most 100"):
             engine.check_admission(101)
-        engine.tokens_per_s = 1000.0  # as if measured
+        engine.pass_times.add([(0, 100)], 0.1)  # as if measured: 1 ms a token
+        engine.pass_times.add([(0, 300)], 0.3)
         engine._queue.append(_FakeJob(90))
         with pytest.raises(ResourceExhausted, match="after its deadline") as refused:
             engine.check_admission(10, deadline_s=0.05)  # 90 tokens ahead (90 ms), its own 10 ms fit
@@ -294,8 +295,48 @@ async def test_prefill_refuses_what_it_cannot_queue_or_finish_in_time_with_a_hin
         await engine.close()
 
 
+def test_pass_times_tell_overhead_tokens_and_attention_apart():
+    from pdserve.engine.prefill import PassTimes
+
+    def cost(segments):  # 50 ms a pass, 0.1 ms a token, 2 ms per million query-key pairs
+        x = PassTimes.features(segments)
+        return 0.05 + 1e-4 * x[1] + 2e-3 * x[2]
+
+    times = PassTimes()
+    assert times.seconds([(0, 100)]) is None
+    for segments in ([(0, 10)], [(0, 50), (0, 30)], [(0, 512), (512, 512)], [(7680, 512), (0, 40)], [(0, 2048)],
+                     [(4096, 512), (0, 100), (0, 300)], [(0, 8)]):
+        times.add(segments, cost(segments))
+    for segments in ([(7680, 512)], [(0, 2048)], [(0, 5), (0, 7)]):
+        assert abs(times.seconds(segments) - cost(segments)) < 1e-6
+    alike = PassTimes()
+    alike.add([(0, 100)], 0.2)
+    assert abs(alike.seconds([(0, 300)]) - 0.6) < 0.01  # one kind of pass: about its rate
+
+
+async def test_the_queue_is_estimated_as_it_would_be_planned():
+    """A short prompt behind near-context ones waits a pass or two (it goes ahead of them), a long one
+    behind them waits for all of them."""
+    from pdserve.engine.prefill import PrefillEngine
+
+    engine = PrefillEngine(get_loaded(TINY), token_budget=2048, chunk_tokens=512)
+    try:
+        engine.pass_times.add([(0, 100)], 0.1)
+        engine.pass_times.add([(0, 300)], 0.3)  # 1 ms a token
+        engine._queue.extend(_FakeJob(8000) for _ in range(4))
+        assert engine.estimated_s(40) < 2.1  # in the next pass beside a chunk or two
+        assert engine.estimated_s(4000) > 32.0  # after 32,000 tokens
+    finally:
+        engine._queue.clear()
+        await engine.close()
+
+
 class _FakeJob:
-    def __init__(self, remaining: int) -> None:
-        self.remaining = remaining
+    def __init__(self, tokens: int) -> None:
+        self.token_ids = range(tokens)
         self.done = 0
         self.cancelled = False
+
+    @property
+    def remaining(self) -> int:
+        return len(self.token_ids) - self.done

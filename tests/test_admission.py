@@ -94,7 +94,7 @@ async def test_a_request_that_would_finish_after_its_deadline_is_refused_at_once
     with pytest.raises(ResourceExhausted, match="after its deadline") as refused:
         admission.request(4, steps=100, deadline_s=3.5)
     assert refused.value.retry_after_ms == 300 * 10  # when it could start
-    ok = admission.request(4, steps=100, deadline_s=4.5)  # fits its deadline: queued
+    ok = admission.request(4, steps=100, deadline_s=5.0)  # fits its deadline (with the 20% margin): queued
     assert not ok.granted.done() and admission.queued == 1
     # Too long for its own deadline even with no wait: the client's choice, not a refusal for load.
     assert admission.request(1, steps=1000, deadline_s=1.0).granted.done()
@@ -113,6 +113,7 @@ async def test_batch_slots_count_in_the_wait():
     c = admission.request(1, steps=10)
     assert c.granted.done()  # granted blocks (it waits for a slot in the engine's ready queue)
     assert admission.estimated_start(c) == 100  # the first slot to free
+    assert admission.finish_ms(c) == (100 + 10) * 10.0  # what the gateway leaves prefill the rest of
     with pytest.raises(ResourceExhausted, match="after its deadline"):
         admission.request(1, steps=10, deadline_s=1.0)  # slot at step 110 (after c): 1.2 s > 1 s
 

@@ -35,6 +35,9 @@ from pdserve.engine.kv_pool import BlockAllocator
 from pdserve.errors import InvalidArgument, ResourceExhausted
 
 MIN_HINT_MS = 10
+# Estimates are taken this much larger when deciding whether a request would miss its deadline: the step
+# time they use trails the batch growing behind it.
+DEADLINE_MARGIN = 1.2
 
 
 @dataclass(eq=False)
@@ -94,7 +97,7 @@ class Admission:
             run_ms = ticket.steps * step_ms
             # Refused when the wait is what makes it miss its deadline (a request too long for its own
             # deadline is its client's choice: admitted, it streams what it can).
-            if run_ms <= deadline_s * 1e3 < wait_ms + run_ms:
+            if run_ms <= deadline_s * 1e3 < (wait_ms + run_ms) * DEADLINE_MARGIN:
                 self._refuse(ticket, f"it would finish in about {(wait_ms + run_ms) / 1e3:.1f} s ({wait_ms / 1e3:.1f} "
                                      f"s waiting + {ticket.steps} steps of {step_ms:.0f} ms), after its deadline "
                                      f"({deadline_s:.1f} s)")
@@ -115,6 +118,12 @@ class Admission:
         """About how long until ``ticket`` could start (its blocks and a batch slot free)."""
         step_ms = self._step_ms() or 50.0
         return max(MIN_HINT_MS, int((self.estimated_start(ticket) - self._clock()) * step_ms))
+
+    def finish_ms(self, ticket: Ticket) -> float:
+        """About how long until ``ticket`` is done: its wait to start and its steps, at the recent step time
+        (0: unknown yet)."""
+        step_ms = self._step_ms()
+        return (self.estimated_start(ticket) - self._clock() + ticket.steps) * step_ms if step_ms else 0.0
 
     def started(self, ticket: Ticket) -> None:
         """The ticket's request joined the running batch (its ``steps`` count from now)."""

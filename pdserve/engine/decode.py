@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import logging
 import time
@@ -40,6 +41,7 @@ from pdserve.engine.admission import Admission, Ticket
 from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.paged_attention import StepCache, use_paged_attention
+from pdserve.engine.pool_writer import PoolWriter
 from pdserve.engine.prefill import PrefillEngine
 from pdserve.aio import cancel_and_wait
 from pdserve.engine.sampling import SamplingParams, sample
@@ -91,6 +93,8 @@ class DecodeSequence:
     next_index: int = 1   # the index of the token the next step produces
     last_token: int = -1  # input of the next step; its KV is not cached yet
     kv_len: int = 0       # tokens whose KV is in the cache
+    kv_written: object = None  # GPU: the event after which its received KV is in the pool (the step waits on it)
+    pool_writes: bool = False  # GPU: a transfer wrote into its blocks through the PoolWriter
     cancelled: bool = False
     transfer: KVAssembly | None = None
     # TokenOut per token, then None at the end, or a PdserveError.
@@ -123,11 +127,15 @@ class DecodeCounters:
 class DecodeEngine:
     def __init__(self, loaded: LoadedModel, *, kv_budget: int, block_size: int = 16, max_batch: int = 32,
                  max_queued: int = 256, prefill_token_budget: int = 2048, prefill_chunk_tokens: int = 512,
-                 max_partial_prefills: int = 2, paged_kernel: str = "auto", kv_lease_s: float = 60.0, cuda_graphs: bool = True) -> None:
+                 max_partial_prefills: int = 2, paged_kernel: str = "auto", kv_lease_s: float = 60.0,
+                 kv_transfer_max_s: float = 300.0, cuda_graphs: bool = True) -> None:
         self.kv_lease_s = kv_lease_s
+        self.kv_transfer_max_s = kv_transfer_max_s
         self._loaded = loaded
         self.max_batch = max_batch
         self.pool = KVPool(loaded.info.kv, loaded.dtype, loaded.device, kv_budget, block_size, paged_kernel)
+        # GPU: received KV is written into the pool on a thread and stream of its own.
+        self._writer = PoolWriter(self.pool) if self.pool.device.type == "cuda" else None
         self.admission = Admission(self.pool.allocator, max_queued, max_batch, clock=lambda: self.counters.steps,
                                    step_ms=lambda: self._step_ms)
         use_paged_attention(loaded.model)
@@ -139,6 +147,10 @@ class DecodeEngine:
         self.local_prefill = PrefillEngine(loaded, prefill_token_budget, prefill_chunk_tokens, executor=self._executor,
                                            max_partial=max_partial_prefills)
         self._waiting: dict[str, DecodeSequence] = {}   # by transfer id: blocks granted, KV not complete
+        self._transfer_began = asyncio.Event()          # a transfer's first header arrived
+        # Failed CUDA IPC transfers whose producer may still write into their blocks: freed when their
+        # stream ends (by the assembly's id).
+        self._quarantined: dict[int, DecodeSequence] = {}
         self._ready: collections.deque[DecodeSequence] = collections.deque()
         self._running: list[DecodeSequence] = []
         self._wake = asyncio.Event()
@@ -202,26 +214,27 @@ class DecodeEngine:
             asyncio.get_running_loop().call_later(self.kv_lease_s, self._check_lease, seq, time.monotonic_ns())
         return seq
 
-    def _check_lease(self, seq: DecodeSequence, since_ns: int) -> None:
-        """The reservation's lease, in two parts of kv_lease_s each: from the reservation to the transfer's
-        first chunk (the prompt's queue and first layer at prefill), then from that chunk to the whole KV
-        (progress does not renew it: a transfer trickling a chunk at a time cannot hold blocks for longer).
-        Past either, the transfer fails and its blocks are freed. Chunks are written on this loop, so none
-        is being written now, and the assembly refuses any later one (``KVAssembly.check_alive``)."""
+    def _check_lease(self, seq: DecodeSequence, reserved_ns: int) -> None:
+        """The reservation's lease: a transfer silent (no stream, no chunk) for kv_lease_s, or not complete
+        kv_transfer_max_s after the reservation however it progresses (a transfer trickling a chunk at a
+        time cannot hold blocks for longer), is failed and its blocks freed. Chunks are written on this
+        loop, so none is being written now, and the assembly refuses any later one
+        (``KVAssembly.check_alive``)."""
         tid = seq.params.transfer_id
         if self._waiting.get(tid) is not seq:
             return  # completed, failed or cancelled meanwhile
-        first_chunk_ns = seq.transfer.first_chunk_ns if seq.transfer is not None else 0
-        since_ns = first_chunk_ns or since_ns
-        left_s = self.kv_lease_s - (time.monotonic_ns() - since_ns) / 1e9
-        if left_s > 0:
-            asyncio.get_running_loop().call_later(left_s, self._check_lease, seq, since_ns)
+        now = time.monotonic_ns()
+        last = max(reserved_ns, seq.transfer.last_chunk_ns if seq.transfer is not None else 0)
+        silent_left = self.kv_lease_s - (now - last) / 1e9
+        total_left = self.kv_transfer_max_s - (now - reserved_ns) / 1e9
+        if silent_left > 0 and total_left > 0:
+            asyncio.get_running_loop().call_later(min(silent_left, total_left), self._check_lease, seq, reserved_ns)
             return
         self.counters.leases_expired += 1
-        if first_chunk_ns:
-            why = f"transfer {tid!r}: KV not complete {self.kv_lease_s:g} s after its first chunk; reservation released"
-        else:
+        if silent_left <= 0:
             why = f"transfer {tid!r}: no KV arrived for {self.kv_lease_s:g} s; reservation released"
+        else:
+            why = f"transfer {tid!r}: KV not complete {self.kv_transfer_max_s:g} s after the reservation; released"
         self.fail_transfer(tid, DeadlineExceeded(why))
 
     async def prefill_locally(self, seq: DecodeSequence, token_ids: list[int]) -> None:
@@ -229,11 +242,16 @@ class DecodeEngine:
         if len(token_ids) != seq.params.prompt_tokens:
             raise InvalidArgument(f"prompt_token_ids: {len(token_ids)} tokens, prompt_tokens says {seq.params.prompt_tokens}")
 
+        loop = asyncio.get_running_loop()
+
         def write(layer: int, start: int, k, v) -> None:
-            if seq.state is SeqState.WAITING_KV:
+            if seq.state is SeqState.WAITING_KV:  # on the loop: a release cannot free the blocks under it
                 self.pool.write(seq.blocks, layer, start, k[0].transpose(0, 1), v[0].transpose(0, 1))
 
-        result = await self.local_prefill.prefill(token_ids, seq.params.sampling, write, seq.params.first_index)
+        def on_layer(layer: int, start: int, k, v) -> None:  # on the worker thread, mid-pass
+            loop.call_soon_threadsafe(write, layer, start, k, v)
+
+        result = await self.local_prefill.prefill(token_ids, seq.params.sampling, on_layer, seq.params.first_index)
         if seq.state is not SeqState.WAITING_KV:
             return  # released meanwhile
         self.counters.local_prefills += 1
@@ -262,13 +280,57 @@ class DecodeEngine:
         try:
             check_layout(layout, num_layers=kv.num_layers, kv_heads=kv.kv_heads, head_dim=kv.head_dim,
                          dtype=self._loaded.dtype, num_tokens=seq.params.prompt_tokens)
+            if stream.cuda_ipc and self.pool.device.type != "cuda":
+                raise InvalidArgument("header.cuda_ipc: this decode instance's KV pool is not on a GPU")
             blocks = seq.blocks
-            seq.transfer = KVAssembly(layout, lambda layer, start, k, v: self.pool.write(blocks, layer, start, k, v),
-                                      stream)
+            write = self.pool.write
+            if self._writer is not None and not stream.cuda_ipc:
+                write, seq.pool_writes = self._writer.write, True  # on its own thread and stream
+            seq.transfer = KVAssembly(layout, lambda layer, start, k, v: write(blocks, layer, start, k, v), stream)
         except InvalidArgument as exc:
             self.fail_transfer(layout.transfer_id, DataLoss(f"KV transfer rejected: {exc}"))
             raise
+        self._transfer_began.set()
         return seq.transfer
+
+    async def writes_issued(self) -> None:
+        """Returns once every pool write queued so far was issued (GPU; at once on a CPU, which writes in
+        place): their sources may be released."""
+        if self._writer is not None:
+            await self._writer.issued()
+
+    def stream_began(self, assembly: KVAssembly) -> None:
+        """A PushKV handler took one of the transfer's streams (it calls ``stream_ended`` when it returns)."""
+        assembly.streams_live += 1
+
+    def stream_ended(self, assembly: KVAssembly) -> None:
+        """A PushKV handler returned. The blocks of a failed transfer whose producer writes into the pool
+        itself (CUDA IPC) are freed only now that its stream is over: no copy of it is in flight."""
+        assembly.streams_live -= 1
+        seq = self._quarantined.get(id(assembly))
+        if seq is not None and assembly.streams_live <= 0:
+            del self._quarantined[id(assembly)]
+            self._free(seq)
+
+    async def transfer_target(self, transfer_id: str, wait_s: float = 10.0) -> list[int]:
+        """The blocks of a CUDA IPC transfer, once its stream is open (waiting up to ``wait_s`` for the header:
+        the producer asks right after sending it). A producer writes only into these, only while its stream
+        is open."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            seq = self._waiting.get(transfer_id)
+            if seq is None:
+                raise NotFound(f"transfer_id: {transfer_id!r} is not reserved on this decode instance")
+            if seq.transfer is not None:
+                if not seq.transfer.stream.cuda_ipc or not seq.transfer.streams_live:
+                    raise InvalidArgument(f"transfer_id: {transfer_id!r} has no open CUDA IPC stream")
+                return list(seq.blocks)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NotFound(f"transfer_id: {transfer_id!r}: no CUDA IPC stream opened within {wait_s:g} s")
+            self._transfer_began.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._transfer_began.wait(), left)
 
     def complete_transfer(self, transfer_id: str, first_token: int, stream_index: int = 0) -> None:
         """A stream's trailer arrived; once every stream's has, the request joins the batch at the next step."""
@@ -283,9 +345,16 @@ class DecodeEngine:
         if first_token in seq.params.eos_token_ids:
             self._finish(seq, None)
             return
+        if seq.pool_writes:  # joins once its writes were issued, with the event they complete by
+            self._writer.after_writes(asyncio.get_running_loop(),
+                                      lambda event: self._kv_complete(seq, first_token, event))
+            return
         self._kv_complete(seq, first_token)
 
-    def _kv_complete(self, seq: DecodeSequence, first_token: int) -> None:
+    def _kv_complete(self, seq: DecodeSequence, first_token: int, written=None) -> None:
+        if seq.state is not SeqState.WAITING_KV:
+            return  # released meanwhile
+        seq.kv_written = written
         seq.last_token = first_token
         seq.kv_len = seq.params.prompt_tokens
         seq.state = SeqState.READY
@@ -298,10 +367,20 @@ class DecodeEngine:
         if seq is None:
             return
         self.counters.transfers_rejected += 1
-        if seq.transfer is not None:
-            seq.transfer.fail(error)  # the transfer's other streams stop with the same reason
-        self._free(seq)
+        self._drop_transfer(seq, error)
         seq.events.put_nowait(error)
+
+    def _drop_transfer(self, seq: DecodeSequence, error: PdserveError) -> None:
+        """Ends a request's transfer and frees its blocks: now, or, when its producer writes into the pool
+        itself and its stream is still open, once that stream ends (``stream_ended``)."""
+        transfer = seq.transfer
+        if transfer is not None:
+            transfer.fail(error)  # the transfer's streams stop with the same reason
+            if transfer.stream.cuda_ipc and transfer.streams_live > 0:
+                seq.state = SeqState.FINISHED
+                self._quarantined[id(transfer)] = seq
+                return
+        self._free(seq)
 
     def release(self, seq: DecodeSequence) -> None:
         """The request's caller is gone: free everything it holds (a running request's blocks after this step)."""
@@ -314,11 +393,9 @@ class DecodeEngine:
         elif seq.state is SeqState.WAITING_KV:
             # A PushKV handler still holding seq.transfer stops at its next message (KVAssembly.check_alive);
             # chunks are written on this loop, so none lands after this.
-            if seq.transfer is not None:
-                seq.transfer.fail(Cancelled(f"transfer {seq.params.transfer_id!r}: the request was cancelled"))
             if not seq.local:
                 self._waiting.pop(seq.params.transfer_id, None)
-            self._free(seq)
+            self._drop_transfer(seq, Cancelled(f"transfer {seq.params.transfer_id!r}: the request was cancelled"))
         elif seq.state is SeqState.READY:
             self._ready.remove(seq)
             self._free(seq)
@@ -328,8 +405,21 @@ class DecodeEngine:
     def _free(self, seq: DecodeSequence) -> None:
         seq.state = SeqState.FINISHED
         seq.transfer = None
-        if seq.ticket is not None and seq.ticket.blocks:
-            self.admission.release(seq.ticket)
+        if seq.ticket is None or not seq.ticket.blocks:
+            return
+        if seq.pool_writes:
+            # Blocks a transfer wrote through the PoolWriter go back once its writes were issued, and the
+            # compute stream waits for them to land before it touches the blocks again.
+            seq.pool_writes = False
+            ticket = seq.ticket
+
+            def release(written) -> None:
+                torch.cuda.current_stream(self.pool.device).wait_event(written)
+                self.admission.release(ticket)
+
+            self._writer.after_writes(asyncio.get_running_loop(), release)
+            return
+        self.admission.release(seq.ticket)
 
     def _finish(self, seq: DecodeSequence, token: TokenOut | None) -> None:
         """The request is complete; its blocks are freed now unless a step may still write them."""
@@ -373,6 +463,8 @@ class DecodeEngine:
                 seq.state = SeqState.FINISHED
                 seq.events.put_nowait(Cancelled("decode instance shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._writer is not None:
+            self._writer.close()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -413,6 +505,10 @@ class DecodeEngine:
     @torch.inference_mode()
     def _step(self, batch: list[DecodeSequence]) -> list[int]:
         """Runs on the engine thread: one forward pass over ``batch``, one token each."""
+        for seq in batch:
+            if seq.kv_written is not None:  # its received KV lands before this step reads it (device-side wait)
+                torch.cuda.current_stream(self.pool.device).wait_event(seq.kv_written)
+                seq.kv_written = None
         positions = [s.kv_len for s in batch]
         tables = [s.blocks for s in batch]
         if self._graphs is not None:

@@ -147,8 +147,10 @@ class KVPool:
         # fast memset): the flex kernel multiplies a block's unwritten, masked slots by zero, and
         # uninitialised memory may hold NaN bit patterns.
         alloc = torch.zeros if device.type == "cuda" else torch.empty
-        self.keys = [alloc(shape, dtype=dtype, device=device) for _ in range(kv.num_layers)]
-        self.values = [alloc(shape, dtype=dtype, device=device) for _ in range(kv.num_layers)]
+        # One allocation for every layer's K and V: (2, layers, slots, H, D). On a GPU it is what a prefill
+        # instance on the same host maps (CUDA IPC, ``export_ipc``) to write transfers straight into.
+        self.storage = alloc((2, kv.num_layers, *shape), dtype=dtype, device=device)
+        self.keys, self.values = list(self.storage[0]), list(self.storage[1])
         for t in self.keys + self.values:
             t[:block_size].zero_()
         self.kernel = resolve_kernel(kernel, device)

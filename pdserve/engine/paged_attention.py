@@ -8,13 +8,16 @@ function gathers each row's tokens through the step's block tables and runs
 SDPA with a per-row length mask (``gather`` kernel, the CPU default), or
 FlexAttention reads the pool in place through a block mask over the rows' own
 blocks (``flex`` kernel, the GPU default: compiled, block-sparse, no gather
-copy). Calls without ``paged`` (a colocated engine's
-prefill, with its own 4-D mask; ``generate()``) fall through to transformers' SDPA.
+copy). A prefill pass on a GPU passes ``segments=PackedSegments`` instead:
+flash attention over its packed segments as variable-length sequences
+(``SegmentPrefillCache``). Calls with neither (a prefill pass on a CPU, with
+its own 4-D mask; ``generate()``) fall through to transformers' SDPA.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +30,50 @@ from pdserve.engine.kv_pool import KVPool, PagedStep
 ATTENTION_NAME = "pdserve_paged"
 
 
+@dataclass
+class PackedSegments:
+    """A packed prefill pass on a GPU (``SegmentPrefillCache``): the segments that start a prompt come first
+    and attend among themselves as variable-length sequences; each later one continues a prompt and
+    attends to that prompt's buffer (its earlier chunks and itself), read in place."""
+
+    fresh_tokens: int            # query tokens of the leading segments
+    fresh_lengths: torch.Tensor  # (n + 1,) int32 cumulative lengths of the leading segments
+    fresh_max: int
+    # Per continuing segment: (query offset, tokens, tokens with its prefix, cumulative q, cumulative k).
+    continuing: list[tuple[int, int, int, torch.Tensor, torch.Tensor]]
+    prefixes: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # per layer
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                  max_q: int, max_k: int, scale: float | None) -> torch.Tensor:
+    """Causal flash attention over packed variable-length sequences, (T, H, D) each, grouped-query heads as
+    they come. With fewer queries than keys the causal mask is aligned to the last key (a chunk attends to
+    its prompt's earlier tokens and causally to itself)."""
+    return torch.ops.aten._flash_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q,
+                                                   max_k, 0.0, True, False, scale=scale)[0]
+
+
+def _segments_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        segments: PackedSegments, scaling: float | None) -> torch.Tensor:
+    q = query[0].transpose(0, 1)  # (S, Hq, D)
+    out = torch.empty_like(q)
+    n = segments.fresh_tokens
+    if n:
+        out[:n] = _flash_varlen(q[:n], key[0, :, :n].transpose(0, 1), value[0, :, :n].transpose(0, 1),
+                                segments.fresh_lengths, segments.fresh_lengths, segments.fresh_max,
+                                segments.fresh_max, scaling)
+    for (offset, count, total, cu_q, cu_k), (keys, values) in zip(segments.continuing,
+                                                                   segments.prefixes[module.layer_idx]):
+        out[offset:offset + count] = _flash_varlen(q[offset:offset + count], keys, values, cu_q, cu_k, count, total,
+                                                   scaling)
+    return out[None]  # (1, S, Hq, D)
+
+
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                    paged: PagedStep | None = None, **kwargs):
+                    paged: PagedStep | None = None, segments: PackedSegments | None = None, **kwargs):
+    if segments is not None:
+        return _segments_attention(module, query, key, value, segments, scaling), None
     if paged is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)

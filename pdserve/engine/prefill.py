@@ -5,9 +5,14 @@ arrival order, segments of prompts up to ``token_budget`` tokens, a prompt
 longer than ``chunk_tokens`` contributing one chunk per pass. The segments are
 packed into one row (no padding); a block-diagonal causal mask keeps each
 segment attending to its own prompt, including the earlier chunks it keeps
-from previous passes. Each layer's new K/V is handed to ``on_layer`` on the
-event loop per chunk, while later layers still compute, and the first token
-is sampled when a prompt's last chunk has run.
+from previous passes. On a GPU the segments are not masked densely:
+``SegmentPrefillCache`` and the ``pdserve_paged`` attention run flash
+attention over variable-length segments (one call for every segment that
+starts a prompt, one per segment continuing one, reading its earlier chunks'
+KV in place from the prompt's own buffer). Each layer's new K/V is handed to
+``on_layer`` on the worker thread as soon as it is computed (on a GPU: queued),
+while later layers still compute, and the first token is sampled when a
+prompt's last chunk has run.
 
 The engine owns the model on one worker thread, which a colocated decode
 engine may share (then decode steps and prefill passes alternate on it:
@@ -20,14 +25,18 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from pdserve.aio import ByteBudget, cancel_and_wait
+from pdserve.engine.admission import DEADLINE_MARGIN
+from pdserve.engine.paged_attention import PackedSegments, use_paged_attention
 from pdserve.engine.sampling import SamplingParams, sample
 from pdserve.errors import Cancelled, ResourceExhausted
 from pdserve.kv.wire import DTYPE_NAMES, KVLayout
@@ -35,7 +44,8 @@ from pdserve.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
-# on_layer(layer_index, token_start, keys, values) with keys/values shaped (1, H, count, D).
+# on_layer(layer_index, token_start, keys, values) with keys/values shaped (1, H, count, D), called on the
+# engine's worker thread in the middle of the forward pass: it must not block (see pdserve.kv.transport).
 LayerCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -64,9 +74,66 @@ class PrefillJob:
     name: str = ""  # for log lines: the request id
     enqueued_ns: int = field(default_factory=time.monotonic_ns)
     start_ns: int = 0
-    # Per layer (1, H, T, D): earlier chunks' K/V, kept only while later chunks remain.
+    # Per layer: earlier chunks' K/V, kept only while later chunks remain ((1, H, T, D) on a CPU, (T, H, D)
+    # on a GPU, where attention reads them in place).
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.token_ids) - self.done
+
+
+class PassTimes:
+    """Recent forward passes fitted as ``seconds = overhead + per_token * tokens + per_pair * pairs``, where
+    ``pairs`` counts the query-key pairs attention scores (a chunk deep into a long prompt attends to
+    everything before it): exponentially weighted least squares. A pass of a few tokens costs mostly its
+    overhead, a full one its tokens, a late chunk of a long prompt its attention: a rate alone misjudges
+    all three."""
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.decay = decay
+        self._xx = np.zeros((3, 3))
+        self._xy = np.zeros(3)
+        self._tokens = self._seconds = 0.0
+        self._coef: np.ndarray | None = None
+
+    @staticmethod
+    def features(segments: Sequence[tuple[int, int]]) -> np.ndarray:
+        """(1, tokens, query-key pairs / 1e6) of a pass of (start, count) segments."""
+        return np.array([1.0, float(sum(c for _, c in segments)), sum(c * (s + (c + 1) / 2) for s, c in segments) / 1e6])
+
+    def add(self, segments: Sequence[tuple[int, int]], seconds: float) -> None:
+        x = self.features(segments)
+        self._xx = self.decay * self._xx + np.outer(x, x)
+        self._xy = self.decay * self._xy + x * seconds
+        self._tokens = self.decay * self._tokens + x[1]
+        self._seconds = self.decay * self._seconds + seconds
+        coef = np.linalg.lstsq(self._xx + 1e-9 * np.eye(3), self._xy, rcond=None)[0]
+        # Passes too alike to tell the terms apart give nonsense signs: then the mean rate per token.
+        self._coef = coef if (coef >= 0).all() else None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self._tokens / self._seconds if self._seconds else 0.0
+
+    def seconds(self, segments: Sequence[tuple[int, int]]) -> float | None:
+        """A pass of (start, count) segments (None before the first pass)."""
+        if not self._seconds:
+            return None
+        x = self.features(segments)
+        if self._coef is None:
+            return x[1] * self._seconds / self._tokens if self._tokens else self._seconds
+        return float(x @ self._coef)
+
+
+@dataclass(eq=False)
+class _Planned:
+    """A queued prompt as ``plan_batch`` sees it, for simulating the queue ahead."""
+
+    token_ids: range
+    done: int = 0
+    cancelled: bool = False
 
     @property
     def remaining(self) -> int:
@@ -194,10 +261,66 @@ class PackedPrefillCache:
         return torch.cat(keys, dim=2), torch.cat(values, dim=2)
 
 
-def packed_inputs(plan: list[Segment], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids and position_ids (1, S), and the (1, 1, S, S_kv) mask of a packed pass."""
+class SegmentPrefillCache:
+    """``past_key_values`` for one packed pass on a GPU, whose segments that start a prompt come first.
+
+    Hands each segment's new K/V to ``notify`` and returns the pass's K/V unchanged: the ``pdserve_paged``
+    attention runs flash attention over the leading segments as variable-length sequences, and over each
+    segment that continues a prompt against that prompt's buffer (earlier chunks and this one, written
+    here), read in place: nothing is concatenated.
+    """
+
+    def __init__(self, plan: list[Segment], notify: Callable[[PrefillJob, int, int, torch.Tensor, torch.Tensor], None],
+                 device: torch.device) -> None:
+        self._plan = plan
+        self._notify = notify
+        fresh = [seg.count for seg in plan if seg.start == 0]
+        continuing = [(sum(s.count for s in plan[:i]), seg) for i, seg in enumerate(plan) if seg.start > 0]
+        self.segments = PackedSegments(
+            fresh_tokens=sum(fresh), fresh_lengths=cumulative(fresh, device), fresh_max=max(fresh, default=0),
+            continuing=[(offset, seg.count, seg.start + seg.count, cumulative([seg.count], device),
+                         cumulative([seg.start + seg.count], device)) for offset, seg in continuing])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        offset = 0
+        prefixes = []
+        for seg in self._plan:
+            job = seg.job
+            k = key_states[:, :, offset:offset + seg.count]
+            v = value_states[:, :, offset:offset + seg.count]
+            offset += seg.count
+            if seg.start > 0 or not seg.last:  # the prompt's buffer: this chunk now, the next chunks later
+                if len(job.keys) <= layer_idx:
+                    shape = (len(job.token_ids), k.shape[1], k.shape[3])
+                    job.keys.append(torch.empty(shape, dtype=k.dtype, device=k.device))
+                    job.values.append(torch.empty(shape, dtype=v.dtype, device=v.device))
+                end = seg.start + seg.count
+                job.keys[layer_idx][seg.start:end] = k[0].transpose(0, 1)
+                job.values[layer_idx][seg.start:end] = v[0].transpose(0, 1)
+                if seg.start > 0:
+                    prefixes.append((job.keys[layer_idx][:end], job.values[layer_idx][:end]))
+            self._notify(job, layer_idx, seg.start, k, v)
+        self.segments.prefixes[layer_idx] = prefixes
+        return key_states, value_states
+
+
+def cumulative(lengths: list[int], device: torch.device) -> torch.Tensor:
+    """(len + 1,) int32 cumulative sequence lengths, as variable-length attention takes them."""
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def packed_inputs(plan: list[Segment], device: torch.device,
+                  dense_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids and position_ids (1, S), and the (1, 1, S, S_kv) mask of a packed pass (without
+    ``dense_mask``: a (1, 1, 1, 1) stand-in, for attention that keeps segments apart itself)."""
     ids = [t for seg in plan for t in seg.job.token_ids[seg.start:seg.start + seg.count]]
     positions = [p for seg in plan for p in range(seg.start, seg.start + seg.count)]
+    if not dense_mask:
+        as_tensor = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
+        return as_tensor(ids), as_tensor(positions), torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
     total_q = len(ids)
     total_kv = sum(seg.start + seg.count for seg in plan)
     mask = torch.zeros(total_q, total_kv, dtype=torch.bool)
@@ -242,12 +365,22 @@ class PrefillEngine:
         self._task: asyncio.Task | None = None
         self.passes = 0
         self.peak_batch = 0  # most prompts in one pass
-        self.tokens_per_s = 0.0  # recent throughput (moving average over passes; 0 before the first)
+        self.pass_times = PassTimes()  # recent passes' cost, for the queue's estimates
         self.refused = 0
+        # On a GPU in 16-bit floats: flash attention over variable-length segments (no dense mask), through
+        # the attention function pdserve registers with transformers (float32 keeps the dense mask: flash
+        # attention has no float32 kernel).
+        self.segment_attention = loaded.device.type == "cuda" and loaded.dtype in (torch.bfloat16, torch.float16)
+        if self.segment_attention:
+            use_paged_attention(loaded.model)
 
     @property
     def info(self):
         return self._loaded.info
+
+    @property
+    def device(self):
+        return self._loaded.device
 
     @property
     def queued_prompts(self) -> int:
@@ -262,32 +395,47 @@ class PrefillEngine:
         kv = self._loaded.info.kv
         return KVLayout(transfer_id, kv.num_layers, num_tokens, kv.kv_heads, kv.head_dim, DTYPE_NAMES[self._loaded.dtype])
 
-    def estimated_s(self, tokens: int) -> float | None:
-        """Seconds until a prompt of ``tokens`` queued now would be done, by the plan's order and the recent
-        throughput (None before the first pass)."""
-        if not self.tokens_per_s:
+    @property
+    def tokens_per_s(self) -> float:
+        return self.pass_times.tokens_per_s
+
+    def estimated_s(self, tokens: int, max_passes: int = 256) -> float | None:
+        """Seconds until a prompt of ``tokens`` queued now would be done: the queue's next passes planned as
+        ``plan_batch`` would plan them, each timed by the recent passes (None before the first pass)."""
+        if self.pass_times.seconds([(0, 1)]) is None:
             return None
-        live = [job for job in self._queue if not job.cancelled]
-        if self.chunk_tokens and tokens <= self.chunk_tokens:  # short: behind short ones, beside one chunk
-            short = sum(job.remaining for job in live if job.done == 0 and job.remaining <= self.chunk_tokens)
-            room = max(1, self.token_budget - self.chunk_tokens)
-            passes = -(-(short + tokens) // room)
-            before = short + (self.chunk_tokens * passes if any(job.done for job in live) else 0)
-        else:
-            before = sum(job.remaining for job in live)
-        return (before + tokens) / self.tokens_per_s
+        queue = [_Planned(range(len(job.token_ids)), job.done) for job in self._queue if not job.cancelled]
+        mine = _Planned(range(tokens))
+        queue.append(mine)
+        total = 0.0
+        for _ in range(max_passes):
+            plan = plan_batch(queue, self.token_budget, self.chunk_tokens, self.max_partial)
+            if not plan:
+                break
+            total += self.pass_times.seconds([(seg.start, seg.count) for seg in plan])
+            for seg in plan:
+                seg.job.done += seg.count
+            if not mine.remaining:
+                return total
+        return total if not mine.remaining else math.inf
+
+    def _alone_s(self, tokens: int) -> float:
+        """Seconds a prompt of ``tokens`` takes with nothing ahead of it."""
+        step = self.chunk_tokens or tokens
+        return sum(self.pass_times.seconds([(s, min(step, tokens - s))]) for s in range(0, tokens, step))
 
     def check_admission(self, tokens: int, deadline_s: float | None = None) -> None:
         """Raises ``ResourceExhausted`` (with a retry hint) unless a prompt of ``tokens`` can queue now and,
-        by the recent throughput, the queue ahead of it does not push it past ``deadline_s`` seconds."""
+        by the recent passes, the queue ahead of it does not push it past ``deadline_s`` seconds."""
         queued = self.queued_tokens
         estimate = self.estimated_s(tokens)
-        hint_ms = int(max(0.01, (estimate or 1.0) - tokens / (self.tokens_per_s or 1e9)) * 1e3)
+        alone = self._alone_s(tokens) if estimate is not None else 0.0
+        hint_ms = round(max(0.01, min(estimate or 1.0, 3600) - alone) * 1e3)
         if queued + tokens > self.max_queued_tokens:
             why = f"{queued} prompt tokens queued, at most {self.max_queued_tokens}"
-        elif deadline_s is not None and estimate is not None and tokens / self.tokens_per_s <= deadline_s < estimate:
-            why = (f"it would be done in about {estimate:.1f} s ({queued} tokens queued at "
-                   f"{self.tokens_per_s:.0f} tokens/s), after its deadline ({deadline_s:.1f} s)")
+        elif deadline_s is not None and estimate is not None and alone <= deadline_s < estimate * DEADLINE_MARGIN:
+            why = (f"it would be done in about {estimate:.1f} s ({queued} tokens queued, {self.tokens_per_s:.0f} "
+                   f"tokens/s lately), after its deadline ({deadline_s:.1f} s)")
         else:
             return
         self.refused += 1
@@ -296,8 +444,8 @@ class PrefillEngine:
     async def prefill(self, token_ids: list[int], sampling: SamplingParams,
                       on_layer: LayerCallback | None = None, first_index: int = 0,
                       kv: KVBytes | None = None, name: str = "") -> PrefillResult:
-        """Queues the prompt; ``on_layer`` gets every chunk of every layer on this event loop; returns the first
-        token (token ``first_index`` of the request: a resumed request's prompt ends with the ones delivered).
+        """Queues the prompt; ``on_layer`` gets every chunk of every layer on the worker thread, as it is computed
+        (it must not block: post to the loop what needs it); returns the first token (token ``first_index`` of the request: a resumed request's prompt ends with the ones delivered).
         ``kv``: the bytes its KV will hold in ``inflight`` (taken before its first pass; the caller releases
         them once the KV is delivered or dropped)."""
         loop = asyncio.get_running_loop()
@@ -342,8 +490,8 @@ class PrefillEngine:
                 continue
 
             def notify(job: PrefillJob, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-                if job.on_layer is not None:
-                    loop.call_soon_threadsafe(self._deliver, job, layer, start, k, v)
+                if job.on_layer is not None and not job.cancelled:  # on the worker thread
+                    job.on_layer(layer, start, k, v)
 
             try:
                 firsts, start_ns, end_ns = await loop.run_in_executor(self._executor, self._forward, plan, notify)
@@ -355,9 +503,7 @@ class PrefillEngine:
                 continue
             self.passes += 1
             self.peak_batch = max(self.peak_batch, len(plan))
-            tokens = sum(seg.count for seg in plan)
-            rate = tokens / max(1e-9, (end_ns - start_ns) / 1e9)
-            self.tokens_per_s = rate if not self.tokens_per_s else 0.8 * self.tokens_per_s + 0.2 * rate
+            self.pass_times.add([(seg.start, seg.count) for seg in plan], (end_ns - start_ns) / 1e9)
             for seg in plan:
                 job = seg.job
                 job.passes += 1
@@ -368,11 +514,6 @@ class PrefillEngine:
                         firsts[job], (job.start_ns - job.enqueued_ns) / 1e6, (end_ns - job.start_ns) / 1e6,
                         job.passes, job.start_ns, end_ns))
 
-    @staticmethod
-    def _deliver(job: PrefillJob, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        if not job.cancelled and not job.future.done():
-            job.on_layer(layer, start, k, v)
-
     def _finish(self, job: PrefillJob, result: PrefillResult | None = None, exc: BaseException | None = None) -> None:
         job.keys, job.values = [], []
         if job in self._queue:
@@ -382,24 +523,31 @@ class PrefillEngine:
         if exc is not None:
             job.future.set_exception(exc)
         else:
-            # Layers were queued on the loop before this; deliver them first.
+            # What on_layer posted to the loop during the pass was queued before this; it runs first.
             asyncio.get_running_loop().call_soon(job.future.set_result, result)
 
     @torch.inference_mode()
     def _forward(self, plan: list[Segment], notify) -> tuple[dict[PrefillJob, int], int, int]:
         """Runs on the engine thread: one packed pass; returns first tokens of prompts that completed."""
         start_ns = time.monotonic_ns()
-        input_ids, position_ids, mask = packed_inputs(plan, self._loaded.device)
+        device = self._loaded.device
+        if self.segment_attention:
+            plan = sorted(plan, key=lambda seg: seg.start > 0)  # segments that start a prompt first
+        input_ids, position_ids, mask = packed_inputs(plan, device, dense_mask=not self.segment_attention)
         ends, finishing, offset = [], [], 0
         for seg in plan:
             offset += seg.count
             if seg.last:
                 ends.append(offset - 1)
                 finishing.append(seg.job)
-        cache = PackedPrefillCache(plan, notify)
-        keep = torch.tensor(ends, device=self._loaded.device) if ends else 1
+        keep = torch.tensor(ends, device=device) if ends else 1
+        if self.segment_attention:
+            cache = SegmentPrefillCache(plan, notify, device)
+            extra = {"segments": cache.segments}
+        else:
+            cache, extra = PackedPrefillCache(plan, notify), {}
         out = self._loaded.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                                 past_key_values=cache, use_cache=True, logits_to_keep=keep)
+                                 past_key_values=cache, use_cache=True, logits_to_keep=keep, **extra)
         firsts = {}
         if finishing:
             tokens = sample(out.logits[0], [job.sampling for job in finishing], [job.first_index for job in finishing])

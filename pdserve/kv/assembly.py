@@ -62,6 +62,7 @@ class KVAssembly:
         self._next_token = [0] * layout.num_layers
         self._streams_open = {stream.stream_index}
         self._streams_done: set[int] = set()
+        self.streams_live = 0  # streams whose handler is still running (the consumer counts them)
         self._first_token: int | None = None
         self.first_chunk_ns = 0
         self.last_chunk_ns = 0
@@ -110,6 +111,21 @@ class KVAssembly:
         end = chunk.token_start + chunk.token_count
         if end > lay.num_tokens:
             raise InvalidArgument(f"chunk: layer {chunk.layer} tokens up to {end} exceed header.num_tokens {lay.num_tokens}")
+        if self.stream.cuda_ipc:  # the producer wrote this range into the pool itself, complete before it said so
+            if len(chunk.key) or len(chunk.value) or chunk.shm_offset:
+                raise InvalidArgument("chunk: bytes in a CUDA IPC transfer (its producer writes into the pool)")
+        else:
+            self._write_chunk(chunk, lay, end)
+        self._next_token[chunk.layer] = end
+        now = time.monotonic_ns()
+        self.first_chunk_ns = self.first_chunk_ns or arrived
+        self.last_chunk_ns = now
+        if end == lay.num_tokens:
+            self.layer_received_ns[chunk.layer] = arrived
+            self.layer_written_ns[chunk.layer] = now
+
+    def _write_chunk(self, chunk: KVChunkData, lay: KVLayout, end: int) -> None:
+        """Checks a chunk's bytes (sizes, checksum) and writes them."""
         int8 = self.stream.quantization == "int8"
         itemsize = 1 if int8 else lay.torch_dtype.itemsize
         want = chunk.token_count * lay.kv_heads * lay.head_dim * itemsize
@@ -134,13 +150,6 @@ class KVAssembly:
         else:
             k, v = from_bytes(chunk.key, lay.torch_dtype, shape), from_bytes(chunk.value, lay.torch_dtype, shape)
         self._write(chunk.layer, chunk.token_start, k, v)
-        self._next_token[chunk.layer] = end
-        now = time.monotonic_ns()
-        self.first_chunk_ns = self.first_chunk_ns or arrived
-        self.last_chunk_ns = now
-        if end == lay.num_tokens:
-            self.layer_received_ns[chunk.layer] = arrived
-            self.layer_written_ns[chunk.layer] = now
 
     def stream_finished(self, stream_index: int, first_token: int) -> bool:
         """One stream's trailer arrived; True once every stream's has."""

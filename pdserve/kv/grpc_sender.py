@@ -1,39 +1,67 @@
-"""KV producers: gRPC streams (K/V bytes inline) and same-host shared memory (gRPC carries offsets).
+"""KV producers: gRPC streams (K/V bytes inline), same-host shared memory (gRPC carries offsets), and CUDA IPC
+(prefill writes into decode's pool; gRPC carries only which layers are written).
 
 ``GrpcKVSender`` spreads a transfer's layers over one ``Decode.PushKV`` stream
 per channel it is given (layer ``l`` goes on stream ``l % n``, so each layer
 stays in token order on one stream); with channels on separate TCP
 connections the streams move bytes in parallel. A pump task per stream turns
-each queued layer into ~``chunk_bytes`` messages, encoded by hand
+each staged layer into ~``chunk_bytes`` messages, encoded by hand
 (``encode_chunk``: K/V copied once) and written one at a time, each write
 awaiting gRPC flow control: the bytes in flight per stream stay at one
 message however slow the receiver is.
 
-``ShmKVSender`` uses one stream for control: each queued layer range's K/V
-is copied straight from the layer tensor (device or host) into a segment
-from the producer's ``SegmentPool`` at a fixed offset, and one small message
-carries that offset and the checksum (no ~1 MiB chunking: the bytes never
-pass through gRPC).
+``ShmKVSender`` uses one stream for control: each layer range's K/V go into a
+segment from the producer's ``SegmentPool`` at a fixed offset, and one small
+message carries that offset and the checksum.
+
+``IpcKVSender`` (a GPU decode pool on this host): each layer range is copied
+device to device into the slots of the blocks decode reserved (see
+``pdserve.kv.cuda_ipc``); one small message per range says it is written.
+
+Where the K/V start (``stage``, on the prefill worker thread as each layer is
+queued): on a CPU the tensors go to the event loop and are encoded there; on a
+GPU the copies (into pinned host staging, the segment, or decode's pool) are
+queued on ``DeviceCopies``' stream behind an event, so they run while later
+layers compute, and the loop hears of each range once its bytes are in place;
+encoding and checksums then run on the encoder threads. The transfer's host
+staging is one pinned buffer of its size (held within the prefill
+instance's in-flight budget), laid out as a shared-memory segment is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from dataclasses import dataclass
 
 import grpc
 import torch
 
 from pdserve import telemetry
-from pdserve.errors import Internal, PdserveError
+from pdserve.errors import DataLoss, Internal, InvalidArgument, PdserveError
 from pdserve.kv.shm import Segment, SegmentPool
+from pdserve.kv.staging import DeviceCopies
 from pdserve.kv.transport import KVSender, TransferReceipt
 from pdserve.kv.wire import (QUANTIZATIONS, KVLayout, as_bytes_view, checksum, chunk_ranges, encode_chunk,
                              quantize_int8, token_major)
 from pdserve.rpc import error_from_rpc
-from pdserve.v1 import decode_pb2
+from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
 _PUSH_KV = "/pdserve.v1.Decode/PushKV"
+
+
+@dataclass
+class _Range:
+    """A layer's K/V for tokens [start, start + count), ready to encode: CPU tensors (1, H, T, D), or host
+    views (T, H, D) that a device copy filled, or, int8 from a GPU, per-chunk quantized host tensors."""
+
+    layer: int
+    start: int
+    count: int
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    quantized: list | None = None  # [(start, end, k8, v8, k_scales, v_scales)] per chunk, host tensors
 
 
 class _Stream:
@@ -47,8 +75,10 @@ class _Stream:
 
 class GrpcKVSender(KVSender):
     transport = "grpc"  # how the bytes travel (metrics label)
+
     def __init__(self, channels: list[grpc.aio.Channel], address: str, chunk_bytes: int = 1 << 20,
-                 checksums: bool = True, timeout_s: float | None = 300.0, quantization: str = "") -> None:
+                 checksums: bool = True, timeout_s: float | None = 300.0, quantization: str = "",
+                 copies: DeviceCopies | None = None) -> None:
         if not channels:
             raise ValueError("GrpcKVSender needs at least one channel")
         if quantization not in QUANTIZATIONS:
@@ -59,7 +89,15 @@ class GrpcKVSender(KVSender):
         self._chunk_bytes = chunk_bytes
         self._checksums = checksums
         self._timeout_s = timeout_s
+        self._copies = copies  # a GPU's copy stream (None: tensors staged on the CPU)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._layout: KVLayout | None = None
+        self._host: torch.Tensor | None = None  # GPU: the transfer's pinned staging (uint8, segment layout)
+        self._lock = threading.Lock()  # stage() (worker thread) against abort() (loop)
+        self._aborted = False
+        self._ranges = 0  # staged so far (any thread)
+        self._landed = 0  # of which the loop has heard (their bytes are in place)
+        self._all_landed = asyncio.Event()
         self._bytes = 0
         self._messages = 0
         self._first_sent_ns = 0
@@ -67,33 +105,127 @@ class GrpcKVSender(KVSender):
         self.layer_ready_ns: list[int] = []  # per layer: when the forward pass handed over its last chunk
         self.layer_sent_ns: list[int] = []  # per layer: when its last message was handed to the stream
 
-    @property
-    def shm_segment(self) -> str:
-        return ""
+    # ---- what each kind of sender adds to the header and does with a range --------------------------
+
+    def _header_fields(self) -> dict:
+        return {"quantization": self._quantization}
+
+    def _host_buffer(self, layout: KVLayout) -> torch.Tensor | None:
+        """GPU, exact K/V: pinned host memory the device copies land in (segment layout)."""
+        if self._quantization:
+            return None  # int8 chunks are quantized on the device, each into its own pinned tensors
+        return torch.empty(layout.total_bytes, dtype=torch.uint8, pin_memory=True)
+
+    def _device_work(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> _Range:
+        """On the copy stream: the copies of one range out of the device; returns what they fill."""
+        count = keys.shape[2]
+        k, v = keys[0].transpose(0, 1), values[0].transpose(0, 1)  # (T, H, D) views
+        if self._quantization:
+            parts = []
+            for s, e in chunk_ranges(count, self._per_token_bytes(), self._chunk_bytes):
+                quantized = quantize_int8(k[s:e], v[s:e])
+                host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in quantized]
+                for h, t in zip(host, quantized):
+                    h.copy_(t, non_blocking=True)
+                parts.append((s, e, *host))
+            return _Range(layer, start, count, quantized=parts)
+        host_k, host_v = self._host_views(layer, start, count)
+        host_k.copy_(k, non_blocking=True)
+        host_v.copy_(v, non_blocking=True)
+        return _Range(layer, start, count, host_k, host_v)
+
+    def _host_views(self, layer: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, H, D) views of the staging where tokens [start, start + count) of ``layer`` go: K, then V."""
+        lay = self._layout
+        offset, n = lay.shm_offset(layer, start), count * lay.token_bytes
+        shape = (count, lay.kv_heads, lay.head_dim)
+        region = self._host[offset:offset + 2 * n]
+        return region[:n].view(lay.torch_dtype).view(shape), region[n:].view(lay.torch_dtype).view(shape)
+
+    def _messages_for(self, r: _Range) -> list[tuple[int, object]]:
+        """(token end of the range's part, how to make its message) for each message of a range."""
+        if r.quantized is not None:
+            return [(e, lambda p=p: self._encode_quantized(r.layer, r.start, *p)) for p in r.quantized]
+        per_token = self._per_token_bytes()
+        return [(e, lambda s=s, e=e: self._encode(r, s, e)) for s, e in chunk_ranges(r.count, per_token,
+                                                                                       self._chunk_bytes)]
+
+    def _encode(self, r: _Range, start: int, end: int) -> bytes:
+        """One chunk message for tokens [start, end) of the range."""
+        if r.keys.dim() == 4:  # CPU: (1, H, T, D) straight from the forward pass
+            if self._quantization:
+                k8, v8, ks, vs = quantize_int8(r.keys[0, :, start:end].transpose(0, 1),
+                                               r.values[0, :, start:end].transpose(0, 1))
+                return self._encode_quantized(r.layer, r.start, start, end, k8, v8, ks, vs)
+            k = as_bytes_view(token_major(r.keys[:, :, start:end]))
+            v = as_bytes_view(token_major(r.values[:, :, start:end]))
+        else:  # host staging (T, H, D)
+            k, v = as_bytes_view(r.keys[start:end]), as_bytes_view(r.values[start:end])
+        return encode_chunk(r.layer, r.start + start, end - start, k, v, checksum(k, v) if self._checksums else 0)
+
+    def _encode_quantized(self, layer: int, token_start: int, start: int, end: int, k8, v8, ks, vs) -> bytes:
+        parts = [as_bytes_view(t.contiguous().cpu()) for t in (k8, v8, ks, vs)]
+        return encode_chunk(layer, token_start + start, end - start, parts[0], parts[1],
+                            checksum(*parts) if self._checksums else 0, key_scales=parts[2], value_scales=parts[3])
+
+    def _per_token_bytes(self) -> int:
+        """K/V payload bytes per token: int8 is one byte per element plus a 4-byte scale per token."""
+        lay = self._layout
+        return 2 * lay.kv_heads * lay.head_dim + 4 if self._quantization else 2 * lay.token_bytes
+
+    def _wire_bytes(self, r: _Range, start: int, end: int) -> int:
+        """K/V payload of one message for tokens [start, end) (int8: plus a 4-byte scale per channel)."""
+        lay = self._layout
+        return (end - start) * self._per_token_bytes() + (4 * lay.kv_heads * lay.head_dim if self._quantization else 0)
+
+    # ---- the transfer ------------------------------------------------------------------------------
 
     async def open(self, layout: KVLayout) -> None:
         self._layout = layout
+        self._loop = asyncio.get_running_loop()
         self.layer_sent_ns = [0] * layout.num_layers
         self.layer_ready_ns = [0] * layout.num_layers
-        loop = asyncio.get_running_loop()
+        if self._copies is not None:  # pinning memory takes a while the first time: not on the loop
+            self._host = await asyncio.to_thread(self._host_buffer, layout)
         n = len(self._streams)
         for s in self._streams:
             s.call = s.channel.stream_unary(_PUSH_KV, request_serializer=None,
                                             response_deserializer=decode_pb2.PushKVReply.FromString)(
                 timeout=self._timeout_s, metadata=telemetry.outgoing())  # decode's span joins the caller's trace
-            s.task = loop.create_task(self._pump(s), name=f"kv-push-{layout.transfer_id}-{s.index}")
+            s.task = self._loop.create_task(self._pump(s), name=f"kv-push-{layout.transfer_id}-{s.index}")
         header = decode_pb2.KVHeader(transfer_id=layout.transfer_id, num_layers=layout.num_layers,
                                      num_tokens=layout.num_tokens, kv_heads=layout.kv_heads,
                                      head_dim=layout.head_dim, dtype=layout.dtype, num_streams=n,
-                                     shm_segment=self.shm_segment, checksums=self._checksums,
-                                     quantization=self._quantization)
+                                     checksums=self._checksums, **self._header_fields())
         for s in self._streams:
             header.stream_index = s.index
             await self._write(s, decode_pb2.KVMessage(header=header).SerializeToString())
 
-    def send_layer(self, layer, token_start, keys, values) -> None:
-        self.layer_ready_ns[layer] = time.monotonic_ns()
-        self._streams[layer % len(self._streams)].queue.put_nowait((layer, token_start, keys, values))
+    def stage(self, layer: int, token_start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        ready_ns = time.monotonic_ns()
+        with self._lock:
+            if self._aborted:
+                return
+            self._ranges += 1
+            if self._copies is None or not keys.is_cuda:
+                self._loop.call_soon_threadsafe(self._staged, _Range(layer, token_start, keys.shape[2], keys, values),
+                                                ready_ns)
+                return
+            staged: list[_Range] = []
+
+            def work():
+                staged.append(self._device_work(layer, token_start, keys, values))
+                return keys, values
+
+            self._copies.submit(work, self._loop, lambda: self._staged(staged[0], ready_ns))
+
+    def _staged(self, r: _Range, ready_ns: int) -> None:
+        """On the loop: a range's bytes are where its messages are made from."""
+        self.layer_ready_ns[r.layer] = ready_ns
+        self._streams[r.layer % len(self._streams)].queue.put_nowait(r)
+        self._landed += 1
+        if self._landed == self._ranges:
+            self._all_landed.set()
 
     async def _write(self, stream: _Stream, message: bytes) -> None:
         try:
@@ -105,32 +237,25 @@ class GrpcKVSender(KVSender):
             raise Internal("KV push stream closed early") from None
 
     async def _pump(self, stream: _Stream) -> None:
-        lay = self._layout
-        # K/V payload bytes: int8 is one byte per element, plus a 4-byte scale per token and per channel.
-        per_token = 2 * lay.kv_heads * lay.head_dim + 4 if self._quantization else 2 * lay.token_bytes
-        per_chunk = 4 * lay.kv_heads * lay.head_dim if self._quantization else 0
-        while (item := await stream.queue.get()) is not None:
-            layer, token_start, keys, values = item
-            for start, end in chunk_ranges(keys.shape[2], per_token, self._chunk_bytes):
-                message = self._encode(layer, token_start, keys, values, start, end)
+        loop = asyncio.get_running_loop()
+        encoders = self._copies.encode if self._copies is not None else None
+        while (r := await stream.queue.get()) is not None:
+            start = 0
+            for end, make in self._messages_for(r):
+                # Off the loop where there is an encoder pool (GPU: host staging is the source).
+                message = await loop.run_in_executor(encoders, make) if encoders is not None else make()
                 sent = time.monotonic_ns()  # handed to the stream (the write returns once it is on its way)
                 self._first_sent_ns = self._first_sent_ns or sent
-                self.layer_sent_ns[layer] = sent
+                self.layer_sent_ns[r.layer] = sent
                 await self._write(stream, message)
-                self._bytes += (end - start) * per_token + per_chunk
+                self._bytes += self._wire_bytes(r, start, end)
                 self._messages += 1
-
-    def _encode(self, layer: int, token_start: int, keys, values, start: int, end: int) -> bytes:
-        """One chunk message for tokens [start, end) of (1, H, T, D) ``keys``/``values``."""
-        if self._quantization == "int8":  # quantized where the tensors are: a GPU copies a quarter of the bytes out
-            k8, v8, ks, vs = quantize_int8(keys[0, :, start:end].transpose(0, 1), values[0, :, start:end].transpose(0, 1))
-            parts = [as_bytes_view(t.contiguous().cpu()) for t in (k8, v8, ks, vs)]
-            return encode_chunk(layer, token_start + start, end - start, parts[0], parts[1],
-                                checksum(*parts) if self._checksums else 0, key_scales=parts[2], value_scales=parts[3])
-        k, v = as_bytes_view(token_major(keys[:, :, start:end])), as_bytes_view(token_major(values[:, :, start:end]))
-        return encode_chunk(layer, token_start + start, end - start, k, v, checksum(k, v) if self._checksums else 0)
+                start = end
 
     async def finish(self, first_token: int) -> TransferReceipt:
+        while self._landed < self._ranges:  # every staged range's bytes are in place before the end marker
+            self._all_landed.clear()
+            await self._all_landed.wait()
         for s in self._streams:
             s.queue.put_nowait(None)
         trailer = decode_pb2.KVMessage(trailer=decode_pb2.KVTrailer(first_token_id=first_token)).SerializeToString()
@@ -167,6 +292,12 @@ class GrpcKVSender(KVSender):
             raise
 
     async def abort(self) -> None:
+        """Stops the transfer: no range is staged after this, and (GPU) every copy already queued completed
+        before the streams are cancelled, so nothing is written anywhere once it returns."""
+        with self._lock:
+            self._aborted = True
+        if self._copies is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._copies.synchronize)
         for s in self._streams:
             if s.task is not None:
                 if s.task.done():
@@ -179,7 +310,7 @@ class GrpcKVSender(KVSender):
         self._close()
 
     def _close(self) -> None:
-        pass
+        self._host = None  # pinned staging back to torch's host cache
 
 
 class ShmKVSender(GrpcKVSender):
@@ -188,41 +319,98 @@ class ShmKVSender(GrpcKVSender):
     transport = "shm"
 
     def __init__(self, channel: grpc.aio.Channel, address: str, pool: SegmentPool, checksums: bool = True,
-                 timeout_s: float | None = 300.0) -> None:
-        super().__init__([channel], address, 1 << 62, checksums, timeout_s)
+                 timeout_s: float | None = 300.0, copies: DeviceCopies | None = None) -> None:
+        super().__init__([channel], address, 1 << 62, checksums, timeout_s, copies=copies)
         self._pool = pool
         self._segment: Segment | None = None
-        self._buffer: torch.Tensor | None = None
 
-    @property
-    def shm_segment(self) -> str:
-        return self._segment.name if self._segment else ""
+    def _header_fields(self) -> dict:
+        return {"shm_segment": self._segment.name}
+
+    def _host_buffer(self, layout: KVLayout) -> torch.Tensor:
+        self._segment.pin_for_cuda()  # device copies land in it at pinned speed
+        return torch.frombuffer(self._segment.map, dtype=torch.uint8)
 
     async def open(self, layout: KVLayout) -> None:
         self._segment = self._pool.acquire(layout.total_bytes)
-        self._buffer = torch.frombuffer(self._segment.map, dtype=torch.uint8)
+        if self._copies is None:
+            self._host = torch.frombuffer(self._segment.map, dtype=torch.uint8)
         await super().open(layout)
 
-    def _encode(self, layer: int, token_start: int, keys, values, start: int, end: int) -> bytes:
+    def _messages_for(self, r: _Range) -> list[tuple[int, object]]:
+        return [(r.count, lambda: self._offset_message(r))]  # the whole range: one offset
+
+    def _offset_message(self, r: _Range) -> bytes:
         lay = self._layout
-        count, tb = end - start, lay.token_bytes
-        offset = lay.shm_offset(layer, token_start + start)
-        shape = (count, lay.kv_heads, lay.head_dim)
-        if keys.is_cuda:
-            self._segment.pin_for_cuda()
-        for i, states in enumerate((keys, values)):
-            dst = self._buffer[offset + i * count * tb: offset + (i + 1) * count * tb]
-            # (1, H, T, D) -> (T, H, D) straight into the segment: one copy, from the device if need be.
-            dst.view(lay.torch_dtype).view(shape).copy_(states[0, :, start:end].transpose(0, 1))
-        data = self._segment.view[offset: offset + 2 * count * tb]
-        cs = checksum(data[:count * tb], data[count * tb:]) if self._checksums else 0
-        return encode_chunk(layer, token_start + start, count, b"", b"", cs, offset)
+        if r.keys.dim() == 4:  # CPU: copy (1, H, T, D) into the segment here
+            host_k, host_v = self._host_views(r.layer, r.start, r.count)
+            host_k.copy_(r.keys[0].transpose(0, 1))
+            host_v.copy_(r.values[0].transpose(0, 1))
+        offset, n = lay.shm_offset(r.layer, r.start), r.count * lay.token_bytes
+        data = self._segment.view[offset:offset + 2 * n]
+        cs = checksum(data[:n], data[n:]) if self._checksums else 0
+        return encode_chunk(r.layer, r.start, r.count, b"", b"", cs, offset)
 
     def _close(self) -> None:
+        self._host = None
         if self._segment is not None:
-            self._buffer = None
             if self._acked:  # the consumer has read it all: reuse
                 self._pool.release(self._segment)
             else:  # failed or aborted: the consumer may still read it, so never reuse it
                 self._pool.discard(self._segment)
             self._segment = None
+
+
+class IpcKVSender(GrpcKVSender):
+    """Same host, decode's pool on a GPU this process sees: each range copied device to device into the slots
+    of the blocks decode reserved; one stream carries which ranges are written."""
+
+    transport = "cuda_ipc"
+
+    def __init__(self, channel: grpc.aio.Channel, address: str, pool: torch.Tensor, block_size: int,
+                 incarnation: str, copies: DeviceCopies, timeout_s: float | None = 300.0) -> None:
+        super().__init__([channel], address, 1 << 62, False, timeout_s, copies=copies)
+        self._pool = pool  # decode's (2, layers, slots, H, D), mapped into this process
+        self._block_size = block_size
+        self._incarnation = incarnation  # of the decode instance whose pool this is
+        self._slots: torch.Tensor | None = None  # (prompt tokens,) on the pool's device
+
+    def _header_fields(self) -> dict:
+        return {"cuda_ipc": True}
+
+    def _host_buffer(self, layout: KVLayout) -> None:
+        return None
+
+    async def open(self, layout: KVLayout) -> None:
+        await super().open(layout)  # the stream is open: decode will not free the blocks before it ends
+        try:
+            target = await decode_pb2_grpc.DecodeStub(self._streams[0].channel).TransferTarget(
+                decode_pb2.TransferTargetRequest(transfer_id=layout.transfer_id), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"KV push to decode {self._address}") from None
+        if target.incarnation != self._incarnation:
+            raise DataLoss(f"decode {self._address} restarted: the pool mapped here is not its pool any more")
+        blocks = torch.tensor(list(target.blocks), dtype=torch.long)
+        tokens = torch.arange(layout.num_tokens)
+        if len(blocks) * self._block_size < layout.num_tokens:
+            raise InvalidArgument(f"decode {self._address}: {len(blocks)} blocks for {layout.num_tokens} tokens")
+        slots = blocks[tokens // self._block_size] * self._block_size + tokens % self._block_size
+        if int(slots.max()) >= self._pool.shape[2]:
+            raise InvalidArgument(f"decode {self._address}: a block outside its pool")
+        self._slots = slots.to(self._pool.device)
+
+    def _device_work(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> _Range:
+        count = keys.shape[2]
+        slots = self._slots[start:start + count]
+        for i, states in enumerate((keys, values)):
+            source = states[0].transpose(0, 1)  # (T, H, D)
+            if source.device != self._pool.device:
+                source = source.to(self._pool.device, non_blocking=True)  # another GPU of this host: peer copy
+            self._pool[i, layer].index_copy_(0, slots, source)
+        return _Range(layer, start, count)
+
+    def _messages_for(self, r: _Range) -> list[tuple[int, object]]:
+        return [(r.count, lambda: encode_chunk(r.layer, r.start, r.count, b"", b"", 0))]
+
+    def _wire_bytes(self, r: _Range, start: int, end: int) -> int:
+        return 2 * (end - start) * self._layout.token_bytes  # what moved, if not over the wire

@@ -10,7 +10,7 @@ against it; every chunk goes through ``KVAssembly``.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -28,9 +28,12 @@ DRAIN_SECONDS = 10.0
 
 
 async def receive_stream(messages: AsyncIterator[bytes], assembly: KVAssembly, stream: StreamInfo,
-                         on_trailer: Callable[[int], None]) -> int:
+                         on_trailer: Callable[[int], None],
+                         writes_issued: Callable[[], Awaitable[None]] | None = None) -> int:
     """Feeds the stream's chunks to ``assembly`` and its trailer's first token to ``on_trailer``;
-    returns the K/V bytes this stream carried. Stops with the transfer's failure once it has one."""
+    returns the K/V bytes this stream carried. Stops with the transfer's failure once it has one.
+    ``writes_issued``: awaited before the stream's shared-memory mapping is released (and so before the
+    producer learns it may reuse the segment), when the assembly's writes are queued elsewhere."""
     layout = assembly.layout
     segment = SEGMENTS.open(stream.shm_segment) if stream.shm_segment else None
     received = 0
@@ -49,6 +52,8 @@ async def receive_stream(messages: AsyncIterator[bytes], assembly: KVAssembly, s
                 raise InvalidArgument(f"PushKV: unexpected {kind or 'empty'} message after the header")
         raise InvalidArgument("PushKV: stream ended before the KVTrailer")
     finally:
+        if writes_issued is not None:
+            await writes_issued()  # no queued write still reads the messages' bytes or the segment
         if segment is not None:
             SEGMENTS.release(segment)
 

@@ -8,16 +8,23 @@ into the decode instance's cache.
 Producer side (``KVSender``, one object per transfer, driven by the prefill service):
   1. ``open(layout)`` before the forward pass starts. The consumer validates
      the layout against its reservation; a rejection surfaces on a later call.
-  2. ``send_layer(layer, token_start, keys, values)`` on the event loop, once
-     per layer per prompt chunk (one chunk unless the prompt is prefilled in
-     chunks), in layer order within a chunk and token order within a layer,
-     as soon as attention produced it (while later layers still compute). It
-     must return at once: sending happens in the background.
+  2. ``stage(layer, token_start, keys, values)``, once per layer per prompt
+     chunk (one chunk unless the prompt is prefilled in chunks), in layer
+     order within a chunk and token order within a layer, as soon as the
+     layer's K/V are computed -- on a GPU, as soon as their kernels are
+     *queued* -- while later layers still compute. It is called on the
+     prefill engine's worker thread (or on the loop, re-pushing kept KV),
+     must return at once and must never wait for the device: on a GPU it
+     queues the copies out of the device on a stream of its own behind an
+     event of the compute stream (``pdserve.kv.staging``); sending happens
+     in the background, on the loop.
   3. ``finish(first_token)`` after the forward pass: flushes what is queued,
      sends the first sampled token and returns once the consumer acknowledged
      the whole transfer (a ``TransferReceipt``), or raises ``PdserveError``.
-  4. ``abort()`` on any failure or cancellation; idempotent; afterwards the
-     consumer frees everything the transfer staged.
+  4. ``abort()`` on any failure or cancellation; idempotent; once it returns
+     nothing is staged any more and no queued copy is still writing (CUDA IPC
+     writes into the consumer's memory: its blocks are only freed after
+     this), and the consumer frees everything the transfer staged.
 
 Consumer side (``KVReceiver``, implemented by the decode engine):
   1. ``begin_transfer(layout)`` when a transfer's header arrives; raises
@@ -73,8 +80,9 @@ class KVSender(abc.ABC):
     async def open(self, layout: KVLayout) -> None: ...
 
     @abc.abstractmethod
-    def send_layer(self, layer: int, token_start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Queues one layer's (1, H, count, D) K/V of tokens from ``token_start``; never blocks."""
+    def stage(self, layer: int, token_start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Starts moving one layer's (1, H, count, D) K/V of tokens from ``token_start``; any thread; never
+        blocks, never waits for the device."""
 
     @abc.abstractmethod
     async def finish(self, first_token: int) -> TransferReceipt: ...

@@ -77,6 +77,7 @@ class StreamInfo:
     shm_segment: str = ""
     checksums: bool = True
     quantization: str = ""  # "" exact, or "int8" (see quantize_int8)
+    cuda_ipc: bool = False  # the producer writes into the consumer's pool itself; chunks carry no bytes
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ from pdserve import telemetry
 from pdserve.convert import check_id, check_token_ids, layout_from_proto, sampling_from_proto, stream_info_from_proto
 from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason
 from pdserve.engine.kv_pool import budget_bytes
-from pdserve.errors import Cancelled, DataLoss, InvalidArgument, PdserveError
-from pdserve.kv.receiver import add_decode_servicer, drain, read_header, receive_stream
+from pdserve.errors import Cancelled, DataLoss, FailedPrecondition, InvalidArgument, PdserveError
+from pdserve.kv.assembly import KVAssembly
+from pdserve.kv.cuda_ipc import device_uuid, pool_handle
+from pdserve.kv.receiver import DRAIN_SECONDS, add_decode_servicer, drain, read_header, receive_stream
 from pdserve.kv.shm import host_id, sweep_orphans, sweep_periodically
 from pdserve.logs import bind_request
 from pdserve.metrics import DecodeMetrics
@@ -90,7 +92,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         life = telemetry.start("decode.lifetime", attributes={"pdserve.local_prefill": bool(prompt)})
         tokens, first_ns, finish = 0, 0, None
         try:
-            yield decode_pb2.DecodeEvent(reserved=decode_pb2.Reserved())
+            yield decode_pb2.DecodeEvent(reserved=decode_pb2.Reserved(
+                finish_ms=self._engine.admission.finish_ms(seq.ticket)))
             if prompt:
                 await self._engine.prefill_locally(seq, prompt)
             while (event := await seq.events.get()) is not None:
@@ -117,15 +120,23 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @rpc_errors
     async def PushKV(self, request_iterator, context):
+        began: list[KVAssembly] = []
         try:
-            return await self._push_kv(request_iterator)
+            return await self._push_kv(request_iterator, began)
         except Cancelled:
             raise
         except PdserveError:
-            await drain(request_iterator)
+            # Read to the end before answering (grpc/grpc#36066). A producer writing into the pool itself
+            # (CUDA IPC) may still have copies in flight until it closes its side: the blocks stay
+            # reserved until then, however long that takes (bounded by the transfer's own limit).
+            ipc = bool(began) and began[0].stream.cuda_ipc
+            await drain(request_iterator, self._engine.kv_transfer_max_s if ipc else DRAIN_SECONDS)
             raise
+        finally:
+            if began:
+                self._engine.stream_ended(began[0])
 
-    async def _push_kv(self, request_iterator) -> decode_pb2.PushKVReply:
+    async def _push_kv(self, request_iterator, began: list) -> decode_pb2.PushKVReply:
         header = await read_header(request_iterator)
         try:
             layout, stream = layout_from_proto(header), stream_info_from_proto(header)
@@ -134,10 +145,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise
         tid = layout.transfer_id
         assembly = self._engine.begin_transfer(layout, stream)
+        self._engine.stream_began(assembly)
+        began.append(assembly)
         try:
             received = await receive_stream(
                 request_iterator, assembly, stream,
-                on_trailer=lambda token: self._engine.complete_transfer(tid, token, stream.stream_index))
+                on_trailer=lambda token: self._engine.complete_transfer(tid, token, stream.stream_index),
+                writes_issued=self._engine.writes_issued)
         except Cancelled:
             raise
         except PdserveError as exc:
@@ -159,7 +173,21 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @rpc_errors
     async def GetStats(self, request, context):
-        return decode_pb2.DecodeStats(**self._engine.stats(), host_id=self._host_id, incarnation=self.incarnation)
+        return decode_pb2.DecodeStats(**self._engine.stats(), host_id=self._host_id, incarnation=self.incarnation,
+                                      cuda_device=device_uuid(self._engine.pool.device))
+
+    @rpc_errors
+    async def GetKVPool(self, request, context):
+        pool = self._engine.pool
+        if pool.device.type != "cuda":
+            raise FailedPrecondition("GetKVPool: this decode instance's KV pool is not on a GPU")
+        return decode_pb2.KVPoolHandle(incarnation=self.incarnation, **pool_handle(pool.storage, pool.block_size))
+
+    @rpc_errors
+    async def TransferTarget(self, request, context):
+        check_id(request.transfer_id, "transfer_id")
+        blocks = await self._engine.transfer_target(request.transfer_id)
+        return decode_pb2.TransferTargetReply(blocks=blocks, incarnation=self.incarnation)
 
 
 async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = None) -> RunningService:
@@ -170,7 +198,8 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
                           prefill_token_budget=config.prefill_token_budget,
                           prefill_chunk_tokens=config.prefill_chunk_tokens,
                           max_partial_prefills=config.max_partial_prefills, paged_kernel=config.paged_kernel,
-                          kv_lease_s=config.kv_lease_s, cuda_graphs=config.cuda_graphs)
+                          kv_lease_s=config.kv_lease_s, kv_transfer_max_s=config.kv_transfer_max_s,
+                          cuda_graphs=config.cuda_graphs)
     engine.start()
     sweep_orphans()
     sweeper = asyncio.get_running_loop().create_task(sweep_periodically(), name="shm-sweep")

@@ -282,6 +282,7 @@ class Router:
         needs_decode = local or remaining > 1
         transfer_id = f"{req.request_id}/{attempt}"
         decode_addr = ""
+        decode_ms = 0.0  # decode's estimate of its share, once it reserved
         decode_call = prefill_call = transfer_task = None
         load: list[tuple[str, str, int]] = []  # work begun on instances by this attempt (the scheduler counts it)
 
@@ -298,9 +299,9 @@ class Router:
             # 1-2. Reserve on decode before any KV can arrive there.
             try:
                 if needs_decode:
-                    decode_addr, decode_call = await self._reserve(req, eos, prompt, remaining, delivered,
-                                                                   transfer_id, local, failed, begin, end, metadata,
-                                                                   schedule)
+                    decode_addr, decode_call, decode_ms = await self._reserve(
+                        req, eos, prompt, remaining, delivered, transfer_id, local, failed, begin, end, metadata,
+                        schedule)
             except BaseException as exc:
                 telemetry.fail(schedule, exc)
                 raise
@@ -326,11 +327,15 @@ class Router:
                 refused: set[str] = set()
                 while True:
                     begin("prefill", prefill_addr, len(prompt))
+                    left = req.time_left()
+                    # Prefill gets what the deadline leaves after decode's share (0: no estimate yet).
+                    budget_ms = max(1.0, left * 1e3 - decode_ms) if left is not None and decode_ms else 0.0
                     prefill_call = prefill_pb2_grpc.PrefillStub(self._channels.get(prefill_addr)).Prefill(
                         prefill_pb2.PrefillRequest(request_id=req.request_id, token_ids=prompt,
                                                    sampling=sampling_to_proto(req.sampling), first_index=delivered,
-                                                   decode_address=decode_addr, transfer_id=transfer_id),
-                        timeout=req.time_left(), metadata=metadata)
+                                                   decode_address=decode_addr, transfer_id=transfer_id,
+                                                   budget_ms=budget_ms),
+                        timeout=left, metadata=metadata)
                     try:
                         event = await self._read(prefill_call, "prefill", prefill_addr, failed)
                         break
@@ -458,7 +463,7 @@ class Router:
             if event is None or event.WhichOneof("event") != "reserved":
                 call.cancel()
                 raise Internal(f"decode {addr}: expected Reserved, got {event}")
-            return addr, call
+            return addr, call, event.reserved.finish_ms
 
     async def _read_unless_down(self, call, address: str):
         """``call.read()``, unless the registry marks ``address`` down first (its health checks stopped being

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Awaitable, TypeVar
@@ -16,16 +17,18 @@ from pdserve import config as cfg
 from pdserve import telemetry
 from pdserve.convert import check_address, check_id, check_token_ids, sampling_from_proto
 from pdserve.engine.prefill import KVBytes, PrefillEngine
-from pdserve.errors import Cancelled, DataLoss, InvalidArgument, NotFound, PdserveError
-from pdserve.kv.grpc_sender import GrpcKVSender, ShmKVSender
+from pdserve.errors import Cancelled, DataLoss, FailedPrecondition, InvalidArgument, NotFound, PdserveError
+from pdserve.kv.cuda_ipc import MappedPools, local_device
+from pdserve.kv.grpc_sender import GrpcKVSender, IpcKVSender, ShmKVSender
 from pdserve.kv.shm import SegmentPool, host_id, sweep_orphans
+from pdserve.kv.staging import DeviceCopies
 from pdserve.kv.transport import KVSender
 from pdserve.kv.wire import KVLayout
 from pdserve.logs import bind_request
 from pdserve.metrics import PrefillMetrics
 from pdserve.model import LoadedModel
 from pdserve.registration import start_announcer
-from pdserve.rpc import ChannelPool, add_servicer, rpc_errors, start_server
+from pdserve.rpc import ChannelPool, add_servicer, error_from_rpc, rpc_errors, start_server
 from pdserve.service import RunningService, expose_metrics, load_model_for, run_service, service_main
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -72,7 +75,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self._config = config
         self.inflight = engine.inflight  # KV bytes of unfinished transfers
         self.incarnation = secrets.token_hex(8)  # a restart on the same address is a new instance
-        self._same_host: dict[str, bool] = {}  # decode address -> shares this host's /dev/shm
+        self._transports: dict[str, str] = {}  # decode address -> how KV reaches it
+        self._pools = MappedPools()  # decode pools this process writes into (CUDA IPC)
+        self._device_copies: DeviceCopies | None = None
         self.segments = SegmentPool(idle_limit=config.kv_inflight_limit)
         self._kept: dict[str, _Kept] = {}  # by the failed transfer's id
         self.metrics = PrefillMetrics()
@@ -121,30 +126,79 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                                                    receipt.layer_received_ns, receipt.layer_written_ns))
 
     async def _transport(self, address: str) -> str:
+        """How KV reaches the decode instance at ``address``: the configured transport, or (auto) CUDA IPC
+        when it shares this host and its pool is on a GPU this process sees, shared memory when it shares
+        this host, gRPC otherwise. Learned once per address (again after a failed transfer there)."""
         transport = self._config.kv_transport
         if transport != "auto":
             return transport
         if self._config.kv_quantization != "none":
             return "grpc"  # int8 exists to cut wire bytes; shared memory has none to cut
-        if address not in self._same_host:
-            here = host_id()
+        if address not in self._transports:
             try:
                 stats = await decode_pb2_grpc.DecodeStub(self._channels.get(address)).GetStats(
                     decode_pb2.GetStatsRequest(), timeout=5.0)
-                self._same_host[address] = bool(here) and stats.host_id == here
             except grpc.aio.AioRpcError as exc:
                 log.warning("decode %s: no host id (%s); sending KV over gRPC", address, exc.code().name)
                 return "grpc"
-            log.info("decode %s: KV over %s", address, "shared memory" if self._same_host[address] else "gRPC")
-        return "shm" if self._same_host[address] else "grpc"
+            here = host_id()
+            same_host = bool(here) and stats.host_id == here
+            gpu = same_host and self._engine.device.type == "cuda" and local_device(stats.cuda_device) is not None
+            self._transports[address] = "cuda_ipc" if gpu else "shm" if same_host else "grpc"
+            log.info("decode %s: KV over %s", address, self._transports[address])
+        return self._transports[address]
+
+    async def _pool(self, address: str):
+        """Decode's KV pool mapped into this process (CUDA IPC): (pool, block size, the decode instance's
+        incarnation), mapped once per decode incarnation."""
+        mapped = self._pools.get(address)
+        if mapped is None:
+            try:
+                handle = await decode_pb2_grpc.DecodeStub(self._channels.get(address)).GetKVPool(
+                    decode_pb2.GetKVPoolRequest(), timeout=10.0)
+            except grpc.aio.AioRpcError as exc:
+                raise error_from_rpc(exc, f"decode {address}") from None
+            try:
+                mapped = self._pools.add(address, handle)
+            except ValueError as exc:
+                raise FailedPrecondition(f"decode {address}: its KV pool cannot be mapped here ({exc})") from None
+            log.info("decode %s: KV pool mapped (CUDA IPC, %.1f GiB)", address, mapped[0].nbytes / 2**30)
+        return mapped
+
+    def forget(self, address: str) -> None:
+        """A transfer to ``address`` failed: learn its transport again and unmap its pool (it may have
+        restarted: a new pool, or none)."""
+        self._transports.pop(address, None)
+        self._pools.forget(address)
+
+    def _copies(self) -> DeviceCopies | None:
+        device = self._engine.device
+        if device.type != "cuda":
+            return None
+        if self._device_copies is None:
+            self._device_copies = DeviceCopies(device)
+        return self._device_copies
 
     async def _sender(self, address: str, timeout_s: float) -> KVSender:
         c = self._config
-        if await self._transport(address) == "shm":
-            return ShmKVSender(self._channels.get(address), address, self.segments, c.kv_checksums, timeout_s)
+        transport = await self._transport(address)
+        if transport == "cuda_ipc":
+            try:
+                pool, block_size, incarnation = await self._pool(address)
+                return IpcKVSender(self._channels.get(address), address, pool, block_size, incarnation,
+                                   self._copies(), timeout_s)
+            except FailedPrecondition as exc:
+                if self._config.kv_transport == "cuda_ipc":
+                    raise
+                log.warning("%s; KV over shared memory instead", exc)
+                self._transports[address] = transport = "shm"
+        if transport == "shm":
+            return ShmKVSender(self._channels.get(address), address, self.segments, c.kv_checksums, timeout_s,
+                               copies=self._copies())
         channels = [self._channels.get(address, lane) for lane in range(c.kv_streams)]
         return GrpcKVSender(channels, address, c.kv_chunk_bytes, c.kv_checksums, timeout_s,
-                            quantization="" if c.kv_quantization == "none" else c.kv_quantization)
+                            quantization="" if c.kv_quantization == "none" else c.kv_quantization,
+                            copies=self._copies())
 
     @rpc_errors
     async def Prefill(self, request, context):
@@ -159,7 +213,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise InvalidArgument(f"first_index: {request.first_index} tokens delivered must be part of the prompt "
                                   f"({len(token_ids)} tokens)")
         sampling = sampling_from_proto(request.sampling)
-        self._engine.check_admission(len(token_ids), context.time_remaining())
+        budget = context.time_remaining()
+        if request.budget_ms > 0:  # what the request's deadline leaves after decode's share
+            budget = min(budget or math.inf, request.budget_ms / 1e3)
+        self._engine.check_admission(len(token_ids), budget)
         name = request.request_id
         if not request.decode_address:
             result = await self._engine.prefill(token_ids, sampling, None, request.first_index, name=name)
@@ -177,9 +234,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             sender = await self._sender(request.decode_address, push_timeout(context))
             await transfer_step(sender.open(layout))
 
-            def on_layer(layer, start, keys, values) -> None:
+            def on_layer(layer, start, keys, values) -> None:  # on the engine's worker thread, mid-pass
                 chunks.append((layer, start, keys, values))
-                sender.send_layer(layer, start, keys, values)
+                sender.stage(layer, start, keys, values)
 
             result = await self._engine.prefill(token_ids, sampling, on_layer, request.first_index, kv, name)
             self._observe(result, len(token_ids))
@@ -190,16 +247,19 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             except DataLoss as exc:
                 # Decode failed (or refused) after the prompt was computed: keep the KV for a Repush.
                 await sender.abort()
+                self.forget(request.decode_address)
                 kept = True
                 self.metrics.transfers.labels("kept").inc()
                 yield self._keep(_Kept(request.transfer_id, layout, chunks, result, kv), str(exc))
                 return
             self._transferred(receipt, sender.transport, result.forward_end_ns)
             yield self._transfer_done(receipt, result)
-        except BaseException:
+        except BaseException as exc:
             if sender is not None:
                 self.metrics.transfers.labels("failed").inc()
                 await sender.abort()
+            if isinstance(exc, DataLoss):  # the transfer broke (not a cancellation): learn the decode anew
+                self.forget(request.decode_address)
             raise
         finally:
             if not kept:
@@ -224,7 +284,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             sender = await self._sender(request.decode_address, push_timeout(context))
             await transfer_step(sender.open(layout))
             for chunk in kept.chunks:
-                sender.send_layer(*chunk)
+                sender.stage(*chunk)
             receipt = await transfer_step(sender.finish(kept.result.first_token))
             delivered = True
             self._transferred(receipt, sender.transport)
@@ -232,6 +292,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         except DataLoss as exc:
             if sender is not None:
                 await sender.abort()
+            self.forget(request.decode_address)
             yield self._keep(kept, str(exc))
         except BaseException:
             if sender is not None:
@@ -257,13 +318,19 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.PrefillEvent(kv_kept=prefill_pb2.KVKept(kept_id=kept.kept_id, reason=reason,
                                                                    expires_in_s=keep_s))
 
+    def close(self) -> None:
+        self.segments.close()
+        self._pools.clear()
+        if self._device_copies is not None:
+            self._device_copies.close()
+
     @rpc_errors
     async def GetStats(self, request, context):
         engine = self._engine
         return prefill_pb2.PrefillStats(
             incarnation=self.incarnation, queued_prompts=engine.queued_prompts, queued_tokens=engine.queued_tokens,
             max_queued_tokens=engine.max_queued_tokens, tokens_per_s=engine.tokens_per_s, passes=engine.passes,
-            refused=engine.refused, kv_inflight_bytes=self.inflight.used)
+            refused=engine.refused, kv_inflight_bytes=self.inflight.used, kv_pools_mapped=len(self._pools))
 
     @staticmethod
     def _transfer_done(receipt, result) -> prefill_pb2.PrefillEvent:
@@ -297,7 +364,7 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
     announcer = start_announcer(config, "prefill", config.listen, port)
 
     async def close() -> None:
-        servicer.segments.close()
+        servicer.close()
         await channels.close()
         await engine.close()
         if announcer is not None:
