@@ -17,9 +17,19 @@ for phase in "$@"; do
     tests)
       timeout 330 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_data_plane.py tests/test_cuda_graphs.py \
         2>&1 | tee "$out/tests.log" | tail -25 ;;
+    kill)
+      timeout 260 python3 -m pytest -q -x -s -p no:cacheprovider tests/test_gpu_data_plane.py -k nothing_is_left \
+        > "$out/kill.log" 2>&1; grep -v "^\s*$" "$out/kill.log" | grep -i "passed\|failed\|error\|critical\|assert" | tail -30 ;;
+    graphs)
+      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tail -5 ;;
+    ttft)
+      timeout 240 python3 -m bench.transfer --device cuda --model "$model" --skip-wire --ttft-lengths 2048,8190 \
+        --overlap-length 8190 --ttft-transports "cuda_ipc,grpc x4" --repeats 2 --threads 4 --kv-budget 20GiB \
+        --out "$out/ttft.json" > "$out/ttft.log" 2>&1
+      grep -A12 "^| transport" "$out/ttft.log"; grep -A14 "Per-layer timeline, cuda_ipc" "$out/ttft.log" ;;
     prefill)
       timeout 240 python3 -m bench.prefill --model "$model" --repeats 3 --profile 8192 --out "$out/prefill.json" \
-        > "$out/prefill.log" 2>&1; tail -12 "$out/prefill.log" ;;
+        > "$out/prefill.log" 2>&1; grep -A10 "^| case" "$out/prefill.log" ;;
     transfer)
       timeout 300 python3 -m bench.transfer --device cuda --model "$model" --shapes "Llama-8B shape bf16" \
         --lengths 2048,8192,32768 --streams 1,4 --repeats 2 --ttft-lengths 2048,8190 --overlap-length 8190 \

@@ -340,7 +340,8 @@ async def ttft(args) -> list[dict]:
     from pdserve.cluster import ClusterSpec, LocalCluster
     from pdserve.model import load_model_info
 
-    transports = [t for t in TTFT_TRANSPORTS if args.device.startswith("cuda") or t[0] != "cuda_ipc"]
+    transports = [t for t in TTFT_TRANSPORTS if t[0] in args.ttft_transports
+                  and (args.device.startswith("cuda") or t[0] != "cuda_ipc")]
     spec = ClusterSpec(model=args.model, device=args.device, prefill=len(transports), decode=1, gateway_port=0,
                        threads=args.threads, prefill_chunk_tokens=args.chunk, kv_budget=args.kv_budget,
                        prefill_token_budget=max(max(args.ttft_lengths), 2048), log_level="WARNING",
@@ -403,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-budget", default="auto", help="TTFT: the decode instance's KV pool")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-ttft", action="store_true")
+    parser.add_argument("--skip-wire", action="store_true")
+    parser.add_argument("--ttft-transports", type=lambda t: t.split(","), default=[t for t, _ in TTFT_TRANSPORTS],
+                        help="TTFT: transports, one prefill instance each")
     parser.add_argument("--out", default="bench/out/transfer.json")
     parser.add_argument("--same-process", action="store_true",
                         help="receivers on the sender's event loop (default: their own process, as decode is)")
@@ -419,13 +423,14 @@ def main(argv: list[str] | None = None) -> int:
     args.ttft_lengths = [int(x) for x in args.ttft_lengths.split(",")]
     args.streams = [int(x) for x in args.streams.split(",")]
 
-    wire_rows = asyncio.run(wire(args))
-    paths = [k for k in wire_rows[0] if isinstance(wire_rows[0][k], float)]
-    print("\n| KV shape | tokens | MiB | " + " | ".join(f"{p} GB/s" for p in paths) + " |")
-    print("| --- | ---: | ---: | " + " | ".join("---:" for _ in paths) + " |")
-    for r in wire_rows:
-        print(f"| {r['shape']} | {r['tokens']} | {r['bytes'] / 2**20:.1f} | "
-              + " | ".join(f"{r[p]:.2f}" for p in paths) + " |")
+    wire_rows = [] if args.skip_wire else asyncio.run(wire(args))
+    if wire_rows:
+        paths = [k for k in wire_rows[0] if isinstance(wire_rows[0][k], float)]
+        print("\n| KV shape | tokens | MiB | " + " | ".join(f"{p} GB/s" for p in paths) + " |")
+        print("| --- | ---: | ---: | " + " | ".join("---:" for _ in paths) + " |")
+        for r in wire_rows:
+            print(f"| {r['shape']} | {r['tokens']} | {r['bytes'] / 2**20:.1f} | "
+                  + " | ".join(f"{r[p]:.2f}" for p in paths) + " |")
     ttft_rows = [] if args.skip_ttft else asyncio.run(ttft(args))
     if ttft_rows:
         print("\n| transport | tokens | KV MiB | queue + forward ms | transfer ms | tail after forward ms | TTFT overhead |")

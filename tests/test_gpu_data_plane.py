@@ -109,13 +109,13 @@ def test_segment_attention_matches_the_dense_mask_in_bf16():
 
 
 @pytest.mark.parametrize("victim", ["prefill", "decode"])
-def test_nothing_is_left_when_a_process_dies_mid_transfer(victim):
+def test_nothing_is_left_when_a_process_dies_mid_transfer(victim, tmp_path):
     """kill -9 of the prefill or the decode process while CUDA IPC transfers are in flight: the survivor
     frees every block (decode) or drops the dead pool's mapping and its in-flight bytes (prefill), no
     segment is left, and once the victim restarts requests are exact again."""
     spec = "preset:llama-1b"  # KV large enough for transfers to be in flight when the kill comes
     cluster = LocalCluster(ClusterSpec(model=spec, device="cuda", dtype="bfloat16", gateway_port=0, kv_budget="8GiB",
-                                       prefill_chunk_tokens=512, log_level="WARNING",
+                                       prefill_chunk_tokens=512, log_level="INFO", log_dir=str(tmp_path),
                                        extra_env={"PDSERVE_KV_TRANSPORT": "cuda_ipc", "PDSERVE_HEALTH_INTERVAL_S": "0.5"}))
     segments_before = set(segment_names())
 
@@ -149,7 +149,11 @@ def test_nothing_is_left_when_a_process_dies_mid_transfer(victim):
         assert len(again.token_ids) == 4
 
     try:
-        asyncio.run(go())
+        asyncio.run(asyncio.wait_for(go(), 240))
+    except BaseException:
+        for log in sorted(tmp_path.glob("*.log")):  # what each process said, for the failure's report
+            print(f"--- {log.name}\n" + "".join(log.read_text(errors="replace").splitlines(True)[-30:]))
+        raise
     finally:
         cluster.stop()
     assert set(segment_names()) <= segments_before

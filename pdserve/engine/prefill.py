@@ -185,7 +185,9 @@ def plan_batch(queue: Sequence[PrefillJob], token_budget: int, chunk_tokens: int
        prompts are being chunked (each holds its earlier chunks' KV); the first that cannot start ends
        this step, so long prompts start in arrival order.
 
-    A long prompt's chunk may be shorter than ``chunk_tokens`` to fill the budget. Without chunking, whole
+    A long prompt's chunk may be shorter than ``chunk_tokens`` to fill the budget; a prompt alone in the
+    queue is chunked by the budget instead (chunks exist so others need not wait: with nobody waiting, a
+    few full passes beat many small ones, whose launch overhead a GPU cannot hide). Without chunking, whole
     prompts go in arrival order; one that does not fit the room left is passed over for later ones that
     do, and runs alone, even past the budget, once nothing is planned before it.
 
@@ -195,6 +197,8 @@ def plan_batch(queue: Sequence[PrefillJob], token_budget: int, chunk_tokens: int
     live = [job for job in queue if not job.cancelled and job.remaining > 0]
     plan: list[Segment] = []
     room = token_budget
+    if len(live) == 1 and chunk_tokens > 0:
+        chunk_tokens = max(chunk_tokens, token_budget)  # nobody waits: a lone prompt takes whole passes
 
     def add(job: PrefillJob, count: int) -> None:
         nonlocal room

@@ -221,9 +221,12 @@ class GrpcKVSender(KVSender):
 
     def _staged(self, r: _Range, ready_ns: int) -> None:
         """On the loop: a range's bytes are where its messages are made from."""
+        self._landed += 1
+        if self._copies is not None and self._copies.failed is not None:
+            self._all_landed.set()  # finish() reports it
+            return
         self.layer_ready_ns[r.layer] = ready_ns
         self._streams[r.layer % len(self._streams)].queue.put_nowait(r)
-        self._landed += 1
         if self._landed == self._ranges:
             self._all_landed.set()
 
@@ -256,6 +259,8 @@ class GrpcKVSender(KVSender):
         while self._landed < self._ranges:  # every staged range's bytes are in place before the end marker
             self._all_landed.clear()
             await self._all_landed.wait()
+        if self._copies is not None and self._copies.failed is not None:
+            raise Internal(f"KV copies on the GPU failed: {self._copies.failed}")
         for s in self._streams:
             s.queue.put_nowait(None)
         trailer = decode_pb2.KVMessage(trailer=decode_pb2.KVTrailer(first_token_id=first_token)).SerializeToString()

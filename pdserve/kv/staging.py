@@ -9,8 +9,9 @@ the host); queues the copies there (into pinned host staging, a shared-memory se
 process's KV pool); records a second event; and a waiter thread, blocked on that event (sleeping, not
 spinning), tells the event loop when the bytes are in place. Copies run while later layers compute.
 
-The source tensors are marked as used by the copy stream (``record_stream``), so the caching allocator
-does not hand their memory to the next pass before the copies read it.
+The source tensors stay referenced until their copies finished, so the caching allocator does not hand
+their memory to the next pass before the copies read it. The copy stream has a high priority: its
+kernels (a scatter into a pool) run between the forward pass's, not after all of them.
 
 ``encode``: the thread pool that encodes and checksums messages off the event loop.
 """
@@ -18,12 +19,17 @@ does not hand their memory to the next pass before the copies read it.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import queue
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class DeviceCopies:
@@ -31,9 +37,12 @@ class DeviceCopies:
 
     def __init__(self, device: torch.device, encoders: int = 2) -> None:
         self.device = device
-        self.stream = torch.cuda.Stream(device)
+        # High priority: a copy's kernels get the SMs as soon as the forward pass's current ones end,
+        # instead of queueing behind the whole pass (its GEMMs leave no room otherwise).
+        self.stream = torch.cuda.Stream(device, priority=-1)
         self.encode = ThreadPoolExecutor(max_workers=encoders, thread_name_prefix="kv-encode")
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
+        self.failed: BaseException | None = None  # a CUDA error a copy ran into (the process is stopping)
         self._waiter = threading.Thread(target=self._wait, name="kv-copies", daemon=True)
         self._waiter.start()
 
@@ -46,16 +55,25 @@ class DeviceCopies:
         ready.record(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
-            for source in work():
-                source.record_stream(self.stream)
+            sources = work()
             finished = torch.cuda.Event(blocking=True)
             finished.record(self.stream)
-        self._pending.put((finished, loop, done))
+        # The sources stay referenced until the copies finished (cheaper than record_stream on each):
+        # the allocator cannot hand their memory out meanwhile.
+        self._pending.put((finished, loop, done, sources))
 
     def _wait(self) -> None:
         while (item := self._pending.get()) is not None:
-            finished, loop, done = item
-            finished.synchronize()  # releases the GIL; a blocking event sleeps instead of spinning
+            finished, loop, done, _sources = item
+            try:
+                finished.synchronize()  # releases the GIL; a blocking event sleeps instead of spinning
+            except RuntimeError as exc:
+                # A CUDA error is sticky: this process's GPU work can no longer be trusted. Stop it (its
+                # calls fail, the gateway retries elsewhere, an orchestrator restarts it) rather than serve
+                # on, and fail the copies waited for instead of leaving their transfers hanging.
+                log.critical("KV copies failed on %s (%s): stopping this process", self.device, exc)
+                self.failed = exc
+                os.kill(os.getpid(), signal.SIGTERM)
             try:
                 loop.call_soon_threadsafe(done)
             except RuntimeError:  # the loop closed meanwhile (the service stopped): nobody to tell
