@@ -31,6 +31,7 @@ import collections
 import contextlib
 import enum
 import logging
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -137,7 +138,7 @@ class DecodeEngine:
         # GPU: received KV is written into the pool on a thread and stream of its own.
         self._writer = PoolWriter(self.pool) if self.pool.device.type == "cuda" else None
         self.admission = Admission(self.pool.allocator, max_queued, max_batch, clock=lambda: self.counters.steps,
-                                   step_ms=lambda: self._step_ms)
+                                   step_ms=self.step_ms)
         use_paged_attention(loaded.model)
         # Decode steps replayed from CUDA graphs where they can be (the flex kernel on a GPU).
         self._graphs = (DecodeGraphs(loaded.model, self.pool)
@@ -155,12 +156,18 @@ class DecodeEngine:
         self._running: list[DecodeSequence] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._step_ms = 0.0  # moving average, for retry hints
+        # Recent steps' times: their median is what admission's estimates take (a step that compiled a
+        # kernel or captured a CUDA graph takes seconds, once; a mean would carry it for hundreds of steps).
+        self._step_times: collections.deque[float] = collections.deque(maxlen=64)
         self.counters = DecodeCounters()
 
     @property
     def info(self):
         return self._loaded.info
+
+    def step_ms(self) -> float:
+        """The median of the recent decode steps' times (0 before the first step)."""
+        return statistics.median(self._step_times) if self._step_times else 0.0
 
     # ---- event-loop side: admission and transfers ------------------------------------------
 
@@ -446,7 +453,7 @@ class DecodeEngine:
             "kv_block_size": self.pool.block_size,
             "refused": self.admission.refused,
             "cuda_graphs": self._graphs.captured if self._graphs is not None else 0,
-            "step_ms": self._step_ms,
+            "step_ms": self.step_ms(),
             **vars(self.counters),
         }
 
@@ -499,7 +506,7 @@ class DecodeEngine:
                 continue
             elapsed_ms = (time.perf_counter() - started) * 1e3
             self.counters.step_seconds += elapsed_ms / 1e3
-            self._step_ms = elapsed_ms if not self._step_ms else 0.9 * self._step_ms + 0.1 * elapsed_ms
+            self._step_times.append(elapsed_ms)
             self._postprocess(batch, tokens)
 
     @torch.inference_mode()
