@@ -41,6 +41,9 @@ for phase in "$@"; do
         --long-every 4 --request-rate 6 --kv-budget 30GiB --ttft-slo-ms 1000 --tpot-slo-ms 50 --no-plots \
         --out "$out/serving.json" > "$out/serving.log" 2>&1
       tail -40 "$out/serving.log" ;;
+    decode-profile)
+      timeout 240 python3 -m bench.decode_profile --model "$model" --concurrency 1,32 > "$out/decode_profile.log" 2>&1
+      grep -A16 "^concurrency" "$out/decode_profile.log" | cut -c1-160 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
