@@ -36,7 +36,7 @@ from typing import Awaitable, Callable
 
 from pdserve.cluster import ClusterSpec, LocalCluster, Member
 from pdserve.model import LoadedModel, load_model
-from pdserve.model.reference import reference_greedy
+from pdserve.model.reference import greedy_margins, reference_greedy
 from pdserve.sdk import AsyncClient
 
 MODEL = "preset:tiny-llama"
@@ -87,22 +87,38 @@ class Run:
     def summary(self, loaded: LoadedModel, faults: int) -> dict:
         """The suite's counts for this run (and its one line, printed)."""
         completed = exact = lost = duplicated = 0
+        differ: list[dict] = []
         for prompt, chunks, error in zip(self.prompts, self.chunks, self.errors):
             indices = [c.index for c in chunks]
             duplicated += len(indices) - len(set(indices))
             if error is None and indices == list(range(MAX_TOKENS)) and chunks[-1].finish_reason == "length":
                 completed += 1
                 tokens = [t for c in chunks for t in c.token_ids]
-                exact += tokens == reference_greedy(loaded, prompt, MAX_TOKENS, ignore_eos=True)
+                expected = reference_greedy(loaded, prompt, MAX_TOKENS, ignore_eos=True)
+                if tokens == expected:
+                    exact += 1
+                else:
+                    differ.append(divergence(loaded, prompt, tokens, expected))
             else:
                 lost += 1
         result = {"faults": faults, "requests": len(self.prompts), "completed": completed, "token-exact": exact,
                   "lost": lost, "duplicated": duplicated,
-                  "errors": sorted({repr(e) for e in self.errors if e is not None})[:5]}
+                  "errors": sorted({repr(e) for e in self.errors if e is not None})[:5], "not_exact": differ}
         print(line(result))
         for error in result["errors"]:
             print(f"  lost to: {error}")
+        for d in differ:
+            print(f"  not exact: {d}")
         return result
+
+
+def divergence(loaded: LoadedModel, prompt: list[int], tokens: list[int], expected: list[int]) -> dict:
+    """Where a served output first left the reference, and by how much the reference's choice there won
+    (a gap near float rounding means the two computations' roundings differed, not their logic)."""
+    first = next(i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b)
+    margins = greedy_margins(loaded, prompt, expected)
+    return {"prompt_tokens": len(prompt), "first_difference": first, "margin_there": margins[first],
+            "smallest_margin": min(margins), "prompt": prompt}
 
 
 def line(result: dict) -> str:
@@ -113,7 +129,8 @@ def line(result: dict) -> str:
 def total(results: list[dict]) -> dict:
     keys = ("faults", "requests", "completed", "token-exact", "lost", "duplicated")
     return {**{k: sum(r[k] for r in results) for k in keys},
-            "errors": sorted({e for r in results for e in r["errors"]})}
+            "errors": sorted({e for r in results for e in r["errors"]}),
+            "not_exact": [d for r in results for d in r.get("not_exact", ())]}
 
 
 async def wait_for_tokens(run: Run, tokens: int, timeout_s: float = 60) -> None:

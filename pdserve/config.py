@@ -251,8 +251,19 @@ class GatewayConfig(ServerConfig):
         "help": "conditional disaggregation: while every prefill instance has this many prompt tokens "
                 "outstanding, prompts are prefilled on decode (0: never)"})
 
+    http_listen: str = field(default="127.0.0.1:8000", metadata={
+        "help": "host:port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                "/v1/models, /health); empty: none; port 0 picks a free one"})
+    api_keys: tuple[str, ...] = field(default=(), repr=False, metadata={
+        "help": "API keys, comma-separated: when set (here or in api_keys_file) clients must send one, as "
+                "'Authorization: Bearer KEY' over HTTP and in 'authorization' metadata over gRPC"})
+    api_keys_file: str = field(default="", metadata={
+        "help": "file of API keys, one per line ('#' comments); keys from both places are accepted"})
+
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
+        if self.http_listen:
+            _check_address("http_listen", self.http_listen)
         for name in ("prefill", "decode"):
             for addr in getattr(self, name):
                 _check_address(name, addr)

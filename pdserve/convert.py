@@ -5,6 +5,8 @@ Servicers call these at the edge; everything behind them sees dataclasses.
 
 from __future__ import annotations
 
+import re
+
 from pdserve.config import address_problem
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import InvalidArgument
@@ -49,6 +51,8 @@ def stream_info_from_proto(header: decode_pb2.KVHeader) -> StreamInfo:
 
 
 MAX_ID_CHARS = 256  # request and transfer ids
+# Ids end up in logs, metric labels, trace attributes and file-like names: letters, digits and a few separators.
+_ID = re.compile(r"[A-Za-z0-9_.:/-]*")
 
 
 def check_id(value: str, field: str, required: bool = True) -> None:
@@ -56,6 +60,8 @@ def check_id(value: str, field: str, required: bool = True) -> None:
         raise InvalidArgument(f"{field}: must not be empty")
     if len(value) > MAX_ID_CHARS:
         raise InvalidArgument(f"{field}: at most {MAX_ID_CHARS} characters, got {len(value)}")
+    if not _ID.fullmatch(value):
+        raise InvalidArgument(f"{field}: only letters, digits and '_', '.', ':', '/', '-' are allowed")
 
 
 def check_address(value: str, field: str) -> None:

@@ -66,6 +66,12 @@ class DeadlineExceeded(PdserveError):
     status = "DEADLINE_EXCEEDED"
 
 
+class Unauthenticated(PdserveError):
+    """The caller did not prove who it is (no API key, a wrong one, no client certificate)."""
+
+    status = "UNAUTHENTICATED"
+
+
 class Internal(PdserveError):
     """A bug or an unexpected failure inside a service."""
 
@@ -83,6 +89,7 @@ BY_STATUS: dict[str, type[PdserveError]] = {
         DataLoss,
         Cancelled,
         DeadlineExceeded,
+        Unauthenticated,
         Internal,
     )
 }

@@ -34,13 +34,27 @@ class _Context(logging.Filter):
         return True
 
 
+def escape(text: str) -> str:
+    """``text`` with control characters written as escapes: a value a client chose (an id, a prompt's
+    echo in an error) can neither start a forged line nor drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class TextFormatter(logging.Formatter):
+    """One line per record (a traceback follows on lines of its own); the message and ids escaped."""
+
     def __init__(self, service: str) -> None:
         super().__init__(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        ids = [f"{k}={v}" for k in ("request_id", "trace_id") if (v := getattr(record, k, ""))]
+        ids = [f"{k}={escape(str(v))}" for k in ("request_id", "trace_id") if (v := getattr(record, k, ""))]
         return f"{line} [{' '.join(ids)}]" if ids else line
 
 
@@ -58,8 +72,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "service": self._service,
             "logger": record.name,
-            "message": record.getMessage(),
-            "request_id": getattr(record, "request_id", ""),
+            "message": escape(record.getMessage()),
+            "request_id": escape(getattr(record, "request_id", "")),
             "trace_id": getattr(record, "trace_id", ""),
             "span_id": getattr(record, "span_id", ""),
         }

@@ -171,10 +171,11 @@ class ListenError(OSError):
 SERVER_OPTIONS = OPTIONS + [("grpc.so_reuseport", 0)]
 
 
-def create_server(listen: str) -> tuple[grpc.aio.Server, int]:
+def create_server(listen: str, interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server bound to ``listen`` (port 0 picks one); returns it and the port. A port another
-    process listens on is refused (``ListenError``), never shared."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=telemetry.server_interceptors())
+    process listens on is refused (``ListenError``), never shared. ``interceptors`` run after tracing's."""
+    server = grpc.aio.server(options=SERVER_OPTIONS,
+                             interceptors=[*telemetry.server_interceptors(), *interceptors])
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError:  # grpc's "Failed to bind" (in use, or no such address)
@@ -184,13 +185,14 @@ def create_server(listen: str) -> tuple[grpc.aio.Server, int]:
     return server, port
 
 
-async def start_server(listen: str, service: str, register,
-                       ready: bool = True) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
+async def start_server(listen: str, service: str, register, ready: bool = True,
+                       interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
+                       ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     """Creates a server on ``listen``, lets ``register(server)`` add the servicer, adds health,
     starts it and marks ``service`` SERVING (the process is alive and serves that API) and the overall
     status ``""`` SERVING if ``ready`` (it can serve requests now; ``set_ready`` changes it). Returns
     (server, port, health)."""
-    server, port = create_server(listen)
+    server, port = create_server(listen, interceptors)
     register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -66,6 +66,7 @@ class RunningService:
     engine: Any = None  # the service's engine or router, for tests and stats
     drainers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # first thing on stop
     metrics_port: int = 0  # where /metrics is served (0: not served)
+    http_port: int = 0  # the gateway's OpenAI-compatible HTTP API (0: not served)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         await set_serving(self.health, self.health_services, False)
@@ -78,7 +79,8 @@ class RunningService:
 
 async def serve_until_signal(service: RunningService, grace: float) -> None:
     """Serves until SIGINT/SIGTERM, then stops gracefully; further signals while it drains are ignored."""
-    log.info("%s serving on port %d", service.name, service.port)
+    log.info("%s serving on port %d%s", service.name, service.port,
+             f" (HTTP API on port {service.http_port})" if service.http_port else "")
     async with shutdown_signals() as stop:
         await stop.wait()
         log.info("%s draining (up to %.0f s for in-flight calls)", service.name, grace)
@@ -87,11 +89,11 @@ async def serve_until_signal(service: RunningService, grace: float) -> None:
 
 
 def write_port_file(path: str, service: RunningService) -> None:
-    """``{"port": ..., "metrics_port": ...}`` to ``path``, atomically: how a launcher that let the service
-    pick free ports (listen on port 0) learns them."""
+    """``{"port": ..., "metrics_port": ..., "http_port": ...}`` to ``path``, atomically: how a launcher that
+    let the service pick free ports (listen on port 0) learns them."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump({"port": service.port, "metrics_port": service.metrics_port}, f)
+        json.dump({"port": service.port, "metrics_port": service.metrics_port, "http_port": service.http_port}, f)
     os.replace(tmp, path)
 
 

@@ -25,6 +25,11 @@ class InProcessCluster:
         return f"127.0.0.1:{self.gateway.port}"
 
     @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (what ``openai.OpenAI(base_url=...)`` takes)."""
+        return f"http://127.0.0.1:{self.gateway.http_port}/v1"
+
+    @property
     def decode_address(self) -> str:
         return f"127.0.0.1:{self.decode.port}"
 
@@ -47,5 +52,5 @@ async def start_cluster(loaded: LoadedModel, decode_options: dict | None = None,
     gateway = await start_gateway(cfg.GatewayConfig(
         listen="127.0.0.1:0", model=loaded.info.spec,
         prefill=(f"127.0.0.1:{prefill.port}",) if prefill else (), decode=(f"127.0.0.1:{decode.port}",),
-        **(gateway_options or {})), loaded.info)
+        **{"http_listen": "127.0.0.1:0", **(gateway_options or {})}), loaded.info)
     return InProcessCluster(loaded, gateway, prefill, decode)

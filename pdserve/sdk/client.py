@@ -12,6 +12,7 @@ breaks in a row without a new token).
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import AsyncIterator, Iterator, Sequence
 import grpc
 from opentelemetry import propagate, trace
 
+from pdserve.auth import bearer
 from pdserve.errors import Cancelled, DataLoss, Internal, PdserveError, Unavailable
 from pdserve.rpc import OPTIONS, error_from_rpc
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -149,7 +151,8 @@ class _Resume:
     application's tracer provider if it set one), whose context every call carries to the gateway as W3C
     ``traceparent`` metadata; each resume is an event on it."""
 
-    def __init__(self, request: gateway_pb2.GenerateRequest, timeout: float | None, attempts: int) -> None:
+    def __init__(self, request: gateway_pb2.GenerateRequest, timeout: float | None, attempts: int,
+                 auth: tuple[tuple[str, str], ...] = ()) -> None:
         self.request = request
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.attempts = attempts
@@ -159,7 +162,7 @@ class _Resume:
                                        attributes={"rpc.system": "grpc", "rpc.method": "Generate"})
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(self.span))
-        self.metadata = tuple(carrier.items()) or None
+        self.metadata = (*carrier.items(), *auth) or None
 
     def end(self, error: BaseException | None = None) -> None:
         span = self.span
@@ -201,7 +204,9 @@ class AsyncClient:
     """``async with AsyncClient() as c: print((await c.generate("Hi")).text)``"""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None,
-                 resume_attempts: int = 8) -> None:
+                 resume_attempts: int = 8, api_key: str | None = None) -> None:
+        """``api_key``: sent with every call when the gateway requires keys (default: ``PDSERVE_API_KEY``)."""
+        self._auth = bearer(os.environ.get("PDSERVE_API_KEY", "") if api_key is None else api_key)
         self._channel = grpc.aio.insecure_channel(address, options=OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout = timeout
@@ -212,7 +217,7 @@ class AsyncClient:
         """Yields chunks as the gateway streams them, resuming a broken stream; see ``build_request``.
         ``timeout``: this request's deadline in seconds (default: the client's)."""
         state = _Resume(build_request(prompt, **kwargs), self._timeout if timeout is _CLIENT else timeout,
-                        self._resume_attempts)
+                        self._resume_attempts, self._auth)
         error = None
         try:
             while True:
@@ -242,7 +247,8 @@ class AsyncClient:
 
     async def model_info(self) -> gateway_pb2.ModelInfo:
         try:
-            return await self._stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=self._timeout)
+            return await self._stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=self._timeout,
+                                                 metadata=self._auth or None)
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from None
 
@@ -260,7 +266,8 @@ class Client:
     """Blocking client: ``Client().generate("Hi").text``."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None,
-                 resume_attempts: int = 8) -> None:
+                 resume_attempts: int = 8, api_key: str | None = None) -> None:
+        self._auth = bearer(os.environ.get("PDSERVE_API_KEY", "") if api_key is None else api_key)
         self._channel = grpc.insecure_channel(address, options=OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout = timeout
@@ -271,7 +278,7 @@ class Client:
         """Yields chunks as the gateway streams them, resuming a broken stream; see ``build_request``.
         ``timeout``: this request's deadline in seconds (default: the client's)."""
         state = _Resume(build_request(prompt, **kwargs), self._timeout if timeout is _CLIENT else timeout,
-                        self._resume_attempts)
+                        self._resume_attempts, self._auth)
         error = None
         try:
             while True:
@@ -301,7 +308,8 @@ class Client:
 
     def model_info(self) -> gateway_pb2.ModelInfo:
         try:
-            return self._stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=self._timeout)
+            return self._stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=self._timeout,
+                                           metadata=self._auth or None)
         except grpc.RpcError as exc:
             raise _error(exc) from None
 

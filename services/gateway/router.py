@@ -26,6 +26,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -36,7 +38,7 @@ from pdserve import telemetry
 from pdserve.convert import sampling_to_proto
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import (Cancelled, DataLoss, DeadlineExceeded, Internal, InvalidArgument, NotFound, PdserveError,
-                            ResourceExhausted, Unavailable)
+                            ResourceExhausted, Unavailable, error_for_status)
 from pdserve.metrics import GatewayMetrics
 from pdserve.model import ModelInfo
 from pdserve.rpc import ChannelPool, error_from_rpc
@@ -57,6 +59,25 @@ RETRYABLE = (Unavailable, DataLoss, Cancelled, Internal, DeadlineExceeded)
 # After an instance was found unreachable, the next attempt waits up to this long for the health checks to
 # find one of its role up, rather than spend the attempt budget on refused connections.
 UNAVAILABLE_WAIT_S = 10.0
+
+
+# What a client learns of a failure that happened inside the cluster: the kind, not the instance. Messages
+# of these kinds come from pdserve's own checks (limits, load, time) and stay, without instance prefixes.
+_PREFIXES = re.compile(r"(?:(?:prefill|decode|KV push to decode) [^\s:]+:\d+: )+")
+_HIDDEN = {"UNAVAILABLE": "no instance could serve the request", "DATA_LOSS": "the request's KV transfer failed",
+           "INTERNAL": "an instance failed the request"}
+
+
+def for_client(error: PdserveError, request_id: str, attempts: int) -> PdserveError:
+    """``error`` as the client sees it: no internal address, kept KV or transfer id. The gateway's log keeps
+    the full message (under the request id the client is told)."""
+    hidden = _HIDDEN.get(error.status)
+    if hidden is not None:
+        message = f"{hidden} ({attempts} attempt{'s' * (attempts != 1)}; request_id={request_id})"
+    else:
+        message = _PREFIXES.sub("", str(error))
+    public = error_for_status(error.status, message, getattr(error, "retry_after_ms", None))
+    return public
 
 
 def backoff_s(attempt: int) -> float:
@@ -235,7 +256,9 @@ class Router:
                 kept = error if isinstance(error, TransferKept) and output.count == error.index + 1 else None
                 in_a_row = 1 if output.count > before else in_a_row + 1
                 if not isinstance(error, RETRYABLE) or in_a_row == MAX_ATTEMPTS:
-                    raise
+                    if isinstance(error, RETRYABLE):
+                        log.warning("request_id=%s: failed after %d attempts: %s", req.request_id, attempt + 1, error)
+                    raise for_client(error, req.request_id, attempt + 1) from None
                 self.metrics.retries.labels(error.status).inc()
                 span.add_event("retry", {"attempt": attempt + 1, "error": str(error), "status": error.status,
                                          "tokens_delivered": output.count, "kv_kept": kept is not None})
@@ -280,7 +303,9 @@ class Router:
             schedule.set_attributes({"pdserve.prefill.instance": prefill_addr or "(on decode)",
                                      "pdserve.prefill.reason": why, "pdserve.avoiding": sorted(failed)})
         needs_decode = local or remaining > 1
-        transfer_id = f"{req.request_id}/{attempt}"
+        # Unguessable: a transfer id is what lets KV into a reservation and, kept after a failed push, out
+        # of prefill again (and two requests may share a client-chosen request id).
+        transfer_id = secrets.token_hex(16)
         decode_addr = ""
         decode_ms = 0.0  # decode's estimate of its share, once it reserved
         decode_call = prefill_call = transfer_task = None

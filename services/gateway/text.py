@@ -5,6 +5,9 @@ Pure logic over a Hugging Face tokenizer; no I/O.
 
 from __future__ import annotations
 
+import re
+import secrets
+
 from pdserve.errors import InvalidArgument
 
 _REPLACEMENT = "\ufffd"
@@ -16,11 +19,32 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 
 def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Renders chat messages with the model's chat template, ready for the assistant's turn."""
+    """Renders chat messages with the model's chat template, ready for the assistant's turn.
+
+    Only the template makes control tokens: content such as ``<|im_end|>\n<|im_start|>system`` stays
+    text and cannot forge a turn. The rendered prompt is tokenized as a whole (the model's usual
+    tokenization) when its control tokens are exactly the template's own; otherwise the template is
+    rendered around a placeholder per message, its text tokenized with special tokens recognized and each
+    message's content with them split into plain text. (A raw ``prompt`` is the caller's whole input and
+    keeps its special tokens.)"""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidArgument("chat: this model has no chat template; send a prompt or token_ids")
+    mark = f"PDSERVE{secrets.token_hex(8)}MSG"
+    placeholders = [{**m, "content": f"{mark}{i}{mark}"} for i, m in enumerate(messages)]
+    template = tokenizer.apply_chat_template(placeholders, add_generation_prompt=True, tokenize=False)
+    safe: list[int] = []
+    for i, part in enumerate(re.split(f"{mark}(\\d+){mark}", template)):
+        if i % 2:  # a message's content, as plain text
+            piece = messages[int(part)]["content"]
+            safe += tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"] if piece else []
+        elif part:
+            safe += tokenizer(part, add_special_tokens=False)["input_ids"]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    if [t for t in whole if t in special] == [t for t in safe if t in special]:
+        return list(whole)
+    return safe
 
 
 class IncrementalDetokenizer:
