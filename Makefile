@@ -8,7 +8,7 @@ PROTO_STAMP := pdserve/v1/.generated
 .PHONY: run test test-fast test-faults test-compose docker-setup compose-up trace-viewer install proto model clean
 
 run: install proto model
-	$(PY) -m pdserve.cli up --demo
+	$(PY) -m pdserve_cli up --demo
 
 # Everything, the docker-compose stage included (its tests skip where Docker cannot run, but not under CI=true).
 test: install proto model docker-setup
@@ -50,7 +50,7 @@ $(PROTO_STAMP): $(PROTOS)
 
 # Provisions the default model (SmolLM2-135M-Instruct) offline; idempotent.
 model: install proto
-	@$(PY) -m pdserve.cli model fetch
+	@$(PY) -m pdserve_cli model fetch
 
 clean:
 	rm -rf $(VENV) pdserve/v1/*_pb2*.py pdserve/v1/*_pb2*.pyi $(PROTO_STAMP)

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from pdserve.cluster import ClusterSpec
+from pdserve_cli.cluster import ClusterSpec
 
 CONFIGS = ("disagg", "colocated", "colocated-chunked", "disagg-local", "disagg-2x2", "disagg-2x2-rr", "disagg-traced")
 

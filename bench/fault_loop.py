@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from pdserve.cluster import ClusterSpec, LocalCluster, Member
+from pdserve_cli.cluster import ClusterSpec, LocalCluster, Member
 from pdserve.model import LoadedModel, load_model
 from pdserve.model.reference import greedy_margins, reference_greedy
 from pdserve.sdk import AsyncClient

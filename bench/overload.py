@@ -40,7 +40,7 @@ import torch
 
 from bench.serving import percentiles
 from bench.workloads import Workload
-from pdserve.cluster import ClusterSpec, LocalCluster
+from pdserve_cli.cluster import ClusterSpec, LocalCluster
 from pdserve.errors import PdserveError, ResourceExhausted
 from pdserve.model import load_model_info
 from pdserve.sdk import AsyncClient

@@ -225,7 +225,7 @@ async def _bench_address(address: str, workloads: list[Workload], args, label: s
 async def _bench_started(name: str, workloads: list[Workload], args) -> list[dict]:
     from bench.configs import cluster_spec
     from bench.otlp_sink import ReceiverProcess
-    from pdserve.cluster import LocalCluster
+    from pdserve_cli.cluster import LocalCluster
 
     # A traced configuration exports every span to an OTLP receiver in its own process.
     receiver = ReceiverProcess() if name.endswith("-traced") else None

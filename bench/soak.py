@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from pdserve.cluster import ClusterSpec, LocalCluster
+from pdserve_cli.cluster import ClusterSpec, LocalCluster
 from pdserve.sdk import AsyncClient
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

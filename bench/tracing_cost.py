@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench.otlp_sink import ReceiverProcess
-from pdserve.cluster import ClusterSpec, LocalCluster
+from pdserve_cli.cluster import ClusterSpec, LocalCluster
 from pdserve.sdk import AsyncClient
 
 TICKS = os.sysconf("SC_CLK_TCK")

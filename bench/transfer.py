@@ -337,7 +337,7 @@ TTFT_TRANSPORTS = (("grpc x1", ("--kv-transport", "grpc", "--kv-streams", "1")),
 
 
 async def ttft(args) -> list[dict]:
-    from pdserve.cluster import ClusterSpec, LocalCluster
+    from pdserve_cli.cluster import ClusterSpec, LocalCluster
     from pdserve.model import load_model_info
 
     transports = [t for t in TTFT_TRANSPORTS if t[0] in args.ttft_transports

@@ -29,7 +29,7 @@ import torch
 from bench.configs import CONFIGS, cluster_spec
 from bench.serving import run, summarize
 from bench.workloads import Workload
-from pdserve.cluster import LocalCluster
+from pdserve_cli.cluster import LocalCluster
 
 
 async def _through_cluster(spec, workload: Workload, vocab: int) -> dict:

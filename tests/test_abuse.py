@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from pdserve import config as cfg
-from pdserve.cluster import free_port
+from pdserve_cli.cluster import free_port
 from pdserve.errors import InvalidArgument, ResourceExhausted
 from pdserve.rpc import create_server, health_status
 from pdserve.sdk import AsyncClient

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from bench.serving import RequestResult, Workload, markdown, percentiles, run, summarize
-from pdserve.cli import main as cli_main
+from pdserve_cli.main import main as cli_main
 
 
 def test_percentiles_and_goodput():

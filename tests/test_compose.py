@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.cluster import free_port
+from pdserve_cli.cluster import free_port
 from pdserve.sdk import Client
 from services.gateway.text import encode_chat
 from tests.cluster import reference_greedy
@@ -140,7 +140,7 @@ def expected_tokens(smol, max_tokens: int, ignore_eos: bool = False) -> list[int
 def test_compose_serves_and_phoenix_holds_one_trace_across_the_services(compose, smol, tmp_path):
     c = compose
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": c.phoenix, "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    done = subprocess.run([sys.executable, "-m", "pdserve.cli", "generate", "--address", c.gateway, "--chat", QUESTION,
+    done = subprocess.run([sys.executable, "-m", "pdserve_cli", "generate", "--address", c.gateway, "--chat", QUESTION,
                            "--max-tokens", "24", "--temperature", "0", "--json"],
                           env={**os.environ, **otel}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

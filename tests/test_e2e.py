@@ -12,13 +12,13 @@ import time
 
 import pytest
 
-from pdserve.cluster import ClusterSpec, LocalCluster
+from pdserve_cli.cluster import ClusterSpec, LocalCluster
 from pdserve.sdk import AsyncClient, Client, Unavailable
 from tests.cluster import reference_greedy
 
 pytestmark = pytest.mark.slow
 
-PDSERVE = [sys.executable, "-m", "pdserve.cli"]
+PDSERVE = [sys.executable, "-m", "pdserve_cli"]
 
 
 class LineReader:

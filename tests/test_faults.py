@@ -16,7 +16,7 @@ import pytest
 
 from bench.fault_loop import MAX_TOKENS, REQUESTS, Run, cluster_spec, member, wait_for_tokens
 from bench.fault_loop import workload as make_workload
-from pdserve.cluster import LocalCluster
+from pdserve_cli.cluster import LocalCluster
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 from tests.conftest import get_loaded
 

@@ -17,7 +17,7 @@ import grpc
 import pytest
 import torch
 
-from pdserve.cluster import ClusterSpec, LocalCluster
+from pdserve_cli.cluster import ClusterSpec, LocalCluster
 from pdserve.engine.prefill import PrefillEngine
 from pdserve.engine.sampling import SamplingParams
 from pdserve.kv.shm import segment_names

@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 from pdserve import telemetry
-from pdserve.cluster import ClusterSpec, LocalCluster
+from pdserve_cli.cluster import ClusterSpec, LocalCluster
 from bench.otlp_sink import OtlpSink
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def traced(tmp_path_factory):
 
 def cli_generate(cluster: LocalCluster, env: dict, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pdserve.cli", "generate", "--address", cluster.gateway_address, "--token-ids", PROMPT,
+        [sys.executable, "-m", "pdserve_cli", "generate", "--address", cluster.gateway_address, "--token-ids", PROMPT,
          "--max-tokens", str(MAX_TOKENS), "--ignore-eos", "--json", *extra],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
 

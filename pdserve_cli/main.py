@@ -142,7 +142,7 @@ def _start_trace_viewer(port: int):
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from pdserve.aio import shutdown_signals
-    from pdserve.cluster import ClusterSpec, LocalCluster
+    from pdserve_cli.cluster import ClusterSpec, LocalCluster
 
     if args.model == cfg.DEFAULT_MODEL:
         from pdserve.model.provision import fetch_default_model
