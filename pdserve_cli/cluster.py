@@ -82,6 +82,7 @@ class ClusterSpec:
     decode: int = 1
     host: str = "127.0.0.1"
     gateway_port: int = 50051  # 0: a free port
+    http_port: int | None = None  # the gateway's OpenAI-compatible HTTP API (None: off; 0: a free port)
     threads: int = 0           # per worker; 0: split the machine's cores between workers
     max_batch: int = 32
     kv_budget: str = "auto"
@@ -126,6 +127,7 @@ class Member:
     port: int = 0  # a restart binds the same one
     port_chosen: bool = False  # by the launcher (another is tried if it turns out to be taken)
     metrics_port: int = 0
+    http_port: int = 0
 
     @property
     def address(self) -> str:
@@ -150,6 +152,12 @@ class LocalCluster:
     @property
     def gateway_address(self) -> str:
         return self.members[-1].address
+
+    @property
+    def http_url(self) -> str:
+        """The gateway's OpenAI-compatible API (``http://host:port/v1``; empty when off)."""
+        gateway = self.members[-1]
+        return f"http://{gateway.host}:{gateway.http_port}/v1" if gateway.http_port else ""
 
     def _core_groups(self) -> list[list[int]]:
         """The cores of each model-running member, in spawn order (decode first), split evenly."""
@@ -223,6 +231,7 @@ class LocalCluster:
                 except (FileNotFoundError, ValueError):
                     continue
                 member.port, member.metrics_port = ports["port"], ports.get("metrics_port", 0)
+                member.http_port = ports.get("http_port", 0)
                 pending.remove(member)
             if not pending:
                 return
@@ -257,6 +266,7 @@ class LocalCluster:
             "--model", s.model,
             "--prefill", ",".join(m.address for m in prefills),
             "--decode", ",".join(m.address for m in decodes),
+            "--http-listen", "" if s.http_port is None else f"{s.host}:{s.http_port}",
         ], port=s.gateway_port)
         await self._bound([gateway], timeout_s)
 

@@ -158,6 +158,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     spec = ClusterSpec(model=args.model, device=args.device, prefill_device=args.prefill_device,
                        decode_device=args.decode_device, dtype=args.dtype,
                        prefill=0 if args.colocated else args.prefill, decode=args.decode, gateway_port=args.port,
+                       http_port=args.http_port or None,
                        threads=args.threads, max_batch=args.max_batch, kv_budget=args.kv_budget,
                        prefill_chunk_tokens=args.prefill_chunk_tokens, pin_cores=args.pin_cores,
                        log_level=args.log_level, metrics=args.metrics, extra_env=otel)
@@ -167,7 +168,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         _progress(f"[up] starting gateway + {spec.describe()} ({spec.model} on {spec.device})")
         await cluster.start()
         await cluster.wait_healthy()
-        _progress(f"[up] cluster ready: gateway on {cluster.gateway_address}")
+        _progress(f"[up] cluster ready: gateway on {cluster.gateway_address}"
+                  + (f", OpenAI-compatible API on {cluster.http_url}" if cluster.http_url else ""))
         for member in cluster.members:
             if member.metrics_address:
                 _progress(f"[up] metrics of {member.name}: http://{member.metrics_address}/metrics")
@@ -179,6 +181,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                      "temperature": 0.0}, as_json=False)
         _progress(f"[up] serving on {cluster.gateway_address}; try: pdserve generate --address "
                   f"{cluster.gateway_address} --chat \"Hello\"  (Ctrl-C stops the cluster)")
+        if cluster.http_url:
+            _progress(f"[up] or: curl {cluster.http_url}/chat/completions -H 'content-type: application/json' "
+                      f"-d '{{\"model\": \"default\", \"messages\": [{{\"role\": \"user\", \"content\": "
+                      f"\"Hello\"}}]}}'")
 
     def force(sig) -> None:
         _progress(f"[up] {sig.name} again: killing the cluster")
@@ -256,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kv-budget", default="auto", help="decode KV pool: 512MiB, 4GiB, 0.8 (of free memory) or auto")
     up.add_argument("--pin-cores", action="store_true", help="give each model-running service its own CPU cores")
     up.add_argument("--port", type=int, default=50051, help="gateway port (0: any free port)")
+    up.add_argument("--http-port", type=int, default=8000,
+                    help="the gateway's OpenAI-compatible HTTP API port (0: off)")
     up.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     up.add_argument("--log-level", default="WARNING", help="log level of the services")
     up.add_argument("--metrics", action="store_true", help="every service serves Prometheus /metrics (free ports)")

@@ -9,10 +9,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
-from pdserve_cli.cluster import ClusterSpec, LocalCluster
+from pdserve_cli.cluster import ClusterSpec, LocalCluster, free_port
 from pdserve.sdk import AsyncClient, Client, Unavailable
 from tests.cluster import reference_greedy
 
@@ -49,7 +50,7 @@ class LineReader:
 
 
 def test_pdserve_up_demo_then_cli_and_sdk_then_ctrl_c(smol):
-    up = subprocess.Popen([*PDSERVE, "up", "--demo", "--port", "0"], stdout=subprocess.PIPE,
+    up = subprocess.Popen([*PDSERVE, "up", "--demo", "--port", "0", "--http-port", str(free_port())], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     out, err = LineReader(up.stdout), LineReader(up.stderr)
     try:
@@ -78,6 +79,15 @@ def test_pdserve_up_demo_then_cli_and_sdk_then_ctrl_c(smol):
             assert [t for c in chunks for t in c.token_ids] == expected
             assert client.generate(token_ids=[1, 2, 3], max_tokens=0 + 3, temperature=0).completion_tokens == 3
             assert client.model_info().name == "SmolLM2-135M-Instruct"
+
+        # The OpenAI-compatible API, as `curl` would call it (the command `pdserve up` prints).
+        url = err.wait_for(r"OpenAI-compatible API on (http://[\d.:]+/v1)", timeout=5).group(1)
+        body = json.dumps({"model": "default", "messages": [{"role": "user", "content": "Say hello."}],
+                           "max_tokens": 8, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{url}/chat/completions", data=body,
+                                         headers={"content-type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(request, timeout=120).read())
+        assert reply["choices"][0]["message"]["content"] and reply["usage"]["completion_tokens"] == 8
 
         # Bad CLI input is reported, not a traceback.
         bad = subprocess.run([*PDSERVE, "generate", "--address", address, "--max-tokens", "0", "hi"],
