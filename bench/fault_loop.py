@@ -4,7 +4,9 @@ Each scenario streams ``REQUESTS`` concurrent greedy requests (tiny random
 prompts, ``MAX_TOKENS`` tokens each) through a 2 prefill + 2 decode cluster
 of real processes and injects one fault while they run; every request must
 complete with every index once, in order, token-identical to
-``model.generate()`` in one process. The scenarios (each restores the cluster
+``model.generate()`` in one process (prompts whose reference output has a
+near-tie, a logit gap under ``MIN_MARGIN``, are not drawn: which way such a
+tie goes depends on float rounding, not on pdserve). The scenarios (each restores the cluster
 it broke, so rounds can follow one another):
 
 - ``kill_decode``: ``kill -9`` a decode instance mid-generation, restart it on
@@ -52,10 +54,32 @@ def cluster_spec(**overrides) -> ClusterSpec:
     return ClusterSpec(**{**settings, **overrides})
 
 
+# A greedy choice the reference made by a logit gap this small may go either way in another correct
+# computation of the same tokens (a resumed request re-prefills prompt + output in one pass; batches change
+# reduction orders): in 3400 fault-loop requests the 2 outputs that left the reference did so at gaps of
+# 2.0e-5 and 2.9e-5, each its prompt's smallest. Workloads hold only prompts whose every step wins by more.
+MIN_MARGIN = 1e-3
+_expected: dict[tuple[int, ...], list[int]] = {}
+
+
+def expected_tokens(loaded: LoadedModel, prompt: list[int]) -> list[int]:
+    """The reference's tokens for ``prompt`` (computed once)."""
+    key = tuple(prompt)
+    if key not in _expected:
+        _expected[key] = reference_greedy(loaded, prompt, MAX_TOKENS, ignore_eos=True)
+    return _expected[key]
+
+
 def workload(loaded: LoadedModel, seed: int, n: int = REQUESTS) -> list[list[int]]:
+    """``n`` random prompts (4 to 47 tokens) whose reference outputs have no near-tie (``MIN_MARGIN``)."""
     rng = random.Random(seed)
     vocab = loaded.info.vocab_size
-    return [[rng.randrange(vocab) for _ in range(rng.randrange(4, 48))] for _ in range(n)]
+    prompts: list[list[int]] = []
+    while len(prompts) < n:
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(4, 48))]
+        if min(greedy_margins(loaded, prompt, expected_tokens(loaded, prompt))) >= MIN_MARGIN:
+            prompts.append(prompt)
+    return prompts
 
 
 class Run:
@@ -94,7 +118,7 @@ class Run:
             if error is None and indices == list(range(MAX_TOKENS)) and chunks[-1].finish_reason == "length":
                 completed += 1
                 tokens = [t for c in chunks for t in c.token_ids]
-                expected = reference_greedy(loaded, prompt, MAX_TOKENS, ignore_eos=True)
+                expected = expected_tokens(loaded, prompt)
                 if tokens == expected:
                     exact += 1
                 else:

@@ -40,6 +40,7 @@ import torch
 
 from bench.serving import percentiles
 from bench.workloads import Workload
+from pdserve.tls import NO_AUTH, ClusterAuth
 from pdserve_cli.cluster import ClusterSpec, LocalCluster
 from pdserve.errors import PdserveError, ResourceExhausted
 from pdserve.model import load_model_info
@@ -86,15 +87,15 @@ def report(outcomes: list[Outcome]) -> dict:
     return by_kind
 
 
-async def decode_stats(address: str) -> decode_pb2.DecodeStats:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def decode_stats(address: str, auth: ClusterAuth = NO_AUTH) -> decode_pb2.DecodeStats:
+    async with auth.channel(address) as channel:
         return await decode_pb2_grpc.DecodeStub(channel).GetStats(decode_pb2.GetStatsRequest(), timeout=5)
 
 
-async def drained(address: str, timeout_s: float = 60) -> dict:
+async def drained(address: str, auth: ClusterAuth = NO_AUTH, timeout_s: float = 60) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
-        st = await decode_stats(address)
+        st = await decode_stats(address, auth)
         after = {"blocks_used": st.kv_blocks_used, "queued": st.queued, "running": st.running,
                  "waiting_for_kv": st.waiting_for_kv}
         if not any(after.values()) or time.monotonic() > deadline:
@@ -136,7 +137,7 @@ async def capacity(args) -> dict:
 
         async def poll() -> None:
             while True:
-                samples.append(await decode_stats(decode))
+                samples.append(await decode_stats(decode, cluster.auth))
                 await asyncio.sleep(0.02)
 
         poller = asyncio.create_task(poll())
@@ -144,10 +145,10 @@ async def capacity(args) -> dict:
             outcomes = await asyncio.gather(*(timed("capacity", client, token_ids=p, max_tokens=n, temperature=0,
                                                     ignore_eos=True) for p, n in workload.requests(info.vocab_size)))
         poller.cancel()
-        final = await decode_stats(decode)
+        final = await decode_stats(decode, cluster.auth)
         return {"classes": report(outcomes), "kv_budget_bytes": budget, "kv_pool_bytes": final.kv_cache_bytes,
                 "peak_blocks_used": final.kv_blocks_peak, "blocks_total": final.kv_blocks_total,
-                "peak_queued": max(s.queued for s in samples), "after": await drained(decode)}
+                "peak_queued": max(s.queued for s in samples), "after": await drained(decode, cluster.auth)}
 
     return await with_cluster(spec, body)
 
@@ -220,13 +221,13 @@ async def hogs(args) -> dict:
                 await asyncio.sleep(rng.expovariate(rate))
             side[0].cancel()
             outcomes += await asyncio.gather(*tasks)
-            stats = await decode_stats(decode)
+            stats = await decode_stats(decode, cluster.auth)
             for task in hog_tasks:
                 task.cancel()  # the hogs would run for minutes more: their client leaves
         return {"capacity_rps": capacity_rps, "flood_rps": rate, "classes": report(outcomes),
                 "probe_max_gap_s": max(gaps) if gaps else None, "kv_pool_bytes": stats.kv_cache_bytes,
                 "peak_blocks_used": stats.kv_blocks_peak, "blocks_total": stats.kv_blocks_total,
-                "after": await drained(decode)}
+                "after": await drained(decode, cluster.auth)}
 
     return await with_cluster(spec, body)
 
@@ -254,7 +255,7 @@ async def long_prompts(args) -> dict:
                     ignore_eos=True, token_ids=[rng.randrange(100, info.vocab_size) for _ in range(rng.randint(16, 64))])))
                 await asyncio.sleep(rng.expovariate(args.small_rate))
             outcomes = await asyncio.gather(*longs, *smalls)
-        return {"classes": report(outcomes), "after": await drained(decode)}
+        return {"classes": report(outcomes), "after": await drained(decode, cluster.auth)}
 
     return await with_cluster(spec, body)
 

@@ -74,7 +74,8 @@ async def _one(client: AsyncClient, prompt: list[int], max_tokens: int) -> Reque
     return result
 
 
-async def run(address: str, workload: Workload, vocab_size: int, progress: bool = True) -> tuple[list[RequestResult], float]:
+async def run(address: str, workload: Workload, vocab_size: int, progress: bool = True,
+              api_key: str | None = None) -> tuple[list[RequestResult], float]:
     """Runs the workload; returns per-request results and the wall time."""
     requests = workload.requests(vocab_size)
     rng = random.Random(workload.seed + 1)
@@ -95,7 +96,7 @@ async def run(address: str, workload: Workload, vocab_size: int, progress: bool 
             bar.update(1)
         return r
 
-    async with AsyncClient(address) as client:
+    async with AsyncClient(address, api_key=api_key) as client:
         started = time.perf_counter()
         tasks = []
         for prompt, max_tokens in requests:
@@ -176,6 +177,7 @@ def _rates(text: str) -> list[float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default="127.0.0.1:50051", help="gateway address (unless --start)")
+    parser.add_argument("--api-key", default=None, help="API key for a gateway that requires one [env PDSERVE_API_KEY]")
     parser.add_argument("--start", default="", help="configurations to start and compare, comma-separated: "
                         f"{', '.join(CONFIGS)} (cores pinned; see bench/configs.py)")
     parser.add_argument("--model", default="default", help="model for --start")
@@ -204,14 +206,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _bench_address(address: str, workloads: list[Workload], args, label: str, config: str) -> list[dict]:
-    async with AsyncClient(address) as client:
+    async with AsyncClient(address, api_key=args.api_key) as client:
         info = await client.model_info()
         # Warm-up: the first requests pay one-time costs (allocations, kernel selection).
         await asyncio.gather(*[client.generate(token_ids=list(range(100, 100 + n)), max_tokens=4, ignore_eos=True)
                                for n in (16, 64)])
     runs = []
     for workload in workloads:
-        results, wall = await run(address, workload, info.vocab_size)
+        results, wall = await run(address, workload, info.vocab_size, api_key=args.api_key)
         summary = summarize(results, wall, args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3)
         rate = workload.request_rate
         runs.append({"label": f"{label} @ {rate:g} req/s" if rate != float("inf") else label, "config": config,

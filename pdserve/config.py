@@ -60,6 +60,17 @@ class ServerConfig:
     port_file: str = field(default="", metadata={
         "help": "once serving, write the bound ports as JSON ({\"port\": N, \"metrics_port\": M}) to this "
                 "file (for launchers that listen on port 0)"})
+    tls_cert: str = field(default="", metadata={
+        "help": "this member's certificate (PEM): its servers use TLS and it presents it to the members it calls"})
+    tls_key: str = field(default="", metadata={"help": "the private key of tls_cert (PEM)"})
+    tls_ca: str = field(default="", metadata={
+        "help": "the cluster's CA (PEM): with it, mutual TLS between members (its servers require a client "
+                "certificate from this CA; its calls accept only servers with one)"})
+    tls_server_name: str = field(default="pdserve.internal", metadata={
+        "help": "the name members' certificates are checked against (they name the cluster, not a host)"})
+    cluster_token: str = field(default="", repr=False, metadata={
+        "help": "a shared secret every call between members carries and every member's servers require "
+                "(health checks exempt): membership without TLS, or on top of it"})
 
     def __post_init__(self) -> None:
         _check_address("listen", self.listen)
@@ -69,6 +80,10 @@ class ServerConfig:
             _check_address("metrics_listen", self.metrics_listen)
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s: must be >= 0, got {self.shutdown_grace_s}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key: give both or neither")
+        if self.tls_ca and not self.tls_cert:
+            raise ConfigError("tls_ca: mutual TLS needs this member's own tls_cert and tls_key too")
 
 
 @dataclass(frozen=True)
@@ -76,8 +91,9 @@ class RegistrationConfig:
     """How a prefill or decode instance announces itself to gateways (pdserve.registration)."""
 
     register_with: tuple[str, ...] = field(default=(), metadata={
-        "help": "gateways to announce this instance to, comma-separated host:port: it joins their pool while "
-                "it sends heartbeats, leaves when it drains or stops sending"})
+        "help": "gateways to announce this instance to, comma-separated host:port of their internal listener "
+                "(internal_listen, port 50052 by default): it joins their pool while it sends heartbeats, leaves "
+                "when it drains or stops sending"})
     advertise: str = field(default="", metadata={
         "help": "host:port gateways reach this instance at (default: the listen address and bound port; a "
                 "wildcard host becomes this machine's hostname)"})
@@ -259,11 +275,28 @@ class GatewayConfig(ServerConfig):
                 "'Authorization: Bearer KEY' over HTTP and in 'authorization' metadata over gRPC"})
     api_keys_file: str = field(default="", metadata={
         "help": "file of API keys, one per line ('#' comments); keys from both places are accepted"})
+    internal_listen: str = field(default="127.0.0.1:50052", metadata={
+        "help": "host:port of the cluster-internal API (instances' heartbeats), apart from the client-facing "
+                "one; it takes the member TLS settings (tls_*) and cluster_token"})
+    open_registration: bool = field(default=False, metadata={
+        "help": "accept heartbeats (instances joining) with neither mutual TLS nor a cluster token: anyone who "
+                "reaches internal_listen can then join the pool and receive prompts (local development only)"})
+    public_tls_cert: str = field(default="", metadata={
+        "help": "certificate (PEM) of the client-facing gRPC and HTTP APIs: with it (and public_tls_key) they "
+                "use TLS"})
+    public_tls_key: str = field(default="", metadata={"help": "the private key of public_tls_cert"})
+    public_tls_ca: str = field(default="", metadata={
+        "help": "CA (PEM) of client certificates: with it, clients of the public APIs must present one"})
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
         if self.http_listen:
             _check_address("http_listen", self.http_listen)
+        _check_address("internal_listen", self.internal_listen)
+        if bool(self.public_tls_cert) != bool(self.public_tls_key):
+            raise ConfigError("public_tls_cert and public_tls_key: give both or neither")
+        if self.public_tls_ca and not self.public_tls_cert:
+            raise ConfigError("public_tls_ca: client certificates need TLS (public_tls_cert, public_tls_key)")
         for name in ("prefill", "decode"):
             for addr in getattr(self, name):
                 _check_address(name, addr)

@@ -1,4 +1,5 @@
-"""A prefill or decode instance announcing itself to gateways (``Gateway.Heartbeat``).
+"""A prefill or decode instance announcing itself to gateways (``GatewayInternal.Heartbeat``, on each
+gateway's internal listener, with this member's TLS identity and cluster token).
 
 While it runs, the instance sends each gateway in ``register_with`` a
 heartbeat every ``heartbeat_interval_s``; a gateway keeps it in its pool while
@@ -19,6 +20,7 @@ import grpc
 from pdserve import config as cfg
 from pdserve.aio import cancel_and_wait
 from pdserve.rpc import ChannelPool
+from pdserve.tls import NO_AUTH, ClusterAuth
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,12 +37,13 @@ def advertised_address(config: cfg.RegistrationConfig, listen: str, port: int) -
 
 
 class Announcer:
-    def __init__(self, role: str, address: str, gateways: tuple[str, ...], interval_s: float) -> None:
+    def __init__(self, role: str, address: str, gateways: tuple[str, ...], interval_s: float,
+                 auth: ClusterAuth = NO_AUTH) -> None:
         self.role = role
         self.address = address
         self.gateways = gateways
         self.interval_s = interval_s
-        self._channels = ChannelPool()
+        self._channels = ChannelPool(auth)
         self._failing: set[str] = set()
         self._task: asyncio.Task | None = None
 
@@ -48,7 +51,7 @@ class Announcer:
         request = gateway_pb2.HeartbeatRequest(role=self.role, address=self.address, draining=draining,
                                                interval_s=self.interval_s)
         try:
-            await gateway_pb2_grpc.GatewayStub(self._channels.get(gateway)).Heartbeat(
+            await gateway_pb2_grpc.GatewayInternalStub(self._channels.get(gateway)).Heartbeat(
                 request, timeout=min(self.interval_s, 5.0))
         except grpc.aio.AioRpcError as exc:
             if gateway not in self._failing:
@@ -81,10 +84,11 @@ class Announcer:
         await self._channels.close()
 
 
-def start_announcer(config: cfg.RegistrationConfig, role: str, listen: str, port: int) -> Announcer | None:
+def start_announcer(config: cfg.RegistrationConfig, role: str, listen: str, port: int,
+                    auth: ClusterAuth = NO_AUTH) -> Announcer | None:
     if not config.register_with:
         return None
     announcer = Announcer(role, advertised_address(config, listen, port), config.register_with,
-                          config.heartbeat_interval_s)
+                          config.heartbeat_interval_s, auth)
     announcer.start()
     return announcer

@@ -18,6 +18,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from pdserve import telemetry
 from pdserve.errors import Internal, PdserveError, error_for_status
+from pdserve.tls import NO_AUTH, ClusterAuth
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +172,15 @@ class ListenError(OSError):
 SERVER_OPTIONS = OPTIONS + [("grpc.so_reuseport", 0)]
 
 
-def create_server(listen: str, interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> tuple[grpc.aio.Server, int]:
+def create_server(listen: str, interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+                  credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server bound to ``listen`` (port 0 picks one); returns it and the port. A port another
-    process listens on is refused (``ListenError``), never shared. ``interceptors`` run after tracing's."""
+    process listens on is refused (``ListenError``), never shared. ``interceptors`` run after tracing's;
+    ``credentials``: TLS (``pdserve.tls``), else plaintext."""
     server = grpc.aio.server(options=SERVER_OPTIONS,
                              interceptors=[*telemetry.server_interceptors(), *interceptors])
     try:
-        port = server.add_insecure_port(listen)
+        port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     except RuntimeError:  # grpc's "Failed to bind" (in use, or no such address)
         port = 0
     if port == 0:
@@ -186,13 +189,14 @@ def create_server(listen: str, interceptors: Iterable[grpc.aio.ServerInterceptor
 
 
 async def start_server(listen: str, service: str, register, ready: bool = True,
-                       interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
+                       interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+                       credentials: grpc.ServerCredentials | None = None,
                        ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     """Creates a server on ``listen``, lets ``register(server)`` add the servicer, adds health,
     starts it and marks ``service`` SERVING (the process is alive and serves that API) and the overall
     status ``""`` SERVING if ``ready`` (it can serve requests now; ``set_ready`` changes it). Returns
     (server, port, health)."""
-    server, port = create_server(listen, interceptors)
+    server, port = create_server(listen, interceptors, credentials)
     register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -214,14 +218,14 @@ async def set_serving(health: health_aio.HealthServicer, services: Iterable[str]
 
 
 async def health_status(address: str, service: str = "", timeout: float = 1.0,
-                        channel: grpc.aio.Channel | None = None) -> str:
+                        channel: grpc.aio.Channel | None = None, auth: ClusterAuth = NO_AUTH) -> str:
     """"serving", "not serving" (the server answered so, e.g. draining), "wrong service" (the server there
     does not serve ``service``: another role, or another program, on that port), "no answer" (refused:
     stopped or stopping) or "silent" (nothing within ``timeout``: partitioned, frozen or overloaded).
     ``channel``: ask through it (a pooled channel, so that "serving" also means the connection calls use
-    is up) instead of a fresh one."""
+    is up) instead of a fresh one (made with ``auth``)."""
     if channel is None:
-        async with grpc.aio.insecure_channel(address) as fresh:
+        async with auth.channel(address) as fresh:
             return await health_status(address, service, timeout, fresh)
     try:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
@@ -231,20 +235,22 @@ async def health_status(address: str, service: str = "", timeout: float = 1.0,
             return "silent"
         if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
             return "wrong service"
-        return "no answer"
+        return "no answer"  # refused, or (TLS) a handshake that failed
     return "serving" if reply.status == health_pb2.HealthCheckResponse.SERVING else "not serving"
 
 
-async def check_health(address: str, service: str = "", timeout: float = 1.0) -> bool:
+async def check_health(address: str, service: str = "", timeout: float = 1.0, auth: ClusterAuth = NO_AUTH) -> bool:
     """True when the server at ``address`` reports SERVING."""
-    return await health_status(address, service, timeout) == "serving"
+    return await health_status(address, service, timeout, auth=auth) == "serving"
 
 
 class ChannelPool:
-    """Channels per peer address, reused across requests. ``lane`` > 0 gives further channels to
-    the same address on their own TCP connections (parallel KV streams)."""
+    """Channels per peer address, reused across requests, made with ``auth`` (this member's TLS identity
+    and cluster token). ``lane`` > 0 gives further channels to the same address on their own TCP
+    connections (parallel KV streams)."""
 
-    def __init__(self) -> None:
+    def __init__(self, auth: ClusterAuth = NO_AUTH) -> None:
+        self.auth = auth
         self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task] = set()  # channels being closed after a reset
 
@@ -253,7 +259,7 @@ class ChannelPool:
         if channel is None:
             options = OPTIONS if lane == 0 else OPTIONS + [("grpc.use_local_subchannel_pool", 1),
                                                            ("pdserve.lane", lane)]
-            channel = grpc.aio.insecure_channel(address, options=options)
+            channel = self.auth.channel(address, options)
             self._channels[(address, lane)] = channel
         return channel
 

@@ -21,10 +21,11 @@ import grpc
 from pdserve import config as cfg
 from pdserve import metrics as prom
 from pdserve import telemetry
-from pdserve.errors import PdserveError
+from pdserve.errors import FailedPrecondition, PdserveError
 from pdserve.logs import setup_logging
 from pdserve.aio import shutdown_signals
 from pdserve.rpc import ListenError, set_serving
+from pdserve.tls import ClusterAuth
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class RunningService:
     drainers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # first thing on stop
     metrics_port: int = 0  # where /metrics is served (0: not served)
     http_port: int = 0  # the gateway's OpenAI-compatible HTTP API (0: not served)
+    internal_port: int = 0  # the gateway's cluster-internal API
 
     async def stop(self, grace: float | None = 5.0) -> None:
         await set_serving(self.health, self.health_services, False)
@@ -89,11 +91,12 @@ async def serve_until_signal(service: RunningService, grace: float) -> None:
 
 
 def write_port_file(path: str, service: RunningService) -> None:
-    """``{"port": ..., "metrics_port": ..., "http_port": ...}`` to ``path``, atomically: how a launcher that
-    let the service pick free ports (listen on port 0) learns them."""
+    """``{"port": ..., "metrics_port": ..., "http_port": ..., "internal_port": ...}`` to ``path``, atomically:
+    how a launcher that let the service pick free ports (listen on port 0) learns them."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump({"port": service.port, "metrics_port": service.metrics_port, "http_port": service.http_port}, f)
+        json.dump({"port": service.port, "metrics_port": service.metrics_port, "http_port": service.http_port,
+                   "internal_port": service.internal_port}, f)
     os.replace(tmp, path)
 
 
@@ -104,6 +107,15 @@ async def load_model_for(config: cfg.ModelConfig):
     set_torch_threads(config.threads)
     log.info("loading model %s on %s", config.model, config.device)
     return await asyncio.to_thread(load_model, config.model, config.device, config.dtype)
+
+
+def cluster_auth(config: cfg.ServerConfig) -> ClusterAuth:
+    """This member's TLS identity and cluster token, from its settings (``FailedPrecondition`` naming the
+    setting whose file cannot be read)."""
+    try:
+        return ClusterAuth.from_config(config)
+    except ValueError as exc:
+        raise FailedPrecondition(str(exc)) from None
 
 
 StartFn = Callable[[Any], Awaitable[RunningService]]

@@ -15,6 +15,11 @@ service until SERVING (the gateway: until it is ready, i.e. reaches an
 instance of every role). ``stop`` sends SIGTERM to the gateway and waits for
 it to drain before stopping the rest, then kills what is left and removes any
 shared-memory segment a killed member left.
+
+Members talk over mutual TLS by default (``tls``): the first start makes a
+development CA and certificates in ``certs_dir`` (``~/.cache/pdserve/certs``)
+and later starts reuse them. The gateway's client-facing APIs stay plaintext
+on localhost.
 """
 
 from __future__ import annotations
@@ -37,10 +42,33 @@ from typing import Callable
 from pdserve.kv.shm import sweep_orphans
 from pdserve.rpc import check_health
 from pdserve.service import EXIT_ADDRESS_IN_USE
+from pdserve.tls import NO_AUTH, ClusterAuth, TlsFiles, make_certificates
 from pdserve.v1 import decode_pb2, prefill_pb2
 
 DECODE_SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
 PREFILL_SERVICE = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
+DEFAULT_CERTS_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pdserve", "certs")
+
+
+def ensure_certificates(folder: str, progress: Callable[[str], None] = lambda _: None) -> str:
+    """The development CA and member certificates in ``folder``, made there on first use (in a fresh folder
+    renamed into place, so clusters starting at once agree on one CA)."""
+    needed = [f"{name}.pem" for name in ("ca", "gateway", "prefill", "decode", "client")]
+    if not os.path.exists(folder):
+        progress(f"[up] making a development CA and certificates for mutual TLS in {folder}")
+        parent = os.path.dirname(os.path.abspath(folder))
+        os.makedirs(parent, exist_ok=True)
+        fresh = tempfile.mkdtemp(prefix=".certs-", dir=parent)
+        make_certificates(fresh)
+        try:
+            os.rename(fresh, folder)
+        except OSError:  # another start made it meanwhile
+            shutil.rmtree(fresh, ignore_errors=True)
+    missing = [name for name in needed if not os.path.exists(os.path.join(folder, name))]
+    if missing:
+        raise RuntimeError(f"{folder} lacks {', '.join(missing)} (remove it to have new certificates made, or "
+                           f"run `pdserve certs {folder}`)")
+    return folder
 
 
 def _ephemeral_ports() -> tuple[int, int]:
@@ -98,6 +126,8 @@ class ClusterSpec:
     decode_netns: tuple[tuple[str, str], ...] = ()
     # Extra flags of prefill instance i < len(prefill_args) (e.g. a transport each, for the benchmarks).
     prefill_args: tuple[tuple[str, ...], ...] = ()
+    tls: bool = True  # mutual TLS between the members
+    certs_dir: str = ""  # where the development CA and certificates are (made on first use); "": DEFAULT_CERTS_DIR
 
     def __post_init__(self) -> None:
         if self.prefill < 0 or self.decode < 1:
@@ -148,6 +178,14 @@ class LocalCluster:
         self.members: list[Member] = []
         self._progress = progress
         self._run_dir: str | None = None  # the members' port files
+        self.auth = NO_AUTH  # what this process presents to the members (a client certificate with TLS)
+
+    def _tls_args(self, role: str) -> list[str]:
+        if not self.spec.tls:
+            return []
+        folder = self.spec.certs_dir or DEFAULT_CERTS_DIR
+        return ["--tls-cert", os.path.join(folder, f"{role}.pem"), "--tls-key", os.path.join(folder, f"{role}-key.pem"),
+                "--tls-ca", os.path.join(folder, "ca.pem")]
 
     @property
     def gateway_address(self) -> str:
@@ -247,13 +285,17 @@ class LocalCluster:
         """Spawns decode and prefill members, waits until they serve (their ports known), then spawns the
         gateway with their addresses; ``wait_healthy`` then waits until every member is ready."""
         s = self.spec
+        if s.tls:
+            folder = ensure_certificates(s.certs_dir or DEFAULT_CERTS_DIR, self._progress)
+            self.auth = ClusterAuth(TlsFiles.load(os.path.join(folder, "client.pem"),
+                                                  os.path.join(folder, "client-key.pem"), os.path.join(folder, "ca.pem")))
         groups = self._core_groups() if s.pin_cores else [None] * (s.prefill + s.decode)
         model_args = ["--model", s.model, "--dtype", s.dtype, "--threads", str(self._threads()),
                       "--prefill-chunk-tokens", str(s.prefill_chunk_tokens),
                       "--prefill-token-budget", str(s.prefill_token_budget)]
         decode_args = [*model_args, "--device", s.decode_device or s.device, "--max-batch", str(s.max_batch),
-                       "--kv-budget", s.kv_budget]
-        model_args = [*model_args, "--device", s.prefill_device or s.device]
+                       "--kv-budget", s.kv_budget, *self._tls_args("decode")]
+        model_args = [*model_args, "--device", s.prefill_device or s.device, *self._tls_args("prefill")]
         decodes = [self._spawn(f"decode-{i}", "services.decode", decode_args, groups[i],
                                s.decode_netns[i] if i < len(s.decode_netns) else None, health_service=DECODE_SERVICE)
                    for i in range(s.decode)]
@@ -267,6 +309,8 @@ class LocalCluster:
             "--prefill", ",".join(m.address for m in prefills),
             "--decode", ",".join(m.address for m in decodes),
             "--http-listen", "" if s.http_port is None else f"{s.host}:{s.http_port}",
+            "--internal-listen", f"{s.host}:0",
+            *self._tls_args("gateway"),
         ], port=s.gateway_port)
         await self._bound([gateway], timeout_s)
 
@@ -280,7 +324,9 @@ class LocalCluster:
                 code = member.process.poll()
                 if code is not None:
                     raise RuntimeError(f"{member.name} exited with code {code} before becoming healthy (see its log above)")
-                if await check_health(member.address, member.health_service, timeout=0.5):
+                # The gateway's client-facing API is plaintext; the instances want a member's certificate.
+                auth = NO_AUTH if member.name == "gateway" else self.auth
+                if await check_health(member.address, member.health_service, timeout=0.5, auth=auth):
                     self._progress(f"[up] {member.name} serving on {member.address}")
                     pending.remove(member)
             if not pending:

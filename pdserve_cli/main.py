@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 from pdserve import config as cfg
@@ -58,7 +59,20 @@ def _generate_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
-async def _stream_to_stdout(address: str, kwargs: dict, as_json: bool) -> int:
+def _client_options(args: argparse.Namespace) -> dict:
+    """The SDK client's API key and TLS files from ``--api-key``/``--tls-*`` (see ``_add_client_arguments``)."""
+    return {"api_key": args.api_key, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-key", default=None,
+                        help="API key for a gateway that requires one [env PDSERVE_API_KEY]")
+    parser.add_argument("--tls-ca", default=None, help="TLS to the gateway, checking its certificate against this CA")
+    parser.add_argument("--tls-cert", default=None, help="client certificate, for a gateway that requires one")
+    parser.add_argument("--tls-key", default=None, help="the client certificate's key")
+
+
+async def _stream_to_stdout(address: str, kwargs: dict, as_json: bool, client_options: dict | None = None) -> int:
     from opentelemetry import trace
 
     from pdserve import telemetry
@@ -71,7 +85,7 @@ async def _stream_to_stdout(address: str, kwargs: dict, as_json: bool) -> int:
     with trace.get_tracer("pdserve.cli").start_as_current_span("pdserve generate"):
         trace_id, _ = telemetry.current_ids()
         try:
-            async with AsyncClient(address) as client:
+            async with AsyncClient(address, **(client_options or {})) as client:
                 async for chunk in client.stream(**kwargs):
                     acc.add(chunk)
                     if not as_json:
@@ -106,7 +120,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: tracing configuration: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_stream_to_stdout(args.address, _generate_kwargs(args), args.json))
+        return asyncio.run(_stream_to_stdout(args.address, _generate_kwargs(args), args.json, _client_options(args)))
     finally:
         telemetry.shutdown_tracing()
 
@@ -114,7 +128,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _start_trace_viewer(port: int):
     """Arize Phoenix (``make trace-viewer`` installs it in .venv-phoenix) on ``port``; returns the process
     and the OTEL_* settings that send the cluster's traces to it."""
-    import os
     import shutil
     import subprocess
     import time
@@ -158,7 +171,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     spec = ClusterSpec(model=args.model, device=args.device, prefill_device=args.prefill_device,
                        decode_device=args.decode_device, dtype=args.dtype,
                        prefill=0 if args.colocated else args.prefill, decode=args.decode, gateway_port=args.port,
-                       http_port=args.http_port or None,
+                       http_port=args.http_port or None, tls=not args.no_tls, certs_dir=args.certs_dir,
                        threads=args.threads, max_batch=args.max_batch, kv_budget=args.kv_budget,
                        prefill_chunk_tokens=args.prefill_chunk_tokens, pin_cores=args.pin_cores,
                        log_level=args.log_level, metrics=args.metrics, extra_env=otel)
@@ -223,17 +236,40 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when the server answers SERVING (a container healthcheck); the default address is this
     container's own service, from PDSERVE_LISTEN."""
-    import os
 
     from pdserve.rpc import health_status
+
+    from pdserve.tls import NO_AUTH, ClusterAuth, TlsFiles
 
     address = args.address
     if not address:
         port = os.environ.get("PDSERVE_LISTEN", "127.0.0.1:50051").rpartition(":")[2]
         address = f"127.0.0.1:{port}"
-    status = asyncio.run(health_status(address, timeout=args.timeout))
+    auth = NO_AUTH
+    if not args.plaintext and (args.tls_cert or args.tls_ca):
+        auth = ClusterAuth(TlsFiles.load(args.tls_cert, args.tls_key, args.tls_ca), args.cluster_token)
+    elif args.cluster_token:
+        auth = ClusterAuth(token=args.cluster_token)
+    status = asyncio.run(health_status(address, timeout=args.timeout, auth=auth))
     print(f"{address}: {status}")
     return 0 if status == "serving" else 1
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdserve.tls import ROLES, make_certificates
+
+    if args.if_missing and all((Path(args.folder) / f"{name}.pem").exists() for name in ("ca", *ROLES)):
+        print(f"certificates in {args.folder} kept (--if-missing)")
+        return 0
+    paths = make_certificates(args.folder, hosts=args.host or (), days=args.days)
+    print(f"development CA and certificates for {', '.join(r for r in ('gateway', 'prefill', 'decode', 'client'))} "
+          f"in {args.folder} (valid {args.days} days):")
+    for name, path in paths.items():
+        print(f"  {name:12s} {path}")
+    print("members: --tls-cert ROLE.pem --tls-key ROLE-key.pem --tls-ca ca.pem; keep ca-key.pem away from them")
+    return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -264,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=50051, help="gateway port (0: any free port)")
     up.add_argument("--http-port", type=int, default=8000,
                     help="the gateway's OpenAI-compatible HTTP API port (0: off)")
+    up.add_argument("--no-tls", action="store_true",
+                    help="members talk plaintext (default: mutual TLS, certificates made on first start)")
+    up.add_argument("--certs-dir", default="",
+                    help="the development CA and member certificates (default ~/.cache/pdserve/certs)")
     up.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     up.add_argument("--log-level", default="WARNING", help="log level of the services")
     up.add_argument("--metrics", action="store_true", help="every service serves Prometheus /metrics (free ports)")
@@ -288,12 +328,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _add_client_arguments(gen)
     gen.set_defaults(func=_cmd_generate)
 
     health = sub.add_parser("health", help="exit 0 if a server reports SERVING (for container healthchecks)")
     health.add_argument("--address", default="", help="host:port (default: this host, PDSERVE_LISTEN's port)")
     health.add_argument("--timeout", type=float, default=2.0)
+    health.add_argument("--tls-cert", default=os.environ.get("PDSERVE_TLS_CERT", ""),
+                        help="a member's certificate, for a server requiring mutual TLS [env PDSERVE_TLS_CERT]")
+    health.add_argument("--tls-key", default=os.environ.get("PDSERVE_TLS_KEY", ""), help="[env PDSERVE_TLS_KEY]")
+    health.add_argument("--tls-ca", default=os.environ.get("PDSERVE_TLS_CA", ""), help="[env PDSERVE_TLS_CA]")
+    health.add_argument("--cluster-token", default=os.environ.get("PDSERVE_CLUSTER_TOKEN", ""),
+                        help=argparse.SUPPRESS)
+    health.add_argument("--plaintext", action="store_true",
+                        help="no TLS, whatever the environment says (the gateway's client-facing port)")
     health.set_defaults(func=_cmd_health)
+
+    certs = sub.add_parser("certs", help="make a development CA and member certificates (mutual TLS)")
+    certs.add_argument("folder")
+    certs.add_argument("--host", action="append",
+                       help="a further name or address the certificates are valid for (repeatable; they always "
+                            "name pdserve.internal, localhost, 127.0.0.1, ::1 and this host)")
+    certs.add_argument("--days", type=int, default=365)
+    certs.add_argument("--if-missing", action="store_true", help="keep a complete set already in FOLDER")
+    certs.set_defaults(func=_cmd_certs)
 
     bench = sub.add_parser("bench", help="serving benchmark against a running gateway (bench/serving.py)")
     bench.set_defaults(func=_cmd_bench)

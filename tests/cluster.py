@@ -39,10 +39,20 @@ class InProcessCluster:
                 await service.stop(grace=1.0)
 
 
+def member_tls(folder, role: str) -> dict:
+    """The settings of a member presenting ``role``'s certificate from ``pdserve.tls.make_certificates``."""
+    return {"tls_cert": f"{folder}/{role}.pem", "tls_key": f"{folder}/{role}-key.pem", "tls_ca": f"{folder}/ca.pem"}
+
+
 async def start_cluster(loaded: LoadedModel, decode_options: dict | None = None,
                         prefill_options: dict | None = None, colocated: bool = False,
-                        gateway_options: dict | None = None) -> InProcessCluster:
-    """One gateway, one prefill (none if ``colocated``) and one decode server sharing ``loaded``'s weights."""
+                        gateway_options: dict | None = None, tls_dir=None) -> InProcessCluster:
+    """One gateway, one prefill (none if ``colocated``) and one decode server sharing ``loaded``'s weights;
+    with ``tls_dir`` (certificates from ``make_certificates``) they talk mutual TLS."""
+    if tls_dir is not None:
+        decode_options = {**member_tls(tls_dir, "decode"), **(decode_options or {})}
+        prefill_options = {**member_tls(tls_dir, "prefill"), **(prefill_options or {})}
+        gateway_options = {**member_tls(tls_dir, "gateway"), **(gateway_options or {})}
     decode = await start_decode(
         cfg.DecodeConfig(listen="127.0.0.1:0", model=loaded.info.spec, **(decode_options or {})), loaded)
     prefill = None
@@ -50,7 +60,7 @@ async def start_cluster(loaded: LoadedModel, decode_options: dict | None = None,
         prefill = await start_prefill(
             cfg.PrefillConfig(listen="127.0.0.1:0", model=loaded.info.spec, **(prefill_options or {})), loaded)
     gateway = await start_gateway(cfg.GatewayConfig(
-        listen="127.0.0.1:0", model=loaded.info.spec,
+        listen="127.0.0.1:0", internal_listen="127.0.0.1:0", model=loaded.info.spec,
         prefill=(f"127.0.0.1:{prefill.port}",) if prefill else (), decode=(f"127.0.0.1:{decode.port}",),
         **{"http_listen": "127.0.0.1:0", **(gateway_options or {})}), loaded.info)
     return InProcessCluster(loaded, gateway, prefill, decode)

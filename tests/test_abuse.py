@@ -54,7 +54,7 @@ async def test_an_address_answering_for_another_role_is_never_used_for_it():
     impostor = await start_decode(cfg.DecodeConfig(listen="127.0.0.1:0", model=spec), loaded)
     prefill = await start_prefill(cfg.PrefillConfig(listen="127.0.0.1:0", model=spec), loaded)
     gateway = await start_gateway(cfg.GatewayConfig(
-        listen="127.0.0.1:0", http_listen="", model=spec, prefill=(address(impostor), address(prefill)), decode=(address(decode),),
+        listen="127.0.0.1:0", internal_listen="127.0.0.1:0", http_listen="", model=spec, prefill=(address(impostor), address(prefill)), decode=(address(decode),),
         health_interval_s=0.2), loaded.info)
     try:
         registry = gateway.engine.registry
@@ -79,7 +79,7 @@ async def test_the_gateway_is_ready_only_when_it_reaches_an_instance_of_every_ro
     port = free_port()  # for the decode instance that comes later (outside the ephemeral range: see free_port)
     prefill = await start_prefill(cfg.PrefillConfig(listen="127.0.0.1:0", model=spec), loaded)
     gateway = await start_gateway(cfg.GatewayConfig(
-        listen="127.0.0.1:0", http_listen="", model=spec, prefill=(address(prefill),), decode=(f"127.0.0.1:{port}",),
+        listen="127.0.0.1:0", internal_listen="127.0.0.1:0", http_listen="", model=spec, prefill=(address(prefill),), decode=(f"127.0.0.1:{port}",),
         health_interval_s=0.2), loaded.info)
     decode = None
     try:
@@ -148,7 +148,7 @@ async def test_retries_avoid_a_decode_instance_whose_transfers_fail_and_it_is_ej
     broken.begin_transfer = refuse
     prefill = await start_prefill(cfg.PrefillConfig(listen="127.0.0.1:0", model=spec), loaded)
     gateway = await start_gateway(cfg.GatewayConfig(
-        listen="127.0.0.1:0", http_listen="", model=spec, prefill=(address(prefill),), decode=tuple(map(address, decodes)),
+        listen="127.0.0.1:0", internal_listen="127.0.0.1:0", http_listen="", model=spec, prefill=(address(prefill),), decode=tuple(map(address, decodes)),
         health_interval_s=0.2), loaded.info)
     try:
         prompt = list(range(60, 90))
@@ -169,7 +169,7 @@ async def test_retries_avoid_a_decode_instance_whose_transfers_fail_and_it_is_ej
 
 async def test_instances_that_registered_and_left_are_let_go():
     loaded = get_loaded(TINY)
-    gateway = await start_gateway(cfg.GatewayConfig(listen="127.0.0.1:0", http_listen="", model=loaded.info.spec, prefill=(),
+    gateway = await start_gateway(cfg.GatewayConfig(listen="127.0.0.1:0", internal_listen="127.0.0.1:0", http_listen="", model=loaded.info.spec, prefill=(),
                                                     decode=(), health_interval_s=0.1), loaded.info)
     registry, channels = gateway.engine.registry, gateway.engine._channels
     try:

@@ -51,9 +51,11 @@ def log(message: str) -> None:
 class Compose:
     def __init__(self) -> None:
         self.port, self.metrics_port, self.phoenix_port = free_port(), free_port(), free_port()
+        self.http_port = free_port()
         self.env = {**os.environ, "PDSERVE_BASE_IMAGE": os.environ.get("PDSERVE_BASE_IMAGE", "pdserve-base:bookworm"),
                     "PDSERVE_THREADS": "1", "PDSERVE_KV_BUDGET": "256MiB", "PDSERVE_PORT": str(self.port),
-                    "PDSERVE_METRICS_PORT": str(self.metrics_port), "PDSERVE_PHOENIX_PORT": str(self.phoenix_port)}
+                    "PDSERVE_METRICS_PORT": str(self.metrics_port), "PDSERVE_PHOENIX_PORT": str(self.phoenix_port),
+                    "PDSERVE_HTTP_PORT": str(self.http_port)}
 
     @property
     def gateway(self) -> str:
@@ -200,6 +202,39 @@ def test_compose_serves_and_phoenix_holds_one_trace_across_the_services(compose,
             browser.close()
     assert out.stat().st_size > 20_000
     log(f"trace view screenshot: {out}")
+
+
+def test_compose_members_talk_mutual_tls_and_publish_only_the_client_apis(compose, smol):
+    c = compose
+    # The OpenAI-compatible API, from the host, as curl would call it: the gRPC path's tokens.
+    body = json.dumps({"model": "default", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 12,
+                       "temperature": 0}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{c.http_port}/v1/chat/completions", data=body,
+                                     headers={"content-type": "application/json"})
+    reply = json.loads(urllib.request.urlopen(request, timeout=300).read())
+    tok = smol.info.tokenizer
+    assert reply["choices"][0]["message"]["content"] == tok.decode(expected_tokens(smol, 12), skip_special_tokens=True)
+
+    def health(*args: str) -> tuple[int, str]:
+        done = subprocess.run(["docker", "compose", "-p", PROJECT, "exec", "-T", "gateway", "pdserve", "health", *args],
+                              cwd=ROOT, env=c.env, capture_output=True, text=True, timeout=60)
+        return done.returncode, done.stdout.strip()
+
+    for address in ("prefill:50061", "decode:50071"):
+        assert health("--address", address)[0] == 0  # a member's certificate (the gateway's)
+        for stranger in (["--plaintext"], ["--tls-cert", "", "--tls-key", ""]):  # no certificate
+            code, said = health("--address", address, *stranger)
+            assert code == 1 and said.endswith("no answer"), (address, stranger, said)
+    published = {}
+    for line in c.run("ps", "--format", "json", quiet=True).splitlines():
+        entry = json.loads(line)
+        published[entry["Service"]] = {(p.get("URL"), p["TargetPort"]) for p in entry.get("Publishers") or ()
+                                       if p.get("PublishedPort")}
+    assert {s for s, ports in published.items() if ports} == {"gateway", "phoenix"}
+    assert {port for url, port in published["gateway"] if url not in ("127.0.0.1",)} == {50051, 8000}
+    assert {url for url, _ in published["phoenix"]} == {"127.0.0.1"}
+    uid = c.run("exec", "-T", "decode", "id", "-u", quiet=True).strip()
+    assert uid == "10001"
 
 
 def test_scaled_decode_killed_mid_stream_the_request_finishes(compose, smol):

@@ -124,12 +124,17 @@ async def test_health_service_and_refusal_after_shutdown():
     try:
         await cluster.start()
         await cluster.wait_healthy(timeout_s=120)
-        from pdserve.rpc import check_health
+        from pdserve.rpc import check_health, health_status
+        from pdserve.tls import NO_AUTH
 
         for member in cluster.members:
             service = {"gateway": "pdserve.v1.Gateway", "prefill-0": "pdserve.v1.Prefill",
                        "decode-0": "pdserve.v1.Decode"}[member.name]
-            assert await check_health(member.address, service)
+            # Members talk mutual TLS: the instances answer a member's certificate, not a stranger.
+            auth = NO_AUTH if member.name == "gateway" else cluster.auth
+            assert await check_health(member.address, service, auth=auth)
+            if member.name != "gateway":
+                assert await health_status(member.address, service) == "no answer"
         cluster.stop()
         async with AsyncClient(cluster.gateway_address, timeout=5) as client:
             with pytest.raises(Unavailable):

@@ -16,6 +16,7 @@ import pytest
 
 from bench.fault_loop import MAX_TOKENS, REQUESTS, Run, cluster_spec, member, wait_for_tokens
 from bench.fault_loop import workload as make_workload
+from pdserve.tls import ClusterAuth
 from pdserve_cli.cluster import LocalCluster
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 from tests.conftest import get_loaded
@@ -47,8 +48,8 @@ async def cluster():
         cluster.stop()
 
 
-async def decode_stats(address: str) -> decode_pb2.DecodeStats:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def decode_stats(address: str, auth: ClusterAuth) -> decode_pb2.DecodeStats:
+    async with auth.channel(address) as channel:
         return await decode_pb2_grpc.DecodeStub(channel).GetStats(decode_pb2.GetStatsRequest(), timeout=5)
 
 
@@ -79,7 +80,7 @@ async def test_kill_9_a_decode_instance_mid_generation_then_restart_it(cluster):
     await asyncio.sleep(1.5)  # a few health probes find it serving
     await second.run(nothing)
     expect_all_exact(summarize(second, faults=0))
-    stats = await decode_stats(victim.address)
+    stats = await decode_stats(victim.address, cluster.auth)
     assert stats.transfers_completed > 0, "the restarted instance got no work"
     assert (stats.waiting_for_kv, stats.running, stats.kv_blocks_used) == (0, 0, 0)
 
@@ -112,10 +113,10 @@ async def test_a_hung_decode_instance_is_left_and_rejoins_after_sigcont(cluster)
     async def nothing(run: Run) -> None:
         await asyncio.sleep(1.5)  # a few health probes find it serving
 
-    before = await decode_stats(hung.address)
+    before = await decode_stats(hung.address, cluster.auth)
     await second.run(nothing)
     expect_all_exact(summarize(second, faults=0))
-    after = await decode_stats(hung.address)
+    after = await decode_stats(hung.address, cluster.auth)
     assert after.transfers_completed > before.transfers_completed, "the resumed instance got no new work"
     assert (after.waiting_for_kv, after.running, after.kv_blocks_used) == (0, 0, 0), "its old requests were freed"
 
@@ -133,7 +134,7 @@ async def test_kill_9_the_gateway_mid_stream_the_sdk_resumes_after_its_restart(c
     await run.run(kill_and_restart_gateway)
     expect_all_exact(summarize(run, faults=1))
     for name in ("decode-0", "decode-1"):  # the dead gateway's calls were cancelled: nothing held
-        stats = await decode_stats(member(cluster, name).address)
+        stats = await decode_stats(member(cluster, name).address, cluster.auth)
         assert (stats.waiting_for_kv, stats.running, stats.kv_blocks_used) == (0, 0, 0), name
 
 
@@ -187,7 +188,7 @@ async def test_a_decode_instance_cut_off_by_a_network_partition_is_left_and_rejo
         expect_all_exact(summarize(run, faults=1))
         subprocess.run(["ip", "link", "set", link, "up"], check=True)
         await asyncio.sleep(2.0)  # health probes reach it again
-        before = await decode_stats(cut_off.address)
+        before = await decode_stats(cut_off.address, cluster.auth)
         second = Run(cluster.gateway_address, workload(8)[:8])
 
         async def nothing(run: Run) -> None:
@@ -195,13 +196,13 @@ async def test_a_decode_instance_cut_off_by_a_network_partition_is_left_and_rejo
 
         await second.run(nothing)
         expect_all_exact(summarize(second, faults=0))
-        after = await decode_stats(cut_off.address)
+        after = await decode_stats(cut_off.address, cluster.auth)
         assert after.transfers_completed > before.transfers_completed, "the healed instance got no new work"
         for _ in range(300):  # cancellations sent during the partition arrive when TCP retransmits them
             if (after.waiting_for_kv, after.running, after.kv_blocks_used) == (0, 0, 0):
                 break
             await asyncio.sleep(0.1)
-            after = await decode_stats(cut_off.address)
+            after = await decode_stats(cut_off.address, cluster.auth)
         assert (after.waiting_for_kv, after.running, after.kv_blocks_used) == (0, 0, 0), "its old requests were freed"
     finally:
         cluster.stop()

@@ -165,8 +165,9 @@ def rpcs(decode_address: str) -> list:
         ("gateway", "/pdserve.v1.Gateway/Generate",
          gateway_pb2.GenerateRequest(token_ids=gateway_pb2.TokenIds(ids=[5, 6, 7]), sampling=greedy), True),
         ("gateway", "/pdserve.v1.Gateway/GetModelInfo", gateway_pb2.GetModelInfoRequest(), False),
-        # Bogus instances may join: the gateway must route around them (health checks, retries).
-        ("gateway", "/pdserve.v1.Gateway/Heartbeat",
+        # The internal listener, open to anyone here: bogus instances may join, and the gateway must route
+        # around them (health checks, retries).
+        ("gateway-internal", "/pdserve.v1.GatewayInternal/Heartbeat",
          gateway_pb2.HeartbeatRequest(role="decode", address="127.0.0.1:9", interval_s=0.5), False),
         ("prefill", "/pdserve.v1.Prefill/Prefill",
          prefill_pb2.PrefillRequest(request_id="p", token_ids=[5, 6, 7], sampling=greedy,
@@ -182,8 +183,10 @@ def rpcs(decode_address: str) -> list:
 @pytest.mark.slow
 async def test_fuzzed_requests_get_precise_codes_and_leave_nothing_behind():
     loaded = get_loaded(MODEL)
-    cluster = await start_cluster(loaded, decode_options={"kv_lease_s": 2.0})
-    ports = {"gateway": cluster.gateway.port, "prefill": cluster.prefill.port, "decode": cluster.decode.port}
+    cluster = await start_cluster(loaded, decode_options={"kv_lease_s": 2.0},
+                                  gateway_options={"open_registration": True})
+    ports = {"gateway": cluster.gateway.port, "gateway-internal": cluster.gateway.internal_port,
+             "prefill": cluster.prefill.port, "decode": cluster.decode.port}
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for name, port in ports.items()}
     rng = random.Random(SEED)

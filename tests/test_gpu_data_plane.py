@@ -37,8 +37,8 @@ def prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
 
 
-async def stats(address: str, role: str):
-    async with grpc.aio.insecure_channel(address) as channel:
+async def stats(address: str, role: str, auth):
+    async with auth.channel(address) as channel:
         if role == "decode":
             return await decode_pb2_grpc.DecodeStub(channel).GetStats(decode_pb2.GetStatsRequest(), timeout=5)
         return await prefill_pb2_grpc.PrefillStub(channel).GetStats(prefill_pb2.PrefillStatsRequest(), timeout=5)
@@ -67,8 +67,8 @@ def test_every_gpu_kv_path_is_token_exact(transport):
                                                              ignore_eos=True) for p in batch))
         for prompt, result in zip(batch, results):
             assert result.token_ids == reference_greedy(loaded, prompt, 12, ignore_eos=True)
-        decode = await stats(member(cluster, "decode-0").address, "decode")
-        prefill = await stats(member(cluster, "prefill-0").address, "prefill")
+        decode = await stats(member(cluster, "decode-0").address, "decode", cluster.auth)
+        prefill = await stats(member(cluster, "prefill-0").address, "prefill", cluster.auth)
         assert decode.transfers_completed == len(batch) and decode.kv_blocks_used == 0
         assert prefill.kv_pools_mapped == (1 if transport == "cuda_ipc" else 0) and prefill.kv_inflight_bytes == 0
 
@@ -133,7 +133,7 @@ def test_nothing_is_left_when_a_process_dies_mid_transfer(victim, tmp_path):
             await asyncio.gather(*calls, return_exceptions=True)
         survivor = member(cluster, "decode-0" if victim == "prefill" else "prefill-0")
         for _ in range(100):
-            s = await stats(survivor.address, "decode" if victim == "prefill" else "prefill")
+            s = await stats(survivor.address, "decode" if victim == "prefill" else "prefill", cluster.auth)
             idle = (s.kv_blocks_used, s.waiting_for_kv) == (0, 0) if victim == "prefill" else \
                 (s.kv_pools_mapped, s.kv_inflight_bytes) == (0, 0)
             if idle:

@@ -8,6 +8,7 @@ import itertools
 import grpc
 import pytest
 
+from pdserve.kv import shm
 from pdserve.sdk import AsyncClient
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from tests.cluster import reference_greedy
@@ -38,7 +39,32 @@ def full_layers() -> list[decode_pb2.KVMessage]:
     return [chunk(layer) for layer in range(LAYERS)]
 
 
+def another_transfers_segment(tid: str) -> list[decode_pb2.KVMessage]:
+    """A stream pointing decode at a real segment that holds another transfer's KV (its name is visible to
+    anyone on the host): what it says must not be read into this reservation."""
+    segment = shm.Segment.create(shm.SEGMENT_HEADER + 2 * LAYERS * TOKENS * TOKEN_BYTES)
+    _segments.append(segment)
+    segment.stamp("a-victims-transfer")
+    offset = lambda layer: shm.SEGMENT_HEADER + 2 * TOKEN_BYTES * layer * TOKENS  # noqa: E731
+    chunks = [decode_pb2.KVMessage(chunk=decode_pb2.KVChunk(layer=layer, token_start=0, token_count=TOKENS,
+                                                            shm_offset=offset(layer)))
+              for layer in range(LAYERS)]
+    return [header(tid, shm_segment=segment.name, checksums=False), *chunks, trailer()]
+
+
+_segments: list = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_segments():
+    yield
+    for segment in _segments:
+        segment.close()
+        shm.unlink(segment.name)
+
+
 CASES = {
+    "another transfer's segment": (another_transfers_segment, "does not hold this transfer's KV"),
     "layer count": (lambda tid: [header(tid, num_layers=3), *full_layers(), trailer()], "header.num_layers: got 3, expected 4"),
     "kv heads": (lambda tid: [header(tid, kv_heads=4), *full_layers(), trailer()], "header.kv_heads: got 4, expected 2"),
     "head dim": (lambda tid: [header(tid, head_dim=8), *full_layers(), trailer()], "header.head_dim: got 8, expected 16"),

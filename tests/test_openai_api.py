@@ -138,7 +138,7 @@ async def test_api_keys_guard_http_and_grpc(smol, smol_cluster, tmp_path):
     keys_file.write_text("# team B\nkey-from-file\n")
     cluster = smol_cluster
     gateway = await start_gateway(cfg.GatewayConfig(
-        listen="127.0.0.1:0", http_listen="127.0.0.1:0", model=smol.info.spec, prefill=(f"127.0.0.1:{cluster.prefill.port}",),
+        listen="127.0.0.1:0", internal_listen="127.0.0.1:0", http_listen="127.0.0.1:0", model=smol.info.spec, prefill=(f"127.0.0.1:{cluster.prefill.port}",),
         decode=(cluster.decode_address,), api_keys=("key-one",), api_keys_file=str(keys_file)), smol.info)
     base = f"http://127.0.0.1:{gateway.http_port}/v1"
     try:

@@ -23,7 +23,7 @@ async def two_decodes(request):
     decodes = [await start_decode(cfg.DecodeConfig(listen="127.0.0.1:0", model=spec), loaded) for _ in range(2)]
     prefill = await start_prefill(cfg.PrefillConfig(listen="127.0.0.1:0", model=spec, kv_keep_s=keep_s), loaded)
     gateway = await start_gateway(cfg.GatewayConfig(
-        listen="127.0.0.1:0", http_listen="", model=spec, prefill=(f"127.0.0.1:{prefill.port}",),
+        listen="127.0.0.1:0", internal_listen="127.0.0.1:0", http_listen="", model=spec, prefill=(f"127.0.0.1:{prefill.port}",),
         decode=tuple(f"127.0.0.1:{d.port}" for d in decodes)), loaded.info)
     yield loaded, gateway, prefill, decodes
     for service in (gateway, prefill, *decodes):

@@ -150,9 +150,11 @@ def test_heartbeats_join_draining_leaves_at_once_silence_leaves_after_three_inte
 
 async def test_instances_that_register_serve_requests_and_leave_when_they_drain():
     loaded = get_loaded("preset:tiny-llama")
-    gateway = await start_gateway(cfg.GatewayConfig(listen="127.0.0.1:0", http_listen="", model=loaded.info.spec, prefill=(),
-                                                    decode=(), health_interval_s=0.2), loaded.info)
-    announce = dict(register_with=(f"127.0.0.1:{gateway.port}",), heartbeat_interval_s=0.2)
+    token = dict(cluster_token="members-only")  # registration needs membership: here the cluster token
+    gateway = await start_gateway(cfg.GatewayConfig(listen="127.0.0.1:0", internal_listen="127.0.0.1:0", http_listen="",
+                                                    model=loaded.info.spec, prefill=(), decode=(),
+                                                    health_interval_s=0.2, **token), loaded.info)
+    announce = dict(register_with=(f"127.0.0.1:{gateway.internal_port}",), heartbeat_interval_s=0.2, **token)
     decode = await start_decode(cfg.DecodeConfig(listen="127.0.0.1:0", model=loaded.info.spec, **announce), loaded)
     prefill = await start_prefill(cfg.PrefillConfig(listen="127.0.0.1:0", model=loaded.info.spec, **announce), loaded)
     registry = gateway.engine.registry

@@ -40,7 +40,7 @@ import torch
 
 from pdserve import telemetry
 from pdserve.errors import DataLoss, Internal, InvalidArgument, PdserveError
-from pdserve.kv.shm import Segment, SegmentPool
+from pdserve.kv.shm import SEGMENT_HEADER, Segment, SegmentPool
 from pdserve.kv.staging import DeviceCopies
 from pdserve.kv.transport import KVSender, TransferReceipt
 from pdserve.kv.wire import (QUANTIZATIONS, KVLayout, as_bytes_view, checksum, chunk_ranges, encode_chunk,
@@ -334,12 +334,13 @@ class ShmKVSender(GrpcKVSender):
 
     def _host_buffer(self, layout: KVLayout) -> torch.Tensor:
         self._segment.pin_for_cuda()  # device copies land in it at pinned speed
-        return torch.frombuffer(self._segment.map, dtype=torch.uint8)
+        return torch.frombuffer(self._segment.map, dtype=torch.uint8, offset=SEGMENT_HEADER)
 
     async def open(self, layout: KVLayout) -> None:
-        self._segment = self._pool.acquire(layout.total_bytes)
+        self._segment = self._pool.acquire(SEGMENT_HEADER + layout.total_bytes)
+        self._segment.stamp(layout.transfer_id)
         if self._copies is None:
-            self._host = torch.frombuffer(self._segment.map, dtype=torch.uint8)
+            self._host = torch.frombuffer(self._segment.map, dtype=torch.uint8, offset=SEGMENT_HEADER)
         await super().open(layout)
 
     def _messages_for(self, r: _Range) -> list[tuple[int, object]]:
@@ -351,7 +352,7 @@ class ShmKVSender(GrpcKVSender):
             host_k, host_v = self._host_views(r.layer, r.start, r.count)
             host_k.copy_(r.keys[0].transpose(0, 1))
             host_v.copy_(r.values[0].transpose(0, 1))
-        offset, n = lay.shm_offset(r.layer, r.start), r.count * lay.token_bytes
+        offset, n = SEGMENT_HEADER + lay.shm_offset(r.layer, r.start), r.count * lay.token_bytes
         data = self._segment.view[offset:offset + 2 * n]
         cs = checksum(data[:n], data[n:]) if self._checksums else 0
         return encode_chunk(r.layer, r.start, r.count, b"", b"", cs, offset)

@@ -38,6 +38,8 @@ async def receive_stream(messages: AsyncIterator[bytes], assembly: KVAssembly, s
     segment = SEGMENTS.open(stream.shm_segment) if stream.shm_segment else None
     received = 0
     try:
+        if segment is not None and not segment.bears(layout.transfer_id):
+            raise InvalidArgument(f"header.shm_segment: {stream.shm_segment} does not hold this transfer's KV")
         async for data in messages:
             assembly.check_alive()
             kind, message = decode_message(data)

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 PREFIX = "pdserve-kv-"
+# The first bytes of a segment name the transfer it holds now (2-byte length, the id): decode reads a
+# segment only for the transfer it is stamped with, so a stream cannot point decode at another
+# transfer's KV (the name of a segment is visible to anyone on the host).
+SEGMENT_HEADER = 512
 _NAME = re.compile(r"^pdserve-kv-(\d+)-[0-9a-f]{16}$")
 
 
@@ -67,6 +71,17 @@ class Segment:
             os.close(fd)
         self.view = memoryview(self.map)
         self._pinned = 0  # the address cudaHostRegister page-locked, -1 if that failed
+
+    def stamp(self, transfer_id: str) -> None:
+        """Marks the segment as holding ``transfer_id``'s KV (the producer, before any chunk is announced)."""
+        raw = transfer_id.encode()
+        if len(raw) > SEGMENT_HEADER - 2:
+            raise InvalidArgument(f"transfer_id: at most {SEGMENT_HEADER - 2} bytes in a shared-memory transfer")
+        self.view[:2 + len(raw)] = len(raw).to_bytes(2, "little") + raw
+
+    def bears(self, transfer_id: str) -> bool:
+        n = int.from_bytes(self.view[:2], "little")
+        return n <= SEGMENT_HEADER - 2 and bytes(self.view[2:2 + n]) == transfer_id.encode()
 
     def pin_for_cuda(self) -> None:
         """Page-locks the mapping (once per segment; pooled segments keep it) so device-to-host copies
@@ -265,7 +280,7 @@ def chunk_from_segment(chunk: KVChunkData, segment: Segment, layout: KVLayout) -
     n = chunk.token_count * layout.token_bytes
     if chunk.key or chunk.value:
         raise InvalidArgument("chunk: inline key/value bytes in a shared-memory transfer")
-    if chunk.token_count < 1 or chunk.shm_offset + 2 * n > segment.size:
+    if chunk.token_count < 1 or chunk.shm_offset < SEGMENT_HEADER or chunk.shm_offset + 2 * n > segment.size:
         raise InvalidArgument(f"chunk.shm_offset: {chunk.shm_offset} + {2 * n} bytes outside the "
                               f"{segment.size}-byte segment")
     data = segment.view[chunk.shm_offset: chunk.shm_offset + 2 * n]

@@ -22,8 +22,9 @@ import grpc
 from opentelemetry import propagate, trace
 
 from pdserve.auth import bearer
-from pdserve.errors import Cancelled, DataLoss, Internal, PdserveError, Unavailable
+from pdserve.errors import Cancelled, DataLoss, FailedPrecondition, Internal, PdserveError, Unavailable
 from pdserve.rpc import OPTIONS, error_from_rpc
+from pdserve.tls import TlsFiles
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -97,6 +98,18 @@ def _chunk(msg: gateway_pb2.GenerateChunk) -> Chunk:
         timings = {f.name: v for f, v in msg.timings.ListFields()}
     return Chunk(msg.request_id, list(msg.token_ids), msg.index, msg.text, finish,
                  msg.usage.prompt_tokens, msg.usage.completion_tokens, timings)
+
+
+def _credentials(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> grpc.ChannelCredentials | None:
+    """TLS to the gateway when any of the files is given: ``tls_ca`` checks its certificate (the system's
+    roots without it), ``tls_cert``/``tls_key`` are this client's own (a gateway requiring client
+    certificates); None: plaintext."""
+    if not (tls_ca or tls_cert or tls_key):
+        return None
+    try:
+        return TlsFiles.load(tls_cert or "", tls_key or "", tls_ca or "").channel_credentials()
+    except ValueError as exc:
+        raise FailedPrecondition(str(exc)) from None
 
 
 def _error(exc: grpc.RpcError) -> PdserveError:
@@ -204,10 +217,14 @@ class AsyncClient:
     """``async with AsyncClient() as c: print((await c.generate("Hi")).text)``"""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None,
-                 resume_attempts: int = 8, api_key: str | None = None) -> None:
-        """``api_key``: sent with every call when the gateway requires keys (default: ``PDSERVE_API_KEY``)."""
+                 resume_attempts: int = 8, api_key: str | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
+        """``api_key``: sent with every call when the gateway requires keys (default: ``PDSERVE_API_KEY``).
+        ``tls_ca``, ``tls_cert``, ``tls_key``: TLS to the gateway (see ``_credentials``)."""
         self._auth = bearer(os.environ.get("PDSERVE_API_KEY", "") if api_key is None else api_key)
-        self._channel = grpc.aio.insecure_channel(address, options=OPTIONS)
+        credentials = _credentials(tls_ca, tls_cert, tls_key)
+        self._channel = (grpc.aio.secure_channel(address, credentials, options=OPTIONS) if credentials else
+                         grpc.aio.insecure_channel(address, options=OPTIONS))
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout = timeout
         self._resume_attempts = resume_attempts
@@ -266,9 +283,12 @@ class Client:
     """Blocking client: ``Client().generate("Hi").text``."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None,
-                 resume_attempts: int = 8, api_key: str | None = None) -> None:
+                 resume_attempts: int = 8, api_key: str | None = None, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
         self._auth = bearer(os.environ.get("PDSERVE_API_KEY", "") if api_key is None else api_key)
-        self._channel = grpc.insecure_channel(address, options=OPTIONS)
+        credentials = _credentials(tls_ca, tls_cert, tls_key)
+        self._channel = (grpc.secure_channel(address, credentials, options=OPTIONS) if credentials else
+                         grpc.insecure_channel(address, options=OPTIONS))
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout = timeout
         self._resume_attempts = resume_attempts

@@ -23,7 +23,7 @@ from pdserve.metrics import DecodeMetrics
 from pdserve.model import LoadedModel
 from pdserve.registration import start_announcer
 from pdserve.rpc import rpc_errors, start_server
-from pdserve.service import RunningService, expose_metrics, load_model_for, run_service, service_main
+from pdserve.service import RunningService, cluster_auth, expose_metrics, load_model_for, run_service, service_main
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = None) -> RunningService:
     """Loads the model (unless given), starts the engine and the server; returns when serving."""
+    auth = cluster_auth(config)
     loaded = loaded or await load_model_for(config)
     engine = DecodeEngine(loaded, kv_budget=budget_bytes(config.kv_budget_spec, loaded.device),
                           block_size=config.kv_block_size, max_batch=config.max_batch, max_queued=config.max_queued,
@@ -208,9 +209,11 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
              pool.allocator.capacity, pool.block_size, pool.nbytes / 2**20, pool.kernel, config.max_batch,
              config.max_queued)
     servicer = DecodeServicer(engine)
-    server, port, health = await start_server(config.listen, SERVICE, lambda server: add_decode_servicer(servicer, server))
+    server, port, health = await start_server(config.listen, SERVICE, lambda server: add_decode_servicer(servicer, server),
+                                              credentials=auth.server_credentials(),
+                                              interceptors=auth.server_interceptors())
 
-    announcer = start_announcer(config, "decode", config.listen, port)
+    announcer = start_announcer(config, "decode", config.listen, port, auth)
 
     async def close() -> None:
         sweeper.cancel()

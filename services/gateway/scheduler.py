@@ -48,6 +48,7 @@ import grpc
 
 from pdserve.errors import ResourceExhausted, Unavailable
 from pdserve.rpc import ChannelPool, health_status
+from pdserve.tls import NO_AUTH
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,8 @@ class Registry:
         # comes back, so calls get a fresh connection too.
         down = address in self._down
         channel = self._channels.get(address) if self._channels is not None and not down else None
-        status = await health_status(address, SERVICES[role], timeout=self.probe_timeout_s, channel=channel)
+        auth = self._channels.auth if self._channels is not None else NO_AUTH
+        status = await health_status(address, SERVICES[role], timeout=self.probe_timeout_s, channel=channel, auth=auth)
         if address not in set(self.instances[role]):
             return  # left while we asked
         if status == "serving":

@@ -29,7 +29,7 @@ from pdserve.metrics import PrefillMetrics
 from pdserve.model import LoadedModel
 from pdserve.registration import start_announcer
 from pdserve.rpc import ChannelPool, add_servicer, error_from_rpc, rpc_errors, start_server
-from pdserve.service import RunningService, expose_metrics, load_model_for, run_service, service_main
+from pdserve.service import RunningService, cluster_auth, expose_metrics, load_model_for, run_service, service_main
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -355,13 +355,15 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
     engine = PrefillEngine(loaded, config.prefill_token_budget, config.prefill_chunk_tokens,
                            max_partial=config.max_partial_prefills, max_queued_tokens=config.max_queued_tokens,
                            kv_inflight_bytes=config.kv_inflight_limit)
-    channels = ChannelPool()
+    auth = cluster_auth(config)
+    channels = ChannelPool(auth)
     sweep_orphans()
     servicer = PrefillServicer(engine, channels, config)
     server, port, health = await start_server(
-        config.listen, SERVICE, lambda server: add_servicer(prefill_pb2_grpc.add_PrefillServicer_to_server, servicer, server))
+        config.listen, SERVICE, lambda server: add_servicer(prefill_pb2_grpc.add_PrefillServicer_to_server, servicer, server),
+        credentials=auth.server_credentials(), interceptors=auth.server_interceptors())
 
-    announcer = start_announcer(config, "prefill", config.listen, port)
+    announcer = start_announcer(config, "prefill", config.listen, port, auth)
 
     async def close() -> None:
         servicer.close()
