@@ -36,8 +36,10 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +56,7 @@ from pdserve.kv.staging import DeviceCopies
 from pdserve.kv.wire import DTYPE_NAMES, KVLayout
 from pdserve.model.loader import KVShape
 from pdserve.rpc import OPTIONS, ChannelPool
+from pdserve.tls import NO_AUTH, ClusterAuth, TlsFiles, make_certificates
 from pdserve.service import set_torch_threads, tune_malloc
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
@@ -166,28 +169,41 @@ async def raw_tcp_seconds(port: int, nbytes: int, chunk: int = 1 << 20) -> float
     return elapsed
 
 
-async def start_receivers(device: str = "cpu") -> tuple[Receiver, list, int, int]:
-    """The gRPC receiver and the raw TCP sink on port 0 of this loop: (receiver, servers, grpc port, tcp port)."""
+def member_auth(certs: str, role: str) -> ClusterAuth:
+    """A member's mutual-TLS identity from ``pdserve.tls.make_certificates`` output."""
+    return ClusterAuth(TlsFiles.load(f"{certs}/{role}.pem", f"{certs}/{role}-key.pem", f"{certs}/ca.pem"))
+
+
+async def start_receivers(device: str = "cpu", certs: str = "") -> tuple[Receiver, list, int, int, int]:
+    """The gRPC receiver and the raw TCP sink on port 0 of this loop, and with ``certs`` the same receiver
+    behind mutual TLS too: (receiver, servers, grpc port, tcp port, mTLS grpc port or 0)."""
     receiver = Receiver(device)
-    server = grpc.aio.server(options=OPTIONS)
-    add_decode_servicer(receiver, server)
-    grpc_port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    servers = []
+    ports = []
+    for auth in ([NO_AUTH, member_auth(certs, "decode")] if certs else [NO_AUTH]):
+        server = grpc.aio.server(options=OPTIONS)
+        add_decode_servicer(receiver, server)
+        credentials = auth.server_credentials()
+        ports.append(server.add_secure_port("127.0.0.1:0", credentials) if credentials else
+                     server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        servers.append(server)
     sink = await asyncio.start_server(tcp_sink, "127.0.0.1", 0)
-    return receiver, [server, sink], grpc_port, sink.sockets[0].getsockname()[1]
+    return receiver, [*servers, sink], ports[0], sink.sockets[0].getsockname()[1], ports[1] if certs else 0
 
 
 async def stop_receivers(servers) -> None:
-    server, sink = servers
+    *grpc_servers, sink = servers
     sink.close()
-    await server.stop(0)
+    for server in grpc_servers:
+        await server.stop(0)
 
 
-async def serve_receivers(device: str) -> None:
+async def serve_receivers(device: str, certs: str) -> None:
     """``--serve``: the receivers in their own process (the deployment's shape: decode is another
-    process); prints the two ports, runs until stdin closes."""
-    _, servers, grpc_port, tcp_port = await start_receivers(device)
-    print(grpc_port, tcp_port, flush=True)
+    process); prints the ports, runs until stdin closes."""
+    _, servers, grpc_port, tcp_port, tls_port = await start_receivers(device, certs)
+    print(grpc_port, tcp_port, tls_port, flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await stop_receivers(servers)
 
@@ -219,16 +235,23 @@ def d2h_seconds(nbytes: int, pinned: bool) -> float:
 
 async def wire(args) -> list[dict]:
     child = None
+    certs = ""
+    if args.tls:  # the gRPC paths again over mutual TLS, as members talk by default
+        certs = tempfile.mkdtemp(prefix="pdserve-bench-certs-")
+        make_certificates(certs)
     if args.same_process:
-        receiver, servers, grpc_port, tcp_port = await start_receivers(args.device)
+        receiver, servers, grpc_port, tcp_port, tls_port = await start_receivers(args.device, certs)
     else:
         receiver, servers = None, None
         child = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.transfer", "--serve",
                                                      "--threads", str(args.threads), "--device", args.device,
+                                                     "--certs", certs,
                                                      stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        grpc_port, tcp_port = map(int, (await child.stdout.readline()).split())
+        grpc_port, tcp_port, tls_port = map(int, (await child.stdout.readline()).split())
     address = f"127.0.0.1:{grpc_port}"
     channels = ChannelPool()
+    tls_address = f"127.0.0.1:{tls_port}"
+    tls_channels = ChannelPool(member_auth(certs, "prefill")) if certs else None
     gpu = args.device.startswith("cuda")
     copies = DeviceCopies(torch.device(args.device)) if gpu else None
     paths = {f"grpc x{n}": (lambda n=n: GrpcKVSender([channels.get(address, lane) for lane in range(n)], address,
@@ -236,6 +259,10 @@ async def wire(args) -> list[dict]:
              for n in args.streams}
     paths["grpc x1, no checksum"] = lambda: GrpcKVSender([channels.get(address)], address, checksums=False,
                                                          copies=copies)
+    if tls_channels is not None:
+        paths.update({f"grpc x{n}, mTLS": (lambda n=n: GrpcKVSender(
+            [tls_channels.get(tls_address, lane) for lane in range(n)], tls_address, copies=copies))
+            for n in args.streams})
     segments = SegmentPool()
     # steady state: the segment is reused
     paths["shm"] = lambda: ShmKVSender(channels.get(address), address, segments, copies=copies)
@@ -286,6 +313,9 @@ async def wire(args) -> list[dict]:
         if copies is not None:
             copies.close()
         await channels.close()
+        if tls_channels is not None:
+            await tls_channels.close()
+            shutil.rmtree(certs, ignore_errors=True)
         if child is not None:
             child.stdin.close()
             await child.wait()
@@ -413,11 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0)) // 2),
                         help="torch threads per process (as `pdserve up` splits the cores between services)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--certs", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--tls", action="store_true",
+                        help="the gRPC paths over mutual TLS too (a development CA made for the run)")
     args = parser.parse_args(argv)
     tune_malloc()  # as the services do
     set_torch_threads(args.threads)
     if args.serve:
-        asyncio.run(serve_receivers(args.device))
+        asyncio.run(serve_receivers(args.device, args.certs))
         return 0
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.ttft_lengths = [int(x) for x in args.ttft_lengths.split(",")]
