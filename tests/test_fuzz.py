@@ -15,6 +15,7 @@ from google.protobuf import descriptor as pb_descriptor
 
 from pdserve.rpc import MAX_MESSAGE_BYTES, check_health
 from pdserve.sdk import AsyncClient
+from pdserve.tls import NO_AUTH, ClusterAuth, TlsFiles, make_certificates
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, prefill_pb2
 from tests.cluster import reference_greedy, start_cluster
 from tests.conftest import get_loaded
@@ -165,8 +166,8 @@ def rpcs(decode_address: str) -> list:
         ("gateway", "/pdserve.v1.Gateway/Generate",
          gateway_pb2.GenerateRequest(token_ids=gateway_pb2.TokenIds(ids=[5, 6, 7]), sampling=greedy), True),
         ("gateway", "/pdserve.v1.Gateway/GetModelInfo", gateway_pb2.GetModelInfoRequest(), False),
-        # The internal listener, open to anyone here: bogus instances may join, and the gateway must route
-        # around them (health checks, retries).
+        # The internal listener, to a member: bogus instances may join, and the gateway must route around
+        # them (health checks, retries).
         ("gateway-internal", "/pdserve.v1.GatewayInternal/Heartbeat",
          gateway_pb2.HeartbeatRequest(role="decode", address="127.0.0.1:9", interval_s=0.5), False),
         ("prefill", "/pdserve.v1.Prefill/Prefill",
@@ -181,14 +182,18 @@ def rpcs(decode_address: str) -> list:
 
 
 @pytest.mark.slow
-async def test_fuzzed_requests_get_precise_codes_and_leave_nothing_behind():
+async def test_fuzzed_requests_get_precise_codes_and_leave_nothing_behind(tmp_path):
+    """The members talk mutual TLS, as deployed; the fuzzer holds a member's certificate, so its garbage
+    reaches every servicer (the client-facing port is plaintext)."""
     loaded = get_loaded(MODEL)
-    cluster = await start_cluster(loaded, decode_options={"kv_lease_s": 2.0},
-                                  gateway_options={"open_registration": True})
+    make_certificates(tmp_path)
+    cluster = await start_cluster(loaded, decode_options={"kv_lease_s": 2.0}, tls_dir=tmp_path)
     ports = {"gateway": cluster.gateway.port, "gateway-internal": cluster.gateway.internal_port,
              "prefill": cluster.prefill.port, "decode": cluster.decode.port}
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-    channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for name, port in ports.items()}
+    member = ClusterAuth(TlsFiles.load(f"{tmp_path}/client.pem", f"{tmp_path}/client-key.pem", f"{tmp_path}/ca.pem"))
+    auths = {name: NO_AUTH if name == "gateway" else member for name in ports}
+    channels = {name: auths[name].channel(f"127.0.0.1:{port}", options) for name, port in ports.items()}
     rng = random.Random(SEED)
     codes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     try:
@@ -218,8 +223,8 @@ async def test_fuzzed_requests_get_precise_codes_and_leave_nothing_behind():
 
         # Nobody went down, nothing leaked: every service still serving, the pool drains (leases of
         # reservations whose transfer never came expire), and a real request is served exactly.
-        for port in ports.values():
-            assert await check_health(f"127.0.0.1:{port}")
+        for name, port in ports.items():
+            assert await check_health(f"127.0.0.1:{port}", auth=auths[name])
         stub = decode_pb2_grpc.DecodeStub(channels["decode"])
         for _ in range(100):
             stats = await stub.GetStats(decode_pb2.GetStatsRequest())
