@@ -8,6 +8,7 @@ import logging
 import grpc
 import pytest
 
+from pdserve import config as cfg
 from pdserve.errors import DataLoss, InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from pdserve.logs import JsonFormatter, TextFormatter, _Context, bind_request
 from pdserve.rpc import add_servicer, health_status, start_server
@@ -279,3 +280,66 @@ async def test_registration_is_closed_without_membership_unless_opened(tiny_clus
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await channel.unary_unary("/pdserve.v1.GatewayInternal/Heartbeat")(b"", timeout=5)
     assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_the_public_apis_serve_tls_and_can_require_client_certificates(smol, smol_cluster, certs, rogue_certs):
+    import ssl
+
+    import openai
+
+    from pdserve.errors import Unavailable as Refused
+    from services.gateway.server import start_gateway
+
+    cluster = smol_cluster
+    gateway = await start_gateway(cfg.GatewayConfig(
+        listen="127.0.0.1:0", internal_listen="127.0.0.1:0", http_listen="127.0.0.1:0", model=smol.info.spec,
+        prefill=(f"127.0.0.1:{cluster.prefill.port}",), decode=(cluster.decode_address,),
+        public_tls_cert=f"{certs}/gateway.pem", public_tls_key=f"{certs}/gateway-key.pem",
+        public_tls_ca=f"{certs}/ca.pem"), smol.info)
+    address = f"127.0.0.1:{gateway.port}"
+    client_cert = dict(tls_cert=f"{certs}/client.pem", tls_key=f"{certs}/client-key.pem")
+    try:
+        async with AsyncClient(address, tls_ca=f"{certs}/ca.pem", **client_cert) as client:
+            result = await client.generate(token_ids=[1, 2, 3], max_tokens=3, temperature=0)
+        assert result.token_ids == reference_greedy(smol, [1, 2, 3], 3)
+        stranger_cert = dict(tls_cert=f"{rogue_certs}/client.pem", tls_key=f"{rogue_certs}/client-key.pem")
+        for options in ({}, stranger_cert):  # no client certificate, or one of another CA
+            async with AsyncClient(address, tls_ca=f"{certs}/ca.pem", resume_attempts=0, timeout=5, **options) as client:
+                with pytest.raises(Refused):
+                    await client.generate(token_ids=[1, 2, 3], max_tokens=3)
+        async with AsyncClient(address, resume_attempts=0, timeout=5) as client:  # plaintext to a TLS port
+            with pytest.raises(Refused):
+                await client.generate(token_ids=[1, 2, 3], max_tokens=3)
+
+        base = f"https://127.0.0.1:{gateway.http_port}/v1"
+        context = ssl.create_default_context(cafile=f"{certs}/ca.pem")
+        context.load_cert_chain(f"{certs}/client.pem", f"{certs}/client-key.pem")
+        api = openai.AsyncOpenAI(base_url=base, api_key="-", max_retries=0, http_client=openai.DefaultAsyncHttpxClient(verify=context))
+        reply = await api.completions.create(model=smol.info.name, prompt=[1, 2, 3], max_tokens=3, temperature=0)
+        assert reply.usage.completion_tokens == 3
+        bare = ssl.create_default_context(cafile=f"{certs}/ca.pem")  # TLS, but no client certificate
+        api = openai.AsyncOpenAI(base_url=base, api_key="-", max_retries=0, http_client=openai.DefaultAsyncHttpxClient(verify=bare))
+        with pytest.raises(openai.APIConnectionError):
+            await api.completions.create(model=smol.info.name, prompt=[1, 2, 3], max_tokens=3)
+    finally:
+        await gateway.stop(grace=1.0)
+
+
+def test_pdserve_certs_makes_a_ca_and_keeps_it_when_asked(tmp_path):
+    from cryptography import x509
+
+    from pdserve_cli.main import main as cli
+
+    folder = tmp_path / "certs"
+    assert cli(["certs", str(folder), "--host", "gateway.example"]) == 0
+    ca = x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes())
+    for role in ("gateway", "prefill", "decode", "client"):
+        cert = x509.load_pem_x509_certificate((folder / f"{role}.pem").read_bytes())
+        assert cert.issuer == ca.subject
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName)
+        assert {"pdserve.internal", "localhost", "gateway.example"} <= set(names)
+        assert oct((folder / f"{role}-key.pem").stat().st_mode & 0o777) == "0o600"
+    before = (folder / "ca.pem").read_bytes()
+    assert cli(["certs", str(folder), "--if-missing"]) == 0
+    assert (folder / "ca.pem").read_bytes() == before
