@@ -278,7 +278,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
+    """The command line. ``bench_arguments``: give ``pdserve bench`` its options, which imports the benchmark
+    (and torch); ``main`` does so only for that command, so ``pdserve health`` (a container healthcheck,
+    run every few seconds) starts in a fraction of a second."""
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -355,9 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="serving benchmark against a running gateway (bench/serving.py)")
     bench.set_defaults(func=_cmd_bench)
-    from bench.serving import add_arguments as add_bench_arguments
+    if bench_arguments:
+        from bench.serving import add_arguments as add_bench_arguments
 
-    add_bench_arguments(bench)
+        add_bench_arguments(bench)
 
     _add_service(sub, "gateway", cfg.GatewayConfig, "run a gateway server")
     _add_service(sub, "prefill", cfg.PrefillConfig, "run a prefill server")
@@ -372,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(bench_arguments=command in ("bench", "")).parse_args(argv)
     try:
         return args.func(args)
     except cfg.ConfigError as exc:
