@@ -95,8 +95,8 @@ def stack(tmp_path_factory):
         pytest.skip(why)
     compose = Compose()
     subprocess.run(["bash", "docker/prepare.sh"], cwd=ROOT, env=compose.env, check=True, timeout=900)
-    log("building the image (cached after the compose tests)")
-    compose.run("build", "gateway")
+    log("building the images (cached after the compose tests)")
+    compose.run("build", "gateway", "phoenix")
     joined = docker("info", "--format", "{{.Swarm.LocalNodeState}}").strip() == "active"
     if not joined:
         docker("swarm", "init", "--advertise-addr", "127.0.0.1")
@@ -120,7 +120,8 @@ def stack(tmp_path_factory):
             if time.monotonic() > deadline:
                 break
             time.sleep(1)
-        docker("volume", "rm", f"{STACK}_models", check=False)
+        for volume in ("models", "traces"):
+            docker("volume", "rm", f"{STACK}_{volume}", check=False)
         if not joined:
             docker("swarm", "leave", "--force", check=False)
 
