@@ -18,9 +18,10 @@ test: install proto model docker-setup
 test-faults: install proto model
 	$(PY) -m pytest -q -ra -s tests/test_faults.py
 
-# The docker-compose cluster end to end: build, up, requests, scale, kill a decode, trace in Phoenix, down.
+# The docker-compose cluster end to end (build, up, requests, scale, kill a decode, trace in Phoenix, down),
+# then the swarm stack (deploy, kill, rolling update, stack rm).
 test-compose: install proto model docker-setup
-	$(PY) -m pytest -q -ra -s tests/test_compose.py
+	$(PY) -m pytest -q -ra -s tests/test_compose.py tests/test_swarm.py
 
 # Installs and starts Docker, the compose plugin, debootstrap and Chromium where it can (root + apt).
 docker-setup:
