@@ -102,7 +102,7 @@ async def _stream_to_stdout(address: str, kwargs: dict, as_json: bool, client_op
             "e2e": result.e2e_s, "server_timings": result.server_timings, "trace_id": trace_id,
         }))
     else:
-        print()
+        print(flush=True)  # the answer's line reaches a pipe before the timing line on stderr
         print(f"[{result.completion_tokens} tokens, finish={result.finish_reason}, "
               f"TTFT {result.ttft_s * 1e3:.0f} ms, TPOT {result.tpot_s * 1e3:.1f} ms]", file=sys.stderr)
     return 0

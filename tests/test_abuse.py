@@ -170,11 +170,11 @@ async def test_retries_avoid_a_decode_instance_whose_transfers_fail_and_it_is_ej
 async def test_instances_that_registered_and_left_are_let_go():
     loaded = get_loaded(TINY)
     gateway = await start_gateway(cfg.GatewayConfig(listen="127.0.0.1:0", internal_listen="127.0.0.1:0", http_listen="", model=loaded.info.spec, prefill=(),
-                                                    decode=(), health_interval_s=0.1), loaded.info)
+                                                    decode=(), health_interval_s=0.1, open_registration=True), loaded.info)
     registry, channels = gateway.engine.registry, gateway.engine._channels
     try:
-        async with grpc.aio.insecure_channel(address(gateway)) as channel:
-            stub = gateway_pb2_grpc.GatewayStub(channel)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.internal_port}") as channel:
+            stub = gateway_pb2_grpc.GatewayInternalStub(channel)
             for i in range(200):
                 await stub.Heartbeat(gateway_pb2.HeartbeatRequest(role="decode", address=f"127.0.0.{i % 250 + 1}:1",
                                                                   interval_s=0.1))
