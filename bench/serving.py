@@ -38,6 +38,10 @@ class RequestResult:
     e2e_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    cached_tokens: int = 0     # prompt tokens a prefix cache supplied (not computed)
+    kv_bytes: int = 0          # KV bytes transferred prefill -> decode
+    kv_cached_tokens: int = 0  # prompt tokens decode held already (not transferred)
+    token_ids: list[int] = field(default_factory=list)
 
     @property
     def tpot_s(self) -> float:
@@ -67,7 +71,13 @@ async def _one(client: AsyncClient, prompt: list[int], max_tokens: int) -> Reque
                 else:
                     result.itl_s.append(now - last)
                 result.output_tokens += len(chunk.token_ids)
+                result.token_ids += chunk.token_ids
                 last = now
+            if chunk.finish_reason is not None:
+                timings = chunk.server_timings
+                result.cached_tokens = int(timings.get("cached_tokens", 0))
+                result.kv_bytes = int(timings.get("kv_bytes", 0))
+                result.kv_cached_tokens = int(timings.get("kv_cached_tokens", 0))
     except PdserveError as exc:
         result.error = f"{exc.status}: {exc}"
     result.e2e_s = last - start
@@ -76,15 +86,18 @@ async def _one(client: AsyncClient, prompt: list[int], max_tokens: int) -> Reque
 
 async def run(address: str, workload: Workload, vocab_size: int, progress: bool = True,
               api_key: str | None = None) -> tuple[list[RequestResult], float]:
-    """Runs the workload; returns per-request results and the wall time."""
-    requests = workload.requests(vocab_size)
+    """Runs the workload; returns per-request results and the wall time. A multiturn workload's arrivals
+    are conversations, whose turns follow one another."""
+    multiturn = workload.dataset == "multiturn"
+    units = workload.conversations(vocab_size) if multiturn else workload.requests(vocab_size)
+    total = sum(len(c) for c in units) if multiturn else len(units)
     rng = random.Random(workload.seed + 1)
     limit = asyncio.Semaphore(workload.concurrency) if workload.concurrency > 0 else None
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(requests), desc="[bench] requests", unit="req", file=sys.stderr, leave=False)
+        bar = tqdm(total=total, desc="[bench] requests", unit="req", file=sys.stderr, leave=False)
 
     async def one(prompt, max_tokens):
         if limit is None:
@@ -96,14 +109,26 @@ async def run(address: str, workload: Workload, vocab_size: int, progress: bool 
             bar.update(1)
         return r
 
+    async def conversation(turns) -> list[RequestResult]:
+        """multiturn: each turn's prompt is the conversation so far and the new user tokens."""
+        history, out = [], []
+        for user, max_tokens in turns:
+            prompt = history + user
+            out.append(await one(prompt, max_tokens))
+            if out[-1].error:
+                break  # the conversation cannot go on without the answer
+            history = prompt + out[-1].token_ids
+        return out
+
     async with AsyncClient(address, api_key=api_key) as client:
         started = time.perf_counter()
         tasks = []
-        for prompt, max_tokens in requests:
-            tasks.append(asyncio.create_task(one(prompt, max_tokens)))
+        for item in units:
+            tasks.append(asyncio.create_task(conversation(item) if multiturn else one(*item)))
             if workload.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(workload.request_rate))
-        results = await asyncio.gather(*tasks)
+        done = await asyncio.gather(*tasks)
+        results = [r for group in done for r in group] if multiturn else done
         wall = time.perf_counter() - started
     if bar is not None:
         bar.close()
@@ -128,6 +153,12 @@ def summarize(results: list[RequestResult], wall_s: float, ttft_slo_s: float, tp
         "tpot_s": percentiles([r.tpot_s for r in ok if r.output_tokens > 1]),
         "itl_s": percentiles([x for r in ok for x in r.itl_s]),
         "e2e_s": percentiles([r.e2e_s for r in ok]),
+        # Prefix caching: prompt tokens sent, those computed (not supplied by a cache), KV bytes moved.
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "prompt_tokens_computed": sum(r.prompt_tokens - r.cached_tokens for r in ok),
+        "cache_hit_rate": sum(r.cached_tokens for r in ok) / max(1, sum(r.prompt_tokens for r in ok)),
+        "kv_hit_rate": sum(r.kv_cached_tokens for r in ok) / max(1, sum(r.prompt_tokens for r in ok)),
+        "kv_bytes": sum(r.kv_bytes for r in ok),
     }
 
 
@@ -144,6 +175,9 @@ def markdown(summary: dict) -> str:
     for name in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         p = summary[name]
         lines.append(f"| {name[:-2].upper()} | {p['mean'] * 1e3:.1f} | {p['p50'] * 1e3:.1f} | {p['p90'] * 1e3:.1f} | {p['p99'] * 1e3:.1f} |")
+    lines += ["", f"prompt tokens {summary['prompt_tokens']}, computed {summary['prompt_tokens_computed']} "
+                  f"(cache hit rate {summary['cache_hit_rate']:.1%}); KV moved {summary['kv_bytes'] / 2**20:.1f} MiB "
+                  f"(decode held {summary['kv_hit_rate']:.1%} of prompt tokens)"]
     return "\n".join(lines)
 
 
@@ -155,14 +189,16 @@ def samples(results: list[RequestResult]) -> dict[str, list[float]]:
 
 def comparison(runs: list[dict]) -> str:
     """One row per run: the figures that compare configurations."""
-    lines = ["| run | req/s | out tok/s | goodput | TTFT p50 | TTFT p99 | TPOT p50 | ITL p50 | ITL p99 | E2E p99 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| run | req/s | out tok/s | goodput | TTFT p50 | TTFT p99 | TPOT p50 | ITL p50 | ITL p99 | E2E p99 | "
+             "prompt tok computed | cache hit | KV MiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in runs:
         s = run["summary"]
         ms = lambda name, q: f"{s[name][q] * 1e3:.0f}"  # noqa: E731
         lines.append(f"| {run['label']} | {s['request_throughput']:.2f} | {s['output_token_throughput']:.1f} | "
                      f"{s['goodput']:.2f} | {ms('ttft_s', 'p50')} | {ms('ttft_s', 'p99')} | {ms('tpot_s', 'p50')} | "
-                     f"{ms('itl_s', 'p50')} | {ms('itl_s', 'p99')} | {ms('e2e_s', 'p99')} |")
+                     f"{ms('itl_s', 'p50')} | {ms('itl_s', 'p99')} | {ms('e2e_s', 'p99')} | "
+                     f"{s['prompt_tokens_computed']} | {s['cache_hit_rate']:.1%} | {s['kv_bytes'] / 2**20:.1f} |")
     return "\n".join(lines) + "\n(latencies in ms)"
 
 
@@ -195,6 +231,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=_range, default=(16, 64), help="output tokens, N or MIN:MAX")
     parser.add_argument("--long-len", type=_range, default=(1024, 1536), help="long prompts of the long mix")
     parser.add_argument("--long-every", type=int, default=8, help="every Nth prompt of the long mix is long")
+    parser.add_argument("--prefix-len", type=_range, default=(512, 1024),
+                        help="shared-prefix: system prompt tokens; multiturn: each conversation's opening context")
+    parser.add_argument("--prefixes", type=int, default=4, help="shared-prefix: distinct system prompts")
+    parser.add_argument("--turns", type=int, default=4, help="multiturn: turns per conversation")
     parser.add_argument("--request-rate", type=_rates, default=[float("inf")],
                         help="requests/s (Poisson), comma-separated for a sweep; inf: all at once")
     parser.add_argument("--concurrency", type=int, default=0, help="at most this many in flight (0: no limit)")
@@ -252,7 +292,8 @@ async def _bench_started(name: str, workloads: list[Workload], args) -> list[dic
 
 def main(args: argparse.Namespace) -> int:
     workloads = [Workload(args.num_requests, args.dataset, args.input_len, args.output_len, args.long_len,
-                          args.long_every, rate, args.concurrency, args.seed) for rate in args.request_rate]
+                          args.long_every, rate, args.concurrency, args.seed, args.prefix_len, args.prefixes,
+                          args.turns) for rate in args.request_rate]
     configs = [c.strip() for c in args.start.split(",") if c.strip()]
 
     async def go() -> list[dict]:

@@ -6,6 +6,14 @@
 - ``long``: the uniform mix, with every ``long_every``-th prompt a long one
   (``long_len`` tokens, >= 1k): the mix where a colocated engine's decode
   stalls behind prefill.
+- ``shared-prefix``: ``prefixes`` system prompts of ``prefix_len`` tokens, each
+  request one of them (in turn) followed by a question of ``input_len`` tokens:
+  agents and RAG sharing long instructions.
+- ``multiturn``: conversations of ``turns`` turns; a turn's prompt is the whole
+  conversation so far (earlier prompts and the answers the server gave) and a
+  new user message of ``input_len`` tokens (the first opens with ``prefix_len``
+  tokens of its own context); ``request_rate`` is conversations a second, and
+  ``num_requests`` counts turns.
 
 Prompts are random token ids (above 100, clear of special tokens); the
 benchmark sends them with ``ignore_eos`` so each request makes its output length.
@@ -17,7 +25,7 @@ import math
 import random
 from dataclasses import dataclass
 
-DATASETS = ("uniform", "chat", "long")
+DATASETS = ("uniform", "chat", "long", "shared-prefix", "multiturn")
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,9 @@ class Workload:
     request_rate: float = float("inf")       # requests/s, Poisson; inf: all at once
     concurrency: int = 0                     # >0: at most this many in flight
     seed: int = 0
+    prefix_len: tuple[int, int] = (512, 1024)  # shared-prefix: system prompts; multiturn: each opening context
+    prefixes: int = 4                        # shared-prefix: distinct system prompts
+    turns: int = 4                           # multiturn: turns per conversation
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -51,8 +62,28 @@ class Workload:
         return out
 
     def requests(self, vocab_size: int) -> list[tuple[list[int], int]]:
+        """Independent requests (every mix but multiturn): (prompt, output tokens)."""
+        if self.dataset == "multiturn":
+            raise ValueError("multiturn requests depend on earlier answers: use conversations()")
         rng = random.Random(self.seed + 7)
-        return [([rng.randrange(100, vocab_size) for _ in range(n)], m) for n, m in self.lengths()]
+        tokens = lambda n: [rng.randrange(100, vocab_size) for _ in range(n)]  # noqa: E731
+        if self.dataset == "shared-prefix":
+            systems = [tokens(rng.randint(*self.prefix_len)) for _ in range(self.prefixes)]
+            return [(systems[i % self.prefixes] + tokens(n), m) for i, (n, m) in enumerate(self.lengths())]
+        return [(tokens(n), m) for n, m in self.lengths()]
+
+    def conversations(self, vocab_size: int) -> list[list[tuple[list[int], int]]]:
+        """multiturn: per conversation, per turn, (new user tokens, output tokens); the first turn's user
+        tokens open with the conversation's own context."""
+        rng = random.Random(self.seed + 7)
+        tokens = lambda n: [rng.randrange(100, vocab_size) for _ in range(n)]  # noqa: E731
+        lengths = self.lengths()
+        out = []
+        for start in range(0, len(lengths), self.turns):
+            turns = [(tokens(n), m) for n, m in lengths[start:start + self.turns]]
+            turns[0] = (tokens(rng.randint(*self.prefix_len)) + turns[0][0], turns[0][1])
+            out.append(turns)
+        return out
 
 
 def _lognormal(rng: random.Random, bounds: tuple[int, int], sigma: float) -> int:

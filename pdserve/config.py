@@ -155,6 +155,12 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
     kv_quantization: str = field(default="none", metadata={
         "help": "none (exact) or int8: K per channel and V per token as int8 on the wire, ~1/2 (bf16) or ~1/4 "
                 "(fp32) of the bytes, NOT token-exact; gRPC only (a same-host decode gets it over gRPC too)"})
+    prefix_cache_bytes: str = field(default="1GiB", metadata={
+        "help": "prefix cache: recent prompts' KV kept (on the model's device) so a prompt that starts like one "
+                "of them computes only the rest; its size (512MiB, 2GiB; 0 turns it off)"})
+    prefix_block_size: int = field(default=16, metadata={
+        "help": "tokens per prefix-cache block (cached prefixes are whole blocks; match the decode instances' "
+                "kv_block_size so routing compares like with like)"})
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
@@ -178,10 +184,19 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
         size, _ = parse_budget(self.kv_inflight_bytes) if _SIZE.match(self.kv_inflight_bytes.strip()) else (None, None)
         if size is None:
             raise ConfigError(f"kv_inflight_bytes: expected a size such as 512MiB or 2GiB, got {self.kv_inflight_bytes!r}")
+        if self.prefix_cache_bytes.strip() != "0" and not _SIZE.match(self.prefix_cache_bytes.strip()):
+            raise ConfigError(f"prefix_cache_bytes: expected a size such as 512MiB or 2GiB (0: off), got "
+                              f"{self.prefix_cache_bytes!r}")
+        if self.prefix_block_size < 1:
+            raise ConfigError(f"prefix_block_size: must be >= 1, got {self.prefix_block_size}")
 
     @property
     def kv_inflight_limit(self) -> int:
         return parse_budget(self.kv_inflight_bytes)[0]
+
+    @property
+    def prefix_cache_limit(self) -> int:
+        return 0 if self.prefix_cache_bytes.strip() == "0" else parse_budget(self.prefix_cache_bytes)[0]
 
 
 @dataclass(frozen=True)
@@ -206,6 +221,10 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationCo
     cuda_graphs: bool = field(default=True, metadata={
         "help": "replay each decode step from a CUDA graph captured per batch size (flex kernel on cuda; "
                 "ignored elsewhere)"})
+    prefix_cache: bool = field(default=True, metadata={
+        "help": "prefix cache: a finished request's full KV blocks stay in the pool (evicted, least recently used "
+                "first, only when admission needs the room) and a prompt starting the same way reuses them, its "
+                "transfer carrying only the rest"})
 
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
@@ -257,9 +276,11 @@ class GatewayConfig(ServerConfig):
         "help": "seconds a decode instance may go without a token before the request moves to another"})
     request_timeout_s: float = field(default=600.0, metadata={
         "help": "the deadline of a request whose client set none (a client's own deadline applies if shorter)"})
-    policy: str = field(default="load_aware", metadata={
-        "help": "scheduling: load_aware (prefill: power of two choices by outstanding prompt tokens; decode: "
-                "lowest KV-pool plus batch occupancy) or round_robin"})
+    policy: str = field(default="cache_aware", metadata={
+        "help": "scheduling: cache_aware (load_aware, and an instance holding a prefix of the prompt cached counts: "
+                "prefill by fewest tokens to compute, decode by occupancy less the cached share), load_aware "
+                "(prefill: power of two choices by outstanding prompt tokens; decode: lowest KV-pool plus batch "
+                "occupancy) or round_robin"})
     local_prefill_tokens: int = field(default=0, metadata={
         "help": "conditional disaggregation: prompts up to this many tokens are prefilled on the decode "
                 "instance itself (0: never)"})
@@ -304,8 +325,8 @@ class GatewayConfig(ServerConfig):
             raise ConfigError(f"default_max_tokens: must be >= 1, got {self.default_max_tokens}")
         if self.max_prompt_chars < 0:
             raise ConfigError(f"max_prompt_chars: must be >= 0, got {self.max_prompt_chars}")
-        if self.policy not in ("load_aware", "round_robin"):
-            raise ConfigError(f"policy: must be load_aware or round_robin, got {self.policy!r}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy: must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         for name in ("local_prefill_tokens", "prefill_full_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -314,6 +335,7 @@ class GatewayConfig(ServerConfig):
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
 
 
+POLICIES = ("cache_aware", "load_aware", "round_robin")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 

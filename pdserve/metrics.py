@@ -75,6 +75,9 @@ class GatewayMetrics(ServiceMetrics):
         self.migrations = Counter("pdserve_migrations", "Requests moved to another decode instance mid-generation",
                                   registry=r)
         self.repushes = Counter("pdserve_kv_repushes", "Transfers re-pushed from KV prefill kept", registry=r)
+        self.prefix_hit_tokens = Counter("pdserve_prefix_hit_tokens", "Prompt tokens whose KV an instance's "
+                                         "prefix cache held (prefill: not computed; decode: not transferred)",
+                                         ["role"], registry=r)
 
 
 class PrefillMetrics(ServiceMetrics):

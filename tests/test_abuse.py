@@ -20,6 +20,7 @@ from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grp
 from services.decode.server import start_decode
 from services.gateway.server import start_gateway
 from services.prefill.server import start_prefill
+from pdserve.engine.prefill import _Planned  # a queued prompt as the planner sees it
 from tests.cluster import reference_greedy
 from tests.conftest import get_loaded
 
@@ -149,7 +150,7 @@ async def test_retries_avoid_a_decode_instance_whose_transfers_fail_and_it_is_ej
     prefill = await start_prefill(cfg.PrefillConfig(listen="127.0.0.1:0", model=spec), loaded)
     gateway = await start_gateway(cfg.GatewayConfig(
         listen="127.0.0.1:0", internal_listen="127.0.0.1:0", http_listen="", model=spec, prefill=(address(prefill),), decode=tuple(map(address, decodes)),
-        health_interval_s=0.2), loaded.info)
+        health_interval_s=0.2, policy="load_aware"), loaded.info)  # cache-aware would keep the prompt where it hit
     try:
         prompt = list(range(60, 90))
         async with AsyncClient(address(gateway)) as client:
@@ -284,7 +285,7 @@ async def test_prefill_refuses_what_it_cannot_queue_or_finish_in_time_with_a_hin
             engine.check_admission(101)
         engine.pass_times.add([(0, 100)], 0.1)  # as if measured: 1 ms a token
         engine.pass_times.add([(0, 300)], 0.3)
-        engine._queue.append(_FakeJob(90))
+        engine._queue.append(_Planned(range(90)))
         with pytest.raises(ResourceExhausted, match="after its deadline") as refused:
             engine.check_admission(10, deadline_s=0.05)  # 90 tokens ahead (90 ms), its own 10 ms fit
         assert refused.value.retry_after_ms == 90
@@ -323,20 +324,9 @@ async def test_the_queue_is_estimated_as_it_would_be_planned():
     try:
         engine.pass_times.add([(0, 100)], 0.1)
         engine.pass_times.add([(0, 300)], 0.3)  # 1 ms a token
-        engine._queue.extend(_FakeJob(8000) for _ in range(4))
+        engine._queue.extend(_Planned(range(8000)) for _ in range(4))
         assert engine.estimated_s(40) < 2.1  # in the next pass beside a chunk or two
         assert engine.estimated_s(4000) > 32.0  # after 32,000 tokens
     finally:
         engine._queue.clear()
         await engine.close()
-
-
-class _FakeJob:
-    def __init__(self, tokens: int) -> None:
-        self.token_ids = range(tokens)
-        self.done = 0
-        self.cancelled = False
-
-    @property
-    def remaining(self) -> int:
-        return len(self.token_ids) - self.done

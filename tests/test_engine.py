@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch
 from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason, SeqState
 from pdserve.engine.kv_pool import BlockAllocator, KVPool, blocks_for
 from pdserve.engine.prefill import PrefillEngine, packed_inputs, plan_batch
+from pdserve.engine.prefill import _Planned as FakeJob  # what plan_batch reads of a job
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import InvalidArgument, NotFound, ResourceExhausted
 from pdserve.kv.wire import DTYPE_NAMES, KVLayout, split_layer, token_major
@@ -106,17 +106,6 @@ def test_flex_step_mask_is_exactly_each_rows_own_tokens():
 
 
 # ---- the prefill batcher ------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class FakeJob:
-    token_ids: list[int]
-    done: int = 0
-    cancelled: bool = False
-
-    @property
-    def remaining(self) -> int:
-        return len(self.token_ids) - self.done
 
 
 def plan_of(jobs, budget, chunk, max_partial=2, start=lambda job: True):

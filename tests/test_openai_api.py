@@ -20,8 +20,27 @@ from tests.conftest import get_loaded
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
+_CLIENTS: list[openai.AsyncOpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients():
+    """Every client's connections are closed at the end of its test. One left to the garbage collector closes
+    its socket in asyncio's transport finalizer without unregistering it from the event loop's selector; the
+    next socket given that descriptor number (a server's listener, say) is then never polled."""
+    yield
+    while _CLIENTS:
+        await _CLIENTS.pop().close()
+
+
+def openai_client(base_url: str, api_key: str = "unused", **kw) -> openai.AsyncOpenAI:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, **kw)
+    _CLIENTS.append(client)
+    return client
+
+
 def client_for(cluster, api_key: str = "unused", **kw) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=cluster.http_url, api_key=api_key, max_retries=0, **kw)
+    return openai_client(cluster.http_url, api_key, **kw)
 
 
 async def test_chat_is_token_identical_to_the_grpc_api_streamed_or_not(smol, smol_cluster):
@@ -143,14 +162,14 @@ async def test_api_keys_guard_http_and_grpc(smol, smol_cluster, tmp_path):
     base = f"http://127.0.0.1:{gateway.http_port}/v1"
     try:
         for key in ("", "wrong", "key-one-but-longer", "key-on"):
-            api = openai.AsyncOpenAI(base_url=base, api_key=key or "-", max_retries=0)
+            api = openai_client(base, key or "-")
             with pytest.raises(openai.AuthenticationError) as refused:
                 await api.chat.completions.create(model=smol.info.name, messages=QUESTION, max_tokens=2)
             assert refused.value.status_code == 401 and "API key" in refused.value.body["message"]
             with pytest.raises(openai.AuthenticationError):
                 await api.models.list()
         for key in ("key-one", "key-from-file"):
-            api = openai.AsyncOpenAI(base_url=base, api_key=key, max_retries=0)
+            api = openai_client(base, key)
             reply = await api.chat.completions.create(model=smol.info.name, messages=QUESTION, max_tokens=2)
             assert reply.usage.completion_tokens == 2
         health = await asyncio.to_thread(urllib.request.urlopen, base.removesuffix("/v1") + "/health", timeout=10)

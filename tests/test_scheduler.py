@@ -29,7 +29,7 @@ def test_prefill_goes_to_the_less_loaded_of_two_random_choices():
     sched = LoadAwareScheduler(Registry(P, D), rng=random.Random(0))
     sched.begin("prefill", "p0:1", 5000)
     sched.begin("prefill", "p1:1", 100)
-    picks = [sched.pick_prefill(64) for _ in range(300)]
+    picks = [sched.pick_prefill(range(64)) for _ in range(300)]
     # The busiest instance only wins a pair it is not in: never.
     assert "p0:1" not in picks
     # p1 (100 outstanding) loses every pair with idle p2 and wins none against it.
@@ -44,18 +44,18 @@ def test_decode_goes_where_kv_pool_and_batch_are_least_occupied():
     sched = LoadAwareScheduler(registry, rng=random.Random(0))
     registry.stats = {"d0:1": stats(used=80, running=4), "d1:1": stats(used=10, running=20)}
     # d0: 0.80 + 4/32 = 0.925; d1: 0.10 + 20/32 = 0.725
-    assert sched.pick_decode(10, 10) == "d1:1"
+    assert sched.pick_decode(range(10), 10) == "d1:1"
     registry.stats["d1:1"] = stats(used=10, running=30)  # 0.10 + 0.94 = 1.04
-    assert sched.pick_decode(10, 10) == "d0:1"
+    assert sched.pick_decode(range(10), 10) == "d0:1"
     # Between reports the gateway's own count of what it sent counts too.
     sched.begin("decode", "d0:1", 100 * 16)  # a full pool's worth
-    assert sched.pick_decode(10, 10) == "d1:1"
+    assert sched.pick_decode(range(10), 10) == "d1:1"
 
 
 def test_decode_without_reports_balances_requests_in_flight():
     sched = LoadAwareScheduler(Registry(P, D), rng=random.Random(1))
     for _ in range(6):
-        addr = sched.pick_decode(8, 8)
+        addr = sched.pick_decode(range(8), 8)
         sched.begin("decode", addr, 16)
     assert sched.requests["d0:1"] == sched.requests["d1:1"] == 3
 
@@ -63,16 +63,16 @@ def test_decode_without_reports_balances_requests_in_flight():
 def test_conditional_disaggregation_short_prompts_and_a_full_prefill_pool():
     sched = LoadAwareScheduler(Registry(P, D), local_prefill_tokens=32, prefill_full_tokens=1000,
                                rng=random.Random(0))
-    assert sched.pick_prefill(32) == ""          # short: prefilled on decode
-    assert sched.pick_prefill(33) in P
+    assert sched.pick_prefill(range(32)) == ""          # short: prefilled on decode
+    assert sched.pick_prefill(range(33)) in P
     for addr in P:
         sched.begin("prefill", addr, 1000)       # every prefill instance is full
-    assert sched.pick_prefill(500) == ""
+    assert sched.pick_prefill(range(500)) == ""
     sched.end("prefill", "p2:1", 1000)
-    assert sched.pick_prefill(500) in P
+    assert sched.pick_prefill(range(500)) in P
     assert sched.local_prefills == 2
     # Off by default.
-    assert LoadAwareScheduler(Registry(P, D)).pick_prefill(1) in P
+    assert LoadAwareScheduler(Registry(P, D)).pick_prefill(range(1)) in P
 
 
 def test_failed_instances_are_avoided_and_all_down_falls_back_to_configured():
@@ -82,14 +82,14 @@ def test_failed_instances_are_avoided_and_all_down_falls_back_to_configured():
         registry._mark_up(address)
     assert registry.ready
     for sched in (LoadAwareScheduler(registry, rng=random.Random(2)), RoundRobinScheduler(registry)):
-        assert {sched.pick_decode(8, 8, exclude=frozenset({"d0:1"})) for _ in range(10)} == {"d1:1"}
+        assert {sched.pick_decode(range(8), 8, exclude=frozenset({"d0:1"})) for _ in range(10)} == {"d1:1"}
         registry.mark_down("d1:1", "test")
-        assert {sched.pick_decode(8, 8) for _ in range(10)} == {"d0:1"}
+        assert {sched.pick_decode(range(8), 8) for _ in range(10)} == {"d0:1"}
         registry.mark_down("d0:1", "test")
-        assert {sched.pick_decode(8, 8) for _ in range(20)} <= set(D)  # all look down: any configured one
+        assert {sched.pick_decode(range(8), 8) for _ in range(20)} <= set(D)  # all look down: any configured one
         registry._mark_up("d0:1")
         registry._mark_up("d1:1")
-    assert RoundRobinScheduler(Registry((), D)).pick_prefill(8) == ""  # colocated cluster
+    assert RoundRobinScheduler(Registry((), D)).pick_prefill(range(8)) == ""  # colocated cluster
 
 
 async def test_short_prompts_prefill_on_decode_long_ones_on_prefill_all_exact():
@@ -134,11 +134,11 @@ def test_heartbeats_join_draining_leaves_at_once_silence_leaves_after_three_inte
     monkeypatch.setattr("services.gateway.scheduler.time.monotonic", lambda: clock[0])
     registry = Registry((), ("d0:1",))
     sched = LoadAwareScheduler(registry, rng=random.Random(0))
-    assert sched.pick_prefill(100) == ""  # no prefill instance: colocated
+    assert sched.pick_prefill(range(100)) == ""  # no prefill instance: colocated
     registry.heartbeat("prefill", "p9:1", interval_s=2.0)
     registry.heartbeat("decode", "d9:1", interval_s=2.0)
     assert registry.instances == {"prefill": ("p9:1",), "decode": ("d0:1", "d9:1")}
-    assert sched.pick_prefill(100) == "p9:1"
+    assert sched.pick_prefill(range(100)) == "p9:1"
     clock[0] += 5.0
     registry.heartbeat("decode", "d9:1", interval_s=2.0)  # d9 keeps beating, p9 fell silent
     clock[0] += 1.5  # 6.5 s since p9's last beat > 3 intervals

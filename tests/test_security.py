@@ -314,13 +314,16 @@ async def test_the_public_apis_serve_tls_and_can_require_client_certificates(smo
         base = f"https://127.0.0.1:{gateway.http_port}/v1"
         context = ssl.create_default_context(cafile=f"{certs}/ca.pem")
         context.load_cert_chain(f"{certs}/client.pem", f"{certs}/client-key.pem")
-        api = openai.AsyncOpenAI(base_url=base, api_key="-", max_retries=0, http_client=openai.DefaultAsyncHttpxClient(verify=context))
-        reply = await api.completions.create(model=smol.info.name, prompt=[1, 2, 3], max_tokens=3, temperature=0)
+        # Clients closed when done: see tests/test_openai_api.py's _close_clients.
+        async with openai.AsyncOpenAI(base_url=base, api_key="-", max_retries=0,
+                                      http_client=openai.DefaultAsyncHttpxClient(verify=context)) as api:
+            reply = await api.completions.create(model=smol.info.name, prompt=[1, 2, 3], max_tokens=3, temperature=0)
         assert reply.usage.completion_tokens == 3
         bare = ssl.create_default_context(cafile=f"{certs}/ca.pem")  # TLS, but no client certificate
-        api = openai.AsyncOpenAI(base_url=base, api_key="-", max_retries=0, http_client=openai.DefaultAsyncHttpxClient(verify=bare))
-        with pytest.raises(openai.APIConnectionError):
-            await api.completions.create(model=smol.info.name, prompt=[1, 2, 3], max_tokens=3)
+        async with openai.AsyncOpenAI(base_url=base, api_key="-", max_retries=0,
+                                      http_client=openai.DefaultAsyncHttpxClient(verify=bare)) as api:
+            with pytest.raises(openai.APIConnectionError):
+                await api.completions.create(model=smol.info.name, prompt=[1, 2, 3], max_tokens=3)
     finally:
         await gateway.stop(grace=1.0)
 

@@ -42,9 +42,12 @@ DEADLINE_MARGIN = 1.2
 
 @dataclass(eq=False)
 class Ticket:
-    blocks_needed: int
+    blocks_needed: int  # blocks to allocate (beyond ``shared``)
     steps: int = 1  # decode steps it runs for at most, once running
-    blocks: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # once granted: its block table, ``shared`` first
+    shared: list[int] = field(default_factory=list)  # cached prefix blocks it holds (its table's first)
+    keys: list[int] = field(default_factory=list)  # its prompt's reusable prefix keys (prefix cache)
+    cached_blocks: int = 0  # once granted: its table's first blocks hold a cached prefix (shared or copied)
     granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: int | None = None  # the step it joined the batch (None: not running yet)
     order: int = 0  # arrival number: granted requests take batch slots in this order
@@ -56,10 +59,13 @@ class Ticket:
 
 class Admission:
     def __init__(self, allocator: BlockAllocator, max_queued: int, max_batch: int = 1 << 30,
-                 clock: Callable[[], int] = lambda: 0, step_ms: Callable[[], float] = lambda: 0.0) -> None:
+                 clock: Callable[[], int] = lambda: 0, step_ms: Callable[[], float] = lambda: 0.0,
+                 copy_blocks: Callable[[list[int], list[int]], None] | None = None) -> None:
         """``clock()``: decode steps taken so far; ``step_ms()``: recent time per step (0: unknown yet, so
-        no refusal by estimate)."""
+        no refusal by estimate). ``copy_blocks(src, dst)``: where requests cannot read cached blocks in place,
+        a granted request gets blocks of its own for its cached prefix too, copied from the cached ones."""
         self._allocator = allocator
+        self._copy_blocks = copy_blocks
         self.max_queued = max_queued
         self.max_batch = max_batch
         self._clock = clock
@@ -78,15 +84,20 @@ class Admission:
     def queued_blocks(self) -> int:
         return sum(t.blocks_needed for t in self._queue)
 
-    def request(self, blocks_needed: int, steps: int = 1, deadline_s: float | None = None) -> Ticket:
-        """A ticket whose ``granted`` future resolves once its blocks are allocated. Raises
+    def request(self, blocks_needed: int, steps: int = 1, deadline_s: float | None = None,
+                keys: list[int] = ()) -> Ticket:
+        """A ticket whose ``granted`` future resolves once its blocks are allocated. ``keys``: the prefix keys
+        of its prompt's reusable blocks; the blocks of the longest cached prefix of them are shared rather
+        than allocated (looked up now, and again while it waits, as requests ahead finish), head its table
+        and are given back with its own (also when refused or cancelled). Raises
         ``InvalidArgument`` for a request that can never fit and ``ResourceExhausted`` (with a retry hint)
         when it cannot be served in time: the queue is full, or it would finish after ``deadline_s``."""
         capacity = self._allocator.capacity
         if blocks_needed > capacity:
             raise InvalidArgument(f"the request needs {blocks_needed} KV blocks; this instance's pool has {capacity} in all")
         self._arrivals += 1
-        ticket = Ticket(blocks_needed, max(1, steps), order=self._arrivals)
+        ticket = Ticket(blocks_needed, max(1, steps), order=self._arrivals, keys=list(keys))
+        self._share_cached(ticket)
         self._queue.append(ticket)
         self._admit()
         if not ticket.blocks and len(self._queue) > self.max_queued:
@@ -109,6 +120,7 @@ class Admission:
             self.release(ticket)
         else:
             self._queue.remove(ticket)
+            self._allocator.free(ticket.shared)
         self.refused += 1
         free, capacity = self._allocator.num_free, self._allocator.capacity
         raise ResourceExhausted(f"decode busy: {free} of {capacity} KV blocks free, {len(self._granted)} requests "
@@ -134,6 +146,7 @@ class Admission:
         if ticket in self._queue:
             self._queue.remove(ticket)
             ticket.granted.cancel()
+            self._allocator.free(ticket.shared)
             self._admit()  # a large ticket leaving may unblock smaller ones
         elif ticket.blocks:
             self.release(ticket)
@@ -145,8 +158,28 @@ class Admission:
         self._allocator.free(blocks)
         self._admit()
 
+    def _share_cached(self, ticket: Ticket) -> None:
+        """Shares the cached blocks of the ticket's longest cached prefix beyond those it holds already."""
+        if len(ticket.shared) >= len(ticket.keys):
+            return
+        found = self._allocator.match(ticket.keys)
+        extra = found[len(ticket.shared):]
+        if extra and found[:len(ticket.shared)] == ticket.shared:
+            self._allocator.share(extra)
+            ticket.shared += extra
+            if self._copy_blocks is None:
+                ticket.blocks_needed -= len(extra)
+
     def _grant(self, ticket: Ticket) -> None:
-        ticket.blocks = self._allocator.allocate(ticket.blocks_needed)
+        ticket.cached_blocks = len(ticket.shared)
+        if self._copy_blocks is None:
+            ticket.blocks = ticket.shared + self._allocator.allocate(ticket.blocks_needed)
+        else:  # copies of the cached blocks in blocks of its own; the cached ones are let go
+            ticket.blocks = self._allocator.allocate(ticket.blocks_needed)
+            if ticket.shared:
+                self._copy_blocks(ticket.shared, ticket.blocks[:len(ticket.shared)])
+                self._allocator.free(ticket.shared)
+                ticket.shared = []
         self._granted.add(ticket)
         if not ticket.granted.done():
             ticket.granted.set_result(None)
@@ -175,6 +208,7 @@ class Admission:
         for ticket in queue:
             if ticket.granted.done():
                 continue  # cancelled meanwhile
+            self._share_cached(ticket)  # a request that finished meanwhile may have cached its prefix
             need = ticket.blocks_needed
             if head_step is None:
                 if self._allocator.can_allocate(need):

@@ -44,6 +44,8 @@ from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.paged_attention import StepCache, use_paged_attention
 from pdserve.engine.pool_writer import PoolWriter
 from pdserve.engine.prefill import PrefillEngine
+from pdserve.engine.prefix_store import Prefix
+from pdserve.prefix import block_hashes, reusable_blocks
 from pdserve.aio import cancel_and_wait
 from pdserve.engine.sampling import SamplingParams, sample
 from pdserve.errors import Cancelled, DataLoss, DeadlineExceeded, InvalidArgument, NotFound, PdserveError
@@ -83,6 +85,9 @@ class DecodeParams:
     eos_token_ids: frozenset[int]
     max_tokens: int  # completion tokens in all, counting the one prefill sampled
     first_index: int = 0  # the request's index of the token prefill sampled (tokens delivered before: resumed)
+    # The prompt's tokens, when known: its longest cached prefix is reused (the transfer, or the local
+    # prefill, supplies only the rest) and its blocks stay cached for later prompts.
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(eq=False)
@@ -94,6 +99,8 @@ class DecodeSequence:
     next_index: int = 1   # the index of the token the next step produces
     last_token: int = -1  # input of the next step; its KV is not cached yet
     kv_len: int = 0       # tokens whose KV is in the cache
+    cached: int = 0       # prompt tokens whose KV cached prefix blocks supplied (a whole number of blocks)
+    fed: list[int] = field(default_factory=list)  # tokens the steps wrote KV for, after the prompt
     kv_written: object = None  # GPU: the event after which its received KV is in the pool (the step waits on it)
     pool_writes: bool = False  # GPU: a transfer wrote into its blocks through the PoolWriter
     cancelled: bool = False
@@ -104,6 +111,11 @@ class DecodeSequence:
     @property
     def blocks(self) -> list[int]:
         return self.ticket.blocks
+
+    def transfer_blocks(self, block_size: int) -> list[int]:
+        """The blocks a transfer writes: those after the cached prefix (its token 0 is prompt token
+        ``cached``, the first token of one of these)."""
+        return self.ticket.blocks[self.cached // block_size:]
 
     def finish_reason(self, token: int) -> FinishReason | None:
         if token in self.params.eos_token_ids:
@@ -123,22 +135,37 @@ class DecodeCounters:
     transfers_rejected: int = 0
     local_prefills: int = 0
     leases_expired: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens whose KV came from cached blocks
+    prompt_tokens: int = 0      # prompt tokens of requests admitted
+
+
+@dataclass(frozen=True)
+class _PoolPrefix:
+    """A request's cached prefix blocks in the pool, as the prefill engine loads a prefix."""
+
+    pool: KVPool
+    blocks: list[int]
+
+    def load(self, layer: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool.read(self.blocks, layer, tokens)
 
 
 class DecodeEngine:
     def __init__(self, loaded: LoadedModel, *, kv_budget: int, block_size: int = 16, max_batch: int = 32,
                  max_queued: int = 256, prefill_token_budget: int = 2048, prefill_chunk_tokens: int = 512,
                  max_partial_prefills: int = 2, paged_kernel: str = "auto", kv_lease_s: float = 60.0,
-                 kv_transfer_max_s: float = 300.0, cuda_graphs: bool = True) -> None:
+                 kv_transfer_max_s: float = 300.0, cuda_graphs: bool = True, prefix_cache: bool = False) -> None:
         self.kv_lease_s = kv_lease_s
         self.kv_transfer_max_s = kv_transfer_max_s
         self._loaded = loaded
         self.max_batch = max_batch
-        self.pool = KVPool(loaded.info.kv, loaded.dtype, loaded.device, kv_budget, block_size, paged_kernel)
+        self.pool = KVPool(loaded.info.kv, loaded.dtype, loaded.device, kv_budget, block_size, paged_kernel,
+                           prefix_cache=prefix_cache)
         # GPU: received KV is written into the pool on a thread and stream of its own.
         self._writer = PoolWriter(self.pool) if self.pool.device.type == "cuda" else None
         self.admission = Admission(self.pool.allocator, max_queued, max_batch, clock=lambda: self.counters.steps,
-                                   step_ms=self.step_ms)
+                                   step_ms=self.step_ms,
+                                   copy_blocks=None if self.pool.shares_blocks else self.pool.copy_blocks)
         use_paged_attention(loaded.model)
         # Decode steps replayed from CUDA graphs where they can be (the flex kernel on a GPU).
         self._graphs = (DecodeGraphs(loaded.model, self.pool)
@@ -187,6 +214,9 @@ class DecodeEngine:
         if params.first_index >= params.prompt_tokens:
             raise InvalidArgument(f"first_index: {params.first_index} tokens delivered must be part of the prompt "
                                   f"({params.prompt_tokens} tokens)")
+        if params.token_ids and len(params.token_ids) != params.prompt_tokens:
+            raise InvalidArgument(f"prompt token ids: {len(params.token_ids)} tokens, prompt_tokens says "
+                                  f"{params.prompt_tokens}")
 
     def kv_tokens(self, params: DecodeParams) -> int:
         """Tokens whose KV a request can ever hold: the prompt and every completion token but the last."""
@@ -205,7 +235,8 @@ class DecodeEngine:
         if not local and params.transfer_id in self._waiting:
             raise InvalidArgument(f"transfer_id: {params.transfer_id!r} is already reserved")
         steps = params.max_tokens if local else params.max_tokens - 1  # prefill samples the first elsewhere
-        ticket = self.admission.request(self.pool.blocks_for(self.kv_tokens(params)), steps, deadline_s)
+        ticket = self.admission.request(self.pool.blocks_for(self.kv_tokens(params)), steps, deadline_s,
+                                        keys=self._prefix_keys(params))
         seq = DecodeSequence(params, ticket, local=local)
         try:
             await ticket.granted
@@ -216,10 +247,28 @@ class DecodeEngine:
             self.admission.release(ticket)
             raise InvalidArgument(f"transfer_id: {params.transfer_id!r} is already reserved")
         seq.state = SeqState.WAITING_KV
+        seq.cached = ticket.cached_blocks * self.pool.block_size
+        self.counters.prompt_tokens += params.prompt_tokens
+        self.counters.prefix_hit_tokens += seq.cached
         if not local:
             self._waiting[params.transfer_id] = seq
             asyncio.get_running_loop().call_later(self.kv_lease_s, self._check_lease, seq, time.monotonic_ns())
         return seq
+
+    def _prefix_keys(self, params: DecodeParams) -> list[int]:
+        """The prefix keys of the prompt's reusable blocks (none without the cache)."""
+        if not self.pool.allocator.prefix_cache or not params.token_ids:
+            return []
+        bs = self.pool.block_size
+        return block_hashes(params.token_ids, bs, reusable_blocks(params.prompt_tokens, bs))
+
+    def _cache_blocks(self, seq: DecodeSequence) -> None:
+        """Names the full blocks of a request's written KV by their prefix keys, before it frees them."""
+        if not self.pool.allocator.prefix_cache or not seq.params.token_ids or seq.kv_len <= 0:
+            return
+        tokens = [*seq.params.token_ids, *seq.fed][:seq.kv_len]
+        bs = self.pool.block_size
+        self.pool.allocator.cache(seq.blocks, block_hashes(tokens, bs))
 
     def _check_lease(self, seq: DecodeSequence, reserved_ns: int) -> None:
         """The reservation's lease: a transfer silent (no stream, no chunk) for kv_lease_s, or not complete
@@ -258,7 +307,12 @@ class DecodeEngine:
         def on_layer(layer: int, start: int, k, v) -> None:  # on the worker thread, mid-pass
             loop.call_soon_threadsafe(write, layer, start, k, v)
 
-        result = await self.local_prefill.prefill(token_ids, seq.params.sampling, on_layer, seq.params.first_index)
+        prefix = None
+        if seq.cached:  # the prompt starts with cached blocks of this pool: compute only the rest
+            blocks, pool = list(seq.blocks), self.pool
+            prefix = Prefix(seq.cached, _PoolPrefix(pool, blocks))
+        result = await self.local_prefill.prefill(token_ids, seq.params.sampling, on_layer, seq.params.first_index,
+                                                  prefix=prefix)
         if seq.state is not SeqState.WAITING_KV:
             return  # released meanwhile
         self.counters.local_prefills += 1
@@ -286,10 +340,10 @@ class DecodeEngine:
         kv = self.info.kv
         try:
             check_layout(layout, num_layers=kv.num_layers, kv_heads=kv.kv_heads, head_dim=kv.head_dim,
-                         dtype=self._loaded.dtype, num_tokens=seq.params.prompt_tokens)
+                         dtype=self._loaded.dtype, num_tokens=seq.params.prompt_tokens - seq.cached)
             if stream.cuda_ipc and self.pool.device.type != "cuda":
                 raise InvalidArgument("header.cuda_ipc: this decode instance's KV pool is not on a GPU")
-            blocks = seq.blocks
+            blocks = seq.transfer_blocks(self.pool.block_size)
             write = self.pool.write
             if self._writer is not None and not stream.cuda_ipc:
                 write, seq.pool_writes = self._writer.write, True  # on its own thread and stream
@@ -331,7 +385,7 @@ class DecodeEngine:
             if seq.transfer is not None:
                 if not seq.transfer.stream.cuda_ipc or not seq.transfer.streams_live:
                     raise InvalidArgument(f"transfer_id: {transfer_id!r} has no open CUDA IPC stream")
-                return list(seq.blocks)
+                return seq.transfer_blocks(self.pool.block_size)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise NotFound(f"transfer_id: {transfer_id!r}: no CUDA IPC stream opened within {wait_s:g} s")
@@ -422,10 +476,12 @@ class DecodeEngine:
 
             def release(written) -> None:
                 torch.cuda.current_stream(self.pool.device).wait_event(written)
+                self._cache_blocks(seq)
                 self.admission.release(ticket)
 
             self._writer.after_writes(asyncio.get_running_loop(), release)
             return
+        self._cache_blocks(seq)
         self.admission.release(seq.ticket)
 
     def _finish(self, seq: DecodeSequence, token: TokenOut | None) -> None:
@@ -450,6 +506,8 @@ class DecodeEngine:
             "kv_blocks_total": alloc.capacity,
             "kv_blocks_used": alloc.num_used,
             "kv_blocks_peak": alloc.peak_used,
+            "kv_blocks_cached": alloc.num_cached,
+            "kv_blocks_evicted": alloc.evicted,
             "kv_block_size": self.pool.block_size,
             "refused": self.admission.refused,
             "cuda_graphs": self._graphs.captured if self._graphs is not None else 0,
@@ -535,6 +593,7 @@ class DecodeEngine:
         self.counters.peak_running = max(self.counters.peak_running, len(batch))
         for seq, token in zip(batch, tokens):
             seq.kv_len += 1  # the step cached last_token's KV
+            seq.fed.append(seq.last_token)
             if seq.cancelled or seq.state is SeqState.FINISHED:
                 continue
             self.counters.tokens_generated += 1

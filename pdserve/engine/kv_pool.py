@@ -12,6 +12,7 @@ memory. A request owns a block table (its block ids in token order); token
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import torch
@@ -28,15 +29,29 @@ def blocks_for(tokens: int, block_size: int) -> int:
 
 
 class BlockAllocator:
-    """Hands out block ids 1..num_blocks-1 (0 is the null block); never more than exist."""
+    """Hands out block ids 1..num_blocks-1 (0 is the null block); never more than exist.
 
-    def __init__(self, num_blocks: int) -> None:
+    With the prefix cache on, a finished request's full blocks stay *cached* under their prefix key
+    (``pdserve.prefix.block_hashes``) instead of going back free: a later request whose prompt starts the
+    same way ``share``s them (reference-counted) rather than receiving their KV again. A cached block no
+    request holds is *idle*: it counts as free, and ``allocate`` evicts idle blocks, least recently used
+    first, once the free list is empty, so caching never refuses a request that would otherwise fit. A
+    cached block is only ever read: requests write their new KV into blocks of their own.
+    """
+
+    def __init__(self, num_blocks: int, prefix_cache: bool = False) -> None:
         if num_blocks < 2:
             raise ValueError(f"a KV pool needs at least 2 blocks (one is the null block), got {num_blocks}")
         self.num_blocks = num_blocks
+        self.prefix_cache = prefix_cache
         # Lowest ids first: recently freed blocks are reused first (LIFO), which keeps pages warm.
         self._free: list[int] = list(range(num_blocks - 1, NULL_BLOCK, -1))
+        self._by_key: dict[int, int] = {}      # prefix key -> cached block
+        self._key_of: dict[int, int] = {}      # cached block -> its key
+        self._holders: dict[int, int] = {}     # cached block -> requests holding it
+        self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # held by none, LRU first
         self.peak_used = 0
+        self.evicted = 0
 
     @property
     def capacity(self) -> int:
@@ -45,26 +60,84 @@ class BlockAllocator:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks ``allocate`` can hand out now: free, or cached and held by nobody (evicted when taken)."""
+        return len(self._free) + len(self._idle)
 
     @property
     def num_used(self) -> int:
-        return self.capacity - len(self._free)
+        return self.capacity - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._key_of)
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise ResourceExhausted(f"KV pool: {n} blocks asked, {len(self._free)} of {self.capacity} free")
-        blocks = [self._free.pop() for _ in range(n)]
+        if n > self.num_free:
+            raise ResourceExhausted(f"KV pool: {n} blocks asked, {self.num_free} of {self.capacity} free")
+        take = min(n, len(self._free))
+        blocks = [self._free.pop() for _ in range(take)]
+        while len(blocks) < n:  # evict the least recently used idle cached blocks
+            block, _ = self._idle.popitem(last=False)
+            del self._by_key[self._key_of.pop(block)], self._holders[block]
+            self.evicted += 1
+            blocks.append(block)
         self.peak_used = max(self.peak_used, self.num_used)
         return blocks
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-        if len(self._free) > self.capacity:
+        """Gives back one request's hold on each block: an uncached block is free again, a cached one idle
+        once nobody holds it."""
+        for block in reversed(blocks):
+            if block in self._key_of:
+                self._holders[block] -= 1
+                if self._holders[block] == 0:
+                    self._idle[block] = None
+                elif self._holders[block] < 0:
+                    raise AssertionError("KV pool: a cached block was freed twice")
+            else:
+                self._free.append(block)
+        if len(self._free) + self.num_cached > self.capacity:
             raise AssertionError("KV pool: a block was freed twice")
+
+    def match(self, keys: list[int]) -> list[int]:
+        """The cached blocks of the longest prefix of ``keys`` (block i's key, in order)."""
+        found = []
+        for key in keys:
+            block = self._by_key.get(key)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def share(self, blocks: list[int]) -> None:
+        """One more request holds these cached blocks (``match``'s answer): they cannot be evicted until it
+        ``free``s them."""
+        for block in blocks:
+            self._holders[block] += 1
+            self._idle.pop(block, None)
+
+    def cache(self, blocks: list[int], keys: list[int]) -> int:
+        """Names a held request's first full blocks by their prefix keys (``keys[i]`` is block ``blocks[i]``'s,
+        and every token of it is written), so they stay cached when it frees them. A block already cached, or
+        whose key another block holds, is left as it is. Returns the blocks newly cached."""
+        if not self.prefix_cache:
+            return 0
+        added = 0
+        for block, key in zip(blocks, keys):
+            if block in self._key_of or key in self._by_key:
+                continue
+            self._by_key[key], self._key_of[block], self._holders[block] = block, key, 1
+            added += 1
+        return added
+
+    def cached_keys(self, limit: int) -> list[int]:
+        """Up to ``limit`` keys of cached blocks, most recently used last (what routing is told)."""
+        held = [self._key_of[b] for b in self._key_of if b not in self._idle]
+        idle = [self._key_of[b] for b in self._idle]
+        return (idle + held)[-limit:]
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -128,7 +201,7 @@ class FlexMetadata:
 
 class KVPool:
     def __init__(self, kv: KVShape, dtype: torch.dtype, device: torch.device, budget: int,
-                 block_size: int = 16, kernel: str = "auto") -> None:
+                 block_size: int = 16, kernel: str = "auto", prefix_cache: bool = False) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.kv = kv
@@ -140,7 +213,7 @@ class KVPool:
         if num_blocks < 2:
             raise ValueError(f"a KV budget of {budget} bytes holds {num_blocks} blocks of {self.block_bytes} bytes; "
                              "at least 2 are needed")
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(num_blocks, prefix_cache)
         slots = num_blocks * block_size
         shape = (slots, kv.kv_heads, kv.head_dim)
         # On the host, torch.empty: pages are only touched when KV is written there. On a GPU, zeros (one
@@ -188,6 +261,21 @@ class KVPool:
         slots = self.slots(table, start, keys.shape[0])
         self.keys[layer][slots] = keys.to(self.device, non_blocking=True)
         self.values[layer][slots] = values.to(self.device, non_blocking=True)
+
+    @property
+    def shares_blocks(self) -> bool:
+        """Whether requests may read the same cached block in place. The flex kernel's mask gives each block
+        one owning row a step, so there a cached prefix is copied into the request's own blocks instead
+        (``copy_blocks``, at device bandwidth); gather + SDPA reads any block any row's table lists."""
+        return self.kernel != "flex"
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Block ``dst[i]`` of every layer's K and V becomes a copy of block ``src[i]``."""
+        bs = self.block_size
+        offsets = torch.arange(bs)
+        to_slots = lambda blocks: (torch.tensor(blocks, dtype=torch.long)[:, None] * bs + offsets).flatten()  # noqa: E731
+        s, d = to_slots(src).to(self.device), to_slots(dst).to(self.device)
+        self.storage[:, :, d] = self.storage[:, :, s]
 
     def read(self, table: list[int], layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, H, D) copies of tokens [0, count) of layer ``layer`` (tests and debugging)."""

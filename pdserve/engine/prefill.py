@@ -37,6 +37,7 @@ import torch
 from pdserve.aio import ByteBudget, cancel_and_wait
 from pdserve.engine.admission import DEADLINE_MARGIN
 from pdserve.engine.paged_attention import PackedSegments, use_paged_attention
+from pdserve.engine.prefix_store import Prefix, PrefixStore
 from pdserve.engine.sampling import SamplingParams, sample
 from pdserve.errors import Cancelled, ResourceExhausted
 from pdserve.kv.wire import DTYPE_NAMES, KVLayout
@@ -58,6 +59,7 @@ class PrefillResult:
     # CLOCK_MONOTONIC nanoseconds.
     forward_start_ns: int
     forward_end_ns: int
+    cached_tokens: int = 0  # prompt tokens a cached prefix supplied (not computed)
 
 
 @dataclass(eq=False)
@@ -67,7 +69,11 @@ class PrefillJob:
     on_layer: LayerCallback | None
     future: asyncio.Future
     first_index: int = 0  # the sampling index of the token this prefill produces
-    done: int = 0  # tokens already prefilled
+    done: int = 0  # tokens already prefilled (a cached prefix counts)
+    cached: int = 0  # tokens of a cached prefix it starts with (``prefix``), never computed here
+    prefix: Prefix | None = None
+    emit_from: int = 0  # on_layer gets the KV of tokens from here on (cached ones too, at its first pass)
+    keep: bool = False  # keep every token's KV to the end (for the prefix store)
     passes: int = 0
     cancelled: bool = False
     kv: KVBytes | None = None  # its KV's share of the in-flight budget (None: the KV stays here)
@@ -82,6 +88,39 @@ class PrefillJob:
     @property
     def remaining(self) -> int:
         return len(self.token_ids) - self.done
+
+    @property
+    def started(self) -> bool:
+        return self.done > self.cached
+
+    def buffers(self, layer: int, like: torch.Tensor, token_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s K and V buffers for the whole prompt, ``(T, H, D)`` (token-major) or ``(1, H, T,
+        D)``, allocated at the first pass (layers come in order), the cached prefix copied in."""
+        if len(self.keys) <= layer:
+            heads, dim = like.shape[1], like.shape[3]
+            total = len(self.token_ids)
+            shape = (total, heads, dim) if token_major else (1, heads, total, dim)
+            k = torch.empty(shape, dtype=like.dtype, device=like.device)
+            v = torch.empty(shape, dtype=like.dtype, device=like.device)
+            if self.cached:
+                pk, pv = self.prefix.load(layer)
+                if token_major:
+                    k[:self.cached], v[:self.cached] = pk, pv
+                else:
+                    k[0, :, :self.cached], v[0, :, :self.cached] = pk.transpose(0, 1), pv.transpose(0, 1)
+            self.keys.append(k)
+            self.values.append(v)
+        return self.keys[layer], self.values[layer]
+
+    def replay(self, layer: int, token_major: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """At its first pass: the cached KV on_layer must get too (tokens emit_from..cached), ``(1, H, n, D)``."""
+        if self.emit_from >= self.cached:
+            return None
+        k, v = self.keys[layer], self.values[layer]
+        if token_major:
+            return (k[self.emit_from:self.cached].transpose(0, 1)[None],
+                    v[self.emit_from:self.cached].transpose(0, 1)[None])
+        return k[:, :, self.emit_from:self.cached], v[:, :, self.emit_from:self.cached]
 
 
 class PassTimes:
@@ -134,10 +173,15 @@ class _Planned:
     token_ids: range
     done: int = 0
     cancelled: bool = False
+    cached: int = 0
 
     @property
     def remaining(self) -> int:
         return len(self.token_ids) - self.done
+
+    @property
+    def started(self) -> bool:
+        return self.done > self.cached
 
 
 @dataclass(eq=False)
@@ -212,11 +256,11 @@ def plan_batch(queue: Sequence[PrefillJob], token_budget: int, chunk_tokens: int
             if room <= 0:
                 break
         return plan
-    partial = [job for job in live if job.done > 0]
+    partial = [job for job in live if job.started]
     if partial:
         add(partial[0], min(partial[0].remaining, chunk_tokens, room))
     for job in live:
-        if job.done == 0 and job.remaining <= min(chunk_tokens, room) and start(job):
+        if not job.started and job.remaining <= min(chunk_tokens, room) and start(job):
             add(job, job.remaining)
     for job in partial[1:]:
         if room > 0:
@@ -224,7 +268,7 @@ def plan_batch(queue: Sequence[PrefillJob], token_budget: int, chunk_tokens: int
     for job in live:
         if room <= 0 or len(partial) >= max_partial:
             break
-        if job.done == 0 and job.remaining > chunk_tokens:
+        if not job.started and job.remaining > chunk_tokens:
             if not start(job):
                 break
             partial.append(job)
@@ -247,18 +291,18 @@ class PackedPrefillCache:
             k = key_states[:, :, offset:offset + seg.count]
             v = value_states[:, :, offset:offset + seg.count]
             offset += seg.count
-            if seg.start > 0:
-                keys.append(job.keys[layer_idx][:, :, :seg.start])
-                values.append(job.values[layer_idx][:, :, :seg.start])
+            if seg.start > 0 or not seg.last or job.keep:
+                kb, vb = job.buffers(layer_idx, k, token_major=False)
+                if seg.start > 0:
+                    keys.append(kb[:, :, :seg.start])
+                    values.append(vb[:, :, :seg.start])
+                if not seg.last or job.keep:
+                    kb[:, :, seg.start:seg.start + seg.count] = k
+                    vb[:, :, seg.start:seg.start + seg.count] = v
+                if seg.start == job.cached and (replayed := job.replay(layer_idx, token_major=False)) is not None:
+                    self._notify(job, layer_idx, job.emit_from, *replayed)
             keys.append(k)
             values.append(v)
-            if not seg.last:
-                if len(job.keys) <= layer_idx:
-                    shape = (1, k.shape[1], len(job.token_ids), k.shape[3])
-                    job.keys.append(torch.empty(shape, dtype=k.dtype, device=k.device))
-                    job.values.append(torch.empty(shape, dtype=v.dtype, device=v.device))
-                job.keys[layer_idx][:, :, seg.start:seg.start + seg.count] = k
-                job.values[layer_idx][:, :, seg.start:seg.start + seg.count] = v
             self._notify(job, layer_idx, seg.start, k, v)
         if len(keys) == 1:
             return keys[0], values[0]
@@ -293,16 +337,15 @@ class SegmentPrefillCache:
             k = key_states[:, :, offset:offset + seg.count]
             v = value_states[:, :, offset:offset + seg.count]
             offset += seg.count
-            if seg.start > 0 or not seg.last:  # the prompt's buffer: this chunk now, the next chunks later
-                if len(job.keys) <= layer_idx:
-                    shape = (len(job.token_ids), k.shape[1], k.shape[3])
-                    job.keys.append(torch.empty(shape, dtype=k.dtype, device=k.device))
-                    job.values.append(torch.empty(shape, dtype=v.dtype, device=v.device))
+            if seg.start > 0 or not seg.last or job.keep:  # the prompt's buffer: this chunk now, the next later
+                kb, vb = job.buffers(layer_idx, k, token_major=True)
                 end = seg.start + seg.count
-                job.keys[layer_idx][seg.start:end] = k[0].transpose(0, 1)
-                job.values[layer_idx][seg.start:end] = v[0].transpose(0, 1)
+                kb[seg.start:end] = k[0].transpose(0, 1)
+                vb[seg.start:end] = v[0].transpose(0, 1)
                 if seg.start > 0:
-                    prefixes.append((job.keys[layer_idx][:end], job.values[layer_idx][:end]))
+                    prefixes.append((kb[:end], vb[:end]))
+                if seg.start == job.cached and (replayed := job.replay(layer_idx, token_major=True)) is not None:
+                    self._notify(job, layer_idx, job.emit_from, *replayed)
             self._notify(job, layer_idx, seg.start, k, v)
         self.segments.prefixes[layer_idx] = prefixes
         return key_states, value_states
@@ -355,8 +398,11 @@ class PrefillEngine:
 
     def __init__(self, loaded: LoadedModel, token_budget: int = 2048, chunk_tokens: int = 512,
                  executor: Executor | None = None, max_partial: int = 2, max_queued_tokens: int = 65536,
-                 kv_inflight_bytes: int = 1 << 30) -> None:
+                 kv_inflight_bytes: int = 1 << 30, prefix_store: PrefixStore | None = None) -> None:
         self._loaded = loaded
+        self.prefix_store = prefix_store  # recent prompts' KV, reused by prompts that start the same way
+        self.computed_tokens = 0  # prompt tokens computed by forward passes
+        self.cached_tokens = 0    # prompt tokens a cached prefix supplied instead
         self.token_budget = token_budget
         self.chunk_tokens = chunk_tokens
         self.max_partial = max_partial
@@ -408,7 +454,7 @@ class PrefillEngine:
         ``plan_batch`` would plan them, each timed by the recent passes (None before the first pass)."""
         if self.pass_times.seconds([(0, 1)]) is None:
             return None
-        queue = [_Planned(range(len(job.token_ids)), job.done) for job in self._queue if not job.cancelled]
+        queue = [_Planned(range(len(job.token_ids)), job.done, cached=job.cached) for job in self._queue if not job.cancelled]
         mine = _Planned(range(tokens))
         queue.append(mine)
         total = 0.0
@@ -447,17 +493,31 @@ class PrefillEngine:
 
     async def prefill(self, token_ids: list[int], sampling: SamplingParams,
                       on_layer: LayerCallback | None = None, first_index: int = 0,
-                      kv: KVBytes | None = None, name: str = "") -> PrefillResult:
+                      kv: KVBytes | None = None, name: str = "", prefix: Prefix | None = None,
+                      emit_from: int | None = None) -> PrefillResult:
         """Queues the prompt; ``on_layer`` gets every chunk of every layer on the worker thread, as it is computed
         (it must not block: post to the loop what needs it); returns the first token (token ``first_index`` of the request: a resumed request's prompt ends with the ones delivered).
         ``kv``: the bytes its KV will hold in ``inflight`` (taken before its first pass; the caller releases
-        them once the KV is delivered or dropped)."""
+        them once the KV is delivered or dropped).
+
+        The prompt starts from ``prefix`` (KV of its first tokens held elsewhere: a decode pool's cached
+        blocks), else from the longest prefix in this engine's ``prefix_store``; only the rest is computed.
+        ``on_layer`` gets tokens from ``emit_from`` on (default: the first computed one; earlier, and the
+        cached ones in between come at the first pass too)."""
         loop = asyncio.get_running_loop()
         if self._task is None:
             # A fresh context: the loop serves every request, so it must not carry this one's request id
             # and trace into its log lines.
             self._task = contextvars.Context().run(loop.create_task, self._loop(), name="prefill-loop")
         job = PrefillJob(list(token_ids), sampling, on_layer, loop.create_future(), first_index, kv=kv, name=name)
+        if prefix is None and self.prefix_store is not None:
+            prefix = self.prefix_store.lookup(job.token_ids)
+        if prefix is not None and 0 < prefix.tokens < len(job.token_ids):
+            job.prefix, job.cached = prefix, prefix.tokens
+            job.done = job.cached
+        job.emit_from = job.cached if emit_from is None else min(emit_from, len(job.token_ids))
+        job.keep = self.prefix_store is not None
+        self.cached_tokens += job.cached
         self._queue.append(job)
         self._wake.set()
         try:
@@ -470,7 +530,7 @@ class PrefillEngine:
         """``plan_batch``'s ``start``: a prompt starts once its KV bytes fit in flight; others may start
         ahead of one waiting for room until it has waited BYTES_AGING_S."""
         now = time.monotonic_ns()
-        aged = next((job for job in self._queue if job.done == 0 and not job.cancelled and job.kv is not None
+        aged = next((job for job in self._queue if not job.started and not job.cancelled and job.kv is not None
                      and not job.kv.held and not self.inflight.fits(job.kv.size)
                      and now - job.enqueued_ns > self.BYTES_AGING_S * 1e9), None)
 
@@ -494,8 +554,14 @@ class PrefillEngine:
                 continue
 
             def notify(job: PrefillJob, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-                if job.on_layer is not None and not job.cancelled:  # on the worker thread
-                    job.on_layer(layer, start, k, v)
+                if job.on_layer is None or job.cancelled:  # on the worker thread
+                    return
+                if start < job.emit_from:  # computed again here, but the consumer holds it already
+                    skip = job.emit_from - start
+                    if skip >= k.shape[2]:
+                        return
+                    k, v, start = k[:, :, skip:], v[:, :, skip:], job.emit_from
+                job.on_layer(layer, start, k, v)
 
             try:
                 firsts, start_ns, end_ns = await loop.run_in_executor(self._executor, self._forward, plan, notify)
@@ -516,10 +582,14 @@ class PrefillEngine:
                 if seg.last:
                     self._finish(job, PrefillResult(
                         firsts[job], (job.start_ns - job.enqueued_ns) / 1e6, (end_ns - job.start_ns) / 1e6,
-                        job.passes, job.start_ns, end_ns))
+                        job.passes, job.start_ns, end_ns, job.cached))
 
     def _finish(self, job: PrefillJob, result: PrefillResult | None = None, exc: BaseException | None = None) -> None:
-        job.keys, job.values = [], []
+        if result is not None and job.keep and job.keys:
+            self.prefix_store.insert(job.token_ids, job.keys, job.values, token_major=self.segment_attention)
+        if result is not None:
+            self.computed_tokens += len(job.token_ids) - job.cached
+        job.keys, job.values, job.prefix = [], [], None
         if job in self._queue:
             self._queue.remove(job)
         if job.future.done() or job.cancelled:

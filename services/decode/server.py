@@ -20,6 +20,7 @@ from pdserve.kv.receiver import DRAIN_SECONDS, add_decode_servicer, drain, read_
 from pdserve.kv.shm import host_id, sweep_orphans, sweep_periodically
 from pdserve.logs import bind_request
 from pdserve.metrics import DecodeMetrics
+from pdserve.prefix import CACHED_KEYS_REPORTED
 from pdserve.model import LoadedModel
 from pdserve.registration import start_announcer
 from pdserve.rpc import rpc_errors, start_server
@@ -49,9 +50,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                            {(("state", "admission"),): st["queued"],
                                             (("state", "kv_transfer"),): st["waiting_for_kv"],
                                             (("state", "ready"),): st["ready"]}),
-            "pdserve_kv_pool_blocks": ("Decode: KV pool blocks by state",
+            "pdserve_kv_pool_blocks": ("Decode: KV pool blocks by state (cached: prefix blocks kept after their "
+                                       "request; the idle ones count as free too)",
                                        {(("state", "used"),): st["kv_blocks_used"],
-                                        (("state", "free"),): total - st["kv_blocks_used"]}),
+                                        (("state", "free"),): total - st["kv_blocks_used"],
+                                        (("state", "cached"),): st["kv_blocks_cached"]}),
+            "pdserve_prefix_cache_tokens": ("Prompt tokens of admitted requests, by where their KV came from "
+                                            "(hit: cached prefix blocks; miss: computed or transferred)",
+                                            {(("result", "hit"),): st["prefix_hit_tokens"],
+                                             (("result", "miss"),): st["prompt_tokens"] - st["prefix_hit_tokens"]}),
             "pdserve_kv_pool_usage_ratio": ("Decode: share of the KV pool in use",
                                             st["kv_blocks_used"] / total if total else 0.0),
             "pdserve_kv_pool_bytes": ("Decode: size of the KV pool", st["kv_cache_bytes"]),
@@ -72,6 +79,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             eos_token_ids=frozenset(request.eos_token_ids),
             max_tokens=request.max_tokens,
             first_index=request.first_index,
+            token_ids=tuple(request.prompt_token_ids or request.cache_token_ids),
         )
 
     @rpc_errors
@@ -82,10 +90,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         prompt = list(request.prompt_token_ids)
         if prompt:
             check_token_ids(prompt, self._engine.info.vocab_size, "prompt_token_ids")
+        elif request.cache_token_ids:
+            check_token_ids(list(request.cache_token_ids), self._engine.info.vocab_size, "cache_token_ids")
         seq = await self._engine.reserve(params, local=bool(prompt), deadline_s=context.time_remaining())
         reserved = time.monotonic_ns()
         self.metrics.admission.observe((reserved - arrived) / 1e9)
-        telemetry.at("decode.admission", arrived, reserved, attributes={"pdserve.kv_blocks": len(seq.blocks)})
+        telemetry.at("decode.admission", arrived, reserved, attributes={"pdserve.kv_blocks": len(seq.blocks),
+                                                                        "pdserve.prefix_hit_tokens": seq.cached})
         log.debug("request_id=%s reserved %d KV blocks (%s)", request.request_id, len(seq.blocks),
                   "prefilling here" if prompt else f"transfer {request.transfer_id}")
         # From reserved to the last token: waiting for the KV (or prefilling it here), then in the batch.
@@ -93,7 +104,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         tokens, first_ns, finish = 0, 0, None
         try:
             yield decode_pb2.DecodeEvent(reserved=decode_pb2.Reserved(
-                finish_ms=self._engine.admission.finish_ms(seq.ticket)))
+                finish_ms=self._engine.admission.finish_ms(seq.ticket), cached_tokens=seq.cached))
             if prompt:
                 await self._engine.prefill_locally(seq, prompt)
             while (event := await seq.events.get()) is not None:
@@ -174,7 +185,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     @rpc_errors
     async def GetStats(self, request, context):
         return decode_pb2.DecodeStats(**self._engine.stats(), host_id=self._host_id, incarnation=self.incarnation,
-                                      cuda_device=device_uuid(self._engine.pool.device))
+                                      cuda_device=device_uuid(self._engine.pool.device),
+                                      cached_blocks=self._engine.pool.allocator.cached_keys(CACHED_KEYS_REPORTED))
 
     @rpc_errors
     async def GetKVPool(self, request, context):
@@ -200,7 +212,7 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
                           prefill_chunk_tokens=config.prefill_chunk_tokens,
                           max_partial_prefills=config.max_partial_prefills, paged_kernel=config.paged_kernel,
                           kv_lease_s=config.kv_lease_s, kv_transfer_max_s=config.kv_transfer_max_s,
-                          cuda_graphs=config.cuda_graphs)
+                          cuda_graphs=config.cuda_graphs, prefix_cache=config.prefix_cache)
     engine.start()
     sweep_orphans()
     sweeper = asyncio.get_running_loop().create_task(sweep_periodically(), name="shm-sweep")

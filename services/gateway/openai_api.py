@@ -209,9 +209,11 @@ class _Generation:
         await asyncio.gather(self._task, self._watch, return_exceptions=True)
 
 
-def _usage(req: GatewayRequest, completion_tokens: int) -> dict:
-    prompt = len(req.prompt_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+def _usage(req: GatewayRequest, last: OutputChunk) -> dict:
+    prompt, completion = len(req.prompt_ids), last.completion_tokens
+    cached = last.timings.cached_tokens if last.timings is not None else 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class OpenAIApi:
@@ -304,7 +306,7 @@ class OpenAIApi:
             choice["message"] = {"role": "assistant", "content": "".join(text)}
         else:
             choice["text"] = "".join(text)
-        return JSONResponse({**base, "choices": [choice], "usage": _usage(req, last.completion_tokens)},
+        return JSONResponse({**base, "choices": [choice], "usage": _usage(req, last)},
                             headers=headers)
 
 
@@ -336,7 +338,7 @@ async def _sse(run: _Generation, first: OutputChunk | None, base: dict, chat: bo
             chunk = await run.next()
         if include_usage:
             yield "data: " + json.dumps({**base, "object": kind, "choices": [],
-                                         "usage": _usage(run.req, last.completion_tokens)}) + "\n\n"
+                                         "usage": _usage(run.req, last)}) + "\n\n"
     except PdserveError as exc:  # after the first token: the status is sent already, so the body says it
         status = HTTP_STATUS.get(exc.status, 500)
         yield "data: " + json.dumps(error_body(status, str(exc), exc.status.lower())) + "\n\n"

@@ -126,6 +126,8 @@ class Timings:
     kv_transfer_ms: float = 0.0
     kv_bytes: int = 0
     kv_tail_ms: float = 0.0
+    cached_tokens: int = 0
+    kv_cached_tokens: int = 0
 
 
 @dataclass
@@ -296,7 +298,7 @@ class Router:
         if kept is not None:
             prefill_addr, why = kept.prefill_addr, "re-push: the instance that kept the prompt's KV"
         else:
-            prefill_addr = self._scheduler.pick_prefill(len(prompt), frozenset(failed))
+            prefill_addr = self._scheduler.pick_prefill(prompt, frozenset(failed))
             why = self._scheduler.reason
         local = not prefill_addr  # colocated: the decode instance prefills the prompt itself
         if schedule.is_recording():
@@ -308,6 +310,7 @@ class Router:
         transfer_id = secrets.token_hex(16)
         decode_addr = ""
         decode_ms = 0.0  # decode's estimate of its share, once it reserved
+        skip = 0  # prompt tokens decode holds cached: the transfer carries the rest
         decode_call = prefill_call = transfer_task = None
         load: list[tuple[str, str, int]] = []  # work begun on instances by this attempt (the scheduler counts it)
 
@@ -324,9 +327,12 @@ class Router:
             # 1-2. Reserve on decode before any KV can arrive there.
             try:
                 if needs_decode:
-                    decode_addr, decode_call, decode_ms = await self._reserve(
+                    decode_addr, decode_call, decode_ms, decode_cached = await self._reserve(
                         req, eos, prompt, remaining, delivered, transfer_id, local, failed, begin, end, metadata,
-                        schedule)
+                        schedule, cache=kept is None)
+                    # Prefilled on decode: its cached prefix is not computed. Else: not transferred.
+                    timings.cached_tokens = decode_cached if local else 0
+                    skip = timings.kv_cached_tokens = 0 if local else decode_cached
             except BaseException as exc:
                 telemetry.fail(schedule, exc)
                 raise
@@ -359,7 +365,7 @@ class Router:
                         prefill_pb2.PrefillRequest(request_id=req.request_id, token_ids=prompt,
                                                    sampling=sampling_to_proto(req.sampling), first_index=delivered,
                                                    decode_address=decode_addr, transfer_id=transfer_id,
-                                                   budget_ms=budget_ms),
+                                                   budget_ms=budget_ms, skip_tokens=skip),
                         timeout=left, metadata=metadata)
                     try:
                         event = await self._read(prefill_call, "prefill", prefill_addr, failed)
@@ -368,13 +374,19 @@ class Router:
                         end("prefill", prefill_addr, len(prompt))
                         refused.add(prefill_addr)
                         span.add_event("prefill.refused", {"instance": prefill_addr})
-                        prefill_addr = self._scheduler.pick_prefill(len(prompt), frozenset(failed | refused))
+                        prefill_addr = self._scheduler.pick_prefill(prompt, frozenset(failed | refused))
                         if not prefill_addr or prefill_addr in refused:
                             raise  # every prefill instance is busy: the client gets the refusal and its hint
                 if event is None or event.WhichOneof("event") != "first_token":
                     raise Internal(f"prefill {prefill_addr}: expected FirstToken, got {event}")
                 end("prefill", prefill_addr, len(prompt))  # its forward pass is done; the KV may still travel
                 self.registry.report(prefill_addr, ok=True)
+                self._scheduler.routed("prefill", prefill_addr, prompt)
+                timings.cached_tokens = event.first_token.cached_tokens
+                if event.first_token.cached_tokens:
+                    self.metrics.prefix_hit_tokens.labels("prefill").inc(event.first_token.cached_tokens)
+                if span.is_recording():
+                    span.set_attribute("pdserve.prefill.prefix_hit_tokens", event.first_token.cached_tokens)
                 if delivered == 0:
                     timings.prefill_queue_ms = event.first_token.queue_ms
                     timings.prefill_forward_ms = event.first_token.forward_ms
@@ -449,18 +461,19 @@ class Router:
 
     async def _reserve(self, req: GatewayRequest, eos: frozenset[int], prompt: list[int], remaining: int,
                        delivered: int, transfer_id: str, local: bool, failed: set[str], begin, end, metadata,
-                       schedule):
+                       schedule, cache: bool = True):
         """Opens the decode stream on an instance with room; tries each instance that is up once,
         those this request failed on last. The work counts on the instance from the moment it is picked
         (``begin``), so requests picking at the same time spread out; a refusal takes it back (``end``).
-        Each pick and refusal is an event on the ``schedule`` span."""
+        Each pick and refusal is an event on the ``schedule`` span. With ``cache``, decode learns the prompt's
+        tokens and may answer that it holds a prefix of its KV already (returned last: those tokens)."""
         kv_tokens = len(prompt) + remaining
         tried: set[str] = set()
         last_error: PdserveError | None = None
         while True:
-            addr = self._scheduler.pick_decode(len(prompt), remaining, frozenset(failed | tried))
+            addr = self._scheduler.pick_decode(prompt, remaining, frozenset(failed | tried))
             if addr in tried:
-                addr = self._scheduler.pick_decode(len(prompt), remaining, frozenset(tried))
+                addr = self._scheduler.pick_decode(prompt, remaining, frozenset(tried))
             if addr in tried:  # every instance that is up was tried
                 raise last_error or Unavailable("no decode instance could take the request")
             tried.add(addr)
@@ -472,7 +485,8 @@ class Router:
                 decode_pb2.DecodeRequest(
                     request_id=req.request_id, transfer_id=transfer_id, prompt_tokens=len(prompt),
                     sampling=sampling_to_proto(req.sampling), eos_token_ids=sorted(eos),
-                    max_tokens=remaining, first_index=delivered, prompt_token_ids=prompt if local else ()),
+                    max_tokens=remaining, first_index=delivered, prompt_token_ids=prompt if local else (),
+                    cache_token_ids=prompt if cache and not local else ()),
                 timeout=req.time_left(), metadata=metadata)
             try:
                 event = await self._read(call, "decode", addr, failed)
@@ -488,7 +502,16 @@ class Router:
             if event is None or event.WhichOneof("event") != "reserved":
                 call.cancel()
                 raise Internal(f"decode {addr}: expected Reserved, got {event}")
-            return addr, call, event.reserved.finish_ms
+            cached = event.reserved.cached_tokens if cache else 0
+            if cached >= len(prompt):
+                call.cancel()
+                raise Internal(f"decode {addr}: {cached} cached tokens of a {len(prompt)}-token prompt")
+            self._scheduler.routed("decode", addr, prompt)
+            if cached:
+                self.metrics.prefix_hit_tokens.labels("decode").inc(cached)
+            if schedule.is_recording():
+                schedule.set_attributes({"pdserve.decode.prefix_hit_tokens": cached})
+            return addr, call, event.reserved.finish_ms, cached
 
     async def _read_unless_down(self, call, address: str):
         """``call.read()``, unless the registry marks ``address`` down first (its health checks stopped being

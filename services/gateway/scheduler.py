@@ -42,11 +42,12 @@ import random
 import socket
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable, Protocol
+from typing import Awaitable, Callable, Iterable, Protocol, Sequence
 
 import grpc
 
 from pdserve.errors import ResourceExhausted, Unavailable
+from pdserve.prefix import block_hashes, reusable_blocks
 from pdserve.rpc import ChannelPool, health_status
 from pdserve.tls import NO_AUTH
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -303,8 +304,11 @@ class Registry:
         if status == "serving":
             self._misses.pop(address, None)
             if self._channels is not None:
-                if down:
-                    self._channels.reset(address)
+                # Back from a real outage: calls connect afresh, and those already running on the old
+                # connection (sent while every instance looked down) get a grace to finish. One never
+                # checked before has nothing wrong with its connection: calls already use it.
+                if down and self._down.get(address) != NOT_CHECKED:
+                    self._channels.reset(address, self.LEFT_GRACE_S)
                 await self._load_report(role, address)  # a restart (new incarnation) ends an ejection
             outlier = self._outliers.get(address)
             if outlier is not None and outlier.until > time.monotonic():
@@ -354,11 +358,14 @@ class Scheduler(Protocol):
     policy: str  # its name in the configuration
     reason: str  # why the last pick went where it did (for the trace)
 
-    def pick_prefill(self, prompt_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
-        """The address of the prefill instance for a prompt of ``prompt_tokens`` ("": prefill on decode)."""
+    def pick_prefill(self, prompt: Sequence[int], exclude: frozenset[str] = frozenset()) -> str:
+        """The address of the prefill instance for ``prompt`` (its token ids; "": prefill on decode)."""
 
-    def pick_decode(self, prompt_tokens: int, max_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
+    def pick_decode(self, prompt: Sequence[int], max_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
         """The address of the decode instance that will hold the request's KV."""
+
+    def routed(self, role: str, address: str, prompt: Sequence[int]) -> None:
+        """``prompt`` went to ``address``: it will hold the prompt's prefix blocks (cache-aware routing)."""
 
     def begin(self, role: str, address: str, tokens: int) -> None:
         """Work of ``tokens`` (prefill: prompt tokens; decode: KV tokens) started on ``address``."""
@@ -383,6 +390,9 @@ class _Outstanding:
         self.tokens[address] -= tokens
         self.requests[address] -= 1
 
+    def routed(self, role: str, address: str, prompt: Sequence[int]) -> None:
+        pass
+
 
 class RoundRobinScheduler(_Outstanding):
     policy = "round_robin"
@@ -398,13 +408,13 @@ class RoundRobinScheduler(_Outstanding):
         self.reason = f"round robin: turn {self._turn[role]} of {len(candidates)} instances"
         return candidates[self._turn[role] % len(candidates)]
 
-    def pick_prefill(self, prompt_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
+    def pick_prefill(self, prompt: Sequence[int], exclude: frozenset[str] = frozenset()) -> str:
         if not self.registry.instances["prefill"]:
             self.reason = "colocated: no prefill instances"
             return ""
         return self._pick("prefill", exclude)
 
-    def pick_decode(self, prompt_tokens: int, max_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
+    def pick_decode(self, prompt: Sequence[int], max_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
         return self._pick("decode", exclude)
 
 
@@ -420,7 +430,8 @@ class LoadAwareScheduler(_Outstanding):
         self._rng = rng or random.Random()
         self.local_prefills = 0  # prompts sent to decode by conditional disaggregation
 
-    def pick_prefill(self, prompt_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
+    def pick_prefill(self, prompt: Sequence[int], exclude: frozenset[str] = frozenset()) -> str:
+        prompt_tokens = len(prompt)
         if not self.registry.instances["prefill"]:
             self.reason = "colocated: no prefill instances"
             return ""
@@ -450,10 +461,128 @@ class LoadAwareScheduler(_Outstanding):
         batch = max(self.requests[address], stats.running + stats.ready + stats.queued) / max(1, stats.max_batch)
         return kv + batch
 
-    def pick_decode(self, prompt_tokens: int, max_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
+    def pick_decode(self, prompt: Sequence[int], max_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
         candidates = self.registry.candidates("decode", exclude)
         self._rng.shuffle(candidates)  # ties go to a random one
         loads = {a: self.decode_load(a) for a in candidates}
         best = min(candidates, key=loads.__getitem__)
         self.reason = "lowest KV + batch occupancy: " + ", ".join(f"{a}={v:.2f}" for a, v in loads.items())
+        return best
+
+
+class PrefixIndex:
+    """Which prefix blocks each instance holds, approximately: the keys its last load report lists
+    (``cached_blocks``, at most ``CACHED_KEYS_REPORTED``) and those of the prompts this gateway sent it
+    since (at most ``ROUTED_KEYS`` an instance, the oldest forgotten first), which cover the probe
+    interval's lag. Keys are ``pdserve.prefix.block_hashes`` at the instance's block size."""
+
+    ROUTED_KEYS = 8192
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._routed: dict[str, collections.OrderedDict[int, None]] = collections.defaultdict(collections.OrderedDict)
+        self._reported: dict[str, tuple[object, frozenset[int]]] = {}  # address -> (its report, the keys in it)
+        self._incarnation: dict[str, str] = {}  # of the instance the routed keys were sent to
+
+    def _current(self, address: str) -> None:
+        """Forgets the keys routed to an instance that restarted since (its cache started empty)."""
+        incarnation = self.registry.incarnations.get(address, "")
+        if self._incarnation.get(address) != incarnation:
+            self._routed.pop(address, None)
+            self._incarnation[address] = incarnation
+
+    @staticmethod
+    def block_size(stats) -> int:
+        if stats is None:
+            return 0
+        return getattr(stats, "kv_block_size", 0) or getattr(stats, "prefix_block_size", 0)
+
+    def _keys_reported(self, address: str) -> frozenset[int]:
+        stats = self.registry.stats.get(address)
+        if stats is None:
+            return frozenset()
+        seen = self._reported.get(address)
+        if seen is None or seen[0] is not stats:
+            seen = (stats, frozenset(stats.cached_blocks))
+            self._reported[address] = seen
+        return seen[1]
+
+    def hit_tokens(self, address: str, prompt: Sequence[int], keys: dict[int, list[int]]) -> int:
+        """Tokens of ``prompt``'s longest prefix ``address`` should hold (``keys``: the prompt's keys by block
+        size, filled as needed)."""
+        size = self.block_size(self.registry.stats.get(address))
+        if not size:
+            return 0
+        if size not in keys:
+            keys[size] = block_hashes(prompt, size, reusable_blocks(len(prompt), size))
+        self._current(address)
+        reported, routed = self._keys_reported(address), self._routed.get(address, {})
+        found = 0
+        for key in keys[size]:
+            if key not in reported and key not in routed:
+                break
+            found += 1
+        return found * size
+
+    def routed(self, address: str, prompt: Sequence[int]) -> None:
+        size = self.block_size(self.registry.stats.get(address))
+        if not size:
+            return
+        self._current(address)
+        table = self._routed[address]
+        for key in block_hashes(prompt, size):
+            table[key] = None
+            table.move_to_end(key)
+        while len(table) > self.ROUTED_KEYS:
+            table.popitem(last=False)
+
+
+class CacheAwareScheduler(LoadAwareScheduler):
+    """Load-aware, and where instances hold a prefix of the prompt cached, that counts: a prompt goes to the
+    prefill instance with the fewest tokens to compute (outstanding prompt tokens plus the prompt's tokens
+    it does not hold cached), and to the decode instance with the lowest occupancy less ``DECODE_HIT_WEIGHT``
+    times the share of the prompt it holds (a whole prompt cached outweighs half a pool's occupancy).
+    With no prefix cached anywhere it picks as ``LoadAwareScheduler`` does."""
+
+    policy = "cache_aware"
+    DECODE_HIT_WEIGHT = 0.5
+
+    def __init__(self, registry: Registry, local_prefill_tokens: int = 0, prefill_full_tokens: int = 0,
+                 rng: random.Random | None = None) -> None:
+        super().__init__(registry, local_prefill_tokens, prefill_full_tokens, rng)
+        self.index = PrefixIndex(registry)
+        self.last_hit_tokens = {"prefill": 0, "decode": 0}  # what the last pick expected to hit
+
+    def routed(self, role: str, address: str, prompt: Sequence[int]) -> None:
+        self.index.routed(address, prompt)
+
+    def pick_prefill(self, prompt: Sequence[int], exclude: frozenset[str] = frozenset()) -> str:
+        keys: dict[int, list[int]] = {}
+        if self.registry.instances["prefill"] and len(prompt) > self.local_prefill_tokens:
+            candidates = self.registry.candidates("prefill", exclude)
+            hits = {a: self.index.hit_tokens(a, prompt, keys) for a in candidates}
+            if any(hits.values()):
+                cost = {a: self.tokens[a] + len(prompt) - hits[a] for a in candidates}
+                best = min(candidates, key=cost.__getitem__)
+                if not (self.prefill_full_tokens and self.tokens[best] >= self.prefill_full_tokens):
+                    self.last_hit_tokens["prefill"] = hits[best]
+                    self.reason = ("fewest tokens to compute (outstanding + uncached): "
+                                   + ", ".join(f"{a}={cost[a]} ({hits[a]} cached)" for a in candidates))
+                    return best
+        self.last_hit_tokens["prefill"] = 0
+        return super().pick_prefill(prompt, exclude)
+
+    def pick_decode(self, prompt: Sequence[int], max_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
+        keys: dict[int, list[int]] = {}
+        candidates = self.registry.candidates("decode", exclude)
+        hits = {a: self.index.hit_tokens(a, prompt, keys) for a in candidates}
+        if not any(hits.values()):
+            self.last_hit_tokens["decode"] = 0
+            return super().pick_decode(prompt, max_tokens, exclude)
+        self._rng.shuffle(candidates)
+        score = {a: self.decode_load(a) - self.DECODE_HIT_WEIGHT * hits[a] / max(1, len(prompt)) for a in candidates}
+        best = min(candidates, key=score.__getitem__)
+        self.last_hit_tokens["decode"] = hits[best]
+        self.reason = ("lowest occupancy less cached share: "
+                       + ", ".join(f"{a}={score[a]:.2f} ({hits[a]} cached)" for a in candidates))
         return best

@@ -17,7 +17,8 @@ from pdserve.service import RunningService, cluster_auth, expose_metrics, run_se
 from pdserve.tls import ClusterAuth, TlsFiles
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.router import Router
-from services.gateway.scheduler import INSTANCE_ROLES, LoadAwareScheduler, Registry, RoundRobinScheduler
+from services.gateway.scheduler import (INSTANCE_ROLES, CacheAwareScheduler, LoadAwareScheduler, Registry,
+                                       RoundRobinScheduler)
 from services.gateway.requests import GRPC_NAMES, Frontend, RequestSpec
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,12 @@ async def start_gateway(config: cfg.GatewayConfig, info: ModelInfo | None = None
         info = await asyncio.to_thread(load_model_info, config.model)
     channels = ChannelPool(auth)
     registry = Registry(config.prefill, config.decode, probe_interval_s=config.health_interval_s, channels=channels)
-    scheduler = (RoundRobinScheduler(registry) if config.policy == "round_robin" else
-                 LoadAwareScheduler(registry, config.local_prefill_tokens, config.prefill_full_tokens))
+    policies = {"round_robin": lambda: RoundRobinScheduler(registry),
+                "load_aware": lambda: LoadAwareScheduler(registry, config.local_prefill_tokens,
+                                                         config.prefill_full_tokens),
+                "cache_aware": lambda: CacheAwareScheduler(registry, config.local_prefill_tokens,
+                                                           config.prefill_full_tokens)}
+    scheduler = policies[config.policy]()
     router = Router(info, scheduler, channels, token_timeout_s=config.token_timeout_s)
     # Configured names (compose services) resolve to one instance per address; each is checked once now.
     await registry.probe_once()

@@ -17,6 +17,7 @@ from pdserve import config as cfg
 from pdserve import telemetry
 from pdserve.convert import check_address, check_id, check_token_ids, sampling_from_proto
 from pdserve.engine.prefill import KVBytes, PrefillEngine
+from pdserve.engine.prefix_store import PrefixStore
 from pdserve.errors import Cancelled, DataLoss, FailedPrecondition, InvalidArgument, NotFound, PdserveError
 from pdserve.kv.cuda_ipc import MappedPools, local_device
 from pdserve.kv.grpc_sender import GrpcKVSender, IpcKVSender, ShmKVSender
@@ -27,6 +28,7 @@ from pdserve.kv.wire import KVLayout
 from pdserve.logs import bind_request
 from pdserve.metrics import PrefillMetrics
 from pdserve.model import LoadedModel
+from pdserve.prefix import CACHED_KEYS_REPORTED
 from pdserve.registration import start_announcer
 from pdserve.rpc import ChannelPool, add_servicer, error_from_rpc, rpc_errors, start_server
 from pdserve.service import RunningService, cluster_auth, expose_metrics, load_model_for, run_service, service_main
@@ -89,6 +91,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             "pdserve_prefill_queue_tokens": ("Prefill: prompt tokens not yet prefilled", self._engine.queued_tokens),
             "pdserve_kv_inflight_bytes": ("Prefill: KV bytes of unfinished or kept transfers", self.inflight.used),
             "pdserve_kv_kept_transfers": ("Prefill: transfers whose KV is kept for a re-push", len(self._kept)),
+            "pdserve_prefill_prompt_tokens": ("Prefill: prompt tokens by where their KV came from (computed by a "
+                                              "forward pass, or cached: the prefix cache)",
+                                              {(("source", "computed"),): self._engine.computed_tokens,
+                                               (("source", "cached"),): self._engine.cached_tokens}),
+            "pdserve_prefix_cache_bytes": ("Prefill: bytes of KV in the prefix cache",
+                                           store.nbytes if (store := self._engine.prefix_store) else 0),
         }
 
     def _observe(self, result, token_count: int) -> None:
@@ -101,6 +109,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         telemetry.at("prefill.queue", queued_ns, result.forward_start_ns)
         telemetry.at("prefill.forward", result.forward_start_ns, result.forward_end_ns,
                      attributes={"pdserve.prompt_tokens": token_count, "pdserve.passes": result.passes,
+                                 "pdserve.prefix_hit_tokens": result.cached_tokens,
                                  "pdserve.forward_ms": round(result.forward_ms, 3)})
 
     def _transferred(self, receipt, transport: str, forward_end_ns: int = 0) -> None:
@@ -225,7 +234,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             return
         check_address(request.decode_address, "decode_address")
         check_id(request.transfer_id, "transfer_id")
-        layout = self._engine.layout(request.transfer_id, len(token_ids))
+        skip = request.skip_tokens  # decode holds these tokens' KV already: the transfer starts after them
+        if skip >= len(token_ids):
+            raise InvalidArgument(f"skip_tokens: {skip} must leave some of the prompt's {len(token_ids)} tokens to send")
+        layout = self._engine.layout(request.transfer_id, len(token_ids) - skip)
         kv = KVBytes(self.inflight, layout.total_bytes)
         sender = None
         kept = False
@@ -235,17 +247,19 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             await transfer_step(sender.open(layout))
 
             def on_layer(layer, start, keys, values) -> None:  # on the engine's worker thread, mid-pass
-                chunks.append((layer, start, keys, values))
-                sender.stage(layer, start, keys, values)
+                chunks.append((layer, start - skip, keys, values))
+                sender.stage(layer, start - skip, keys, values)
 
-            result = await self._engine.prefill(token_ids, sampling, on_layer, request.first_index, kv, name)
+            result = await self._engine.prefill(token_ids, sampling, on_layer, request.first_index, kv, name,
+                                                emit_from=skip)
             self._observe(result, len(token_ids))
             log.debug("request_id=%s prefilled %d tokens in %.1f ms", request.request_id, len(token_ids), result.forward_ms)
             yield self._first_token(result)
             try:
                 receipt = await transfer_step(sender.finish(result.first_token))
             except DataLoss as exc:
-                # Decode failed (or refused) after the prompt was computed: keep the KV for a Repush.
+                if skip:  # a part of a prompt's KV helps only a decode holding the rest: nothing to keep
+                    raise
                 await sender.abort()
                 self.forget(request.decode_address)
                 kept = True
@@ -326,11 +340,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     @rpc_errors
     async def GetStats(self, request, context):
-        engine = self._engine
+        engine, store = self._engine, self._engine.prefix_store
         return prefill_pb2.PrefillStats(
             incarnation=self.incarnation, queued_prompts=engine.queued_prompts, queued_tokens=engine.queued_tokens,
             max_queued_tokens=engine.max_queued_tokens, tokens_per_s=engine.tokens_per_s, passes=engine.passes,
-            refused=engine.refused, kv_inflight_bytes=self.inflight.used, kv_pools_mapped=len(self._pools))
+            refused=engine.refused, kv_inflight_bytes=self.inflight.used, kv_pools_mapped=len(self._pools),
+            computed_tokens=engine.computed_tokens, cached_tokens=engine.cached_tokens,
+            prefix_cache_bytes=store.nbytes if store else 0, prefix_block_size=store.block_size if store else 0,
+            cached_blocks=store.cached_keys(CACHED_KEYS_REPORTED) if store else ())
 
     @staticmethod
     def _transfer_done(receipt, result) -> prefill_pb2.PrefillEvent:
@@ -346,15 +363,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     @staticmethod
     def _first_token(result) -> prefill_pb2.PrefillEvent:
         return prefill_pb2.PrefillEvent(first_token=prefill_pb2.FirstToken(
-            token_id=result.first_token, queue_ms=result.queue_ms, forward_ms=result.forward_ms))
+            token_id=result.first_token, queue_ms=result.queue_ms, forward_ms=result.forward_ms,
+            cached_tokens=result.cached_tokens))
 
 
 async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = None) -> RunningService:
     """Loads the model (unless given) and starts the server; returns when serving."""
     loaded = loaded or await load_model_for(config)
+    store = PrefixStore(config.prefix_cache_limit, config.prefix_block_size) if config.prefix_cache_limit else None
     engine = PrefillEngine(loaded, config.prefill_token_budget, config.prefill_chunk_tokens,
                            max_partial=config.max_partial_prefills, max_queued_tokens=config.max_queued_tokens,
-                           kv_inflight_bytes=config.kv_inflight_limit)
+                           kv_inflight_bytes=config.kv_inflight_limit, prefix_store=store)
     auth = cluster_auth(config)
     channels = ChannelPool(auth)
     sweep_orphans()
