@@ -34,6 +34,20 @@ def test_mixes_have_the_promised_shapes():
     assert Workload(num_requests=5, seed=1).lengths() == Workload(num_requests=5, seed=1).lengths()
     with pytest.raises(ValueError, match="dataset"):
         Workload(dataset="sharegpt")
+    shared = Workload(num_requests=12, dataset="shared-prefix", prefixes=3, prefix_len=(40, 40), input_len=(5, 9)).requests(500)
+    assert len({tuple(p[:40]) for p, _ in shared}) == 3 and all(45 <= len(p) <= 49 for p, _ in shared)
+    talks = Workload(num_requests=10, dataset="multiturn", turns=4, prefix_len=(30, 30), input_len=(5, 5)).conversations(500)
+    assert [len(t) for t in talks] == [4, 4, 2] and all(len(t[0][0]) == 35 and len(t[1][0]) == 5 for t in talks)
+
+
+async def test_a_multiturn_benchmark_sends_each_turn_the_conversation_so_far(tiny_cluster):
+    workload = Workload(num_requests=6, dataset="multiturn", turns=3, prefix_len=(40, 40), input_len=(6, 6),
+                        output_len=(5, 5), seed=2)
+    results, wall = await run(tiny_cluster.address, workload, vocab_size=1024, progress=False)
+    assert [r.prompt_tokens for r in results] == [46, 46 + 5 + 6, 46 + 2 * (5 + 6)] * 2
+    summary = summarize(results, wall, 10.0, 1.0)
+    assert summary["completed"] == 6 and summary["kv_hit_rate"] > 0.3  # later turns' history is cached on decode
+    assert summary["prompt_tokens_computed"] < summary["prompt_tokens"]
 
 
 async def test_benchmark_smoke_against_a_cluster(tiny_cluster):

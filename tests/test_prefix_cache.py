@@ -243,3 +243,28 @@ async def test_cache_aware_routing_sends_a_prefix_where_it_is_cached():
             await d.stop(grace=0.5)
     # After each system prompt's first request, every request goes where its prefix is: all hit.
     assert sum(hits) == 10 * 64 == metrics and "cached" in reason
+
+
+async def test_requests_waiting_for_blocks_hold_no_cached_blocks_so_they_cannot_starve_the_one_ahead():
+    """Queued requests whose prompts are cached used to hold those blocks while they waited: with a small
+    pool the request at the head could then never fit (none free, none evictable) and, not ending before
+    it, the others were never let past it: a deadlock until every deadline passed."""
+    from pdserve.engine.admission import Admission
+
+    alloc = BlockAllocator(11, prefix_cache=True)  # 10 blocks
+    for keys in ([1, 2, 3], [4, 5, 6]):  # two cached prompts, idle
+        blocks = alloc.allocate(3)
+        alloc.cache(blocks, keys)
+        alloc.free(blocks)
+    admission = Admission(alloc, max_queued=8)
+    running = admission.request(4, steps=10)
+    head = admission.request(8, steps=10)
+    behind = [admission.request(5, steps=100, keys=keys) for keys in ([1, 2, 3], [4, 5, 6])]
+    assert running.blocks and not head.blocks and not any(t.blocks for t in behind)
+    assert alloc.num_free == 6  # the cached blocks are still free to evict: nobody holds them while waiting
+    admission.started(running)
+    admission.release(running)
+    assert len(head.blocks) == 8 and head.granted.done()
+    admission.release(head)
+    assert all(t.granted.done() for t in behind)
+    assert sum(t.cached_blocks for t in behind) < 6  # the head's grant evicted some of the cached blocks

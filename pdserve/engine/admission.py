@@ -42,12 +42,15 @@ DEADLINE_MARGIN = 1.2
 
 @dataclass(eq=False)
 class Ticket:
-    blocks_needed: int  # blocks to allocate (beyond ``shared``)
+    blocks_total: int  # its block table's length: every block it can need
     steps: int = 1  # decode steps it runs for at most, once running
-    blocks: list[int] = field(default_factory=list)  # once granted: its block table, ``shared`` first
-    shared: list[int] = field(default_factory=list)  # cached prefix blocks it holds (its table's first)
+    blocks: list[int] = field(default_factory=list)  # once granted: its block table
     keys: list[int] = field(default_factory=list)  # its prompt's reusable prefix keys (prefix cache)
+    blocks_needed: int = 0  # blocks it takes from the free ones (less a cached prefix it shares), as last seen
     cached_blocks: int = 0  # once granted: its table's first blocks hold a cached prefix (shared or copied)
+
+    def __post_init__(self) -> None:
+        self.blocks_needed = self.blocks_total
     granted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     started: int | None = None  # the step it joined the batch (None: not running yet)
     order: int = 0  # arrival number: granted requests take batch slots in this order
@@ -87,9 +90,9 @@ class Admission:
     def request(self, blocks_needed: int, steps: int = 1, deadline_s: float | None = None,
                 keys: list[int] = ()) -> Ticket:
         """A ticket whose ``granted`` future resolves once its blocks are allocated. ``keys``: the prefix keys
-        of its prompt's reusable blocks; the blocks of the longest cached prefix of them are shared rather
-        than allocated (looked up now, and again while it waits, as requests ahead finish), head its table
-        and are given back with its own (also when refused or cancelled). Raises
+        of its prompt's reusable blocks: when it is granted, the blocks of their longest cached prefix head
+        its table, shared rather than allocated (or copied, with ``copy_blocks``). Nothing is held while it
+        waits: a queued request pinning cached blocks could starve the one ahead of it. Raises
         ``InvalidArgument`` for a request that can never fit and ``ResourceExhausted`` (with a retry hint)
         when it cannot be served in time: the queue is full, or it would finish after ``deadline_s``."""
         capacity = self._allocator.capacity
@@ -97,7 +100,6 @@ class Admission:
             raise InvalidArgument(f"the request needs {blocks_needed} KV blocks; this instance's pool has {capacity} in all")
         self._arrivals += 1
         ticket = Ticket(blocks_needed, max(1, steps), order=self._arrivals, keys=list(keys))
-        self._share_cached(ticket)
         self._queue.append(ticket)
         self._admit()
         if not ticket.blocks and len(self._queue) > self.max_queued:
@@ -120,7 +122,6 @@ class Admission:
             self.release(ticket)
         else:
             self._queue.remove(ticket)
-            self._allocator.free(ticket.shared)
         self.refused += 1
         free, capacity = self._allocator.num_free, self._allocator.capacity
         raise ResourceExhausted(f"decode busy: {free} of {capacity} KV blocks free, {len(self._granted)} requests "
@@ -146,7 +147,6 @@ class Admission:
         if ticket in self._queue:
             self._queue.remove(ticket)
             ticket.granted.cancel()
-            self._allocator.free(ticket.shared)
             self._admit()  # a large ticket leaving may unblock smaller ones
         elif ticket.blocks:
             self.release(ticket)
@@ -158,28 +158,30 @@ class Admission:
         self._allocator.free(blocks)
         self._admit()
 
-    def _share_cached(self, ticket: Ticket) -> None:
-        """Shares the cached blocks of the ticket's longest cached prefix beyond those it holds already."""
-        if len(ticket.shared) >= len(ticket.keys):
-            return
-        found = self._allocator.match(ticket.keys)
-        extra = found[len(ticket.shared):]
-        if extra and found[:len(ticket.shared)] == ticket.shared:
-            self._allocator.share(extra)
-            ticket.shared += extra
-            if self._copy_blocks is None:
-                ticket.blocks_needed -= len(extra)
-
-    def _grant(self, ticket: Ticket) -> None:
-        ticket.cached_blocks = len(ticket.shared)
+    def _cost(self, ticket: Ticket) -> tuple[list[int], int]:
+        """The cached prefix blocks it would get now, and the blocks granting it would take from the free
+        ones: those it allocates, and the cached ones it would share that nobody holds (idle blocks count as
+        free until shared)."""
+        found = self._allocator.match(ticket.keys) if ticket.keys else []
+        idle = self._allocator.idle_among(found)
         if self._copy_blocks is None:
-            ticket.blocks = ticket.shared + self._allocator.allocate(ticket.blocks_needed)
+            ticket.blocks_needed = ticket.blocks_total - len(found)
+            return found, ticket.blocks_needed + idle
+        ticket.blocks_needed = ticket.blocks_total
+        if found and not self._allocator.can_allocate(ticket.blocks_total + idle):
+            return [], ticket.blocks_total  # no room to keep the cached ones while copying: compute instead
+        return found, ticket.blocks_total + idle
+
+    def _grant(self, ticket: Ticket, found: list[int]) -> None:
+        self._allocator.share(found)
+        ticket.cached_blocks = len(found)
+        if self._copy_blocks is None:
+            ticket.blocks = found + self._allocator.allocate(ticket.blocks_needed)
         else:  # copies of the cached blocks in blocks of its own; the cached ones are let go
             ticket.blocks = self._allocator.allocate(ticket.blocks_needed)
-            if ticket.shared:
-                self._copy_blocks(ticket.shared, ticket.blocks[:len(ticket.shared)])
-                self._allocator.free(ticket.shared)
-                ticket.shared = []
+            if found:
+                self._copy_blocks(found, ticket.blocks[:len(found)])
+                self._allocator.free(found)
         self._granted.add(ticket)
         if not ticket.granted.done():
             ticket.granted.set_result(None)
@@ -208,17 +210,16 @@ class Admission:
         for ticket in queue:
             if ticket.granted.done():
                 continue  # cancelled meanwhile
-            self._share_cached(ticket)  # a request that finished meanwhile may have cached its prefix
-            need = ticket.blocks_needed
+            found, need = self._cost(ticket)  # a request that finished meanwhile may have cached its prefix
             if head_step is None:
                 if self._allocator.can_allocate(need):
-                    self._grant(ticket)
+                    self._grant(ticket, found)
                     continue
                 head_step, extra = self._shadow(need)
             elif self._allocator.can_allocate(need) and (now + ticket.steps <= head_step or need <= extra):
                 if now + ticket.steps > head_step:
                     extra -= need  # still holding them when the head's turn comes
-                self._grant(ticket)
+                self._grant(ticket, found)
                 self.backfilled += 1
                 continue
             self._queue.append(ticket)

@@ -112,6 +112,10 @@ class BlockAllocator:
             found.append(block)
         return found
 
+    def idle_among(self, blocks: list[int]) -> int:
+        """How many of these cached blocks nobody holds (they count as free until shared)."""
+        return sum(1 for block in blocks if block in self._idle)
+
     def share(self, blocks: list[int]) -> None:
         """One more request holds these cached blocks (``match``'s answer): they cannot be evicted until it
         ``free``s them."""
