@@ -23,7 +23,7 @@ from pdserve.rpc import check_health
 from pdserve.sdk import Client
 from pdserve.tls import make_certificates
 from pdserve_cli.cluster import free_port
-from tests.test_compose import QUESTION, ROOT, Compose, docker_ready, expected_tokens, log
+from tests.test_compose import QUESTION, ROOT, Compose, expected_tokens, log, require_docker
 
 pytestmark = [pytest.mark.slow, pytest.mark.compose]
 
@@ -88,11 +88,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    why = docker_ready()
-    if why:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI runs the swarm tests, but {why}")
-        pytest.skip(why)
+    require_docker("swarm")
     compose = Compose()
     subprocess.run(["bash", "docker/prepare.sh"], cwd=ROOT, env=compose.env, check=True, timeout=900)
     log("building the images (cached after the compose tests)")

@@ -275,10 +275,8 @@ class KVPool:
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Block ``dst[i]`` of every layer's K and V becomes a copy of block ``src[i]``."""
-        bs = self.block_size
-        offsets = torch.arange(bs)
-        to_slots = lambda blocks: (torch.tensor(blocks, dtype=torch.long)[:, None] * bs + offsets).flatten()  # noqa: E731
-        s, d = to_slots(src).to(self.device), to_slots(dst).to(self.device)
+        tokens = len(src) * self.block_size
+        s, d = self.slots(src, 0, tokens), self.slots(dst, 0, tokens)
         self.storage[:, :, d] = self.storage[:, :, s]
 
     def read(self, table: list[int], layer: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
