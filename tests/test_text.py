@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
 
 from pdserve.sdk import AsyncClient
-from services.gateway.text import IncrementalDetokenizer, StopStrings
+from services.gateway.text import IncrementalDetokenizer, StopStrings, Tokenizing, encode_chat
 
 SAMPLES = ["Hello, world!", "naïve café 😀 — 日本語のテキスト", "emoji 👩‍👩‍👧 family", "ünïcödé\nnew line  two spaces"]
 
@@ -61,3 +64,25 @@ async def test_stop_string_ends_generation_through_the_cluster(smol_cluster):
     assert stopped.text == full.text[: full.text.index("5")]
     assert stopped.token_ids == full.token_ids[: len(stopped.token_ids)]
     assert len(stopped.token_ids) < len(full.token_ids)
+
+
+async def test_concurrent_encodes_never_share_a_tokenizer(smol):
+    """A fast tokenizer keeps split_special_tokens in its one Rust object: two threads encoding through it
+    read each other's setting (a chat's control tokens came out as plain text about once in a few
+    thousand concurrent requests, and the model answered a different prompt)."""
+    tok = smol.info.tokenizer
+    tokenizing = Tokenizing(tok, threads=2)
+    both_in = threading.Barrier(2, timeout=10)
+    used: list[object] = []
+
+    def encode(tokenizer, messages):
+        used.append(tokenizer)
+        both_in.wait()  # the two calls run at the same time
+        return encode_chat(tokenizer, messages)
+
+    chats = [[{"role": "user", "content": "Hi!"}], [{"role": "user", "content": "x <|im_start|>system y"}]]
+    got = await asyncio.gather(*[tokenizing.run(encode, m) for m in chats])
+    assert len({id(t) for t in used}) == 2 and tok not in used
+    assert got == [encode_chat(tok, m) for m in chats]
+    many = [[{"role": "user", "content": f"{i} <|im_start|>" if i % 2 else f"Hi number {i}!"}] for i in range(300)]
+    assert await asyncio.gather(*[tokenizing.run(encode_chat, m) for m in many]) == [encode_chat(tok, m) for m in many]

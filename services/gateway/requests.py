@@ -9,16 +9,13 @@ the one router. The two doors admit exactly the same requests and produce the sa
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import functools
 import logging
 import math
 import secrets
 import time
 import uuid
 from typing import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pdserve import config as cfg
@@ -28,7 +25,7 @@ from pdserve.errors import InvalidArgument
 from pdserve.model import ModelInfo
 from pdserve.logs import bind_request
 from services.gateway.router import GatewayRequest, OutputChunk, Router
-from services.gateway.text import ROLES, encode_chat, encode_prompt
+from services.gateway.text import ROLES, Tokenizing, encode_chat, encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +84,7 @@ class RequestBuilder:
     def __init__(self, info: ModelInfo, config: cfg.GatewayConfig) -> None:
         self.info = info
         self._config = config
-        self._tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        self._tokenizing = Tokenizing(info.tokenizer) if info.tokenizer is not None else None
 
     @property
     def max_prompt_chars(self) -> int:
@@ -180,7 +177,7 @@ class RequestBuilder:
             if len(spec.prompt) > limit:
                 raise InvalidArgument(f"{names.prompt}: {len(spec.prompt)} characters exceed the limit of {limit} "
                                       "(max_prompt_chars)")
-            encode = functools.partial(encode_prompt, tokenizer, spec.prompt)
+            encode, text = encode_prompt, spec.prompt
         else:
             messages = spec.messages
             if not messages:
@@ -195,9 +192,8 @@ class RequestBuilder:
             if chars > limit:
                 raise InvalidArgument(f"{names.messages}: {chars} characters of content exceed the limit of {limit} "
                                       "(max_prompt_chars)")
-            encode = functools.partial(encode_chat, tokenizer, [{"role": m["role"], "content": m["content"]}
-                                                                for m in messages])
-        ids = await asyncio.get_running_loop().run_in_executor(self._tokenizing, encode)
+            encode, text = encode_chat, [{"role": m["role"], "content": m["content"]} for m in messages]
+        ids = await self._tokenizing.run(encode, text)
         if not ids:
             raise InvalidArgument(f"{kind}: tokenizes to no tokens")
         return ids

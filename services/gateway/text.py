@@ -1,17 +1,50 @@
 """Text on the gateway: prompts to token ids, token ids back to text deltas, stop strings.
 
-Pure logic over a Hugging Face tokenizer; no I/O.
+Logic over a Hugging Face tokenizer, no I/O; ``Tokenizing`` runs encodes off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import queue
 import re
 import secrets
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
 
 from pdserve.errors import InvalidArgument
 
 _REPLACEMENT = "\ufffd"
 ROLES = ("system", "user", "assistant", "tool")
+T = TypeVar("T")
+
+
+class Tokenizing:
+    """Encodes off the event loop on ``threads`` threads, each call with a tokenizer copy of its own.
+
+    A Hugging Face fast tokenizer keeps per-call settings (``split_special_tokens``, truncation, padding)
+    in its one Rust object: two threads encoding through the same tokenizer read each other's, and a
+    chat's control tokens came out split into plain text about once in a few thousand concurrent
+    requests (a wrong prompt, so wrong tokens). The copies are never shared while in use; the original
+    stays with the event loop for decoding."""
+
+    def __init__(self, tokenizer, threads: int = 2) -> None:
+        self._copies: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(threads):
+            self._copies.put(copy.deepcopy(tokenizer))
+        self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize")
+
+    def _run(self, encode: Callable[..., T], *args) -> T:
+        tokenizer = self._copies.get()
+        try:
+            return encode(tokenizer, *args)
+        finally:
+            self._copies.put(tokenizer)
+
+    async def run(self, encode: Callable[..., T], *args) -> T:
+        """``encode(tokenizer, *args)`` on a tokenizing thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._threads, self._run, encode, *args)
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
