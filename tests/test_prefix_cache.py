@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pdserve import config as cfg
+from pdserve.engine.admission import Admission
 from pdserve.engine.kv_pool import BlockAllocator
 from pdserve.engine.prefill import PrefillEngine
 from pdserve.engine.prefix_store import PrefixStore
@@ -64,6 +65,33 @@ def test_the_pool_keeps_finished_blocks_shares_them_and_evicts_the_least_recentl
     assert alloc.num_free == 8 and alloc.num_used == 0
     with pytest.raises(AssertionError):
         alloc.free(shared)  # freed twice
+
+
+async def test_where_a_block_may_be_in_one_table_only_an_idle_hit_is_taken_and_a_held_one_copied():
+    """The flex kernel's case: a cached block nobody holds joins the request's table as it is, one another
+    request holds is copied; either way the hit costs no more blocks than a miss (a pool full of running
+    requests used to evict the cached prefix to make room for copies of it: ~1 hit in 24 under pressure)."""
+    alloc = BlockAllocator(13, prefix_cache=True)  # blocks 1..12
+    copies = []
+    admission = Admission(alloc, max_queued=8, copy_blocks=lambda src, dst: copies.append((src, dst)))
+    first = admission.request(4, keys=[1, 2])
+    await first.granted
+    cached = first.blocks[:3]
+    alloc.cache(first.blocks, [1, 2, 3])
+    admission.release(first)  # its 3 full blocks cached, idle
+    second = admission.request(4, keys=[1, 2])
+    await second.granted
+    assert second.cached_blocks == 2 and second.blocks[:2] == cached[:2] and copies == []  # taken
+    third = admission.request(4, keys=[1, 2])
+    await third.granted
+    assert third.cached_blocks == 2 and copies == [(cached[:2], third.blocks[:2])]  # held: copied
+    assert not set(third.blocks) & set(second.blocks)  # one table per block
+    fourth = admission.request(4, keys=[1, 2])  # 12 blocks: 4 + 4 + 4, the hit costs nothing extra
+    await fourth.granted
+    assert fourth.cached_blocks == 2 and alloc.num_free == 0
+    for ticket in (second, third, fourth):
+        admission.release(ticket)
+    assert alloc.num_used == 0 and alloc.match([1, 2, 3]) == cached[:2]  # block 3 was evicted for the fourth
 
 
 def test_the_prefill_store_finds_the_longest_prefix_and_drops_turns_a_later_one_covers():
@@ -187,7 +215,7 @@ async def test_concurrent_requests_sharing_a_prefix_under_eviction_pressure_stay
         await cluster.stop()
     for prompt, result in zip(prompts, results):
         assert result.token_ids == reference_greedy(loaded, prompt, 12, ignore_eos=True)
-    assert stats["prefix_hit_tokens"] >= 48 and stats["kv_blocks_evicted"] > 0
+    assert stats["prefix_hit_tokens"] >= 10 * 48 and stats["kv_blocks_evicted"] > 0  # most after the first few
     assert stats["refused"] == 0 and stats["kv_blocks_used"] == 0
 
 

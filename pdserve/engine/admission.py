@@ -66,7 +66,8 @@ class Admission:
                  copy_blocks: Callable[[list[int], list[int]], None] | None = None) -> None:
         """``clock()``: decode steps taken so far; ``step_ms()``: recent time per step (0: unknown yet, so
         no refusal by estimate). ``copy_blocks(src, dst)``: where requests cannot read cached blocks in place,
-        a granted request gets blocks of its own for its cached prefix too, copied from the cached ones."""
+        a cached block is in one request's table at a time: a granted request takes an idle one as it is and
+        copies one another request holds into a block of its own."""
         self._allocator = allocator
         self._copy_blocks = copy_blocks
         self.max_queued = max_queued
@@ -91,7 +92,7 @@ class Admission:
                 keys: list[int] = ()) -> Ticket:
         """A ticket whose ``granted`` future resolves once its blocks are allocated. ``keys``: the prefix keys
         of its prompt's reusable blocks: when it is granted, the blocks of their longest cached prefix head
-        its table, shared rather than allocated (or copied, with ``copy_blocks``). Nothing is held while it
+        its table, shared rather than allocated (with ``copy_blocks``: taken while idle, else copied). Nothing is held while it
         waits: a queued request pinning cached blocks could starve the one ahead of it. Raises
         ``InvalidArgument`` for a request that can never fit and ``ResourceExhausted`` (with a retry hint)
         when it cannot be served in time: the queue is full, or it would finish after ``deadline_s``."""
@@ -160,28 +161,39 @@ class Admission:
 
     def _cost(self, ticket: Ticket) -> tuple[list[int], int]:
         """The cached prefix blocks it would get now, and the blocks granting it would take from the free
-        ones: those it allocates, and the cached ones it would share that nobody holds (idle blocks count as
-        free until shared)."""
+        ones: those it allocates, and the cached ones it would hold that nobody holds (idle blocks count as
+        free until held). With ``copy_blocks`` that is its whole table: an idle cached block becomes one of
+        its own, a held one is copied into a block it allocates."""
         found = self._allocator.match(ticket.keys) if ticket.keys else []
-        idle = self._allocator.idle_among(found)
         if self._copy_blocks is None:
             ticket.blocks_needed = ticket.blocks_total - len(found)
-            return found, ticket.blocks_needed + idle
+            return found, ticket.blocks_needed + sum(self._allocator.idle(found))
         ticket.blocks_needed = ticket.blocks_total
-        if found and not self._allocator.can_allocate(ticket.blocks_total + idle):
-            return [], ticket.blocks_total  # no room to keep the cached ones while copying: compute instead
-        return found, ticket.blocks_total + idle
+        return found, ticket.blocks_total
 
     def _grant(self, ticket: Ticket, found: list[int]) -> None:
-        self._allocator.share(found)
+        idle = self._allocator.idle(found)
+        self._allocator.share(found)  # held now: nothing below evicts them
         ticket.cached_blocks = len(found)
         if self._copy_blocks is None:
             ticket.blocks = found + self._allocator.allocate(ticket.blocks_needed)
-        else:  # copies of the cached blocks in blocks of its own; the cached ones are let go
-            ticket.blocks = self._allocator.allocate(ticket.blocks_needed)
-            if found:
-                self._copy_blocks(found, ticket.blocks[:len(found)])
-                self._allocator.free(found)
+        else:
+            # A block may be in one request's table only: an idle cached block it takes as it is (it stays
+            # cached; nobody else can take it while it holds it), a block another request holds it copies.
+            fresh = iter(self._allocator.allocate(ticket.blocks_total - sum(idle)))
+            table, src, dst = [], [], []
+            for block, alone in zip(found, idle):
+                if alone:
+                    table.append(block)
+                else:
+                    table.append(next(fresh))
+                    src.append(block)
+                    dst.append(table[-1])
+            table.extend(fresh)
+            if src:
+                self._copy_blocks(src, dst)
+                self._allocator.free(src)
+            ticket.blocks = table
         self._granted.add(ticket)
         if not ticket.granted.done():
             ticket.granted.set_result(None)

@@ -112,9 +112,9 @@ class BlockAllocator:
             found.append(block)
         return found
 
-    def idle_among(self, blocks: list[int]) -> int:
-        """How many of these cached blocks nobody holds (they count as free until shared)."""
-        return sum(1 for block in blocks if block in self._idle)
+    def idle(self, blocks: list[int]) -> list[bool]:
+        """Which of these cached blocks nobody holds (they count as free until shared)."""
+        return [block in self._idle for block in blocks]
 
     def share(self, blocks: list[int]) -> None:
         """One more request holds these cached blocks (``match``'s answer): they cannot be evicted until it
@@ -269,7 +269,7 @@ class KVPool:
     @property
     def shares_blocks(self) -> bool:
         """Whether requests may read the same cached block in place. The flex kernel's mask gives each block
-        one owning row a step, so there a cached prefix is copied into the request's own blocks instead
+        one owning row a step, so there a request takes an idle cached block as it is and copies one another request holds
         (``copy_blocks``, at device bandwidth); gather + SDPA reads any block any row's table lists."""
         return self.kernel != "flex"
 
