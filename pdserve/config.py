@@ -123,8 +123,14 @@ class PrefillBatchConfig:
     max_partial_prefills: int = field(default=2, metadata={
         "help": "most long prompts being prefilled chunk by chunk at once (each holds its earlier chunks' KV); "
                 "prompts that fit in one chunk are never held back by them"})
+    prefill_max_pass_s: float = field(default=1.0, metadata={
+        "help": "a prefill forward pass is planned to take at most about this many seconds, by the recent passes' "
+                "times (a long prompt's chunks shrink, fewer short prompts join one): a prompt that arrives waits "
+                "for at most about one pass before its own starts (0: no limit)"})
 
     def __post_init__(self) -> None:
+        if not self.prefill_max_pass_s >= 0:
+            raise ConfigError(f"prefill_max_pass_s: must be >= 0, got {self.prefill_max_pass_s}")
         if self.prefill_token_budget < 1:
             raise ConfigError(f"prefill_token_budget: must be >= 1, got {self.prefill_token_budget}")
         if self.prefill_chunk_tokens < 0:

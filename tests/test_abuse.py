@@ -300,7 +300,7 @@ def test_pass_times_tell_overhead_tokens_and_attention_apart():
     from pdserve.engine.prefill import PassTimes
 
     def cost(segments):  # 50 ms a pass, 0.1 ms a token, 2 ms per million query-key pairs
-        x = PassTimes.features(segments)
+        x = PassTimes().features(segments)
         return 0.05 + 1e-4 * x[1] + 2e-3 * x[2]
 
     times = PassTimes()

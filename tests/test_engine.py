@@ -10,7 +10,7 @@ import torch
 
 from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason, SeqState
 from pdserve.engine.kv_pool import BlockAllocator, KVPool, blocks_for
-from pdserve.engine.prefill import PrefillEngine, packed_inputs, plan_batch
+from pdserve.engine.prefill import MIN_CHUNK, PassLimit, PassTimes, PrefillEngine, packed_inputs, plan_batch
 from pdserve.engine.prefill import _Planned as FakeJob  # what plan_batch reads of a job
 from pdserve.engine.sampling import SamplingParams
 from pdserve.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -108,8 +108,8 @@ def test_flex_step_mask_is_exactly_each_rows_own_tokens():
 # ---- the prefill batcher ------------------------------------------------------------------
 
 
-def plan_of(jobs, budget, chunk, max_partial=2, start=lambda job: True):
-    return [(jobs.index(s.job), s.start, s.count) for s in plan_batch(jobs, budget, chunk, max_partial, start)]
+def plan_of(jobs, budget, chunk, max_partial=2, start=lambda job: True, limit=None):
+    return [(jobs.index(s.job), s.start, s.count) for s in plan_batch(jobs, budget, chunk, max_partial, start, limit)]
 
 
 def test_batcher_packs_whole_prompts_up_to_the_budget():
@@ -146,6 +146,34 @@ def test_short_prompts_never_wait_behind_long_ones_and_long_ones_always_progress
     assert {p[0] for p in plan_of(longs, 2048, 512)} == {0, 1}
     longs[0].done = 8191
     assert {p[0] for p in plan_of(longs, 2048, 512)} == {1, 2}
+
+
+def test_passes_are_planned_within_the_time_limit():
+    """A chunk deep into a long prompt costs its attention over everything before it: the chunk shrinks so
+    the pass keeps to the limit (on a 2-core CPU a 512-token chunk at depth 8k took ~8 s, and every prompt
+    arriving waited for it), short prompts still join, and nothing is starved."""
+    cost = PassTimes()  # 10 ms a pass, 1 ms a token, 1 s per million query-key pairs
+    for segments in ([(0, 10)], [(0, 200)], [(4000, 100)], [(0, 50), (2000, 300)], [(7000, 512)]):
+        x = cost.features(segments)
+        cost.add(segments, 0.01 + 1e-3 * x[1] + 1.0 * x[2])
+    limit = PassLimit(cost.seconds, 1.0)
+    deep = FakeJob([0] * 8191)
+    deep.done = 7000
+    alone = plan_of([deep], 2048, 512, limit=limit)
+    assert alone[0][:2] == (0, 7000) and 100 < alone[0][2] < 512  # alone: the whole limit
+    assert 0.9 < cost.seconds([(7000, alone[0][2])]) <= 1.0
+    shorts = [FakeJob([0] * 40) for _ in range(30)]
+    plan = plan_of([deep, *shorts], 2048, 512, limit=limit)
+    seconds = cost.seconds([(start, count) for _, start, count in plan])
+    assert plan[0][:2] == (0, 7000) and cost.seconds([(7000, plan[0][2])]) <= 0.5  # half while others wait
+    assert 0.9 < seconds <= 1.0 and len(plan) > 2  # short prompts fill the rest, in arrival order
+    assert [i for i, _, _ in plan[1:]] == list(range(1, len(plan)))
+    # However deep, a long prompt keeps progressing (MIN_CHUNK tokens when alone), and a short prompt that
+    # alone overruns the limit still runs when nothing is planned before it.
+    deeper = FakeJob([0] * 10**6)
+    deeper.done = 900_000
+    assert plan_of([deeper], 2048, 512, limit=limit) == [(0, 900_000, MIN_CHUNK)]
+    assert plan_of([FakeJob([0] * 500)], 2048, 512, limit=PassLimit(cost.seconds, 0.01)) == [(0, 0, 500)]
 
 
 def test_prompts_start_only_when_their_kv_fits_in_flight():

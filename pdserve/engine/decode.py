@@ -153,7 +153,8 @@ class _PoolPrefix:
 class DecodeEngine:
     def __init__(self, loaded: LoadedModel, *, kv_budget: int, block_size: int = 16, max_batch: int = 32,
                  max_queued: int = 256, prefill_token_budget: int = 2048, prefill_chunk_tokens: int = 512,
-                 max_partial_prefills: int = 2, paged_kernel: str = "auto", kv_lease_s: float = 60.0,
+                 max_partial_prefills: int = 2, prefill_max_pass_s: float = 1.0, paged_kernel: str = "auto",
+                 kv_lease_s: float = 60.0,
                  kv_transfer_max_s: float = 300.0, cuda_graphs: bool = True, prefix_cache: bool = False) -> None:
         self.kv_lease_s = kv_lease_s
         self.kv_transfer_max_s = kv_transfer_max_s
@@ -173,7 +174,7 @@ class DecodeEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-engine")
         # Prompts prefilled here (colocated serving) share the worker thread with decode steps.
         self.local_prefill = PrefillEngine(loaded, prefill_token_budget, prefill_chunk_tokens, executor=self._executor,
-                                           max_partial=max_partial_prefills)
+                                           max_partial=max_partial_prefills, max_pass_s=prefill_max_pass_s)
         self._waiting: dict[str, DecodeSequence] = {}   # by transfer id: blocks granted, KV not complete
         self._transfer_began = asyncio.Event()          # a transfer's first header arrived
         # Failed CUDA IPC transfers whose producer may still write into their blocks: freed when their

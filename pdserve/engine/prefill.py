@@ -128,29 +128,35 @@ class PassTimes:
     ``pairs`` counts the query-key pairs attention scores (a chunk deep into a long prompt attends to
     everything before it): exponentially weighted least squares. A pass of a few tokens costs mostly its
     overhead, a full one its tokens, a late chunk of a long prompt its attention: a rate alone misjudges
-    all three."""
+    all three. ``dense``: attention scores every query of the pass against every key of it (the CPU's
+    packed pass under one block-diagonal mask), not each segment against its own prompt's."""
 
-    def __init__(self, decay: float = 0.95) -> None:
+    def __init__(self, decay: float = 0.95, dense: bool = False) -> None:
         self.decay = decay
+        self.dense = dense
         self._xx = np.zeros((3, 3))
         self._xy = np.zeros(3)
         self._tokens = self._seconds = 0.0
-        self._coef: np.ndarray | None = None
+        self._coef: tuple[float, float, float] | None = None
 
-    @staticmethod
-    def features(segments: Sequence[tuple[int, int]]) -> np.ndarray:
+    def features(self, segments: Sequence[tuple[int, int]]) -> tuple[float, float, float]:
         """(1, tokens, query-key pairs / 1e6) of a pass of (start, count) segments."""
-        return np.array([1.0, float(sum(c for _, c in segments)), sum(c * (s + (c + 1) / 2) for s, c in segments) / 1e6])
+        tokens = sum(c for _, c in segments)
+        if self.dense:
+            pairs = tokens * sum(s + c for s, c in segments)
+        else:
+            pairs = sum(c * (s + (c + 1) / 2) for s, c in segments)
+        return 1.0, float(tokens), pairs / 1e6
 
     def add(self, segments: Sequence[tuple[int, int]], seconds: float) -> None:
-        x = self.features(segments)
+        x = np.array(self.features(segments))
         self._xx = self.decay * self._xx + np.outer(x, x)
         self._xy = self.decay * self._xy + x * seconds
         self._tokens = self.decay * self._tokens + x[1]
         self._seconds = self.decay * self._seconds + seconds
         coef = np.linalg.lstsq(self._xx + 1e-9 * np.eye(3), self._xy, rcond=None)[0]
         # Passes too alike to tell the terms apart give nonsense signs: then the mean rate per token.
-        self._coef = coef if (coef >= 0).all() else None
+        self._coef = tuple(float(c) for c in coef) if (coef >= 0).all() else None
 
     @property
     def tokens_per_s(self) -> float:
@@ -160,10 +166,11 @@ class PassTimes:
         """A pass of (start, count) segments (None before the first pass)."""
         if not self._seconds:
             return None
-        x = self.features(segments)
+        one, tokens, pairs = self.features(segments)
         if self._coef is None:
-            return x[1] * self._seconds / self._tokens if self._tokens else self._seconds
-        return float(x @ self._coef)
+            return tokens * self._seconds / self._tokens if self._tokens else self._seconds
+        overhead, per_token, per_pair = self._coef
+        return overhead + per_token * tokens + per_pair * pairs
 
 
 @dataclass(eq=False)
@@ -215,25 +222,63 @@ class Segment:
         return self.start + self.count == len(self.job.token_ids)
 
 
+MIN_CHUNK = 16  # a pass's time limit never cuts a long prompt's chunk below this many tokens
+
+
+@dataclass(frozen=True)
+class PassLimit:
+    """The longest a planned pass should take: ``max_s`` seconds by ``seconds`` (``PassTimes.seconds``, the
+    recent passes' fit; None before the first pass: no limit yet)."""
+
+    seconds: Callable[[Sequence[tuple[int, int]]], float | None]
+    max_s: float
+
+    def fit(self, plan: Sequence[Segment], start: int, want: int, max_s: float) -> int:
+        """The most tokens, up to ``want``, of a segment from prompt token ``start`` that keep ``plan`` and it
+        within ``max_s`` seconds (0 if none do)."""
+        shape = [(seg.start, seg.count) for seg in plan]
+
+        def within(count: int) -> bool:
+            seconds = self.seconds([*shape, (start, count)])
+            return seconds is None or seconds <= max_s
+
+        if within(want):
+            return want
+        lo, hi = 0, want - 1  # the largest count within: binary search (the cost grows with the count)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if within(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
 def plan_batch(queue: Sequence[PrefillJob], token_budget: int, chunk_tokens: int, max_partial: int = 2,
-               start: Callable[[PrefillJob], bool] = lambda job: True) -> list[Segment]:
-    """The segments of the next forward pass, at most ``token_budget`` tokens (a lone whole prompt excepted).
+               start: Callable[[PrefillJob], bool] = lambda job: True, limit: PassLimit | None = None) -> list[Segment]:
+    """The segments of the next forward pass, at most ``token_budget`` tokens (a lone whole prompt excepted)
+    and, with a ``limit``, at most about ``limit.max_s`` seconds.
 
     Chunked (``chunk_tokens > 0``), in this order while the budget lasts:
 
-    1. the oldest prompt already being chunked: its next chunk (long prompts always progress);
+    1. the oldest prompt already being chunked: its next chunk (long prompts always progress), within half
+       the time limit when others wait;
     2. prompts not yet started that fit in one chunk, in arrival order, whole: short prompts never wait
-       behind long ones;
+       behind long ones (the first that would overrun the time limit waits for the next pass, and so do
+       those behind it);
     3. the other prompts being chunked: a chunk each;
     4. long prompts not yet started, in arrival order, a chunk each, while fewer than ``max_partial``
        prompts are being chunked (each holds its earlier chunks' KV); the first that cannot start ends
        this step, so long prompts start in arrival order.
 
-    A long prompt's chunk may be shorter than ``chunk_tokens`` to fill the budget; a prompt alone in the
-    queue is chunked by the budget instead (chunks exist so others need not wait: with nobody waiting, a
-    few full passes beat many small ones, whose launch overhead a GPU cannot hide). Without chunking, whole
-    prompts go in arrival order; one that does not fit the room left is passed over for later ones that
-    do, and runs alone, even past the budget, once nothing is planned before it.
+    A long prompt's chunk may be shorter than ``chunk_tokens`` to fill the budget or to keep the pass within
+    the time limit (never below ``MIN_CHUNK`` tokens: then it waits, unless nothing else is planned); the
+    limit bounds how long a prompt that arrives waits for its own pass on any hardware (a chunk deep into a
+    long prompt costs its attention over everything before it). A prompt alone in the queue is chunked by
+    the budget instead (chunks exist so others need not wait: with nobody waiting, a few full passes beat
+    many small ones, whose launch overhead a GPU cannot hide). Without chunking, whole prompts go in
+    arrival order; one that does not fit the room left is passed over for later ones that do, and runs
+    alone, even past the budget and the time limit, once nothing is planned before it.
 
     ``start(job)`` is asked once before a prompt's first segment is planned; False (no room for its KV in
     flight yet, say) passes it over for now.
@@ -249,30 +294,49 @@ def plan_batch(queue: Sequence[PrefillJob], token_budget: int, chunk_tokens: int
         plan.append(Segment(job, job.done, count))
         room -= count
 
+    def fit(job: PrefillJob, want: int, share: float = 1.0) -> int:
+        """Tokens of a chunk of the job, up to ``want``, within ``share`` of the time limit: at least
+        MIN_CHUNK (or 0), and at least that when nothing is planned yet."""
+        if limit is None:
+            return want
+        count = limit.fit(plan, job.done, want, limit.max_s * share)
+        floor = min(want, MIN_CHUNK)
+        if not plan:
+            return max(count, floor)
+        return count if count >= floor else 0
+
+    def fits_whole(job: PrefillJob) -> bool:
+        """Whether the job's whole remaining prompt keeps the pass within the time limit (always, first)."""
+        return limit is None or not plan or limit.fit(plan, job.done, job.remaining, limit.max_s) == job.remaining
+
     if chunk_tokens <= 0:
         for job in live:
-            if (job.remaining <= room or not plan) and start(job):
+            if (job.remaining <= room or not plan) and fits_whole(job) and start(job):
                 add(job, job.remaining)
             if room <= 0:
                 break
         return plan
     partial = [job for job in live if job.started]
     if partial:
-        add(partial[0], min(partial[0].remaining, chunk_tokens, room))
+        add(partial[0], fit(partial[0], min(partial[0].remaining, chunk_tokens, room), 0.5 if len(live) > 1 else 1.0))
     for job in live:
-        if not job.started and job.remaining <= min(chunk_tokens, room) and start(job):
-            add(job, job.remaining)
+        if not job.started and job.remaining <= min(chunk_tokens, room):
+            if not fits_whole(job):
+                break
+            if start(job):
+                add(job, job.remaining)
     for job in partial[1:]:
-        if room > 0:
-            add(job, min(job.remaining, chunk_tokens, room))
+        if room > 0 and (count := fit(job, min(job.remaining, chunk_tokens, room))):
+            add(job, count)
     for job in live:
         if room <= 0 or len(partial) >= max_partial:
             break
         if not job.started and job.remaining > chunk_tokens:
-            if not start(job):
+            count = fit(job, min(job.remaining, chunk_tokens, room))
+            if not count or not start(job):
                 break
             partial.append(job)
-            add(job, min(job.remaining, chunk_tokens, room))
+            add(job, count)
     return plan
 
 
@@ -395,10 +459,12 @@ class PrefillEngine:
     """
 
     BYTES_AGING_S = 5.0
+    MAX_PLANNED_PASSES = 2048  # an admission estimate plans at most this many passes one by one
 
     def __init__(self, loaded: LoadedModel, token_budget: int = 2048, chunk_tokens: int = 512,
                  executor: Executor | None = None, max_partial: int = 2, max_queued_tokens: int = 65536,
-                 kv_inflight_bytes: int = 1 << 30, prefix_store: PrefixStore | None = None) -> None:
+                 kv_inflight_bytes: int = 1 << 30, prefix_store: PrefixStore | None = None,
+                 max_pass_s: float = 1.0) -> None:
         self._loaded = loaded
         self.prefix_store = prefix_store  # recent prompts' KV, reused by prompts that start the same way
         self.computed_tokens = 0  # prompt tokens computed by forward passes
@@ -415,7 +481,6 @@ class PrefillEngine:
         self._task: asyncio.Task | None = None
         self.passes = 0
         self.peak_batch = 0  # most prompts in one pass
-        self.pass_times = PassTimes()  # recent passes' cost, for the queue's estimates
         self.refused = 0
         # On a GPU in 16-bit floats: flash attention over variable-length segments (no dense mask), through
         # the attention function pdserve registers with transformers (float32 keeps the dense mask: flash
@@ -423,6 +488,9 @@ class PrefillEngine:
         self.segment_attention = loaded.device.type == "cuda" and loaded.dtype in (torch.bfloat16, torch.float16)
         if self.segment_attention:
             use_paged_attention(loaded.model)
+        self.pass_times = PassTimes(dense=not self.segment_attention)  # recent passes' cost, for estimates and limits
+        # Passes planned to take at most about max_pass_s: a prompt that arrives waits for at most about one.
+        self._limit = PassLimit(self.pass_times.seconds, max_pass_s) if max_pass_s > 0 else None
 
     @property
     def info(self):
@@ -449,39 +517,40 @@ class PrefillEngine:
     def tokens_per_s(self) -> float:
         return self.pass_times.tokens_per_s
 
-    def estimated_s(self, tokens: int, max_passes: int = 256) -> float | None:
+    def estimated_s(self, tokens: int, horizon_s: float = math.inf, alone: bool = False) -> float | None:
         """Seconds until a prompt of ``tokens`` queued now would be done: the queue's next passes planned as
-        ``plan_batch`` would plan them, each timed by the recent passes (None before the first pass)."""
+        ``plan_batch`` would plan them, each timed by the recent passes (None before the first pass;
+        ``alone``: with nothing ahead of it). Planning stops once the passes add up past ``horizon_s``."""
         if self.pass_times.seconds([(0, 1)]) is None:
             return None
-        queue = [_Planned(range(len(job.token_ids)), job.done, cached=job.cached) for job in self._queue if not job.cancelled]
+        queue = [] if alone else [_Planned(range(len(job.token_ids)), job.done, cached=job.cached)
+                                  for job in self._queue if not job.cancelled]
         mine = _Planned(range(tokens))
         queue.append(mine)
         total = 0.0
-        for _ in range(max_passes):
-            plan = plan_batch(queue, self.token_budget, self.chunk_tokens, self.max_partial)
-            if not plan:
-                break
+        for _ in range(self.MAX_PLANNED_PASSES):
+            if not mine.remaining or total > horizon_s:
+                return total
+            plan = plan_batch(queue, self.token_budget, self.chunk_tokens, self.max_partial, limit=self._limit)
             total += self.pass_times.seconds([(seg.start, seg.count) for seg in plan])
             for seg in plan:
                 seg.job.done += seg.count
-            if not mine.remaining:
-                return total
-        return total if not mine.remaining else math.inf
-
-    def _alone_s(self, tokens: int) -> float:
-        """Seconds a prompt of ``tokens`` takes with nothing ahead of it."""
-        step = self.chunk_tokens or tokens
-        return sum(self.pass_times.seconds([(s, min(step, tokens - s))]) for s in range(0, tokens, step))
+        # Too many passes to plan one by one: the rest of the queue up to it at the recent rate.
+        ahead = sum(job.remaining for job in queue[:queue.index(mine) + 1])
+        return total + ahead / max(self.pass_times.tokens_per_s, 1e-9)
 
     def check_admission(self, tokens: int, deadline_s: float | None = None) -> None:
         """Raises ``ResourceExhausted`` (with a retry hint) unless a prompt of ``tokens`` can queue now and,
         by the recent passes, the queue ahead of it does not push it past ``deadline_s`` seconds."""
         queued = self.queued_tokens
-        estimate = self.estimated_s(tokens)
-        alone = self._alone_s(tokens) if estimate is not None else 0.0
+        full = queued + tokens > self.max_queued_tokens
+        if not full and deadline_s is None:
+            return
+        horizon = deadline_s * DEADLINE_MARGIN if deadline_s is not None else 3600.0
+        estimate = self.estimated_s(tokens, horizon)
+        alone = self.estimated_s(tokens, horizon, alone=True) if estimate is not None else 0.0
         hint_ms = round(max(0.01, min(estimate or 1.0, 3600) - alone) * 1e3)
-        if queued + tokens > self.max_queued_tokens:
+        if full:
             why = f"{queued} prompt tokens queued, at most {self.max_queued_tokens}"
         elif deadline_s is not None and estimate is not None and alone <= deadline_s < estimate * DEADLINE_MARGIN:
             why = (f"it would be done in about {estimate:.1f} s ({queued} tokens queued, {self.tokens_per_s:.0f} "
@@ -547,7 +616,8 @@ class PrefillEngine:
         loop = asyncio.get_running_loop()
         while True:
             self._queue = [job for job in self._queue if not job.cancelled]
-            plan = plan_batch(self._queue, self.token_budget, self.chunk_tokens, self.max_partial, self._starter())
+            plan = plan_batch(self._queue, self.token_budget, self.chunk_tokens, self.max_partial, self._starter(),
+                              self._limit)
             if not plan:
                 self._wake.clear()
                 await self._wake.wait()

@@ -210,7 +210,8 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
                           block_size=config.kv_block_size, max_batch=config.max_batch, max_queued=config.max_queued,
                           prefill_token_budget=config.prefill_token_budget,
                           prefill_chunk_tokens=config.prefill_chunk_tokens,
-                          max_partial_prefills=config.max_partial_prefills, paged_kernel=config.paged_kernel,
+                          max_partial_prefills=config.max_partial_prefills,
+                          prefill_max_pass_s=config.prefill_max_pass_s, paged_kernel=config.paged_kernel,
                           kv_lease_s=config.kv_lease_s, kv_transfer_max_s=config.kv_transfer_max_s,
                           cuda_graphs=config.cuda_graphs, prefix_cache=config.prefix_cache)
     engine.start()

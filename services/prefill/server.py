@@ -373,7 +373,8 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
     store = PrefixStore(config.prefix_cache_limit, config.prefix_block_size) if config.prefix_cache_limit else None
     engine = PrefillEngine(loaded, config.prefill_token_budget, config.prefill_chunk_tokens,
                            max_partial=config.max_partial_prefills, max_queued_tokens=config.max_queued_tokens,
-                           kv_inflight_bytes=config.kv_inflight_limit, prefix_store=store)
+                           kv_inflight_bytes=config.kv_inflight_limit, prefix_store=store,
+                           max_pass_s=config.prefill_max_pass_s)
     auth = cluster_auth(config)
     channels = ChannelPool(auth)
     sweep_orphans()
