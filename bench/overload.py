@@ -58,19 +58,22 @@ class Outcome:
     ttft_s: float | None = None
     seconds: float = 0.0  # to the end (served) or to the error
     detail: str = ""  # the error's message
+    tokens: int = 0  # tokens received (an error after the first: it failed in decode)
 
 
 async def timed(kind: str, client: AsyncClient, timeout: float | None = None, **kwargs) -> Outcome:
     """One request through the stream API: its status, TTFT and duration."""
     started = time.perf_counter()
     ttft = None
+    tokens = 0
     try:
         async for chunk in client.stream(timeout=timeout, **kwargs):
             if ttft is None and chunk.token_ids:
                 ttft = time.perf_counter() - started
+            tokens += len(chunk.token_ids)
     except PdserveError as exc:
-        return Outcome(kind, exc.status, ttft, time.perf_counter() - started, str(exc)[:300])
-    return Outcome(kind, "OK", ttft, time.perf_counter() - started)
+        return Outcome(kind, exc.status, ttft, time.perf_counter() - started, str(exc)[:300], tokens)
+    return Outcome(kind, "OK", ttft, time.perf_counter() - started, tokens=tokens)
 
 
 def report(outcomes: list[Outcome]) -> dict:
@@ -83,7 +86,10 @@ def report(outcomes: list[Outcome]) -> dict:
                          "ttft_s": percentiles(served) if served else {},
                          "refusal_s": percentiles(refused) if refused else {},
                          "errors": {status: sorted({o.detail for o in mine if o.status == status})[:3]
-                                    for status in {o.status for o in mine} - {"OK"}}}
+                                    for status in {o.status for o in mine} - {"OK"}},
+                         # Where admitted requests that missed their deadline were: (TTFT, tokens received).
+                         "deadline_exceeded": [(o.ttft_s and round(o.ttft_s, 2), o.tokens) for o in mine
+                                               if o.status == "DEADLINE_EXCEEDED"][:50]}
     return by_kind
 
 

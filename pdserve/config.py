@@ -293,6 +293,10 @@ class GatewayConfig(ServerConfig):
     prefill_full_tokens: int = field(default=0, metadata={
         "help": "conditional disaggregation: while every prefill instance has this many prompt tokens "
                 "outstanding, prompts are prefilled on decode (0: never)"})
+    local_uncached_tokens: int = field(default=256, metadata={
+        "help": "conditional disaggregation by cache hit (policy cache_aware): a prompt that the decode instance "
+                "picked for it holds cached but for at most this many tokens (and for at least half of it: a "
+                "conversation's next turn) is prefilled there, computing only those, moving no KV (0: never)"})
 
     http_listen: str = field(default="127.0.0.1:8000", metadata={
         "help": "host:port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
@@ -333,7 +337,7 @@ class GatewayConfig(ServerConfig):
             raise ConfigError(f"max_prompt_chars: must be >= 0, got {self.max_prompt_chars}")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy: must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        for name in ("local_prefill_tokens", "prefill_full_tokens"):
+        for name in ("local_prefill_tokens", "prefill_full_tokens", "local_uncached_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("health_interval_s", "token_timeout_s", "request_timeout_s"):

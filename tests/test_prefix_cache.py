@@ -161,14 +161,18 @@ async def conversation(address: str, turns: list[list[int]], max_tokens: int):
     return results
 
 
-@pytest.mark.parametrize("prefill_cache,decode_cache", [("0", False), ("1GiB", False), ("0", True), ("1GiB", True)],
-                         ids=["off", "prefill-only", "decode-only", "both"])
+@pytest.mark.parametrize("prefill_cache,decode_cache,local", [
+    ("0", False, 0), ("1GiB", False, 0), ("0", True, 0), ("1GiB", True, 0), ("1GiB", True, 256)],
+    ids=["off", "prefill-only", "decode-only", "both", "both-local"])
 async def test_a_multi_turn_conversation_is_token_identical_with_the_cache_and_moves_only_new_kv(
-        smol, prefill_cache, decode_cache):
+        smol, prefill_cache, decode_cache, local):
+    """``local``: conditional disaggregation by cache hit (the default): a turn whose history the decode
+    instance holds is prefilled there, computing only the new tokens and moving no KV."""
     rng = random.Random(7)
     turns = [words(rng, smol.info.vocab_size, n) for n in (90, 20, 30, 25)]
     cluster = await start_cluster(smol, decode_options={"prefix_cache": decode_cache},
-                                  prefill_options={"prefix_cache_bytes": prefill_cache})
+                                  prefill_options={"prefix_cache_bytes": prefill_cache},
+                                  gateway_options={"local_uncached_tokens": local})
     try:
         results = await conversation(cluster.address, turns, 10)
         prefill, decode = cluster.prefill.engine, cluster.decode.engine.stats()
@@ -177,8 +181,15 @@ async def test_a_multi_turn_conversation_is_token_identical_with_the_cache_and_m
     for prompt, result in results:
         assert result.token_ids == reference_greedy(smol, prompt, 10, ignore_eos=True)
     prompt_tokens = sum(len(p) for p, _ in results)
-    kv_bytes = [r.server_timings["kv_bytes"] for _, r in results]
+    kv_bytes = [r.server_timings.get("kv_bytes", 0) for _, r in results]  # a zero field is absent
     token_bytes = smol.info.kv.bytes_per_token(smol.dtype)
+    if local:  # turns after the first: on decode, from its cached history
+        assert decode["local_prefills"] == 3 and kv_bytes[1:] == [0, 0, 0]
+        assert prefill.computed_tokens == len(results[0][0])
+        computed = [len(p) - r.server_timings.get("cached_tokens", 0) for p, r in results[1:]]
+        assert all(n <= len(user) + 10 + 16 for n, user in zip(computed, turns[1:]))  # new tokens, a block at most
+        return
+    assert decode["local_prefills"] == 0
     if prefill_cache != "0":  # each turn computes little more than its new tokens
         assert prefill.cached_tokens >= prompt_tokens - sum(map(len, turns)) - 10 * 3 - 3 * 16
         assert prefill.computed_tokens + prefill.cached_tokens == prompt_tokens

@@ -24,7 +24,9 @@ instance with the lowest KV-pool plus batch occupancy; it also decides
 conditional disaggregation: a prompt up to ``local_prefill_tokens``, or any
 prompt while every prefill instance has ``prefill_full_tokens`` outstanding,
 is prefilled on the decode instance itself (``pick_prefill`` returns
-``""``). ``RoundRobinScheduler`` cycles through the instances. Both skip
+``""``). ``CacheAwareScheduler`` (the default) adds what instances hold cached,
+and prefills on decode a prompt that the picked decode instance holds cached
+but for a few tokens. ``RoundRobinScheduler`` cycles through the instances. Both skip
 those the request already failed on. The router reports the work it starts
 and ends on each instance (``begin``/``end``), which is what the load-aware
 policy counts between stats reports. With no prefill instances the cluster is
@@ -542,15 +544,19 @@ class CacheAwareScheduler(LoadAwareScheduler):
     prefill instance with the fewest tokens to compute (outstanding prompt tokens plus the prompt's tokens
     it does not hold cached), and to the decode instance with the lowest occupancy less ``DECODE_HIT_WEIGHT``
     times the share of the prompt it holds (a whole prompt cached outweighs half a pool's occupancy).
-    With no prefix cached anywhere it picks as ``LoadAwareScheduler`` does."""
+    Conditional disaggregation by cache hit: a prompt that decode instance holds cached but for at most
+    ``local_uncached_tokens`` (and for at least half of it: a conversation's next turn, say) is prefilled
+    there: only the rest is computed and no KV moves. With no prefix cached anywhere it picks as
+    ``LoadAwareScheduler`` does."""
 
     policy = "cache_aware"
     DECODE_HIT_WEIGHT = 0.5
 
     def __init__(self, registry: Registry, local_prefill_tokens: int = 0, prefill_full_tokens: int = 0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, local_uncached_tokens: int = 0) -> None:
         super().__init__(registry, local_prefill_tokens, prefill_full_tokens, rng)
         self.index = PrefixIndex(registry)
+        self.local_uncached_tokens = local_uncached_tokens
         self.last_hit_tokens = {"prefill": 0, "decode": 0}  # what the last pick expected to hit
 
     def routed(self, role: str, address: str, prompt: Sequence[int]) -> None:
@@ -558,6 +564,16 @@ class CacheAwareScheduler(LoadAwareScheduler):
 
     def pick_prefill(self, prompt: Sequence[int], exclude: frozenset[str] = frozenset()) -> str:
         keys: dict[int, list[int]] = {}
+        if self.registry.instances["prefill"] and self.local_uncached_tokens:
+            candidates, hits, score = self._decode_scores(prompt, exclude, keys)
+            best = min(candidates, key=score.__getitem__, default="")
+            uncached = len(prompt) - hits.get(best, 0)
+            if best and 2 * hits[best] >= len(prompt) and uncached <= self.local_uncached_tokens:
+                self.local_prefills += 1
+                self.last_hit_tokens["prefill"] = 0
+                self.reason = (f"on decode: {best} holds {hits[best]} of the prompt's {len(prompt)} tokens cached, "
+                               f"{uncached} to compute <= local_uncached_tokens")
+                return ""
         if self.registry.instances["prefill"] and len(prompt) > self.local_prefill_tokens:
             candidates = self.registry.candidates("prefill", exclude)
             hits = {a: self.index.hit_tokens(a, prompt, keys) for a in candidates}
@@ -572,15 +588,20 @@ class CacheAwareScheduler(LoadAwareScheduler):
         self.last_hit_tokens["prefill"] = 0
         return super().pick_prefill(prompt, exclude)
 
-    def pick_decode(self, prompt: Sequence[int], max_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
-        keys: dict[int, list[int]] = {}
+    def _decode_scores(self, prompt: Sequence[int], exclude: frozenset[str],
+                       keys: dict[int, list[int]]) -> tuple[list[str], dict[str, int], dict[str, float]]:
+        """The decode candidates, the prompt tokens each holds cached, and each one's score (lowest wins)."""
         candidates = self.registry.candidates("decode", exclude)
         hits = {a: self.index.hit_tokens(a, prompt, keys) for a in candidates}
+        score = {a: self.decode_load(a) - self.DECODE_HIT_WEIGHT * hits[a] / max(1, len(prompt)) for a in candidates}
+        return candidates, hits, score
+
+    def pick_decode(self, prompt: Sequence[int], max_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
+        candidates, hits, score = self._decode_scores(prompt, exclude, {})
         if not any(hits.values()):
             self.last_hit_tokens["decode"] = 0
             return super().pick_decode(prompt, max_tokens, exclude)
         self._rng.shuffle(candidates)
-        score = {a: self.decode_load(a) - self.DECODE_HIT_WEIGHT * hits[a] / max(1, len(prompt)) for a in candidates}
         best = min(candidates, key=score.__getitem__)
         self.last_hit_tokens["decode"] = hits[best]
         self.reason = ("lowest occupancy less cached share: "

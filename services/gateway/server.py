@@ -148,7 +148,8 @@ async def start_gateway(config: cfg.GatewayConfig, info: ModelInfo | None = None
                 "load_aware": lambda: LoadAwareScheduler(registry, config.local_prefill_tokens,
                                                          config.prefill_full_tokens),
                 "cache_aware": lambda: CacheAwareScheduler(registry, config.local_prefill_tokens,
-                                                           config.prefill_full_tokens)}
+                                                           config.prefill_full_tokens,
+                                                           local_uncached_tokens=config.local_uncached_tokens)}
     scheduler = policies[config.policy]()
     router = Router(info, scheduler, channels, token_timeout_s=config.token_timeout_s)
     # Configured names (compose services) resolve to one instance per address; each is checked once now.
