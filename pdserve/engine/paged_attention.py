@@ -8,10 +8,11 @@ function gathers each row's tokens through the step's block tables and runs
 SDPA with a per-row length mask (``gather`` kernel, the CPU default), or
 FlexAttention reads the pool in place through a block mask over the rows' own
 blocks (``flex`` kernel, the GPU default: compiled, block-sparse, no gather
-copy). A prefill pass on a GPU passes ``segments=PackedSegments`` instead:
-flash attention over its packed segments as variable-length sequences
-(``SegmentPrefillCache``). Calls with neither (a prefill pass on a CPU, with
-its own 4-D mask; ``generate()``) fall through to transformers' SDPA.
+copy). A prefill pass passes ``segments=PackedSegments`` instead: flash
+attention over its packed segments as variable-length sequences on a GPU in
+16-bit floats, SDPA over each segment elsewhere (``SegmentPrefillCache``).
+Calls with neither (a prefill pass with its own 4-D mask, float32 on a GPU;
+``generate()``) fall through to transformers' SDPA.
 """
 
 from __future__ import annotations
@@ -53,19 +54,41 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch
                                                    max_k, 0.0, True, False, scale=scale)[0]
 
 
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """What ``_flash_varlen`` computes for one sequence, with SDPA (a CPU, or float32): (T, H, D) each, the
+    causal mask aligned to the last key."""
+    n, m = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    gqa = qh.shape[1] != kh.shape[1]
+    if n == m:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out[0].transpose(0, 1)
+
+
 def _segments_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         segments: PackedSegments, scaling: float | None) -> torch.Tensor:
     q = query[0].transpose(0, 1)  # (S, Hq, D)
     out = torch.empty_like(q)
     n = segments.fresh_tokens
-    if n:
+    flash = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    if n and flash:
         out[:n] = _flash_varlen(q[:n], key[0, :, :n].transpose(0, 1), value[0, :, :n].transpose(0, 1),
                                 segments.fresh_lengths, segments.fresh_lengths, segments.fresh_max,
                                 segments.fresh_max, scaling)
+    elif n:  # each segment on its own: no query scores another prompt's keys
+        bounds = segments.fresh_lengths.tolist()
+        for a, b in zip(bounds, bounds[1:]):
+            out[a:b] = _sdpa_causal(q[a:b], key[0, :, a:b].transpose(0, 1), value[0, :, a:b].transpose(0, 1), scaling)
     for (offset, count, total, cu_q, cu_k), (keys, values) in zip(segments.continuing,
                                                                    segments.prefixes[module.layer_idx]):
-        out[offset:offset + count] = _flash_varlen(q[offset:offset + count], keys, values, cu_q, cu_k, count, total,
-                                                   scaling)
+        if flash:
+            out[offset:offset + count] = _flash_varlen(q[offset:offset + count], keys, values, cu_q, cu_k, count,
+                                                       total, scaling)
+        else:
+            out[offset:offset + count] = _sdpa_causal(q[offset:offset + count], keys, values, scaling)
     return out[None]  # (1, S, Hq, D)
 
 

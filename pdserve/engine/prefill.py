@@ -3,13 +3,14 @@
 Every forward pass takes a *batch plan* (``plan_batch``): from the queue, in
 arrival order, segments of prompts up to ``token_budget`` tokens, a prompt
 longer than ``chunk_tokens`` contributing one chunk per pass. The segments are
-packed into one row (no padding); a block-diagonal causal mask keeps each
-segment attending to its own prompt, including the earlier chunks it keeps
-from previous passes. On a GPU the segments are not masked densely:
+packed into one row (no padding); each segment attends to its own prompt
+only, including the earlier chunks it keeps from previous passes:
 ``SegmentPrefillCache`` and the ``pdserve_paged`` attention run flash
-attention over variable-length segments (one call for every segment that
-starts a prompt, one per segment continuing one, reading its earlier chunks'
-KV in place from the prompt's own buffer). Each layer's new K/V is handed to
+attention over variable-length segments on a GPU (one call for every segment
+that starts a prompt, one per segment continuing one, reading its earlier
+chunks' KV in place from the prompt's own buffer) and SDPA per segment on a
+CPU; float32 on a GPU packs them under one block-diagonal causal mask
+(``PackedPrefillCache``). Each layer's new K/V is handed to
 ``on_layer`` on the worker thread as soon as it is computed (on a GPU: queued),
 while later layers still compute, and the first token is sampled when a
 prompt's last chunk has run.
@@ -482,10 +483,12 @@ class PrefillEngine:
         self.passes = 0
         self.peak_batch = 0  # most prompts in one pass
         self.refused = 0
-        # On a GPU in 16-bit floats: flash attention over variable-length segments (no dense mask), through
-        # the attention function pdserve registers with transformers (float32 keeps the dense mask: flash
-        # attention has no float32 kernel).
-        self.segment_attention = loaded.device.type == "cuda" and loaded.dtype in (torch.bfloat16, torch.float16)
+        # Attention over each segment on its own, through the attention function pdserve registers with
+        # transformers: flash attention over variable-length segments on a GPU in 16-bit floats, SDPA per
+        # segment on a CPU (one dense block-diagonal mask made every query score every key of the pass: a
+        # short prompt beside a chunk deep into a long one paid for its depth). Float32 on a GPU keeps the
+        # dense mask (flash attention has no float32 kernel).
+        self.segment_attention = loaded.device.type == "cpu" or loaded.dtype in (torch.bfloat16, torch.float16)
         if self.segment_attention:
             use_paged_attention(loaded.model)
         self.pass_times = PassTimes(dense=not self.segment_attention)  # recent passes' cost, for estimates and limits
