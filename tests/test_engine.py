@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import random
 
 import pytest
@@ -316,6 +317,27 @@ async def test_local_prefill_with_and_without_chunks_matches_generate(chunk):
     for prompt, out in zip(prompts, outputs):
         assert out == reference_greedy(loaded, prompt, 5, ignore_eos=True)
     assert engine.counters.local_prefills == 3 and engine.pool.allocator.num_used == 0
+
+
+async def test_step_time_is_what_a_request_sees_start_to_start():
+    """Admission converts steps to seconds with the step time: on a busy host the loop's own work between
+    passes (streams, transfers) was missing from it, and requests admitted at the edge of their deadline
+    missed it (issue 13's flood). 200 ms of loop work after every pass (a tiny model's pass takes a few)
+    shows in the step time."""
+    engine = make_decode(get_loaded("preset:tiny-llama"))
+    postprocess = engine._postprocess
+
+    def slow_postprocess(batch, tokens):
+        time.sleep(0.2)  # blocking the loop, as a busy one is between passes
+        postprocess(batch, tokens)
+
+    engine._postprocess = slow_postprocess
+    engine.start()
+    seq = await engine.reserve(params("busy", 8, max_tokens=8), local=True)
+    await engine.prefill_locally(seq, list(range(3, 11)))
+    await drain(seq)
+    await engine.stop()
+    assert engine.step_ms() >= 200
 
 
 async def test_cancelled_requests_give_their_blocks_back_in_every_state():

@@ -184,8 +184,10 @@ class DecodeEngine:
         self._running: list[DecodeSequence] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        # Recent steps' times: their median is what admission's estimates take (a step that compiled a
-        # kernel or captured a CUDA graph takes seconds, once; a mean would carry it for hundreds of steps).
+        # Recent steps' times as a request sees them, from one step's start to the next's (the forward pass
+        # and whatever the loop did before the next: on a busy host that was up to twice the pass); their
+        # median is what admission's estimates take (a step that compiled a kernel or captured a CUDA graph
+        # takes seconds, once; a mean would carry it for hundreds of steps).
         self._step_times: collections.deque[float] = collections.deque(maxlen=64)
         self.counters = DecodeCounters()
 
@@ -194,7 +196,7 @@ class DecodeEngine:
         return self._loaded.info
 
     def step_ms(self) -> float:
-        """The median of the recent decode steps' times (0 before the first step)."""
+        """The median of the recent decode steps' times, start to start (0 before the first step)."""
         return statistics.median(self._step_times) if self._step_times else 0.0
 
     # ---- event-loop side: admission and transfers ------------------------------------------
@@ -252,9 +254,26 @@ class DecodeEngine:
         self.counters.prompt_tokens += params.prompt_tokens
         self.counters.prefix_hit_tokens += seq.cached
         if not local:
-            self._waiting[params.transfer_id] = seq
-            asyncio.get_running_loop().call_later(self.kv_lease_s, self._check_lease, seq, time.monotonic_ns())
+            self._expect(seq)
         return seq
+
+    def expect_transfer(self, seq: DecodeSequence) -> None:
+        """A request reserved to prefill here takes its KV by transfer instead (under its transfer id: its
+        cached prefix left too much to compute here)."""
+        tid = seq.params.transfer_id
+        if seq.state is not SeqState.WAITING_KV or not seq.local:
+            raise InvalidArgument(f"transfer_id: {tid!r}: the request is not waiting to prefill here")
+        if not tid:
+            raise InvalidArgument("transfer_id: required for a transfer")
+        if tid in self._waiting:
+            raise InvalidArgument(f"transfer_id: {tid!r} is already reserved")
+        seq.local = False
+        self._expect(seq)
+
+    def _expect(self, seq: DecodeSequence) -> None:
+        """Registers a granted request's transfer, under its lease."""
+        self._waiting[seq.params.transfer_id] = seq
+        asyncio.get_running_loop().call_later(self.kv_lease_s, self._check_lease, seq, time.monotonic_ns())
 
     def _prefix_keys(self, params: DecodeParams) -> list[int]:
         """The prefix keys of the prompt's reusable blocks (none without the cache)."""
@@ -534,6 +553,7 @@ class DecodeEngine:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        previous = None  # when the previous step started, unless the loop went idle since
         while True:
             # Between steps: leave (freeing blocks), then join.
             staying = []
@@ -549,11 +569,15 @@ class DecodeEngine:
                 self.admission.started(seq.ticket)
                 self._running.append(seq)
             if not self._running:
+                previous = None
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             batch = list(self._running)
             started = time.perf_counter()
+            if previous is not None:
+                self._step_times.append((started - previous) * 1e3)
+            previous = started
             try:
                 tokens = await loop.run_in_executor(self._executor, self._step, batch)
             except Exception as exc:  # a failed forward fails the batch, not the server
@@ -565,7 +589,8 @@ class DecodeEngine:
                 continue
             elapsed_ms = (time.perf_counter() - started) * 1e3
             self.counters.step_seconds += elapsed_ms / 1e3
-            self._step_times.append(elapsed_ms)
+            if not self._step_times:
+                self._step_times.append(elapsed_ms)  # the first step: the pass alone until a whole step is seen
             self._postprocess(batch, tokens)
 
     @torch.inference_mode()
