@@ -40,7 +40,7 @@ class RequestResult:
     error: str = ""
     cached_tokens: int = 0     # prompt tokens a prefix cache supplied (not computed)
     kv_bytes: int = 0          # KV bytes transferred prefill -> decode
-    kv_cached_tokens: int = 0  # prompt tokens decode held already (not transferred)
+    kv_cached_tokens: int = 0  # prompt tokens decode held already (not transferred, or not computed there)
     token_ids: list[int] = field(default_factory=list)
 
     @property

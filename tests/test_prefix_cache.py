@@ -162,12 +162,14 @@ async def conversation(address: str, turns: list[list[int]], max_tokens: int):
 
 
 @pytest.mark.parametrize("prefill_cache,decode_cache,local", [
-    ("0", False, 0), ("1GiB", False, 0), ("0", True, 0), ("1GiB", True, 0), ("1GiB", True, 256)],
-    ids=["off", "prefill-only", "decode-only", "both", "both-local"])
+    ("0", False, 0), ("1GiB", False, 0), ("0", True, 0), ("1GiB", True, 0), ("1GiB", True, 256),
+    ("1GiB", False, 256)], ids=["off", "prefill-only", "decode-only", "both", "both-local", "local-declined"])
 async def test_a_multi_turn_conversation_is_token_identical_with_the_cache_and_moves_only_new_kv(
         smol, prefill_cache, decode_cache, local):
     """``local``: conditional disaggregation by cache hit (the default): a turn whose history the decode
-    instance holds is prefilled there, computing only the new tokens and moving no KV."""
+    instance holds is prefilled there, computing only the new tokens and moving no KV. Where the gateway's
+    index says decode holds it but it does not (here: its cache is off), decode declines and the turn is
+    prefilled on a prefill instance and transferred, as without it."""
     rng = random.Random(7)
     turns = [words(rng, smol.info.vocab_size, n) for n in (90, 20, 30, 25)]
     cluster = await start_cluster(smol, decode_options={"prefix_cache": decode_cache},
@@ -176,6 +178,7 @@ async def test_a_multi_turn_conversation_is_token_identical_with_the_cache_and_m
     try:
         results = await conversation(cluster.address, turns, 10)
         prefill, decode = cluster.prefill.engine, cluster.decode.engine.stats()
+        tried_locally = cluster.gateway.engine._scheduler.local_prefills
     finally:
         await cluster.stop()
     for prompt, result in results:
@@ -183,7 +186,9 @@ async def test_a_multi_turn_conversation_is_token_identical_with_the_cache_and_m
     prompt_tokens = sum(len(p) for p, _ in results)
     kv_bytes = [r.server_timings.get("kv_bytes", 0) for _, r in results]  # a zero field is absent
     token_bytes = smol.info.kv.bytes_per_token(smol.dtype)
-    if local:  # turns after the first: on decode, from its cached history
+    if local:  # turns after the first went to decode for its cache (and, without one, came back)
+        assert tried_locally == 3
+    if local and decode_cache:  # turns after the first: on decode, from its cached history
         assert decode["local_prefills"] == 3 and kv_bytes[1:] == [0, 0, 0]
         assert prefill.computed_tokens == len(results[0][0])
         computed = [len(p) - r.server_timings.get("cached_tokens", 0) for p, r in results[1:]]

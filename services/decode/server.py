@@ -66,7 +66,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     def _params(self, request: decode_pb2.DecodeRequest) -> DecodeParams:
         check_id(request.request_id, "request_id")
-        check_id(request.transfer_id, "transfer_id", required=not request.prompt_token_ids)
+        check_id(request.transfer_id, "transfer_id",
+                 required=not request.prompt_token_ids or request.local_max_uncached > 0)
         vocab = self._engine.info.vocab_size
         bad = [t for t in request.eos_token_ids if not 0 <= t < vocab]
         if bad:
@@ -93,6 +94,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         elif request.cache_token_ids:
             check_token_ids(list(request.cache_token_ids), self._engine.info.vocab_size, "cache_token_ids")
         seq = await self._engine.reserve(params, local=bool(prompt), deadline_s=context.time_remaining())
+        by_transfer = bool(prompt) and request.local_max_uncached > 0 and (
+            len(prompt) - seq.cached > request.local_max_uncached or 2 * seq.cached < len(prompt))
+        if by_transfer:  # its cached prefix left too much to compute here: the KV comes by transfer
+            try:
+                self._engine.expect_transfer(seq)
+            except BaseException:
+                self._engine.release(seq)
+                raise
+            prompt = []
         reserved = time.monotonic_ns()
         self.metrics.admission.observe((reserved - arrived) / 1e9)
         telemetry.at("decode.admission", arrived, reserved, attributes={"pdserve.kv_blocks": len(seq.blocks),
@@ -104,7 +114,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         tokens, first_ns, finish = 0, 0, None
         try:
             yield decode_pb2.DecodeEvent(reserved=decode_pb2.Reserved(
-                finish_ms=self._engine.admission.finish_ms(seq.ticket), cached_tokens=seq.cached))
+                finish_ms=self._engine.admission.finish_ms(seq.ticket), cached_tokens=seq.cached,
+                by_transfer=by_transfer))
             if prompt:
                 await self._engine.prefill_locally(seq, prompt)
             while (event := await seq.events.get()) is not None:

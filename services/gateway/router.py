@@ -301,6 +301,8 @@ class Router:
             prefill_addr = self._scheduler.pick_prefill(prompt, frozenset(failed))
             why = self._scheduler.reason
         local = not prefill_addr  # colocated: the decode instance prefills the prompt itself
+        # Prefilled on decode for its cache: only if that cache leaves at most this many tokens to compute.
+        local_limit = self._scheduler.local_max_uncached if local else 0
         if schedule.is_recording():
             schedule.set_attributes({"pdserve.prefill.instance": prefill_addr or "(on decode)",
                                      "pdserve.prefill.reason": why, "pdserve.avoiding": sorted(failed)})
@@ -327,12 +329,22 @@ class Router:
             # 1-2. Reserve on decode before any KV can arrive there.
             try:
                 if needs_decode:
-                    decode_addr, decode_call, decode_ms, decode_cached = await self._reserve(
+                    decode_addr, decode_call, decode_ms, decode_cached, by_transfer = await self._reserve(
                         req, eos, prompt, remaining, delivered, transfer_id, local, failed, begin, end, metadata,
-                        schedule, cache=kept is None)
+                        schedule, cache=kept is None, local_limit=local_limit)
+                    if by_transfer:  # decode's cache held less than the index said: prefill elsewhere after all
+                        local = False
+                        prefill_addr = self._scheduler.pick_prefill(prompt, frozenset(failed), local=False)
+                        why = self._scheduler.reason
+                        schedule.add_event("prefill.pick", {"instance": prefill_addr, "reason": why,
+                                                            "decode_cached_tokens": decode_cached})
+                        if schedule.is_recording():
+                            schedule.set_attributes({"pdserve.prefill.instance": prefill_addr,
+                                                     "pdserve.prefill.reason": why})
                     # Prefilled on decode: its cached prefix is not computed. Else: not transferred.
                     timings.cached_tokens = decode_cached if local else 0
-                    skip = timings.kv_cached_tokens = 0 if local else decode_cached
+                    timings.kv_cached_tokens = decode_cached
+                    skip = 0 if local else decode_cached
             except BaseException as exc:
                 telemetry.fail(schedule, exc)
                 raise
@@ -461,12 +473,14 @@ class Router:
 
     async def _reserve(self, req: GatewayRequest, eos: frozenset[int], prompt: list[int], remaining: int,
                        delivered: int, transfer_id: str, local: bool, failed: set[str], begin, end, metadata,
-                       schedule, cache: bool = True):
+                       schedule, cache: bool = True, local_limit: int = 0):
         """Opens the decode stream on an instance with room; tries each instance that is up once,
         those this request failed on last. The work counts on the instance from the moment it is picked
         (``begin``), so requests picking at the same time spread out; a refusal takes it back (``end``).
         Each pick and refusal is an event on the ``schedule`` span. With ``cache``, decode learns the prompt's
-        tokens and may answer that it holds a prefix of its KV already (returned last: those tokens)."""
+        tokens and may answer that it holds a prefix of its KV already (returned: those tokens). With
+        ``local_limit``, a ``local`` request whose cached prefix leaves more than that to compute takes its
+        KV by transfer instead (returned last: whether it does)."""
         kv_tokens = len(prompt) + remaining
         tried: set[str] = set()
         last_error: PdserveError | None = None
@@ -486,7 +500,7 @@ class Router:
                     request_id=req.request_id, transfer_id=transfer_id, prompt_tokens=len(prompt),
                     sampling=sampling_to_proto(req.sampling), eos_token_ids=sorted(eos),
                     max_tokens=remaining, first_index=delivered, prompt_token_ids=prompt if local else (),
-                    cache_token_ids=prompt if cache and not local else ()),
+                    cache_token_ids=prompt if cache and not local else (), local_max_uncached=local_limit),
                 timeout=req.time_left(), metadata=metadata)
             try:
                 event = await self._read(call, "decode", addr, failed)
@@ -511,7 +525,7 @@ class Router:
                 self.metrics.prefix_hit_tokens.labels("decode").inc(cached)
             if schedule.is_recording():
                 schedule.set_attributes({"pdserve.decode.prefix_hit_tokens": cached})
-            return addr, call, event.reserved.finish_ms, cached
+            return addr, call, event.reserved.finish_ms, cached, event.reserved.by_transfer
 
     async def _read_unless_down(self, call, address: str):
         """``call.read()``, unless the registry marks ``address`` down first (its health checks stopped being

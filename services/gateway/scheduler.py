@@ -359,9 +359,13 @@ class Scheduler(Protocol):
     registry: Registry
     policy: str  # its name in the configuration
     reason: str  # why the last pick went where it did (for the trace)
+    # After a pick_prefill that answered "" for a prompt a decode instance holds cached: the most prompt tokens
+    # the decode instance may compute (it takes the KV by transfer if its cache leaves more); 0 otherwise.
+    local_max_uncached: int
 
-    def pick_prefill(self, prompt: Sequence[int], exclude: frozenset[str] = frozenset()) -> str:
-        """The address of the prefill instance for ``prompt`` (its token ids; "": prefill on decode)."""
+    def pick_prefill(self, prompt: Sequence[int], exclude: frozenset[str] = frozenset(), local: bool = True) -> str:
+        """The address of the prefill instance for ``prompt`` (its token ids; "": prefill on decode, never
+        without ``local`` unless there are no prefill instances)."""
 
     def pick_decode(self, prompt: Sequence[int], max_tokens: int, exclude: frozenset[str] = frozenset()) -> str:
         """The address of the decode instance that will hold the request's KV."""
@@ -383,6 +387,7 @@ class _Outstanding:
         self.tokens: collections.Counter[str] = collections.Counter()
         self.requests: collections.Counter[str] = collections.Counter()
         self.reason = ""
+        self.local_max_uncached = 0
 
     def begin(self, role: str, address: str, tokens: int) -> None:
         self.tokens[address] += tokens
@@ -410,7 +415,7 @@ class RoundRobinScheduler(_Outstanding):
         self.reason = f"round robin: turn {self._turn[role]} of {len(candidates)} instances"
         return candidates[self._turn[role] % len(candidates)]
 
-    def pick_prefill(self, prompt: Sequence[int], exclude: frozenset[str] = frozenset()) -> str:
+    def pick_prefill(self, prompt: Sequence[int], exclude: frozenset[str] = frozenset(), local: bool = True) -> str:
         if not self.registry.instances["prefill"]:
             self.reason = "colocated: no prefill instances"
             return ""
@@ -432,19 +437,20 @@ class LoadAwareScheduler(_Outstanding):
         self._rng = rng or random.Random()
         self.local_prefills = 0  # prompts sent to decode by conditional disaggregation
 
-    def pick_prefill(self, prompt: Sequence[int], exclude: frozenset[str] = frozenset()) -> str:
+    def pick_prefill(self, prompt: Sequence[int], exclude: frozenset[str] = frozenset(), local: bool = True) -> str:
         prompt_tokens = len(prompt)
+        self.local_max_uncached = 0
         if not self.registry.instances["prefill"]:
             self.reason = "colocated: no prefill instances"
             return ""
-        if prompt_tokens <= self.local_prefill_tokens:
+        if local and prompt_tokens <= self.local_prefill_tokens:
             self.local_prefills += 1
             self.reason = f"on decode: prompt of {prompt_tokens} tokens <= local_prefill_tokens"
             return ""
         candidates = self.registry.candidates("prefill", exclude)
         pair = self._rng.sample(candidates, 2) if len(candidates) > 1 else candidates
         best = min(pair, key=lambda a: self.tokens[a])
-        if self.prefill_full_tokens and self.tokens[best] >= self.prefill_full_tokens:
+        if local and self.prefill_full_tokens and self.tokens[best] >= self.prefill_full_tokens:
             self.local_prefills += 1
             self.reason = f"on decode: prefill pool full ({self.tokens[best]} prompt tokens outstanding)"
             return ""  # the prefill pool is full: prefill on decode rather than queue
@@ -562,9 +568,9 @@ class CacheAwareScheduler(LoadAwareScheduler):
     def routed(self, role: str, address: str, prompt: Sequence[int]) -> None:
         self.index.routed(address, prompt)
 
-    def pick_prefill(self, prompt: Sequence[int], exclude: frozenset[str] = frozenset()) -> str:
+    def pick_prefill(self, prompt: Sequence[int], exclude: frozenset[str] = frozenset(), local: bool = True) -> str:
         keys: dict[int, list[int]] = {}
-        if self.registry.instances["prefill"] and self.local_uncached_tokens:
+        if local and self.registry.instances["prefill"] and self.local_uncached_tokens:
             candidates, hits, score = self._decode_scores(prompt, exclude, keys)
             best = min(candidates, key=score.__getitem__, default="")
             uncached = len(prompt) - hits.get(best, 0)
@@ -573,6 +579,7 @@ class CacheAwareScheduler(LoadAwareScheduler):
                 self.last_hit_tokens["prefill"] = 0
                 self.reason = (f"on decode: {best} holds {hits[best]} of the prompt's {len(prompt)} tokens cached, "
                                f"{uncached} to compute <= local_uncached_tokens")
+                self.local_max_uncached = self.local_uncached_tokens  # if its cache holds less: by transfer
                 return ""
         if self.registry.instances["prefill"] and len(prompt) > self.local_prefill_tokens:
             candidates = self.registry.candidates("prefill", exclude)
@@ -580,13 +587,14 @@ class CacheAwareScheduler(LoadAwareScheduler):
             if any(hits.values()):
                 cost = {a: self.tokens[a] + len(prompt) - hits[a] for a in candidates}
                 best = min(candidates, key=cost.__getitem__)
-                if not (self.prefill_full_tokens and self.tokens[best] >= self.prefill_full_tokens):
+                if not (local and self.prefill_full_tokens and self.tokens[best] >= self.prefill_full_tokens):
+                    self.local_max_uncached = 0
                     self.last_hit_tokens["prefill"] = hits[best]
                     self.reason = ("fewest tokens to compute (outstanding + uncached): "
                                    + ", ".join(f"{a}={cost[a]} ({hits[a]} cached)" for a in candidates))
                     return best
         self.last_hit_tokens["prefill"] = 0
-        return super().pick_prefill(prompt, exclude)
+        return super().pick_prefill(prompt, exclude, local)
 
     def _decode_scores(self, prompt: Sequence[int], exclude: frozenset[str],
                        keys: dict[int, list[int]]) -> tuple[list[str], dict[str, int], dict[str, float]]:
