@@ -35,8 +35,11 @@ def kv_push_tasks() -> list[asyncio.Task]:
 @pytest.mark.parametrize("transport,streams", [("grpc", 1), ("grpc", 3), ("shm", 1)])
 async def test_every_transport_is_token_exact_with_chunked_prefill(transport, streams):
     loaded = get_loaded("preset:tiny-llama")
+    # Every round's KV crosses the transport: the second round's prompts, cached on decode, would otherwise
+    # be prefilled there (conditional disaggregation by cache hit).
     cluster = await start_cluster(loaded, prefill_options={"kv_transport": transport, "kv_streams": streams,
-                                                           "prefill_chunk_tokens": 16, "kv_chunk_bytes": 4096})
+                                                           "prefill_chunk_tokens": 16, "kv_chunk_bytes": 4096},
+                                  gateway_options={"local_uncached_tokens": 0})
     before = set(shm.segment_names())
     try:
         async with AsyncClient(cluster.address) as client:
