@@ -102,6 +102,11 @@ class DecodeSequence:
     cached: int = 0       # prompt tokens whose KV cached prefix blocks supplied (a whole number of blocks)
     fed: list[int] = field(default_factory=list)  # tokens the steps wrote KV for, after the prompt
     kv_written: object = None  # GPU: the event after which its received KV is in the pool (the step waits on it)
+    # Its life here, CLOCK_MONOTONIC ns (0: not yet): granted, KV complete, joined the batch (a DEBUG line
+    # at the end says where its time went).
+    granted_ns: int = 0
+    ready_ns: int = 0
+    joined_ns: int = 0
     pool_writes: bool = False  # GPU: a transfer wrote into its blocks through the PoolWriter
     cancelled: bool = False
     transfer: KVAssembly | None = None
@@ -250,6 +255,7 @@ class DecodeEngine:
             self.admission.release(ticket)
             raise InvalidArgument(f"transfer_id: {params.transfer_id!r} is already reserved")
         seq.state = SeqState.WAITING_KV
+        seq.granted_ns = time.monotonic_ns()
         seq.cached = ticket.cached_blocks * self.pool.block_size
         self.counters.prompt_tokens += params.prompt_tokens
         self.counters.prefix_hit_tokens += seq.cached
@@ -439,6 +445,7 @@ class DecodeEngine:
         seq.last_token = first_token
         seq.kv_len = seq.params.prompt_tokens
         seq.state = SeqState.READY
+        seq.ready_ns = time.monotonic_ns()
         self._ready.append(seq)
         self._wake.set()
 
@@ -484,6 +491,14 @@ class DecodeEngine:
             self._wake.set()  # the loop drops the row and frees its blocks
 
     def _free(self, seq: DecodeSequence) -> None:
+        if seq.granted_ns and log.isEnabledFor(logging.DEBUG):
+            now = time.monotonic_ns()
+            ms = lambda a, b: (b - a) / 1e6 if a and b else -1.0  # noqa: E731
+            log.debug("request_id=%s done here%s: KV %.0f ms after the grant, batch slot %.0f ms after the KV, "
+                      "%d steps in %.0f ms", seq.params.request_id, " (cancelled)" if seq.cancelled else "",
+                      ms(seq.granted_ns, seq.ready_ns), ms(seq.ready_ns, seq.joined_ns), len(seq.fed),
+                      ms(seq.joined_ns, now))
+            seq.granted_ns = 0  # said once
         seq.state = SeqState.FINISHED
         seq.transfer = None
         if seq.ticket is None or not seq.ticket.blocks:
@@ -566,6 +581,7 @@ class DecodeEngine:
             while self._ready and len(self._running) < self.max_batch:
                 seq = self._ready.popleft()
                 seq.state = SeqState.RUNNING
+                seq.joined_ns = time.monotonic_ns()
                 self.admission.started(seq.ticket)
                 self._running.append(seq)
             if not self._running:
