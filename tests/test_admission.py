@@ -25,7 +25,7 @@ class Clock:
 
 def make(blocks: int, max_queued: int = 16, max_batch: int = 64, step_ms: float = 0.0):
     clock = Clock()
-    return Admission(BlockAllocator(blocks + 1), max_queued, max_batch, clock=clock, step_ms=lambda: step_ms), clock
+    return Admission(BlockAllocator(blocks + 1), max_queued, max_batch, clock=clock, step_ms=lambda rows: step_ms), clock
 
 
 async def test_small_requests_pass_a_big_one_that_does_not_fit_yet():

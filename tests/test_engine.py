@@ -340,6 +340,17 @@ async def test_step_time_is_what_a_request_sees_start_to_start():
     assert engine.step_ms() >= 200
 
 
+def test_step_times_tell_a_full_batch_from_a_small_one_and_ignore_one_off_spikes():
+    from pdserve.engine.decode import StepTimes
+
+    times = StepTimes()
+    assert times.ms(8) == 0.0  # nothing seen yet: no refusal by estimate
+    for rows in [1, 4, 8, 16, 32, 2, 24, 12] * 4:
+        times.add(rows, 50.0 + 5.0 * rows)  # 50 ms a step, 5 ms a row
+    times.add(32, 5000.0)  # a CUDA graph captured: once
+    assert abs(times.ms(32) - 210.0) < 1.0 and abs(times.ms(1) - 55.0) < 1.0
+
+
 async def test_cancelled_requests_give_their_blocks_back_in_every_state():
     loaded = get_loaded("preset:tiny-llama")
     engine = make_decode(loaded, budget_tokens=256, block_size=16, max_queued=4)

@@ -18,7 +18,9 @@ recent step time fit the deadline, the wait plus them do not). The refusal's
 retry hint is the estimated wait before it could start.
 
 Times are in decode steps (``clock()``: steps taken so far) and converted to
-milliseconds with ``step_ms()``; estimates assume every granted request runs
+milliseconds with ``step_ms(rows)`` at the batch the request will run in (the
+running batch and every request granted or queued, up to ``max_batch``);
+estimates assume every granted request runs
 to its ``steps`` (an upper bound: requests may stop early).
 
 Pure logic over a ``BlockAllocator``; no tensors, no model.
@@ -62,9 +64,10 @@ class Ticket:
 
 class Admission:
     def __init__(self, allocator: BlockAllocator, max_queued: int, max_batch: int = 1 << 30,
-                 clock: Callable[[], int] = lambda: 0, step_ms: Callable[[], float] = lambda: 0.0,
+                 clock: Callable[[], int] = lambda: 0, step_ms: Callable[[int], float] = lambda rows: 0.0,
                  copy_blocks: Callable[[list[int], list[int]], None] | None = None) -> None:
-        """``clock()``: decode steps taken so far; ``step_ms()``: recent time per step (0: unknown yet, so
+        """``clock()``: decode steps taken so far; ``step_ms(rows)``: time per step of a batch of ``rows``
+        requests, by the recent steps (0: unknown yet, so
         no refusal by estimate). ``copy_blocks(src, dst)``: where requests cannot read cached blocks in place,
         a cached block is in one request's table at a time: a granted request takes an idle one as it is and
         copies one another request holds into a block of its own."""
@@ -105,7 +108,7 @@ class Admission:
         self._admit()
         if not ticket.blocks and len(self._queue) > self.max_queued:
             self._refuse(ticket, f"{len(self._queue) - 1} requests already queued (max_queued {self.max_queued})")
-        step_ms = self._step_ms()
+        step_ms = self._batch_step_ms()
         if deadline_s is not None and step_ms > 0:
             wait_ms = (self.estimated_start(ticket) - self._clock()) * step_ms
             run_ms = ticket.steps * step_ms
@@ -116,6 +119,11 @@ class Admission:
                                      f"s waiting + {ticket.steps} steps of {step_ms:.0f} ms), after its deadline "
                                      f"({deadline_s:.1f} s)")
         return ticket
+
+    def _batch_step_ms(self) -> float:
+        """A step's time in the batch a request admitted now runs in: the running batch and every request
+        granted or queued (an upper bound), up to max_batch."""
+        return self._step_ms(min(self.max_batch, len(self._granted) + len(self._queue)))
 
     def _refuse(self, ticket: Ticket, why: str) -> None:
         hint = self.retry_hint_ms(ticket)
@@ -130,13 +138,13 @@ class Admission:
 
     def retry_hint_ms(self, ticket: Ticket) -> int:
         """About how long until ``ticket`` could start (its blocks and a batch slot free)."""
-        step_ms = self._step_ms() or 50.0
+        step_ms = self._batch_step_ms() or 50.0
         return max(MIN_HINT_MS, int((self.estimated_start(ticket) - self._clock()) * step_ms))
 
     def finish_ms(self, ticket: Ticket) -> float:
         """About how long until ``ticket`` is done: its wait to start and its steps, at the recent step time
         (0: unknown yet)."""
-        step_ms = self._step_ms()
+        step_ms = self._batch_step_ms()
         return (self.estimated_start(ticket) - self._clock() + ticket.steps) * step_ms if step_ms else 0.0
 
     def started(self, ticket: Ticket) -> None:

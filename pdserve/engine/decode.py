@@ -36,6 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pdserve.engine.admission import Admission, Ticket
@@ -155,6 +156,43 @@ class _PoolPrefix:
         return self.pool.read(self.blocks, layer, tokens)
 
 
+class StepTimes:
+    """Recent decode steps as a request sees them, from one step's start to the next's (the forward pass and
+    whatever the loop did before the next: on a busy 2-core host up to as much again), fitted as ``ms =
+    base + per_row * rows`` by exponentially weighted least squares: a request admitted behind a queue runs
+    in a fuller batch than the one stepping now (under a flood the plain median said 146 ms a step while
+    requests in the full batch saw 240-370 ms). Steps over ``outlier`` x the recent median are left out (a
+    kernel compiled or a CUDA graph captured: seconds, once)."""
+
+    def __init__(self, decay: float = 0.97, outlier: float = 5.0) -> None:
+        self.decay, self.outlier = decay, outlier
+        self._recent: collections.deque[float] = collections.deque(maxlen=64)
+        self._xx = np.zeros((2, 2))
+        self._xy = np.zeros(2)
+        self._weight = self._total_ms = 0.0
+        self._coef: tuple[float, float] | None = None
+
+    def add(self, rows: int, ms: float) -> None:
+        self._recent.append(ms)
+        if ms > self.outlier * statistics.median(self._recent):
+            return
+        x = np.array([1.0, float(rows)])
+        self._xx = self.decay * self._xx + np.outer(x, x)
+        self._xy = self.decay * self._xy + x * ms
+        self._weight = self.decay * self._weight + 1.0
+        self._total_ms = self.decay * self._total_ms + ms
+        coef = np.linalg.lstsq(self._xx + 1e-9 * np.eye(2), self._xy, rcond=None)[0]
+        self._coef = (float(coef[0]), float(coef[1])) if (coef >= 0).all() else None  # batches too alike: the mean
+
+    def ms(self, rows: int | None = None) -> float:
+        """A step of ``rows`` requests (None, or no fit yet: the recent mean); 0 before the first step."""
+        if not self._weight:
+            return 0.0
+        if rows is None or self._coef is None:
+            return self._total_ms / self._weight
+        return self._coef[0] + self._coef[1] * rows
+
+
 class DecodeEngine:
     def __init__(self, loaded: LoadedModel, *, kv_budget: int, block_size: int = 16, max_batch: int = 32,
                  max_queued: int = 256, prefill_token_budget: int = 2048, prefill_chunk_tokens: int = 512,
@@ -189,20 +227,17 @@ class DecodeEngine:
         self._running: list[DecodeSequence] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        # Recent steps' times as a request sees them, from one step's start to the next's (the forward pass
-        # and whatever the loop did before the next: on a busy host that was up to twice the pass); their
-        # median is what admission's estimates take (a step that compiled a kernel or captured a CUDA graph
-        # takes seconds, once; a mean would carry it for hundreds of steps).
-        self._step_times: collections.deque[float] = collections.deque(maxlen=64)
+        self.step_times = StepTimes()  # what admission's estimates take
         self.counters = DecodeCounters()
 
     @property
     def info(self):
         return self._loaded.info
 
-    def step_ms(self) -> float:
-        """The median of the recent decode steps' times, start to start (0 before the first step)."""
-        return statistics.median(self._step_times) if self._step_times else 0.0
+    def step_ms(self, rows: int | None = None) -> float:
+        """A decode step's time, start to start, in a batch of ``rows`` requests (None: on average), by the
+        recent steps (0 before the first)."""
+        return self.step_times.ms(rows)
 
     # ---- event-loop side: admission and transfers ------------------------------------------
 
@@ -568,7 +603,7 @@ class DecodeEngine:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        previous = None  # when the previous step started, unless the loop went idle since
+        previous, previous_batch = None, []  # when the previous step started (unless the loop went idle since), its batch
         while True:
             # Between steps: leave (freeing blocks), then join.
             staying = []
@@ -592,8 +627,8 @@ class DecodeEngine:
             batch = list(self._running)
             started = time.perf_counter()
             if previous is not None:
-                self._step_times.append((started - previous) * 1e3)
-            previous = started
+                self.step_times.add(len(previous_batch), (started - previous) * 1e3)
+            previous, previous_batch = started, batch
             try:
                 tokens = await loop.run_in_executor(self._executor, self._step, batch)
             except Exception as exc:  # a failed forward fails the batch, not the server
@@ -605,8 +640,6 @@ class DecodeEngine:
                 continue
             elapsed_ms = (time.perf_counter() - started) * 1e3
             self.counters.step_seconds += elapsed_ms / 1e3
-            if not self._step_times:
-                self._step_times.append(elapsed_ms)  # the first step: the pass alone until a whole step is seen
             self._postprocess(batch, tokens)
 
     @torch.inference_mode()
