@@ -36,7 +36,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from pdserve.engine.admission import Admission, Ticket
@@ -46,6 +45,7 @@ from pdserve.engine.paged_attention import StepCache, use_paged_attention
 from pdserve.engine.pool_writer import PoolWriter
 from pdserve.engine.prefill import PrefillEngine
 from pdserve.engine.prefix_store import Prefix
+from pdserve.engine.recent_fit import RecentFit
 from pdserve.prefix import block_hashes, reusable_blocks
 from pdserve.aio import cancel_and_wait
 from pdserve.engine.sampling import SamplingParams, sample
@@ -165,32 +165,23 @@ class StepTimes:
     kernel compiled or a CUDA graph captured: seconds, once)."""
 
     def __init__(self, decay: float = 0.97, outlier: float = 5.0) -> None:
-        self.decay, self.outlier = decay, outlier
+        self.outlier = outlier
         self._recent: collections.deque[float] = collections.deque(maxlen=64)
-        self._xx = np.zeros((2, 2))
-        self._xy = np.zeros(2)
-        self._weight = self._total_ms = 0.0
-        self._coef: tuple[float, float] | None = None
+        self._fit = RecentFit(2, decay)
 
     def add(self, rows: int, ms: float) -> None:
         self._recent.append(ms)
-        if ms > self.outlier * statistics.median(self._recent):
-            return
-        x = np.array([1.0, float(rows)])
-        self._xx = self.decay * self._xx + np.outer(x, x)
-        self._xy = self.decay * self._xy + x * ms
-        self._weight = self.decay * self._weight + 1.0
-        self._total_ms = self.decay * self._total_ms + ms
-        coef = np.linalg.lstsq(self._xx + 1e-9 * np.eye(2), self._xy, rcond=None)[0]
-        self._coef = (float(coef[0]), float(coef[1])) if (coef >= 0).all() else None  # batches too alike: the mean
+        if ms <= self.outlier * statistics.median(self._recent):
+            self._fit.add((1.0, float(rows)), ms)
 
     def ms(self, rows: int | None = None) -> float:
-        """A step of ``rows`` requests (None, or no fit yet: the recent mean); 0 before the first step."""
-        if not self._weight:
+        """A step of ``rows`` requests (None, or batches too alike to fit: the recent mean); 0 before the
+        first step."""
+        fit = self._fit
+        if not fit.sum_x[0]:
             return 0.0
-        if rows is None or self._coef is None:
-            return self._total_ms / self._weight
-        return self._coef[0] + self._coef[1] * rows
+        predicted = fit.predict((1.0, float(rows))) if rows is not None else None
+        return fit.sum_y / fit.sum_x[0] if predicted is None else predicted
 
 
 class DecodeEngine:

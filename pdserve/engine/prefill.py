@@ -32,13 +32,13 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from pdserve.aio import ByteBudget, cancel_and_wait
 from pdserve.engine.admission import DEADLINE_MARGIN
 from pdserve.engine.paged_attention import PackedSegments, use_paged_attention
 from pdserve.engine.prefix_store import Prefix, PrefixStore
+from pdserve.engine.recent_fit import RecentFit
 from pdserve.engine.sampling import SamplingParams, sample
 from pdserve.errors import Cancelled, ResourceExhausted
 from pdserve.kv.wire import DTYPE_NAMES, KVLayout
@@ -127,18 +127,14 @@ class PrefillJob:
 class PassTimes:
     """Recent forward passes fitted as ``seconds = overhead + per_token * tokens + per_pair * pairs``, where
     ``pairs`` counts the query-key pairs attention scores (a chunk deep into a long prompt attends to
-    everything before it): exponentially weighted least squares. A pass of a few tokens costs mostly its
-    overhead, a full one its tokens, a late chunk of a long prompt its attention: a rate alone misjudges
-    all three. ``dense``: attention scores every query of the pass against every key of it (the CPU's
-    packed pass under one block-diagonal mask), not each segment against its own prompt's."""
+    everything before it): exponentially weighted least squares (``RecentFit``). A pass of a few tokens
+    costs mostly its overhead, a full one its tokens, a late chunk of a long prompt its attention: a rate
+    alone misjudges all three. ``dense``: attention scores every query of the pass against every key of it
+    (a packed pass under one block-diagonal mask), not each segment against its own prompt's."""
 
     def __init__(self, decay: float = 0.95, dense: bool = False) -> None:
-        self.decay = decay
         self.dense = dense
-        self._xx = np.zeros((3, 3))
-        self._xy = np.zeros(3)
-        self._tokens = self._seconds = 0.0
-        self._coef: tuple[float, float, float] | None = None
+        self._fit = RecentFit(3, decay)
 
     def features(self, segments: Sequence[tuple[int, int]]) -> tuple[float, float, float]:
         """(1, tokens, query-key pairs / 1e6) of a pass of (start, count) segments."""
@@ -150,28 +146,23 @@ class PassTimes:
         return 1.0, float(tokens), pairs / 1e6
 
     def add(self, segments: Sequence[tuple[int, int]], seconds: float) -> None:
-        x = np.array(self.features(segments))
-        self._xx = self.decay * self._xx + np.outer(x, x)
-        self._xy = self.decay * self._xy + x * seconds
-        self._tokens = self.decay * self._tokens + x[1]
-        self._seconds = self.decay * self._seconds + seconds
-        coef = np.linalg.lstsq(self._xx + 1e-9 * np.eye(3), self._xy, rcond=None)[0]
-        # Passes too alike to tell the terms apart give nonsense signs: then the mean rate per token.
-        self._coef = tuple(float(c) for c in coef) if (coef >= 0).all() else None
+        self._fit.add(self.features(segments), seconds)
 
     @property
     def tokens_per_s(self) -> float:
-        return self._tokens / self._seconds if self._seconds else 0.0
+        return self._fit.sum_x[1] / self._fit.sum_y if self._fit.sum_y else 0.0
 
     def seconds(self, segments: Sequence[tuple[int, int]]) -> float | None:
-        """A pass of (start, count) segments (None before the first pass)."""
-        if not self._seconds:
+        """A pass of (start, count) segments (None before the first pass; passes too alike to tell the
+        terms apart: at the mean rate per token)."""
+        fit = self._fit
+        if not fit.sum_y:
             return None
-        one, tokens, pairs = self.features(segments)
-        if self._coef is None:
-            return tokens * self._seconds / self._tokens if self._tokens else self._seconds
-        overhead, per_token, per_pair = self._coef
-        return overhead + per_token * tokens + per_pair * pairs
+        x = self.features(segments)
+        predicted = fit.predict(x)
+        if predicted is None:
+            return x[1] * fit.sum_y / fit.sum_x[1] if fit.sum_x[1] else fit.sum_y
+        return predicted
 
 
 @dataclass(eq=False)
