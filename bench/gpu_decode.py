@@ -1,7 +1,8 @@
 """Decode engine throughput against HF ``generate`` in the same run, and step time against the memory floor.
 
 For each concurrency N and each engine mode (``gather``: gather + SDPA; ``flex``: compiled
-FlexAttention; ``flex+graphs``: the same step replayed from CUDA graphs): N requests of ``--prompt`` random tokens each
+FlexAttention; ``flex+graphs``: the same step replayed from CUDA graphs, each step launched before the
+previous one's tokens reach the host; ``flex+graphs-stepwise``: graphs, one step at a time): N requests of ``--prompt`` random tokens each
 generating ``--new`` tokens (``ignore_eos``), through the ``DecodeEngine``
 in-process (prefilled on the engine itself, then continuous batching over the
 paged KV pool), and through one ``model.generate`` over the same N prompts
@@ -54,15 +55,17 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes * reps / (time.perf_counter() - started)
 
 
-MODES = {"gather": ("gather", False), "flex": ("flex", False), "flex+graphs": ("flex", True)}
+MODES = {"gather": ("gather", False, False), "flex": ("flex", False, False), "flex+graphs": ("flex", True, True),
+         "flex+graphs-stepwise": ("flex", True, False)}  # (paged kernel, CUDA graphs, overlapped steps)
 
 
 def make_engine(loaded, concurrency: int, prompt: int, new: int, mode: str) -> DecodeEngine:
-    kernel, graphs = MODES[mode]
+    kernel, graphs, overlap = MODES[mode]
     tokens = concurrency * (prompt + new + 16)
     return DecodeEngine(loaded, kv_budget=tokens * loaded.info.kv.bytes_per_token(loaded.dtype) + (1 << 24),
                         block_size=16, max_batch=max(concurrency, 1), max_queued=concurrency,
-                        prefill_token_budget=8192, prefill_chunk_tokens=0, paged_kernel=kernel, cuda_graphs=graphs)
+                        prefill_token_budget=8192, prefill_chunk_tokens=0, paged_kernel=kernel, cuda_graphs=graphs,
+                        overlap_steps=overlap)
 
 
 async def engine_run(loaded, prompts: list[list[int]], new: int, mode: str) -> dict:

@@ -41,6 +41,30 @@ for phase in "$@"; do
         --long-every 4 --request-rate 6 --kv-budget 30GiB --ttft-slo-ms 1000 --tpot-slo-ms 50 --no-plots \
         --out "$out/serving.json" > "$out/serving.log" 2>&1
       tail -40 "$out/serving.log" ;;
+    gpu-decode)
+      for m in preset:llama-1b preset:llama-8b; do
+        timeout 280 python3 -m bench.gpu_decode --device cuda --model "$m" --concurrency 1,32,128 \
+          --modes flex+graphs-stepwise,flex+graphs --out "$out/gpu_decode_${m#preset:}.json" > "$out/gpu_decode_${m#preset:}.log" 2>&1
+        head -1 "$out/gpu_decode_${m#preset:}.log"; grep -A8 "^| concurrency" "$out/gpu_decode_${m#preset:}.log"
+      done ;;
+    tpot1)
+      timeout 240 python3 -m pdserve_cli bench --start disagg --device cuda --model "$model" --dataset uniform \
+        --num-requests 12 --input-len 128 --output-len 128 --concurrency 1 --request-rate inf --kv-budget 8GiB \
+        --no-plots --out "$out/tpot1.json" > "$out/tpot1.log" 2>&1
+      tail -12 "$out/tpot1.log" ;;
+    prefix-multiturn)
+      timeout 330 python3 -m pdserve_cli bench --start disagg-2x2-nocache,disagg-2x2-cache --device cuda \
+        --model "$model" --dataset multiturn --num-requests 48 --turns 6 --input-len 32:96 --output-len 16:48 \
+        --prefix-len 256:512 --request-rate 0.5 --kv-budget 8GiB --no-plots --out "$out/prefix_multiturn.json" \
+        > "$out/prefix_multiturn.log" 2>&1
+      tail -14 "$out/prefix_multiturn.log" ;;
+    prefix-shared)
+      # 350 MiB of the 8B shape's KV is 173 blocks, as 128 MiB is of the CPU runs' model.
+      timeout 330 python3 -m pdserve_cli bench --start disagg-2x2,disagg-2x2-cache --device cuda --model "$model" \
+        --dataset shared-prefix --num-requests 96 --prefixes 8 --prefix-len 512:512 --input-len 16:48 \
+        --output-len 16:32 --request-rate 3 --kv-budget 350MiB --no-plots --out "$out/prefix_shared.json" \
+        > "$out/prefix_shared.log" 2>&1
+      tail -14 "$out/prefix_shared.log" ;;
     decode-profile)
       timeout 240 python3 -m bench.decode_profile --model "$model" --concurrency 1,32 > "$out/decode_profile.log" 2>&1
       grep -A16 "^concurrency" "$out/decode_profile.log" | cut -c1-160 ;;

@@ -24,7 +24,8 @@ async def run(loaded, prompts: dict[str, list[int]], max_tokens: dict[str, int],
 
     async def one(tid: str, prompt: list[int], delay: float) -> list[int]:
         await asyncio.sleep(delay)  # requests join and leave at different steps: batch buckets change
-        seq = await engine.reserve(DecodeParams(tid, tid, len(prompt), sampling, frozenset(), max_tokens[tid]),
+        params = sampling[tid] if isinstance(sampling, dict) else sampling
+        seq = await engine.reserve(DecodeParams(tid, tid, len(prompt), params, frozenset(), max_tokens[tid]),
                                    local=True)
         await engine.prefill_locally(seq, prompt)
         tokens = []
@@ -34,6 +35,9 @@ async def run(loaded, prompts: dict[str, list[int]], max_tokens: dict[str, int],
 
     outputs = await asyncio.gather(*(one(tid, p, 0.05 * i) for i, (tid, p) in enumerate(prompts.items())))
     captured = engine.stats()["cuda_graphs"]
+    # With graphs, steps overlap: each launched before the previous one's tokens reached the host.
+    if isinstance(sampling, SamplingParams):
+        assert (engine.counters.overlapped_steps > 0) is (graphs and sampling.greedy)
     await engine.stop()
     assert engine.pool.allocator.num_used == 0
     return dict(zip(prompts, outputs)), captured
@@ -57,3 +61,7 @@ def test_graphed_decode_matches_eager_and_generate(spec):
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
     assert asyncio.run(run(loaded, prompts, max_tokens, True, seeded))[0] == \
         asyncio.run(run(loaded, prompts, max_tokens, False, seeded))[0]
+    # Greedy and sampled rows in one batch: steps overlap while the batch is greedy, wait while it is not.
+    mixed = {tid: seeded if i % 3 == 1 else greedy for i, tid in enumerate(prompts)}
+    assert asyncio.run(run(loaded, prompts, max_tokens, True, mixed))[0] == \
+        asyncio.run(run(loaded, prompts, max_tokens, False, mixed))[0]

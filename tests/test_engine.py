@@ -319,6 +319,62 @@ async def test_local_prefill_with_and_without_chunks_matches_generate(chunk):
     assert engine.counters.local_prefills == 3 and engine.pool.allocator.num_used == 0
 
 
+@pytest.mark.parametrize("kernel", ["gather", "flex"])
+async def test_overlapped_steps_give_every_request_the_tokens_of_one_step_at_a_time(kernel):
+    """Overlapped steps (on by default with CUDA graphs) launch step n+1 before step n's tokens reach the
+    host: a greedy row's next input comes from the device, a request ending by length at step n sits out
+    n+1, one ending by an EOS takes a row whose token is dropped, and a batch with sampled rows waits
+    for them. Forced on here, on the CPU: the same tokens and ends as steps one at a time, through joins
+    mid-run (max_batch 3 for 7 requests), EOS, length, seeded sampling and a cancellation, and every
+    block back at the end."""
+    loaded = get_loaded("preset:tiny-llama")
+    rng = random.Random(kernel)
+    prompts = [[rng.randrange(loaded.info.vocab_size) for _ in range(rng.randint(3, 30))] for _ in range(7)]
+    eos = {}
+    out = reference_greedy(loaded, prompts[1], 12, ignore_eos=True)
+    stop = next(i for i in range(3, 12) if out[i] not in out[:i])
+    eos[1] = frozenset({out[stop]})  # request 1 ends by EOS at its token `stop`
+    # Sampled requests join last: the first steps (requests 0-2 fill the batch) are all greedy.
+    sampled = {5: SamplingParams(temperature=0.9, seed=5), 6: SamplingParams(temperature=0.7, top_k=20, seed=9)}
+
+    async def run(overlap: bool):
+        engine = make_decode(loaded, block_size=4, paged_kernel=kernel, max_batch=3, overlap_steps=overlap)
+        prefill = PrefillEngine(loaded)
+        engine.start()
+
+        async def one(i: int):
+            await asyncio.sleep(0.02 * i)
+            seq = await engine.reserve(DecodeParams(f"r{i}", f"r{i}", len(prompts[i]), sampled.get(i, GREEDY),
+                                                    eos.get(i, frozenset()), 12 if i != 3 else 2))
+            first = await prefill_into(engine, prefill, f"r{i}", prompts[i])
+            events = []
+            while (event := await seq.events.get()) is not None:
+                events.append(event)
+                if i == 4 and len(events) == 3:
+                    engine.release(seq)
+                    break
+            return [first] + [e.token_id for e in events], events[-1].finish
+
+        results = await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        for _ in range(100):
+            if engine.pool.allocator.num_used == 0:
+                break
+            await asyncio.sleep(0.01)
+        used = engine.pool.allocator.num_used
+        assert engine.counters.overlapped_steps >= (3 if overlap else 0) and engine.counters.steps >= 12
+        await engine.stop()
+        await prefill.close()
+        return results, used
+
+    stepwise, used = await run(False)
+    overlapped, used_overlapped = await run(True)
+    assert overlapped == stepwise and used == used_overlapped == 0
+    assert stepwise[1][1] is FinishReason.STOP and len(stepwise[1][0]) == stop + 1
+    assert stepwise[3] == (reference_greedy(loaded, prompts[3], 2, ignore_eos=True), FinishReason.LENGTH)
+    for i in (0, 2):
+        assert stepwise[i] == (reference_greedy(loaded, prompts[i], 12, ignore_eos=True), FinishReason.LENGTH)
+
+
 async def test_step_time_is_what_a_request_sees_start_to_start():
     """Admission converts steps to seconds with the step time: on a busy host the loop's own work between
     passes (streams, transfers) was missing from it, and requests admitted at the edge of their deadline

@@ -6,14 +6,20 @@ on an H100: 2.3 ms of GPU time in 11-24 ms of wall). ``DecodeGraphs`` captures
 the forward of the flex kernel's step once per (padded batch, table width)
 bucket, the shapes ``KVPool.flex_metadata`` already pads to, and replays it.
 
-What a graph reads is fixed at capture: per bucket, static tensors for the input
-tokens, positions, write slots and the block mask's counts and indices, copied
-in before each replay; the pool's K/V storage and its per-block owner tables
-(``KVPool.load_flex_rows``), which live for the pool's life. Sampling stays
-outside the graph (per-request parameters), reading the bucket's static logits
-before the next replay. Graphs are captured lazily, on the worker thread that
-runs steps, sharing one memory pool; ``thread_local`` capture lets the event
-loop keep writing transfers into the pool meanwhile.
+What a graph reads is fixed at capture: per bucket, one static int64 tensor of
+the step's inputs (input tokens, where a row's token comes from the previous
+step instead, positions, write slots, the block mask's counts and indices, each
+visited block's owner row and index), filled by one asynchronous copy from a
+pinned staging buffer; the pool's K/V storage and its mask tables, which the
+graph itself writes (``KVPool.write_flex_rows``). The graph ends with each
+row's greedy token, written to ``last_out`` (one tensor for every bucket) and
+copied to pinned host memory behind an event: nothing on the host waits for
+the GPU until the caller asks for the tokens, and the next step may take its
+input tokens from ``last_out`` on the device before they reach the host.
+Sampled (non-greedy) rows are drawn on the host from the bucket's logits,
+which stay valid until the next replay. Graphs are captured lazily, on the
+worker thread that runs steps, sharing one memory pool; ``thread_local``
+capture lets the event loop keep writing transfers into the pool meanwhile.
 """
 
 from __future__ import annotations
@@ -24,73 +30,123 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine.kv_pool import KVPool, PagedStep
+from pdserve.engine.kv_pool import NULL_BLOCK, KVPool, PagedStep, _pow2
 from pdserve.engine.paged_attention import StepCache
 
 log = logging.getLogger(__name__)
 
+# The fields of a bucket's input tensor: (name, length in rows) and (name, length in rows x width).
+_ROW_FIELDS = ("tokens", "src", "positions", "write", "counts")
+_BLOCK_FIELDS = ("indices", "blocks", "owner", "logical")
+
 
 @dataclass
 class _Bucket:
-    longs: torch.Tensor   # (3, rows): input tokens, positions, write slots
-    ints: torch.Tensor    # (rows * (1 + width),): block counts, then block indices
+    rows: int
+    width: int
+    inputs: torch.Tensor              # int64 on the device, the fields above in order
+    staging: tuple[torch.Tensor, torch.Tensor]  # pinned twins of inputs, used in turn
     step: PagedStep
+    fields: dict[str, torch.Tensor]   # views of inputs by name
+    counts: torch.Tensor              # int32 copies of fields "counts" and "indices": the block mask reads these
+    indices: torch.Tensor
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None  # (rows, vocab), written by each replay
 
 
+@dataclass
+class Launched:
+    """A replayed step: its greedy tokens on their way to the host, its logits until the next replay."""
+
+    rows: int
+    logits: torch.Tensor
+    host: torch.Tensor
+    ready: torch.cuda.Event
+
+    def tokens(self) -> list[int]:
+        """Each row's greedy token (waits for the step)."""
+        self.ready.synchronize()
+        return self.host[:self.rows].tolist()
+
+
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, pool: KVPool) -> None:
+    def __init__(self, model: torch.nn.Module, pool: KVPool, max_rows: int) -> None:
         if pool.kernel != "flex" or pool.device.type != "cuda":
             raise ValueError("CUDA graphs need the flex paged kernel on a CUDA device")
         self._model = model
         self._pool = pool
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._memory = torch.cuda.graph_pool_handle()
+        rows = _pow2(max_rows)
+        self.last_out = torch.zeros(rows, dtype=torch.long, device=pool.device)  # every step's greedy tokens
+        # Host copies of last_out, used in turn: a step's tokens are read while the next one's are copied.
+        self._host = [torch.zeros(rows, dtype=torch.long).pin_memory() for _ in range(2)]
+        self._turn = 0
 
     @property
     def captured(self) -> int:
         return len(self._buckets)
 
-    def logits(self, tokens: list[int], tables: list[list[int]], positions: list[int]) -> torch.Tensor:
-        """The last-position logits (rows, vocab) of one decode step; valid until the next call."""
+    def launch(self, tokens: list[int], src: list[int], tables: list[list[int]], positions: list[int]) -> Launched:
+        """Queues one decode step and returns at once. Row b's input token is ``last_out[src[b]]`` (the
+        previous step's row src[b]) where ``src[b] >= 0``, else ``tokens[b]``."""
         meta = self._pool.flex_metadata(tables, positions)
         bucket = self._buckets.get((meta.padded_rows, meta.width)) or self._capture(meta.padded_rows, meta.width)
-        pad = meta.padded_rows - len(tokens)
-        longs = torch.tensor([tokens + [0] * pad, positions + [0] * pad, meta.write], dtype=torch.long)
-        ints = torch.tensor(meta.counts + meta.indices, dtype=torch.int32)
-        bucket.longs.copy_(longs, non_blocking=False)
-        bucket.ints.copy_(ints, non_blocking=False)
-        self._pool.load_flex_rows(meta)
+        rows, n = meta.padded_rows, meta.padded_rows * meta.width
+        pad, spare = rows - len(tokens), n - len(meta.blocks)
+        staging = bucket.staging[self._turn]
+        host = self._host[self._turn]
+        self._turn ^= 1
+        # Staging buffer `turn` was last copied from two launches ago; the caller has collected that step.
+        staging.numpy()[:] = (tokens + [0] * pad + src + [-1] * pad + positions + [0] * pad + meta.write
+                              + meta.counts + meta.indices + meta.blocks + [NULL_BLOCK] * spare
+                              + meta.owner + [-1] * spare + meta.logical + [0] * spare)
+        stream = torch.cuda.current_stream(self._pool.device)
+        bucket.inputs.copy_(staging, non_blocking=True)
         bucket.graph.replay()
-        return bucket.logits[:len(tokens)]
+        host[:rows].copy_(self.last_out[:rows], non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+        return Launched(len(tokens), bucket.logits[:len(tokens)], host, ready)
 
-    def _forward(self, bucket: _Bucket) -> torch.Tensor:
-        ids, positions = bucket.longs[0], bucket.longs[1]
-        out = self._model(input_ids=ids[:, None], position_ids=positions[:, None], attention_mask=bucket.step.mask,
+    def _body(self, bucket: _Bucket, write_out: bool = True) -> torch.Tensor:
+        f = bucket.fields
+        self._pool.write_flex_rows(f["blocks"], f["owner"], f["logical"], f["positions"])
+        bucket.counts.copy_(f["counts"])
+        bucket.indices.copy_(f["indices"].view(bucket.rows, bucket.width))
+        src = f["src"]
+        ids = torch.where(src >= 0, self.last_out[src.clamp(min=0)], f["tokens"])
+        out = self._model(input_ids=ids[:, None], position_ids=f["positions"][:, None], attention_mask=bucket.step.mask,
                           past_key_values=StepCache(self._pool, bucket.step), use_cache=True, paged=bucket.step)
-        return out.logits[:, -1]
+        logits = out.logits[:, -1]
+        if write_out:
+            self.last_out[:bucket.rows].copy_(logits.argmax(dim=-1))
+        return logits
 
     def _capture(self, rows: int, width: int) -> _Bucket:
         started = time.perf_counter()
         device = self._pool.device
-        longs = torch.zeros(3, rows, dtype=torch.long, device=device)
-        ints = torch.zeros(rows * (1 + width), dtype=torch.int32, device=device)
-        counts, indices = ints.split([rows, rows * width])
+        sizes = [rows] * len(_ROW_FIELDS) + [rows * width] * len(_BLOCK_FIELDS)
+        inputs = torch.zeros(sum(sizes), dtype=torch.long, device=device)
+        fields = dict(zip(_ROW_FIELDS + _BLOCK_FIELDS, inputs.split(sizes)))
         # Zeros everywhere: no row visits a block, every row writes into the null block.
-        step = PagedStep(longs[2], torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=device),
-                         block_mask=self._pool.block_mask(counts, indices.view(rows, width)))
-        bucket = _Bucket(longs, ints, step)
-        # Warm up on a side stream (compiles the flex kernel for this shape), then capture.
+        counts = torch.zeros(rows, dtype=torch.int32, device=device)
+        indices = torch.zeros(rows, width, dtype=torch.int32, device=device)
+        step = PagedStep(fields["write"], torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=device),
+                         block_mask=self._pool.block_mask(counts, indices))
+        staging = tuple(torch.zeros(sum(sizes), dtype=torch.long).pin_memory() for _ in range(2))
+        bucket = _Bucket(rows, width, inputs, staging, step, fields, counts, indices)
+        # Warm up on a side stream (compiles the flex kernel for this shape), then capture. The warm-up
+        # leaves last_out alone: the step being launched may read the previous step's tokens from it.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(bucket)
+                self._body(bucket, write_out=False)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._memory, capture_error_mode="thread_local"):
-            bucket.logits = self._forward(bucket)
+            bucket.logits = self._body(bucket)
         bucket.graph = graph
         self._buckets[(rows, width)] = bucket
         log.info("captured the decode step for batch %d, %d blocks per row, in %.2f s", rows, width,

@@ -35,6 +35,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -131,10 +132,20 @@ class DecodeSequence:
         return None
 
 
+@dataclass(eq=False)
+class _Step:
+    """A launched decode step: its rows, and their tokens once ``collect`` (on the worker thread) returns them."""
+
+    batch: list[DecodeSequence]
+    greedy: bool  # every row greedy: the tokens are on the device, where the next step may read them
+    collect: Callable[[], list[int]]
+
+
 @dataclass
 class DecodeCounters:
     peak_running: int = 0
     steps: int = 0
+    overlapped_steps: int = 0  # launched before the previous step's tokens reached the host
     step_seconds: float = 0.0  # time inside forward steps (the worker's share of the loop)
     tokens_generated: int = 0
     transfers_completed: int = 0
@@ -189,7 +200,8 @@ class DecodeEngine:
                  max_queued: int = 256, prefill_token_budget: int = 2048, prefill_chunk_tokens: int = 512,
                  max_partial_prefills: int = 2, prefill_max_pass_s: float = 1.0, paged_kernel: str = "auto",
                  kv_lease_s: float = 60.0,
-                 kv_transfer_max_s: float = 300.0, cuda_graphs: bool = True, prefix_cache: bool = False) -> None:
+                 kv_transfer_max_s: float = 300.0, cuda_graphs: bool = True, prefix_cache: bool = False,
+                 overlap_steps: bool | None = None) -> None:
         self.kv_lease_s = kv_lease_s
         self.kv_transfer_max_s = kv_transfer_max_s
         self._loaded = loaded
@@ -203,8 +215,16 @@ class DecodeEngine:
                                    copy_blocks=None if self.pool.shares_blocks else self.pool.copy_blocks)
         use_paged_attention(loaded.model)
         # Decode steps replayed from CUDA graphs where they can be (the flex kernel on a GPU).
-        self._graphs = (DecodeGraphs(loaded.model, self.pool)
+        self._graphs = (DecodeGraphs(loaded.model, self.pool, max_batch)
                         if cuda_graphs and self.pool.kernel == "flex" and self.pool.device.type == "cuda" else None)
+        # Each step's greedy tokens, where the next step reads its inputs when steps overlap.
+        self._last_out = (self._graphs.last_out if self._graphs is not None
+                          else torch.zeros(max_batch, dtype=torch.long, device=loaded.device))
+        # Overlapped steps: step n+1 is launched before step n's tokens reach the host, so the GPU never
+        # waits for the host between steps. Default: where launching returns before the GPU is done (CUDA
+        # graphs); an eager step on the CPU computes as it launches, and overlapping would only hold back
+        # its tokens a step.
+        self._overlap = self._graphs is not None if overlap_steps is None else overlap_steps
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-engine")
         # Prompts prefilled here (colocated serving) share the worker thread with decode steps.
         self.local_prefill = PrefillEngine(loaded, prefill_token_budget, prefill_chunk_tokens, executor=self._executor,
@@ -595,11 +615,14 @@ class DecodeEngine:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         previous, previous_batch = None, []  # when the previous step started (unless the loop went idle since), its batch
+        inflight: _Step | None = None  # launched, tokens not collected yet (overlapped steps only)
+        previous_captured = 0  # CUDA graphs captured when the previous step was launched
         while True:
-            # Between steps: leave (freeing blocks), then join.
+            # Between steps: leave (freeing blocks, once no step in flight writes them), then join.
+            busy = {id(seq) for seq in inflight.batch} if inflight is not None else set()
             staying = []
             for seq in self._running:
-                if seq.state is SeqState.FINISHED or seq.cancelled:
+                if (seq.state is SeqState.FINISHED or seq.cancelled) and id(seq) not in busy:
                     self._free(seq)
                 else:
                     staying.append(seq)
@@ -610,49 +633,98 @@ class DecodeEngine:
                 seq.joined_ns = time.monotonic_ns()
                 self.admission.started(seq.ticket)
                 self._running.append(seq)
-            if not self._running:
-                previous = None
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch = list(self._running)
-            started = time.perf_counter()
-            if previous is not None:
-                self.step_times.add(len(previous_batch), (started - previous) * 1e3)
-            previous, previous_batch = started, batch
+            if inflight is not None and not inflight.greedy:
+                # Its sampled tokens are drawn on the host and are the next step's inputs: collect it first.
+                done, inflight, launched = inflight, None, None
+            else:
+                done, launched = None, [seq for seq in self._running if self._steps_next(seq, busy)]
+                if not launched and inflight is None:
+                    previous = None
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                started = time.perf_counter()
+                # A step that captured a CUDA graph (and compiled the flex kernel for it) took seconds, once:
+                # fitted, it would make admission refuse requests long after.
+                captured = self._graphs.captured if self._graphs is not None else 0
+                if launched and previous is not None and captured == previous_captured:
+                    self.step_times.add(len(previous_batch), (started - previous) * 1e3)
+                previous, previous_batch = (started, launched) if launched else (None, [])
+                previous_captured = captured
+            called = time.perf_counter()
             try:
-                tokens = await loop.run_in_executor(self._executor, self._step, batch)
-            except Exception as exc:  # a failed forward fails the batch, not the server
+                if done is not None:
+                    tokens = await loop.run_in_executor(self._executor, done.collect)
+                else:
+                    inflight, done, tokens = await loop.run_in_executor(self._executor, self._advance, launched, inflight)
+            except Exception as exc:  # a failed forward fails its batch, not the server
                 log.exception("decode step failed")
-                for seq in batch:
+                for seq in (launched or []) + (inflight.batch if inflight is not None else []) + (
+                        done.batch if done is not None else []):
                     if seq.state is not SeqState.FINISHED:
                         seq.events.put_nowait(PdserveError(f"decode step failed: {exc}"))
                         seq.state = SeqState.FINISHED
+                inflight, previous = None, None
                 continue
-            elapsed_ms = (time.perf_counter() - started) * 1e3
-            self.counters.step_seconds += elapsed_ms / 1e3
-            self._postprocess(batch, tokens)
+            self.counters.step_seconds += time.perf_counter() - called
+            if done is not None:
+                self._postprocess(done.batch, tokens)
+
+    @staticmethod
+    def _steps_next(seq: DecodeSequence, busy: set[int]) -> bool:
+        """Whether the running request takes a row in the next step. One in the step in flight whose token
+        there is its last by length sits out; one whose token there turns out to end it (an EOS) cannot be
+        told yet and takes a row whose token is dropped (its reservation has room for it)."""
+        if seq.state is not SeqState.RUNNING or seq.cancelled:
+            return False
+        return id(seq) not in busy or seq.next_index + 1 < seq.params.max_tokens
+
+    def _advance(self, batch: list[DecodeSequence], inflight: _Step | None) -> tuple[_Step | None, _Step | None, list[int]]:
+        """On the worker thread: launches a step of ``batch`` (if any), then collects the step to collect (the
+        one in flight when steps overlap, else this one). Returns (the step now in flight, the step
+        collected, its tokens)."""
+        step = self._launch(batch, inflight) if batch else None
+        if step is not None and not self._overlap:
+            return None, step, step.collect()
+        if inflight is None:
+            return step, None, []
+        return step, inflight, inflight.collect()
 
     @torch.inference_mode()
-    def _step(self, batch: list[DecodeSequence]) -> list[int]:
-        """Runs on the engine thread: one forward pass over ``batch``, one token each."""
+    def _launch(self, batch: list[DecodeSequence], inflight: _Step | None) -> _Step:
+        """Runs on the engine thread: one forward pass over ``batch``, one token each. A request also in
+        ``inflight`` (all greedy, its tokens not on the host yet) takes its input token from that step's
+        output on the device and is one position further than the host knows."""
         for seq in batch:
             if seq.kv_written is not None:  # its received KV lands before this step reads it (device-side wait)
                 torch.cuda.current_stream(self.pool.device).wait_event(seq.kv_written)
                 seq.kv_written = None
-        positions = [s.kv_len for s in batch]
-        tables = [s.blocks for s in batch]
+        rows = {id(seq): row for row, seq in enumerate(inflight.batch)} if inflight is not None else {}
+        src = [rows.get(id(seq), -1) for seq in batch]
+        ahead = [int(row >= 0) for row in src]
+        positions = [seq.kv_len + a for seq, a in zip(batch, ahead)]
+        tokens = [0 if a else seq.last_token for seq, a in zip(batch, ahead)]
+        params = [seq.params.sampling for seq in batch]
+        indices = [seq.params.first_index + seq.next_index + a for seq, a in zip(batch, ahead)]
+        greedy = all(p.greedy for p in params)
+        self.counters.overlapped_steps += inflight is not None
+        tables = [seq.blocks for seq in batch]
         if self._graphs is not None:
-            logits = self._graphs.logits([s.last_token for s in batch], tables, positions)
-        else:
-            device = self._loaded.device
-            step = self.pool.prepare_step(tables, positions)
-            out = self._loaded.model(
-                input_ids=torch.tensor([[s.last_token] for s in batch], dtype=torch.long, device=device),
-                position_ids=torch.tensor(positions, device=device)[:, None], attention_mask=step.mask,
-                past_key_values=StepCache(self.pool, step), use_cache=True, paged=step)
-            logits = out.logits[:, -1]
-        return sample(logits, [s.params.sampling for s in batch], [s.params.first_index + s.next_index for s in batch])
+            launched = self._graphs.launch(tokens, src, tables, positions)
+            return _Step(batch, greedy, lambda: sample(launched.logits, params, indices, launched.tokens()))
+        device = self._loaded.device
+        step = self.pool.prepare_step(tables, positions)
+        ids = torch.tensor(tokens, dtype=torch.long, device=device)
+        if any(ahead):
+            where = torch.tensor(src, dtype=torch.long, device=device)
+            ids = torch.where(where >= 0, self._last_out[where.clamp(min=0)], ids)
+        out = self._loaded.model(
+            input_ids=ids[:, None], position_ids=torch.tensor(positions, device=device)[:, None],
+            attention_mask=step.mask, past_key_values=StepCache(self.pool, step), use_cache=True, paged=step)
+        logits = out.logits[:, -1]
+        chosen = logits.argmax(dim=-1)
+        self._last_out[:len(batch)] = chosen
+        return _Step(batch, greedy, lambda: sample(logits, params, indices, chosen.tolist()))
 
     def _postprocess(self, batch: list[DecodeSequence], tokens: list[int]) -> None:
         self.counters.steps += 1

@@ -328,12 +328,18 @@ class KVPool:
     def load_flex_rows(self, meta: FlexMetadata) -> None:
         """Writes which row owns each block and each row's newest position, where the mask reads them."""
         packed = torch.tensor(meta.blocks + meta.owner + meta.logical + meta.positions, dtype=torch.int32)
-        blocks, owner, logical, last = packed.to(self.device).split(
-            [len(meta.blocks), len(meta.owner), len(meta.logical), len(meta.positions)])
+        self.write_flex_rows(*packed.to(self.device).split(
+            [len(meta.blocks), len(meta.owner), len(meta.logical), len(meta.positions)]))
+
+    def write_flex_rows(self, blocks: torch.Tensor, owner: torch.Tensor, logical: torch.Tensor,
+                        last: torch.Tensor) -> None:
+        """The mask's tables from device tensors: ``owner[i]`` is the row of block ``blocks[i]`` and ``logical[i]``
+        its index in that row's table (entries naming the null block, owner -1, are padding); ``last[b]`` is
+        row b's newest position. Kernels only: a CUDA graph captures it."""
         self._owner.fill_(-1)
-        self._owner[blocks.long()] = owner
-        self._logical[blocks.long()] = logical
-        self._last[:len(meta.positions)] = last
+        self._owner[blocks.long()] = owner.int()
+        self._logical[blocks.long()] = logical.int()
+        self._last[:last.shape[0]] = last.int()
 
     def block_mask(self, counts: torch.Tensor, indices: torch.Tensor):
         """A FlexAttention block mask over the pool's slots: row b visits blocks indices[b, :counts[b]]."""

@@ -472,6 +472,7 @@ class PrefillEngine:
         self.inflight = ByteBudget(kv_inflight_bytes, on_release=self._wake.set)
         self._task: asyncio.Task | None = None
         self.passes = 0
+        self._last_end_ns = 0  # when the previous pass ended (DEBUG: the idle gap between passes)
         self.peak_batch = 0  # most prompts in one pass
         self.refused = 0
         # Attention over each segment on its own, through the attention function pdserve registers with
@@ -627,6 +628,8 @@ class PrefillEngine:
                     k, v, start = k[:, :, skip:], v[:, :, skip:], job.emit_from
                 job.on_layer(layer, start, k, v)
 
+            shape = [(seg.start, seg.count) for seg in plan]
+            expected_s = self.pass_times.seconds(shape)
             try:
                 firsts, start_ns, end_ns = await loop.run_in_executor(self._executor, self._forward, plan, notify)
             except Exception as exc:  # a failed pass fails its prompts, not the server
@@ -637,7 +640,13 @@ class PrefillEngine:
                 continue
             self.passes += 1
             self.peak_batch = max(self.peak_batch, len(plan))
-            self.pass_times.add([(seg.start, seg.count) for seg in plan], (end_ns - start_ns) / 1e9)
+            self.pass_times.add(shape, (end_ns - start_ns) / 1e9)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("pass %d: %s in %.0f ms (fit said %s ms), %.0f ms after the previous pass ended, %d queued",
+                          self.passes, " ".join(f"{seg.job.name}[{seg.start}+{seg.count}]" for seg in plan),
+                          (end_ns - start_ns) / 1e6, "-" if expected_s is None else f"{expected_s * 1e3:.0f}",
+                          (start_ns - self._last_end_ns) / 1e6 if self._last_end_ns else 0.0, len(self._queue))
+            self._last_end_ns = end_ns
             for seg in plan:
                 job = seg.job
                 job.passes += 1

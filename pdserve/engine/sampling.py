@@ -57,9 +57,11 @@ def token_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
-    """One token per row of ``logits`` (B, V); row b uses ``params[b]`` at token ``indices[b]``."""
-    chosen = torch.argmax(logits, dim=-1).tolist()  # (B,): greedy for every row first
+def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int],
+           greedy: list[int] | None = None) -> list[int]:
+    """One token per row of ``logits`` (B, V); row b uses ``params[b]`` at token ``indices[b]``. ``greedy``:
+    each row's argmax, where the caller has it already (a CUDA graph computes it on the device)."""
+    chosen = list(greedy) if greedy is not None else torch.argmax(logits, dim=-1).tolist()  # greedy rows first
     for row, (p, index) in enumerate(zip(params, indices)):
         if not p.greedy:
             chosen[row] = _sample_row(logits[row], p, index)
