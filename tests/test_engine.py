@@ -89,14 +89,39 @@ def test_step_metadata_reads_each_row_through_its_own_table():
     assert step.write_slots.tolist() == [1 * 2 + 0, 2 * 2 + 0]
     assert step.mask[:, 0, 0].tolist() == [[True, True, True], [True, False, False]]
     # Row 0 reads block 3 then block 1; row 1 reads block 2, then the null block past its length.
-    assert step.gather.tolist() == [[6, 7, 2], [4, 0, 0]]
+    [group] = step.groups
+    assert group.gather.tolist() == [[6, 7, 2], [4, 0, 0]] and group.rows is None
+
+
+def test_a_long_row_does_not_pad_short_ones_to_its_length():
+    """A gather step pads rows to the longest of their group: short rows share one, a near-context row
+    reads alone (a small request beside an 8k-token one used to gather 8k tokens a layer), and attention
+    gives every row the same output either way."""
+    kv = KVShape(2, 2, 8)
+    pool = KVPool(kv, torch.float32, torch.device("cpu"), budget=kv.bytes_per_token(torch.float32) * 4000,
+                  block_size=16)
+    torch.manual_seed(0)
+    pool.storage.normal_()
+    tables = [list(range(1, 5)), list(range(5, 150)), list(range(150, 152))]
+    positions = [40, 2300, 20]
+    step = pool.prepare_step(tables, positions)
+    assert [(None if g.rows is None else g.rows.tolist(), g.gather.shape[1]) for g in step.groups] == \
+        [([0, 2], 41), ([1], 2301)]
+    from pdserve.engine.paged_attention import paged_attention
+    query = torch.randn(3, 2, 1, 8)
+    module = torch.nn.Module()
+    out, _ = paged_attention(module, query, pool.keys[0], pool.values[0], None, paged=step)
+    for row, (table, p) in enumerate(zip(tables, positions)):
+        alone = pool.prepare_step([table], [p])
+        expect, _ = paged_attention(module, query[row:row + 1], pool.keys[0], pool.values[0], None, paged=alone)
+        torch.testing.assert_close(out[row:row + 1], expect)
 
 
 def test_flex_step_mask_is_exactly_each_rows_own_tokens():
     pool = KVPool(KVShape(1, 1, 1), torch.float32, torch.device("cpu"), budget=8 * 2 * 4 * 2, block_size=2,
                   kernel="flex")
     step = pool.prepare_step([[3, 1], [2]], positions=[2, 0])
-    assert step.write_slots.tolist() == [1 * 2 + 0, 2 * 2 + 0] and step.gather is None
+    assert step.write_slots.tolist() == [1 * 2 + 0, 2 * 2 + 0] and not step.groups
     # Block sparsity: the kernel visits only each row's own blocks.
     counts, indices = step.block_mask.kv_num_blocks[:, 0, 0].tolist(), step.block_mask.kv_indices[:, 0, 0].tolist()
     assert [indices[b][:n] for b, n in enumerate(counts)] == [[3, 1], [2]]
@@ -175,6 +200,11 @@ def test_passes_are_planned_within_the_time_limit():
     deeper.done = 900_000
     assert plan_of([deeper], 2048, 512, limit=limit) == [(0, 900_000, MIN_CHUNK)]
     assert plan_of([FakeJob([0] * 500)], 2048, 512, limit=PassLimit(cost.seconds, 0.01)) == [(0, 0, 500)]
+    # A cold engine (no pass timed yet) does not know what a budget-sized pass costs: a lone long prompt's
+    # first pass is a chunk, then whole passes within the limit.
+    cold = PassLimit(PassTimes().seconds, 1.0)
+    assert plan_of([FakeJob([0] * 8191)], 2048, 512, limit=cold) == [(0, 0, 512)]
+    assert plan_of([FakeJob([0] * 8191)], 2048, 512) == [(0, 0, 2048)]
 
 
 def test_prompts_start_only_when_their_kv_fits_in_flight():

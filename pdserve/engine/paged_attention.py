@@ -110,10 +110,17 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         out = _flex(query.is_cuda)(query, key.permute(1, 0, 2)[None], value.permute(1, 0, 2)[None],
                                    block_mask=paged.block_mask, scale=scaling, enable_gqa=gqa)
         return out[:rows].transpose(1, 2).contiguous(), None
-    k = key[paged.gather].transpose(1, 2)  # (B, H, L, D)
-    v = value[paged.gather].transpose(1, 2)
-    out = F.scaled_dot_product_attention(query, k, v, attn_mask=paged.mask, scale=scaling,
-                                         enable_gqa=gqa)
+    out = None
+    for group in paged.groups:  # rows by length: each gathers up to its own longest row
+        q = query if group.rows is None else query[group.rows]
+        k = key[group.gather].transpose(1, 2)  # (b, H, L, D)
+        v = value[group.gather].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling, enable_gqa=gqa)
+        if group.rows is None:
+            out = o
+        else:
+            out = query.new_empty(query.shape[0], query.shape[1], 1, v.shape[-1]) if out is None else out
+            out[group.rows] = o
     return out.transpose(1, 2).contiguous(), None
 
 

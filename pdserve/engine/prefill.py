@@ -225,6 +225,11 @@ class PassLimit:
     seconds: Callable[[Sequence[tuple[int, int]]], float | None]
     max_s: float
 
+    @property
+    def known(self) -> bool:
+        """Whether there are pass times to go by (none before the first pass)."""
+        return self.seconds([(0, 1)]) is not None
+
     def fit(self, plan: Sequence[Segment], start: int, want: int, max_s: float) -> int:
         """The most tokens, up to ``want``, of a segment from prompt token ``start`` that keep ``plan`` and it
         within ``max_s`` seconds (0 if none do)."""
@@ -268,7 +273,9 @@ def plan_batch(queue: Sequence[PrefillJob], token_budget: int, chunk_tokens: int
     limit bounds how long a prompt that arrives waits for its own pass on any hardware (a chunk deep into a
     long prompt costs its attention over everything before it). A prompt alone in the queue is chunked by
     the budget instead (chunks exist so others need not wait: with nobody waiting, a few full passes beat
-    many small ones, whose launch overhead a GPU cannot hide). Without chunking, whole prompts go in
+    many small ones, whose launch overhead a GPU cannot hide) once the limit has pass times to go by: the
+    first pass of a cold engine is a chunk (on a 2-core CPU a lone near-context prompt's first 2,048 tokens
+    took 7.9 s, and the prompts arriving meanwhile waited for it). Without chunking, whole prompts go in
     arrival order; one that does not fit the room left is passed over for later ones that do, and runs
     alone, even past the budget and the time limit, once nothing is planned before it.
 
@@ -278,7 +285,7 @@ def plan_batch(queue: Sequence[PrefillJob], token_budget: int, chunk_tokens: int
     live = [job for job in queue if not job.cancelled and job.remaining > 0]
     plan: list[Segment] = []
     room = token_budget
-    if len(live) == 1 and chunk_tokens > 0:
+    if len(live) == 1 and chunk_tokens > 0 and (limit is None or limit.known):
         chunk_tokens = max(chunk_tokens, token_budget)  # nobody waits: a lone prompt takes whole passes
 
     def add(job: PrefillJob, count: int) -> None:
