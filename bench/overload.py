@@ -59,10 +59,12 @@ class Outcome:
     seconds: float = 0.0  # to the end (served) or to the error
     detail: str = ""  # the error's message
     tokens: int = 0  # tokens received (an error after the first: it failed in decode)
+    started: float = 0.0  # time.monotonic() when it was sent
 
 
 async def timed(kind: str, client: AsyncClient, timeout: float | None = None, **kwargs) -> Outcome:
     """One request through the stream API: its status, TTFT and duration."""
+    sent = time.monotonic()
     started = time.perf_counter()
     ttft = None
     tokens = 0
@@ -72,12 +74,13 @@ async def timed(kind: str, client: AsyncClient, timeout: float | None = None, **
                 ttft = time.perf_counter() - started
             tokens += len(chunk.token_ids)
     except PdserveError as exc:
-        return Outcome(kind, exc.status, ttft, time.perf_counter() - started, str(exc)[:300], tokens)
-    return Outcome(kind, "OK", ttft, time.perf_counter() - started, tokens=tokens)
+        return Outcome(kind, exc.status, ttft, time.perf_counter() - started, str(exc)[:300], tokens, sent)
+    return Outcome(kind, "OK", ttft, time.perf_counter() - started, tokens=tokens, started=sent)
 
 
 def report(outcomes: list[Outcome]) -> dict:
     by_kind: dict[str, dict] = {}
+    first = min((o.started for o in outcomes), default=0.0)
     for kind in dict.fromkeys(o.kind for o in outcomes):
         mine = [o for o in outcomes if o.kind == kind]
         served = [o.ttft_s for o in mine if o.status == "OK" and o.ttft_s is not None]
@@ -89,7 +92,10 @@ def report(outcomes: list[Outcome]) -> dict:
                                     for status in {o.status for o in mine} - {"OK"}},
                          # Where admitted requests that missed their deadline were: (TTFT, tokens received).
                          "deadline_exceeded": [(o.ttft_s and round(o.ttft_s, 2), o.tokens) for o in mine
-                                               if o.status == "DEADLINE_EXCEEDED"][:50]}
+                                               if o.status == "DEADLINE_EXCEEDED"][:50],
+                         # Refusals slower than the bar's 100 ms: (sent, s after the first request; took s; why).
+                         "slow_refusals": [(round(o.started - first, 2), round(o.seconds, 3), o.detail) for o in mine
+                                           if o.status == "RESOURCE_EXHAUSTED" and o.seconds > 0.1][:20]}
     return by_kind
 
 

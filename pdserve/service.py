@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -45,6 +46,15 @@ def tune_malloc() -> None:
     mallopt(m_mmap_threshold, 32 << 20)   # glibc's largest allowed value
     mallopt(m_trim_threshold, 256 << 20)
     mallopt(m_top_pad, 64 << 20)
+
+
+def freeze_startup_objects() -> None:
+    """Moves what startup built (modules, the model, tokenizers: ~350k objects) out of the garbage collector's
+    full passes. Each full pass scanned all of it with every thread stopped: 0.13 s idle, 0.2-0.33 s under
+    load on a 2-core CPU, every ~10 s, and requests on any service's path stalled (refusals the overload
+    benchmark expects within 100 ms took 331 ms). Objects created later are collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 def set_torch_threads(threads: int) -> None:
@@ -147,6 +157,7 @@ def run_service(name: str, config_cls: type, start: StartFn, args: argparse.Name
 
     async def serve() -> None:
         service = await start(config)
+        freeze_startup_objects()
         if config.port_file:
             write_port_file(config.port_file, service)
         await serve_until_signal(service, config.shutdown_grace_s)
