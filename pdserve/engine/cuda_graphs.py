@@ -40,6 +40,12 @@ _ROW_FIELDS = ("tokens", "src", "positions", "write", "counts")
 _BLOCK_FIELDS = ("indices", "blocks", "owner", "logical")
 
 
+def step_input_ids(last_out: torch.Tensor, src: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A step's input tokens: ``last_out[src[b]]`` (the previous step's greedy token of its row src[b], still
+    on the device) where ``src[b] >= 0``, else ``tokens[b]``."""
+    return torch.where(src >= 0, last_out[src.clamp(min=0)], tokens)
+
+
 @dataclass
 class _Bucket:
     rows: int
@@ -114,8 +120,7 @@ class DecodeGraphs:
         self._pool.write_flex_rows(f["blocks"], f["owner"], f["logical"], f["positions"])
         bucket.counts.copy_(f["counts"])
         bucket.indices.copy_(f["indices"].view(bucket.rows, bucket.width))
-        src = f["src"]
-        ids = torch.where(src >= 0, self.last_out[src.clamp(min=0)], f["tokens"])
+        ids = step_input_ids(self.last_out, f["src"], f["tokens"])
         out = self._model(input_ids=ids[:, None], position_ids=f["positions"][:, None], attention_mask=bucket.step.mask,
                           past_key_values=StepCache(self._pool, bucket.step), use_cache=True, paged=bucket.step)
         logits = out.logits[:, -1]

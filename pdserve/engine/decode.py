@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from pdserve.engine.admission import Admission, Ticket
-from pdserve.engine.cuda_graphs import DecodeGraphs
+from pdserve.engine.cuda_graphs import DecodeGraphs, step_input_ids
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.paged_attention import StepCache, use_paged_attention
 from pdserve.engine.pool_writer import PoolWriter
@@ -716,14 +716,14 @@ class DecodeEngine:
         step = self.pool.prepare_step(tables, positions)
         ids = torch.tensor(tokens, dtype=torch.long, device=device)
         if any(ahead):
-            where = torch.tensor(src, dtype=torch.long, device=device)
-            ids = torch.where(where >= 0, self._last_out[where.clamp(min=0)], ids)
+            ids = step_input_ids(self._last_out, torch.tensor(src, dtype=torch.long, device=device), ids)
         out = self._loaded.model(
             input_ids=ids[:, None], position_ids=torch.tensor(positions, device=device)[:, None],
             attention_mask=step.mask, past_key_values=StepCache(self.pool, step), use_cache=True, paged=step)
         logits = out.logits[:, -1]
         chosen = logits.argmax(dim=-1)
-        self._last_out[:len(batch)] = chosen
+        if self._overlap:  # the next step may read these on the device
+            self._last_out[:len(batch)] = chosen
         return _Step(batch, greedy, lambda: sample(logits, params, indices, chosen.tolist()))
 
     def _postprocess(self, batch: list[DecodeSequence], tokens: list[int]) -> None:

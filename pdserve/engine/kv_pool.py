@@ -304,8 +304,8 @@ class KVPool:
         """Row b writes its new token at ``positions[b]`` and attends to tokens 0..positions[b]."""
         if self.kernel == "flex":
             return self._flex_step(tables, positions)
-        bs, device = self.block_size, self.device
-        write = torch.tensor([table[p // bs] * bs + p % bs for table, p in zip(tables, positions)])
+        device = self.device
+        write = torch.tensor(self.write_slots(tables, positions))
         by_length: dict[int, list[int]] = {}
         for row, p in enumerate(positions):
             by_length.setdefault(max(GATHER_GROUP_TOKENS, _pow2(p + 1)), []).append(row)
@@ -316,6 +316,11 @@ class KVPool:
                   for _, rows in sorted(by_length.items())]
         return PagedStep(write.to(device), torch.ones(len(tables), 1, 1, 1, dtype=torch.bool, device=device),
                          groups=groups)
+
+    def write_slots(self, tables: list[list[int]], positions: list[int]) -> list[int]:
+        """The slot of each row's token at ``positions[b]`` (where a step writes its new token)."""
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for table, p in zip(tables, positions)]
 
     def _gather_group(self, tables: list[list[int]], positions: list[int], rows: list[int] | None = None) -> GatherGroup:
         bs = self.block_size
@@ -352,7 +357,7 @@ class KVPool:
             logical += range(n)
         return FlexMetadata(
             padded_rows, width, counts=used + [0] * pad, indices=indices + [NULL_BLOCK] * (width * pad),
-            write=[table[p // bs] * bs + p % bs for table, p in zip(tables, positions)] + [0] * pad,
+            write=self.write_slots(tables, positions) + [0] * pad,
             blocks=flat, owner=owner, logical=logical, positions=positions)
 
     def load_flex_rows(self, meta: FlexMetadata) -> None:
