@@ -17,13 +17,13 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.gpu_decode import generate_all, make_engine
+from bench.gpu_decode import MODES, generate_all, make_engine
 from pdserve.model import load_model
 
 
-async def profiled(loaded, concurrency: int, prompt: int, new: int) -> str:
+async def profiled(loaded, concurrency: int, prompt: int, new: int, mode: str) -> str:
     prompts = [[100 + (i * 7 + j) % 1000 for j in range(prompt)] for i in range(concurrency)]
-    engine = make_engine(loaded, concurrency, prompt, new, "flex+graphs")
+    engine = make_engine(loaded, concurrency, prompt, new, mode)
     engine.start()
     try:
         await generate_all(engine, prompts, new)  # warm: compiles and captures
@@ -33,7 +33,7 @@ async def profiled(loaded, concurrency: int, prompt: int, new: int) -> str:
         await engine.stop()
     events = prof.key_averages()
     device_us = sum(e.self_device_time_total for e in events)
-    lines = [f"concurrency {concurrency}: {run['tokens_per_s']:,.0f} tok/s, {run['step_ms']:.2f} ms/step "
+    lines = [f"concurrency {concurrency} ({mode}): {run['tokens_per_s']:,.0f} tok/s, {run['step_ms']:.2f} ms/step "
              f"({run['in_step_ms']:.2f} ms inside the step call); GPU busy {device_us / 1e3 / max(1, run['steps']):.2f} "
              f"ms/step",
              events.table(sort_by="self_cuda_time_total", row_limit=12),
@@ -47,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--modes", default="flex+graphs", help=f"engine modes: {', '.join(MODES)}")
     args = parser.parse_args(argv)
     loaded = load_model(args.model, device="cuda")
-    for n in (int(x) for x in args.concurrency.split(",")):
-        print(asyncio.run(profiled(loaded, n, args.prompt, args.new)), flush=True)
+    for mode in args.modes.split(","):
+        for n in (int(x) for x in args.concurrency.split(",")):
+            print(asyncio.run(profiled(loaded, n, args.prompt, args.new, mode)), flush=True)
     return 0
 
 

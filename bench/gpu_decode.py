@@ -2,7 +2,9 @@
 
 For each concurrency N and each engine mode (``gather``: gather + SDPA; ``flex``: compiled
 FlexAttention; ``flex+graphs``: the same step replayed from CUDA graphs, each step launched before the
-previous one's tokens reach the host; ``flex+graphs-stepwise``: graphs, one step at a time): N requests of ``--prompt`` random tokens each
+previous one's tokens reach the host, the fused step forward (``pdserve/engine/step_forward.py``);
+``flex+graphs-unfused``: the same with transformers' forward; ``flex+graphs-stepwise``: that, one step at
+a time): N requests of ``--prompt`` random tokens each
 generating ``--new`` tokens (``ignore_eos``), through the ``DecodeEngine``
 in-process (prefilled on the engine itself, then continuous batching over the
 paged KV pool), and through one ``model.generate`` over the same N prompts
@@ -55,17 +57,19 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes * reps / (time.perf_counter() - started)
 
 
-MODES = {"gather": ("gather", False, False), "flex": ("flex", False, False), "flex+graphs": ("flex", True, True),
-         "flex+graphs-stepwise": ("flex", True, False)}  # (paged kernel, CUDA graphs, overlapped steps)
+# (paged kernel, CUDA graphs, overlapped steps, fused step)
+MODES = {"gather": ("gather", False, False, False), "flex": ("flex", False, False, False),
+         "flex+graphs": ("flex", True, True, True), "flex+graphs-unfused": ("flex", True, True, False),
+         "flex+graphs-stepwise": ("flex", True, False, False)}
 
 
 def make_engine(loaded, concurrency: int, prompt: int, new: int, mode: str) -> DecodeEngine:
-    kernel, graphs, overlap = MODES[mode]
+    kernel, graphs, overlap, fused = MODES[mode]
     tokens = concurrency * (prompt + new + 16)
     return DecodeEngine(loaded, kv_budget=tokens * loaded.info.kv.bytes_per_token(loaded.dtype) + (1 << 24),
                         block_size=16, max_batch=max(concurrency, 1), max_queued=concurrency,
                         prefill_token_budget=8192, prefill_chunk_tokens=0, paged_kernel=kernel, cuda_graphs=graphs,
-                        overlap_steps=overlap)
+                        overlap_steps=overlap, fused_step=fused)
 
 
 async def engine_run(loaded, prompts: list[list[int]], new: int, mode: str) -> dict:

@@ -42,9 +42,9 @@ for phase in "$@"; do
         --out "$out/serving.json" > "$out/serving.log" 2>&1
       tail -40 "$out/serving.log" ;;
     gpu-decode)
-      for m in preset:llama-1b preset:llama-8b; do
+      for m in ${DECODE_MODELS:-preset:llama-1b preset:llama-8b}; do
         timeout 280 python3 -m bench.gpu_decode --device cuda --model "$m" --concurrency 1,32,128 \
-          --modes flex+graphs-stepwise,flex+graphs --out "$out/gpu_decode_${m#preset:}.json" > "$out/gpu_decode_${m#preset:}.log" 2>&1
+          --modes ${DECODE_MODES:-flex+graphs-unfused,flex+graphs} --out "$out/gpu_decode_${m#preset:}.json" > "$out/gpu_decode_${m#preset:}.log" 2>&1
         head -1 "$out/gpu_decode_${m#preset:}.log"; grep -A8 "^| concurrency" "$out/gpu_decode_${m#preset:}.log"
       done ;;
     tpot1)
@@ -66,7 +66,7 @@ for phase in "$@"; do
         > "$out/prefix_shared.log" 2>&1
       tail -14 "$out/prefix_shared.log" ;;
     decode-profile)
-      timeout 240 python3 -m bench.decode_profile --model "$model" --concurrency 1,32 > "$out/decode_profile.log" 2>&1
+      timeout 240 python3 -m bench.decode_profile --model "$model" --concurrency 1,128 > "$out/decode_profile.log" 2>&1
       grep -A16 "^concurrency" "$out/decode_profile.log" | cut -c1-160 ;;
     *) echo "unknown phase $phase" ;;
   esac

@@ -227,6 +227,11 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationCo
     cuda_graphs: bool = field(default=True, metadata={
         "help": "replay each decode step from a CUDA graph captured per batch size (flex kernel on cuda; "
                 "ignored elsewhere)"})
+    cuda_graph_tokens: int = field(default=16384, metadata={
+        "help": "with cuda_graphs, capture at startup the graphs of every batch size for contexts up to this many "
+                "tokens (seconds each, before the instance serves: a graph captured under traffic stalls every "
+                "request in the batch); longer contexts are captured when first seen; 0: capture only when "
+                "first seen"})
     prefix_cache: bool = field(default=True, metadata={
         "help": "prefix cache: a finished request's full KV blocks stay in the pool (evicted, least recently used "
                 "first, only when admission needs the room) and a prompt starting the same way reuses them, its "
@@ -243,6 +248,8 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationCo
             raise ConfigError(f"max_queued: must be >= 0, got {self.max_queued}")
         if self.kv_block_size < 1:
             raise ConfigError(f"kv_block_size: must be >= 1, got {self.kv_block_size}")
+        if self.cuda_graph_tokens < 0:
+            raise ConfigError(f"cuda_graph_tokens: must be >= 0, got {self.cuda_graph_tokens}")
         for name in ("kv_lease_s", "kv_transfer_max_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")

@@ -65,3 +65,37 @@ def test_graphed_decode_matches_eager_and_generate(spec):
     mixed = {tid: seeded if i % 3 == 1 else greedy for i, tid in enumerate(prompts)}
     assert asyncio.run(run(loaded, prompts, max_tokens, True, mixed))[0] == \
         asyncio.run(run(loaded, prompts, max_tokens, False, mixed))[0]
+
+
+def test_graphs_captured_at_startup_serve_every_batch_without_capturing_again():
+    loaded = load_model("preset:tiny-llama", device="cuda", dtype="float32")
+    rng = random.Random(3)
+    prompts = {f"r{i}": [rng.randrange(loaded.info.vocab_size) for _ in range(n)] for i, n in
+               enumerate([5, 90, 33, 17, 64, 3, 120])}
+    max_tokens = {tid: 6 + 7 * (i % 4) for i, tid in enumerate(prompts)}
+
+    async def main():
+        engine = DecodeEngine(loaded, kv_budget=8192 * loaded.info.kv.bytes_per_token(loaded.dtype), block_size=16,
+                              max_batch=8, paged_kernel="flex")
+        await engine.capture_graphs(1024)  # 64 blocks: one table width, batches 1, 2, 4 and 8
+        captured = engine.stats()["cuda_graphs"]
+        engine.start()
+        outputs = {}
+        for tid, prompt in prompts.items():
+            seq = await engine.reserve(DecodeParams(tid, tid, len(prompt), SamplingParams(temperature=0), frozenset(),
+                                                    max_tokens[tid]), local=True)
+            await engine.prefill_locally(seq, prompt)
+            outputs[tid] = seq
+        tokens = {}
+        for tid, seq in outputs.items():
+            tokens[tid] = []
+            while (event := await seq.events.get()) is not None:
+                tokens[tid].append(event.token_id)
+        after = engine.stats()["cuda_graphs"]
+        await engine.stop()
+        return captured, after, tokens
+
+    captured, after, tokens = asyncio.run(main())
+    assert captured == 4 and after == captured
+    for tid, prompt in prompts.items():
+        assert tokens[tid] == reference_greedy(loaded, prompt, max_tokens[tid], ignore_eos=True), tid

@@ -28,10 +28,11 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from pdserve.engine.kv_pool import NULL_BLOCK, KVPool, PagedStep, _pow2
-from pdserve.engine.paged_attention import StepCache
+from pdserve.engine.kv_pool import NULL_BLOCK, KVPool, PagedStep, _pow2, flex_width
+from pdserve.engine.step_forward import StepForward
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class _Bucket:
     rows: int
     width: int
     inputs: torch.Tensor              # int64 on the device, the fields above in order
-    staging: tuple[torch.Tensor, torch.Tensor]  # pinned twins of inputs, used in turn
+    # Pinned twins of inputs, used in turn, each with numpy views of its fields by name.
+    staging: tuple[tuple[torch.Tensor, dict[str, np.ndarray]], ...]
     step: PagedStep
     fields: dict[str, torch.Tensor]   # views of inputs by name
     counts: torch.Tensor              # int32 copies of fields "counts" and "indices": the block mask reads these
@@ -76,10 +78,10 @@ class Launched:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, pool: KVPool, max_rows: int) -> None:
+    def __init__(self, forward: StepForward, pool: KVPool, max_rows: int) -> None:
         if pool.kernel != "flex" or pool.device.type != "cuda":
             raise ValueError("CUDA graphs need the flex paged kernel on a CUDA device")
-        self._model = model
+        self._forward = forward
         self._pool = pool
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._memory = torch.cuda.graph_pool_handle()
@@ -98,32 +100,49 @@ class DecodeGraphs:
         previous step's row src[b]) where ``src[b] >= 0``, else ``tokens[b]``."""
         meta = self._pool.flex_metadata(tables, positions)
         bucket = self._buckets.get((meta.padded_rows, meta.width)) or self._capture(meta.padded_rows, meta.width)
-        rows, n = meta.padded_rows, meta.padded_rows * meta.width
-        pad, spare = rows - len(tokens), n - len(meta.blocks)
-        staging = bucket.staging[self._turn]
+        rows, n, k = meta.padded_rows, len(tokens), len(meta.blocks)
+        # Staging buffer `turn` was last copied from two launches ago; the caller has collected that step.
+        staging, fields = bucket.staging[self._turn]
         host = self._host[self._turn]
         self._turn ^= 1
-        # Staging buffer `turn` was last copied from two launches ago; the caller has collected that step.
-        staging.numpy()[:] = (tokens + [0] * pad + src + [-1] * pad + positions + [0] * pad + meta.write
-                              + meta.counts + meta.indices + meta.blocks + [NULL_BLOCK] * spare
-                              + meta.owner + [-1] * spare + meta.logical + [0] * spare)
+        fields["tokens"][:n], fields["tokens"][n:] = tokens, 0
+        fields["src"][:n], fields["src"][n:] = src, -1
+        fields["positions"][:n], fields["positions"][n:] = positions, 0
+        fields["write"][:] = meta.write
+        fields["counts"][:] = meta.counts
+        fields["indices"][:] = meta.indices.ravel()
+        fields["blocks"][:k], fields["blocks"][k:] = meta.blocks, NULL_BLOCK
+        fields["owner"][:k], fields["owner"][k:] = meta.owner, -1
+        fields["logical"][:k], fields["logical"][k:] = meta.logical, 0
         stream = torch.cuda.current_stream(self._pool.device)
         bucket.inputs.copy_(staging, non_blocking=True)
         bucket.graph.replay()
         host[:rows].copy_(self.last_out[:rows], non_blocking=True)
         ready = torch.cuda.Event()
         ready.record(stream)
-        return Launched(len(tokens), bucket.logits[:len(tokens)], host, ready)
+        return Launched(n, bucket.logits[:n], host, ready)
+
+    def capture_all(self, max_rows: int, max_tokens: int) -> None:
+        """Captures, before any traffic, the step of every padded batch up to ``max_rows`` for tables of up
+        to ``max_tokens`` tokens (each capture compiles the flex kernel for its shape: seconds, which a
+        step capturing lazily would add to the requests in it). Longer tables are captured when first seen."""
+        rows = [1 << i for i in range(_pow2(max_rows).bit_length())]
+        widths, top = [], flex_width(self._pool.blocks_for(max_tokens))
+        while not widths or widths[-1] < top:
+            widths.append(flex_width(widths[-1] * 2 if widths else 1))
+        shapes = [(r, w) for w in widths for r in rows if (r, w) not in self._buckets]
+        started = time.perf_counter()
+        for i, (r, w) in enumerate(shapes, 1):
+            self._capture(r, w)
+            log.info("decode CUDA graphs: %d of %d captured (batch %d, %d blocks per row), %.0f s so far", i,
+                     len(shapes), r, w, time.perf_counter() - started)
 
     def _body(self, bucket: _Bucket, write_out: bool = True) -> torch.Tensor:
         f = bucket.fields
         self._pool.write_flex_rows(f["blocks"], f["owner"], f["logical"], f["positions"])
         bucket.counts.copy_(f["counts"])
         bucket.indices.copy_(f["indices"].view(bucket.rows, bucket.width))
-        ids = step_input_ids(self.last_out, f["src"], f["tokens"])
-        out = self._model(input_ids=ids[:, None], position_ids=f["positions"][:, None], attention_mask=bucket.step.mask,
-                          past_key_values=StepCache(self._pool, bucket.step), use_cache=True, paged=bucket.step)
-        logits = out.logits[:, -1]
+        logits = self._forward(step_input_ids(self.last_out, f["src"], f["tokens"]), f["positions"], bucket.step)
         if write_out:
             self.last_out[:bucket.rows].copy_(logits.argmax(dim=-1))
         return logits
@@ -139,8 +158,12 @@ class DecodeGraphs:
         indices = torch.zeros(rows, width, dtype=torch.int32, device=device)
         step = PagedStep(fields["write"], torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=device),
                          block_mask=self._pool.block_mask(counts, indices))
-        staging = tuple(torch.zeros(sum(sizes), dtype=torch.long).pin_memory() for _ in range(2))
-        bucket = _Bucket(rows, width, inputs, staging, step, fields, counts, indices)
+        staging = []
+        for _ in range(2):
+            pinned = torch.zeros(sum(sizes), dtype=torch.long).pin_memory()
+            staging.append((pinned, dict(zip(_ROW_FIELDS + _BLOCK_FIELDS, np.split(pinned.numpy(),
+                                                                               np.cumsum(sizes)[:-1])))))
+        bucket = _Bucket(rows, width, inputs, tuple(staging), step, fields, counts, indices)
         # Warm up on a side stream (compiles the flex kernel for this shape), then capture. The warm-up
         # leaves last_out alone: the step being launched may read the previous step's tokens from it.
         side = torch.cuda.Stream(device)
@@ -149,11 +172,13 @@ class DecodeGraphs:
             for _ in range(2):
                 self._body(bucket, write_out=False)
         torch.cuda.current_stream(device).wait_stream(side)
+        side.synchronize()
+        warmed = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._memory, capture_error_mode="thread_local"):
             bucket.logits = self._body(bucket)
         bucket.graph = graph
         self._buckets[(rows, width)] = bucket
-        log.info("captured the decode step for batch %d, %d blocks per row, in %.2f s", rows, width,
-                 time.perf_counter() - started)
+        log.info("captured the decode step for batch %d, %d blocks per row, in %.2f s (%.2f s of it compiling "
+                 "and warming up)", rows, width, time.perf_counter() - started, warmed - started)
         return bucket

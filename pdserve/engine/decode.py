@@ -42,7 +42,8 @@ import torch
 from pdserve.engine.admission import Admission, Ticket
 from pdserve.engine.cuda_graphs import DecodeGraphs, step_input_ids
 from pdserve.engine.kv_pool import KVPool
-from pdserve.engine.paged_attention import StepCache, use_paged_attention
+from pdserve.engine.paged_attention import use_paged_attention
+from pdserve.engine.step_forward import step_forward, transformers_step
 from pdserve.engine.pool_writer import PoolWriter
 from pdserve.engine.prefill import PrefillEngine
 from pdserve.engine.prefix_store import Prefix
@@ -201,7 +202,7 @@ class DecodeEngine:
                  max_partial_prefills: int = 2, prefill_max_pass_s: float = 1.0, paged_kernel: str = "auto",
                  kv_lease_s: float = 60.0,
                  kv_transfer_max_s: float = 300.0, cuda_graphs: bool = True, prefix_cache: bool = False,
-                 overlap_steps: bool | None = None) -> None:
+                 overlap_steps: bool | None = None, fused_step: bool = True) -> None:
         self.kv_lease_s = kv_lease_s
         self.kv_transfer_max_s = kv_transfer_max_s
         self._loaded = loaded
@@ -215,7 +216,10 @@ class DecodeEngine:
                                    copy_blocks=None if self.pool.shares_blocks else self.pool.copy_blocks)
         use_paged_attention(loaded.model)
         # Decode steps replayed from CUDA graphs where they can be (the flex kernel on a GPU).
-        self._graphs = (DecodeGraphs(loaded.model, self.pool, max_batch)
+        # Eager steps run transformers' own forward (the reference); graphed ones the fused step where the model
+        # is supported (``fused_step``): the same math in a fraction of the kernels.
+        self._forward = transformers_step(loaded.model, self.pool)
+        self._graphs = (DecodeGraphs(step_forward(loaded.model, self.pool, fused_step), self.pool, max_batch)
                         if cuda_graphs and self.pool.kernel == "flex" and self.pool.device.type == "cuda" else None)
         # Each step's greedy tokens, where the next step reads its inputs when steps overlap.
         self._last_out = (self._graphs.last_out if self._graphs is not None
@@ -598,6 +602,14 @@ class DecodeEngine:
 
     # ---- the batch loop -------------------------------------------------------------------
 
+    async def capture_graphs(self, max_tokens: int) -> None:
+        """Captures the CUDA graphs of every batch size for tables of up to ``max_tokens`` tokens (capped at the
+        context length) before traffic arrives; no-op without graphs."""
+        if self._graphs is not None and max_tokens > 0:
+            tokens = min(max_tokens, self.info.context_length)
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, torch.inference_mode()(self._graphs.capture_all), self.max_batch, tokens)
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="decode-loop")
 
@@ -717,10 +729,7 @@ class DecodeEngine:
         ids = torch.tensor(tokens, dtype=torch.long, device=device)
         if any(ahead):
             ids = step_input_ids(self._last_out, torch.tensor(src, dtype=torch.long, device=device), ids)
-        out = self._loaded.model(
-            input_ids=ids[:, None], position_ids=torch.tensor(positions, device=device)[:, None],
-            attention_mask=step.mask, past_key_values=StepCache(self.pool, step), use_cache=True, paged=step)
-        logits = out.logits[:, -1]
+        logits = self._forward(ids, torch.tensor(positions, device=device), step)
         chosen = logits.argmax(dim=-1)
         if self._overlap:  # the next step may read these on the device
             self._last_out[:len(batch)] = chosen

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pdserve.config import PAGED_KERNELS, parse_budget
@@ -173,6 +174,21 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+# A flex step's block tables are padded to one of these widths (blocks per row): 64 x powers of 4. Each width
+# is a shape the kernel compiles and a CUDA graph is captured for, per padded batch; the flex kernel visits
+# only a row's own blocks, so a wider table costs bytes of step metadata (4 x 8 bytes a row and block), not
+# attention. Three widths cover tables of up to 1,024 blocks (16k tokens of 16).
+FLEX_MIN_WIDTH = 64
+
+
+def flex_width(blocks: int) -> int:
+    """The table width a flex step with rows of up to ``blocks`` blocks is padded to."""
+    width = FLEX_MIN_WIDTH
+    while width < blocks:
+        width *= 4
+    return width
+
+
 # Gather steps pad the rows of a group to its longest row; rows up to this many tokens share one group, longer
 # ones are grouped by length (powers of two), so one near-context row does not pad every other row to its
 # length (on a 2-core CPU, a batch of small requests beside one 8k-token row stepped in 0.4-1.6 s).
@@ -206,17 +222,17 @@ class PagedStep:
 
 @dataclass(frozen=True)
 class FlexMetadata:
-    """One flex step on the host, rows padded to ``padded_rows`` and tables to ``width`` blocks."""
+    """One flex step on the host, rows padded to ``padded_rows`` and tables to ``width`` blocks (int64 arrays)."""
 
     padded_rows: int
     width: int
-    counts: list[int]        # per row: blocks it visits
-    indices: list[int]       # row-major (padded_rows, width): the blocks, null-padded
-    write: list[int]         # per row: the slot of its new token (padded rows: the null block's first)
-    blocks: list[int]        # every block the real rows visit, then for each its row and table index
-    owner: list[int]
-    logical: list[int]
-    positions: list[int]     # per real row: its newest token's position
+    counts: np.ndarray       # per padded row: blocks it visits (padded rows: none)
+    indices: np.ndarray      # (padded_rows, width): the blocks, null-padded
+    write: np.ndarray        # per padded row: the slot of its new token (padded rows: the null block's first)
+    blocks: np.ndarray       # every block the real rows visit, then for each its row and table index
+    owner: np.ndarray
+    logical: np.ndarray
+    positions: np.ndarray    # per real row: its newest token's position
 
 
 class KVPool:
@@ -342,27 +358,29 @@ class KVPool:
     def flex_metadata(self, tables: list[list[int]], positions: list[int]) -> FlexMetadata:
         """The flex kernel's view of a step on the host, padded to a compiled shape."""
         bs, rows = self.block_size, len(tables)
-        used = [blocks_for(p + 1, bs) for p in positions]
-        # The compiled kernel is specialised to static shapes (flex decoding needs a static batch):
-        # rows and table width are padded to powers of two so few shapes ever compile. Padded rows
-        # list no blocks (they read nothing) and write their token into the null block, which the
+        used = np.array([blocks_for(p + 1, bs) for p in positions], dtype=np.int64)
+        # The compiled kernel is specialised to static shapes (flex decoding needs a static batch): rows
+        # are padded to a power of two and tables to a ``flex_width``, so few shapes ever compile. Padded
+        # rows list no blocks (they read nothing) and write their token into the null block, which the
         # flex kernel never reads; their output is dropped.
-        padded_rows, width = _pow2(rows), _pow2(max(used))
-        pad = padded_rows - rows
-        indices, flat, owner, logical = [], [], [], []
-        for row, (table, n) in enumerate(zip(tables, used)):
-            indices += table[:n] + [NULL_BLOCK] * (width - n)
-            flat += table[:n]
-            owner += [row] * n
-            logical += range(n)
-        return FlexMetadata(
-            padded_rows, width, counts=used + [0] * pad, indices=indices + [NULL_BLOCK] * (width * pad),
-            write=self.write_slots(tables, positions) + [0] * pad,
-            blocks=flat, owner=owner, logical=logical, positions=positions)
+        padded_rows, width = _pow2(rows), flex_width(int(used.max()))
+        counts = np.zeros(padded_rows, dtype=np.int64)
+        counts[:rows] = used
+        indices = np.full((padded_rows, width), NULL_BLOCK, dtype=np.int64)
+        for row, (table, n) in enumerate(zip(tables, used.tolist())):
+            indices[row, :n] = table[:n]
+        blocks = indices[:rows][np.arange(width) < used[:, None]]  # row by row, in table order
+        starts = np.cumsum(used) - used
+        write = np.zeros(padded_rows, dtype=np.int64)
+        write[:rows] = self.write_slots(tables, positions)
+        return FlexMetadata(padded_rows, width, counts=counts, indices=indices, write=write, blocks=blocks,
+                            owner=np.repeat(np.arange(rows), used),
+                            logical=np.arange(len(blocks)) - np.repeat(starts, used),
+                            positions=np.asarray(positions, dtype=np.int64))
 
     def load_flex_rows(self, meta: FlexMetadata) -> None:
         """Writes which row owns each block and each row's newest position, where the mask reads them."""
-        packed = torch.tensor(meta.blocks + meta.owner + meta.logical + meta.positions, dtype=torch.int32)
+        packed = torch.from_numpy(np.concatenate([meta.blocks, meta.owner, meta.logical, meta.positions]))
         self.write_flex_rows(*packed.to(self.device).split(
             [len(meta.blocks), len(meta.owner), len(meta.logical), len(meta.positions)]))
 
@@ -390,7 +408,7 @@ class KVPool:
         meta = self.flex_metadata(tables, positions)
         self.load_flex_rows(meta)
         rows = meta.padded_rows
-        packed = torch.tensor(meta.counts + meta.indices + meta.write, dtype=torch.long).to(self.device)
+        packed = torch.from_numpy(np.concatenate([meta.counts, meta.indices.ravel(), meta.write])).to(self.device)
         counts, indices, write = packed.split([rows, rows * meta.width, rows])
         return PagedStep(write[:len(tables)], torch.ones(len(tables), 1, 1, 1, dtype=torch.bool, device=self.device),
                          block_mask=self.block_mask(counts.int(), indices.int().view(rows, meta.width)))

@@ -225,6 +225,7 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
                           prefill_max_pass_s=config.prefill_max_pass_s, paged_kernel=config.paged_kernel,
                           kv_lease_s=config.kv_lease_s, kv_transfer_max_s=config.kv_transfer_max_s,
                           cuda_graphs=config.cuda_graphs, prefix_cache=config.prefix_cache)
+    await engine.capture_graphs(config.cuda_graph_tokens)
     engine.start()
     sweep_orphans()
     sweeper = asyncio.get_running_loop().create_task(sweep_periodically(), name="shm-sweep")
