@@ -15,13 +15,14 @@ for phase in "$@"; do
   echo "=== $phase $(date +%T)"
   case $phase in
     tests)
-      timeout 330 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_data_plane.py tests/test_cuda_graphs.py \
+      timeout 330 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_data_plane.py \
         2>&1 | tee "$out/tests.log" | tail -25 ;;
     kill)
       timeout 260 python3 -m pytest -q -x -s -p no:cacheprovider tests/test_gpu_data_plane.py -k nothing_is_left \
         > "$out/kill.log" 2>&1; grep -v "^\s*$" "$out/kill.log" | grep -i "passed\|failed\|error\|critical\|assert" | tail -30 ;;
     graphs)
-      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tail -5 ;;
+      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graphs.py > "$out/graphs.log" 2>&1
+      grep -B30 "short test summary" "$out/graphs.log" | grep -v "^\s*$" | tail -40; tail -3 "$out/graphs.log" ;;
     ttft)
       timeout 240 python3 -m bench.transfer --device cuda --model "$model" --skip-wire --ttft-lengths 2048,8190 \
         --overlap-length 8190 --ttft-transports "cuda_ipc,grpc x4" --repeats 2 --threads 4 --kv-budget 20GiB \

@@ -33,8 +33,10 @@ async def run(loaded, prompts: dict[str, list[int]], max_tokens: dict[str, int],
             tokens.append(event.token_id)
         return tokens
 
-    outputs = await asyncio.gather(*(one(tid, p, 0.05 * i) for i, (tid, p) in enumerate(prompts.items())))
+    outputs = await asyncio.gather(*(one(tid, p, 0.01 * i) for i, (tid, p) in enumerate(prompts.items())))
     captured = engine.stats()["cuda_graphs"]
+    if graphs:
+        assert engine.counters.peak_running > 1, "the requests never shared a step"
     # With graphs, steps overlap: each launched before the previous one's tokens reached the host.
     if isinstance(sampling, SamplingParams):
         assert (engine.counters.overlapped_steps > 0) is (graphs and sampling.greedy)
@@ -49,11 +51,11 @@ def test_graphed_decode_matches_eager_and_generate(spec):
     rng = random.Random(spec)
     lengths = [5, 90, 33, 17, 64, 3, 120]
     prompts = {f"r{i}": [rng.randrange(loaded.info.vocab_size) for _ in range(n)] for i, n in enumerate(lengths)}
-    max_tokens = {tid: 6 + 7 * (i % 4) for i, tid in enumerate(prompts)}
+    max_tokens = {tid: 24 + 7 * (i % 4) for i, tid in enumerate(prompts)}  # long enough to overlap the next ones
     greedy = SamplingParams(temperature=0)
     graphed, captured = asyncio.run(run(loaded, prompts, max_tokens, True, greedy))
     eager, none = asyncio.run(run(loaded, prompts, max_tokens, False, greedy))
-    assert captured >= 3 and none == 0
+    assert captured >= 2 and none == 0  # batch buckets changed (tables of these lengths share one width)
     assert graphed == eager
     for tid, prompt in prompts.items():
         assert graphed[tid] == reference_greedy(loaded, prompt, max_tokens[tid], ignore_eos=True), tid

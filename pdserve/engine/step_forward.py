@@ -96,13 +96,13 @@ def _kernels(compiled: bool, heads: int, kv_heads: int, dim: int, eps: float) ->
         return _rms(h, weight, eps), h
 
     def rope_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """(B, (heads + 2 kv_heads) dim) -> q (B, heads, dim) and k (B, kv_heads, dim) rotated by (B, dim)
-        cos/sin, and v (B, kv_heads, dim)."""
+        """(B, (heads + 2 kv_heads) dim) -> q (B, heads, dim) rotated by (B, dim) cos/sin, and K (rotated)
+        and V stacked (2, B, kv_heads, dim), as the pool stores them."""
         rows = qkv.shape[0]
         q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
         q, k, v = q.view(rows, heads, dim), k.view(rows, kv_heads, dim), v.view(rows, kv_heads, dim)
         c, s = cos[:, None, :], sin[:, None, :]
-        return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s, v.contiguous()
+        return q * c + _rotate_half(q) * s, torch.stack((k * c + _rotate_half(k) * s, v))
 
     def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
@@ -166,11 +166,10 @@ class FusedStep:
         for i, layer in enumerate(layers):
             attn = layer.self_attn
             (qkv_w, qkv_b), (gu_w, _) = self._fused[i]
-            q, k, v = self._rope_split(F.linear(x, qkv_w, qkv_b), cos, sin)
-            keys, values = pool.keys[i], pool.values[i]
-            keys[step.write_slots] = k
-            values[step.write_slots] = v
-            out, _ = paged_attention(attn, q[:, :, None], keys, values, None, scaling=attn.scaling, paged=step)
+            q, kv = self._rope_split(F.linear(x, qkv_w, qkv_b), cos, sin)
+            pool.storage[:, i][:, step.write_slots] = kv  # K and V of layer i: one write
+            out, _ = paged_attention(attn, q[:, :, None], pool.keys[i], pool.values[i], None, scaling=attn.scaling,
+                                     paged=step)
             x, residual = self._add_rms(attn.o_proj(out.reshape(out.shape[0], -1)), residual,
                                         layer.post_attention_layernorm.weight)
             mlp = layer.mlp.down_proj(self._silu_mul(F.linear(x, gu_w)))
