@@ -13,6 +13,9 @@
   default policy).
 - ``disagg-nocache`` / ``disagg-2x2-nocache``: ``disagg`` / ``disagg-2x2`` with
   prefix caching off in both pools (every prompt computed and sent whole).
+- ``disagg-paced``: ``disagg`` whose decode starts steps at least
+  ``step_interval_ms`` apart (``--min-step-interval-ms``): prefill and decode
+  sharing one GPU without MPS, where the GPU time-slices between the processes.
 - ``disagg-traced``: ``disagg`` with ``tracing_env`` (tracing on at sampling
   ratio 1.0, every span exported to a receiver the benchmark starts:
   ``bench.otlp_sink.ReceiverProcess``).
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 from pdserve_cli.cluster import ClusterSpec
 
-CONFIGS = ("disagg", "colocated", "colocated-chunked", "disagg-local", "disagg-2x2", "disagg-2x2-rr", "disagg-traced",
+CONFIGS = ("disagg", "disagg-paced", "colocated", "colocated-chunked", "disagg-local", "disagg-2x2", "disagg-2x2-rr", "disagg-traced",
            "disagg-2x2-cache", "disagg-nocache", "disagg-2x2-nocache")
 # Prefix caching off on every instance (decode pools and prefill caches).
 NO_CACHE = {"PDSERVE_PREFIX_CACHE": "false", "PDSERVE_PREFIX_CACHE_BYTES": "0"}
@@ -31,13 +34,16 @@ NO_CACHE = {"PDSERVE_PREFIX_CACHE": "false", "PDSERVE_PREFIX_CACHE_BYTES": "0"}
 def cluster_spec(name: str, model: str, device: str = "cpu", dtype: str = "auto", chunk: int = 256,
                  max_batch: int = 64, kv_budget: str = "auto", local: int = 64,
                  tracing_env: dict[str, str] | None = None, prefill_device: str = "",
-                 decode_device: str = "") -> ClusterSpec:
+                 decode_device: str = "", step_interval_ms: float = 20.0) -> ClusterSpec:
     common = dict(model=model, device=device, dtype=dtype, gateway_port=0, pin_cores=device == "cpu",
                   max_batch=max_batch, kv_budget=kv_budget, log_level="WARNING", prefill_device=prefill_device,
                   decode_device=decode_device)
     if name in ("disagg", "disagg-nocache"):
         return ClusterSpec(prefill=1, decode=1, prefill_chunk_tokens=512,
                            extra_env=dict(NO_CACHE) if name.endswith("-nocache") else {}, **common)
+    if name == "disagg-paced":
+        return ClusterSpec(prefill=1, decode=1, prefill_chunk_tokens=512,
+                           extra_env={"PDSERVE_MIN_STEP_INTERVAL_MS": str(step_interval_ms)}, **common)
     if name == "disagg-traced":
         if not tracing_env:
             raise ValueError("disagg-traced needs tracing_env (where the spans go)")

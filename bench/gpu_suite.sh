@@ -37,7 +37,7 @@ for phase in "$@"; do
         --threads 4 --kv-budget 20GiB --out "$out/transfer.json" > "$out/transfer.log" 2>&1
       grep -A12 "^| KV shape\|^| transport" "$out/transfer.log" ;;
     serving)
-      timeout 420 python3 -m pdserve_cli bench --start disagg,colocated-chunked --device cuda --model "$model" \
+      timeout 420 python3 -m pdserve_cli bench --start "${SERVING_START:-disagg,colocated-chunked}" --device cuda --model "$model" \
         --dataset long --num-requests 48 --input-len 128:1024 --output-len 64:256 --long-len 4096:7000 \
         --long-every 4 --request-rate 6 --kv-budget 30GiB --ttft-slo-ms 1000 --tpot-slo-ms 50 --no-plots \
         --out "$out/serving.json" > "$out/serving.log" 2>&1

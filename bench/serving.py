@@ -222,6 +222,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-device", default="", help="--start: the decode instances' device (default --device)")
     parser.add_argument("--kv-budget", default="auto", help="--start: each decode instance's KV pool (e.g. 30GiB)")
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk of colocated-chunked")
+    parser.add_argument("--step-interval-ms", type=float, default=20.0,
+                        help="disagg-paced: the decode instance's --min-step-interval-ms")
     parser.add_argument("--local-prefill-tokens", type=int, default=64,
                         help="disagg-local: prompts up to this many tokens are prefilled on decode")
     parser.add_argument("--max-batch", type=int, default=64, help="decode batch limit for --start")
@@ -276,7 +278,7 @@ async def _bench_started(name: str, workloads: list[Workload], args) -> list[dic
             spec = cluster_spec(name, args.model, device=args.device, chunk=args.chunk, max_batch=args.max_batch,
                                 local=args.local_prefill_tokens, tracing_env=receiver.env if receiver else None,
                                 kv_budget=args.kv_budget, prefill_device=args.prefill_device,
-                                decode_device=args.decode_device)
+                                decode_device=args.decode_device, step_interval_ms=args.step_interval_ms)
             cluster = LocalCluster(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
             print(f"[bench] starting {name}: {spec.describe()}", file=sys.stderr, flush=True)
             try:

@@ -227,6 +227,11 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationCo
     cuda_graphs: bool = field(default=True, metadata={
         "help": "replay each decode step from a CUDA graph captured per batch size (flex kernel on cuda; "
                 "ignored elsewhere)"})
+    min_step_interval_ms: float = field(default=0.0, metadata={
+        "help": "start decode steps at least this many ms apart (0: back to back). For a decode instance sharing "
+                "its GPU with a prefill instance without MPS: the GPU time-slices between processes, and back-to-back "
+                "steps take half of it from prefill while a step needs only a fraction of the TPOT target; every "
+                "request's TPOT is at least this"})
     cuda_graph_tokens: int = field(default=16384, metadata={
         "help": "with cuda_graphs, capture at startup the graphs of every batch size for contexts up to this many "
                 "tokens (seconds each, before the instance serves: a graph captured under traffic stalls every "
@@ -248,6 +253,8 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationCo
             raise ConfigError(f"max_queued: must be >= 0, got {self.max_queued}")
         if self.kv_block_size < 1:
             raise ConfigError(f"kv_block_size: must be >= 1, got {self.kv_block_size}")
+        if not 0 <= self.min_step_interval_ms <= 10_000:
+            raise ConfigError(f"min_step_interval_ms: must be in [0, 10000], got {self.min_step_interval_ms}")
         if self.cuda_graph_tokens < 0:
             raise ConfigError(f"cuda_graph_tokens: must be >= 0, got {self.cuda_graph_tokens}")
         for name in ("kv_lease_s", "kv_transfer_max_s"):

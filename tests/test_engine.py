@@ -426,6 +426,27 @@ async def test_step_time_is_what_a_request_sees_start_to_start():
     assert engine.step_ms() >= 200
 
 
+async def test_paced_steps_start_at_least_the_interval_apart_and_keep_the_tokens():
+    """A decode sharing its GPU with prefill paces its steps (--min-step-interval-ms): steps start at least
+    the interval apart (the first token is prefill's, the first step follows it at once), and the tokens
+    are the unpaced ones."""
+    loaded = get_loaded("preset:tiny-llama")
+    prompt = list(range(3, 11))
+    engine = make_decode(loaded, min_step_interval_ms=60)
+    engine.start()
+    seq = await engine.reserve(params("paced", len(prompt), max_tokens=8), local=True)
+    await engine.prefill_locally(seq, prompt)
+    arrivals, tokens = [], []
+    while (event := await seq.events.get()) is not None:
+        arrivals.append(time.perf_counter())
+        tokens.append(event.token_id)
+    await engine.stop()
+    # Tokens 2..8 come from steps 1..7, each started >= 60 ms after the one before (a step's own few ms of
+    # compute may vary between the first and the last).
+    assert len(tokens) == 8 and arrivals[-1] - arrivals[1] >= 6 * 0.060 - 0.03 and engine.step_ms() >= 59
+    assert tokens == reference_greedy(loaded, prompt, 8, ignore_eos=True)
+
+
 def test_step_times_tell_a_full_batch_from_a_small_one_and_ignore_one_off_spikes():
     from pdserve.engine.decode import StepTimes
 

@@ -202,9 +202,12 @@ class DecodeEngine:
                  max_partial_prefills: int = 2, prefill_max_pass_s: float = 1.0, paged_kernel: str = "auto",
                  kv_lease_s: float = 60.0,
                  kv_transfer_max_s: float = 300.0, cuda_graphs: bool = True, prefix_cache: bool = False,
-                 overlap_steps: bool | None = None, fused_step: bool = True) -> None:
+                 overlap_steps: bool | None = None, fused_step: bool = True,
+                 min_step_interval_ms: float = 0.0) -> None:
         self.kv_lease_s = kv_lease_s
         self.kv_transfer_max_s = kv_transfer_max_s
+        # Steps start at least this far apart (a decode sharing its GPU with prefill: see DecodeConfig).
+        self.min_step_interval_s = min_step_interval_ms / 1e3
         self._loaded = loaded
         self.max_batch = max_batch
         self.pool = KVPool(loaded.info.kv, loaded.dtype, loaded.device, kv_budget, block_size, paged_kernel,
@@ -630,6 +633,8 @@ class DecodeEngine:
         inflight: _Step | None = None  # launched, tokens not collected yet (overlapped steps only)
         previous_captured = 0  # CUDA graphs captured when the previous step was launched
         while True:
+            if previous is not None and self.min_step_interval_s > 0:
+                await asyncio.sleep(previous + self.min_step_interval_s - time.perf_counter())
             # Between steps: leave (freeing blocks, once no step in flight writes them), then join.
             busy = {id(seq) for seq in inflight.batch} if inflight is not None else set()
             staying = []
