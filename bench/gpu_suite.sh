@@ -40,8 +40,8 @@ for phase in "$@"; do
       timeout 420 python3 -m pdserve_cli bench --start "${SERVING_START:-disagg,colocated-chunked}" --device cuda --model "$model" \
         --dataset long --num-requests 48 --input-len 128:1024 --output-len 64:256 --long-len 4096:7000 \
         --long-every 4 --request-rate 6 --kv-budget 30GiB --ttft-slo-ms 1000 --tpot-slo-ms 50 --no-plots \
-        --out "$out/serving.json" > "$out/serving.log" 2>&1
-      tail -40 "$out/serving.log" ;;
+        --out "$out/serving.json" ${SERVING_LOGS:+--cluster-logs "$out/logs"} > "$out/serving.log" 2>&1
+      grep -v "requests:" "$out/serving.log" | tail -40 ;;
     gpu-decode)
       for m in ${DECODE_MODELS:-preset:llama-1b preset:llama-8b}; do
         timeout 280 python3 -m bench.gpu_decode --device cuda --model "$m" --concurrency 1,32,128 \

@@ -18,10 +18,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench.configs import CONFIGS
@@ -222,6 +223,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-device", default="", help="--start: the decode instances' device (default --device)")
     parser.add_argument("--kv-budget", default="auto", help="--start: each decode instance's KV pool (e.g. 30GiB)")
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk of colocated-chunked")
+    parser.add_argument("--cluster-logs", default="", metavar="DIR",
+                        help="--start: each member's log, at DEBUG (a line per prefill pass, per decode request), "
+                             "in DIR/<config>/<member>.log")
     parser.add_argument("--step-interval-ms", type=float, default=20.0,
                         help="disagg-paced: the decode instance's --min-step-interval-ms")
     parser.add_argument("--local-prefill-tokens", type=int, default=64,
@@ -279,6 +283,8 @@ async def _bench_started(name: str, workloads: list[Workload], args) -> list[dic
                                 local=args.local_prefill_tokens, tracing_env=receiver.env if receiver else None,
                                 kv_budget=args.kv_budget, prefill_device=args.prefill_device,
                                 decode_device=args.decode_device, step_interval_ms=args.step_interval_ms)
+            if args.cluster_logs:
+                spec = replace(spec, log_level="DEBUG", log_dir=os.path.join(args.cluster_logs, name))
             cluster = LocalCluster(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
             print(f"[bench] starting {name}: {spec.describe()}", file=sys.stderr, flush=True)
             try:
