@@ -153,8 +153,10 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
     kv_streams: int = field(default=2, metadata={"help": "parallel gRPC streams (own TCP connections) per transfer"})
     kv_checksums: bool = field(default=True, metadata={"help": "an xxh3-64 checksum on every KV message, "
                                                                 "verified by decode (DATA_LOSS on mismatch)"})
-    kv_inflight_bytes: str = field(default="1GiB", metadata={
-        "help": "most KV bytes of unfinished transfers at once; further prompts wait (backpressure)"})
+    kv_inflight_bytes: str = field(default="auto", metadata={
+        "help": "most KV bytes of prompts being prefilled or sent at once; further prompts wait (backpressure): "
+                "bytes (1GiB), a fraction of free device memory (0.25), or auto (1GiB on cpu, 0.25 of the GPU's "
+                "free memory on cuda: 1 GiB is one 8k-token prompt of an 8B model)"})
     kv_keep_s: float = field(default=30.0, metadata={
         "help": "seconds the KV of a prompt whose push to decode failed is kept for a re-push elsewhere "
                 "(Prefill.Repush) before it is dropped"})
@@ -187,9 +189,11 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
             raise ConfigError(f"kv_quantization: must be none or int8, got {self.kv_quantization!r}")
         if self.kv_quantization != "none" and self.kv_transport == "shm":
             raise ConfigError("kv_quantization: int8 travels over gRPC; it cannot be combined with kv_transport=shm")
-        size, _ = parse_budget(self.kv_inflight_bytes) if _SIZE.match(self.kv_inflight_bytes.strip()) else (None, None)
-        if size is None:
-            raise ConfigError(f"kv_inflight_bytes: expected a size such as 512MiB or 2GiB, got {self.kv_inflight_bytes!r}")
+        if self.kv_inflight_bytes != "auto":
+            try:
+                parse_budget(self.kv_inflight_bytes)
+            except ValueError as exc:
+                raise ConfigError(f"kv_inflight_bytes: {exc}") from None
         if self.prefix_cache_bytes.strip() != "0" and not _SIZE.match(self.prefix_cache_bytes.strip()):
             raise ConfigError(f"prefix_cache_bytes: expected a size such as 512MiB or 2GiB (0: off), got "
                               f"{self.prefix_cache_bytes!r}")
@@ -197,8 +201,10 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
             raise ConfigError(f"prefix_block_size: must be >= 1, got {self.prefix_block_size}")
 
     @property
-    def kv_inflight_limit(self) -> int:
-        return parse_budget(self.kv_inflight_bytes)[0]
+    def kv_inflight_spec(self) -> str:
+        if self.kv_inflight_bytes != "auto":
+            return self.kv_inflight_bytes
+        return "1GiB" if self.device == "cpu" else "0.25"
 
     @property
     def prefix_cache_limit(self) -> int:

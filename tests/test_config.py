@@ -38,6 +38,9 @@ def test_lists_from_env():
     (cfg.PrefillConfig, ["--device", "tpu"], {}, "device"),
     (cfg.GatewayConfig, ["--decode", "nohost"], {}, "decode: expected host:port"),
     (cfg.GatewayConfig, ["--listen", "127.0.0.1:99999"], {}, "listen"),
+    (cfg.PrefillConfig, ["--kv-inflight-bytes", "lots"], {}, "kv_inflight_bytes: expected a size"),
+    (cfg.DecodeConfig, ["--min-step-interval-ms", "-1"], {}, "min_step_interval_ms"),
+    (cfg.DecodeConfig, ["--cuda-graph-tokens", "-5"], {}, "cuda_graph_tokens"),
 ])
 def test_invalid_values_name_their_source(cls, argv, env, needle):
     with pytest.raises(cfg.ConfigError) as info:
@@ -48,3 +51,10 @@ def test_invalid_values_name_their_source(cls, argv, env, needle):
 def test_auto_dtype():
     assert cfg.ModelConfig(device="cpu").torch_dtype_name == "float32"
     assert cfg.ModelConfig(device="cuda").torch_dtype_name == "bfloat16"
+
+
+def test_auto_kv_in_flight_scales_with_the_device():
+    """1 GiB of KV in flight is one 8k-token prompt of an 8B model: on a GPU the default is a share of its memory."""
+    assert cfg.PrefillConfig(device="cpu").kv_inflight_spec == "1GiB"
+    assert cfg.PrefillConfig(device="cuda").kv_inflight_spec == "0.25"
+    assert cfg.PrefillConfig(device="cuda", kv_inflight_bytes="2GiB").kv_inflight_spec == "2GiB"

@@ -142,8 +142,9 @@ class SegmentPool:
     so transfers of similar length share segments; at most ``idle_limit`` bytes stay idle."""
 
     MIN_SIZE = 1 << 20
+    IDLE_LIMIT = 1 << 30
 
-    def __init__(self, idle_limit: int = 1 << 30) -> None:
+    def __init__(self, idle_limit: int = IDLE_LIMIT) -> None:
         self.idle_limit = idle_limit
         self._idle: dict[int, list[Segment]] = {}
         self.idle_bytes = 0

@@ -16,6 +16,7 @@ import grpc
 from pdserve import config as cfg
 from pdserve import telemetry
 from pdserve.convert import check_address, check_id, check_token_ids, sampling_from_proto
+from pdserve.engine.kv_pool import budget_bytes
 from pdserve.engine.prefill import KVBytes, PrefillEngine
 from pdserve.engine.prefix_store import PrefixStore
 from pdserve.errors import Cancelled, DataLoss, FailedPrecondition, InvalidArgument, NotFound, PdserveError
@@ -80,7 +81,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self._transports: dict[str, str] = {}  # decode address -> how KV reaches it
         self._pools = MappedPools()  # decode pools this process writes into (CUDA IPC)
         self._device_copies: DeviceCopies | None = None
-        self.segments = SegmentPool(idle_limit=config.kv_inflight_limit)
+        # Idle shared-memory segments stay within the in-flight budget, and within host memory's default.
+        self.segments = SegmentPool(idle_limit=min(engine.inflight.limit, SegmentPool.IDLE_LIMIT))
         self._kept: dict[str, _Kept] = {}  # by the failed transfer's id
         self.metrics = PrefillMetrics()
         self.metrics.gauges(self._gauges)
@@ -373,8 +375,9 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
     store = PrefixStore(config.prefix_cache_limit, config.prefix_block_size) if config.prefix_cache_limit else None
     engine = PrefillEngine(loaded, config.prefill_token_budget, config.prefill_chunk_tokens,
                            max_partial=config.max_partial_prefills, max_queued_tokens=config.max_queued_tokens,
-                           kv_inflight_bytes=config.kv_inflight_limit, prefix_store=store,
+                           kv_inflight_bytes=budget_bytes(config.kv_inflight_spec, loaded.device), prefix_store=store,
                            max_pass_s=config.prefill_max_pass_s)
+    log.info("KV in flight: at most %.1f GiB (%s)", engine.inflight.limit / 2**30, config.kv_inflight_spec)
     auth = cluster_auth(config)
     channels = ChannelPool(auth)
     sweep_orphans()
