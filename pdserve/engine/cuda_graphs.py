@@ -4,7 +4,8 @@ A decode step of a small model on a GPU is launch-bound: the forward is a few
 milliseconds of GPU work behind ~650 kernel launches issued by Python (measured
 on an H100: 2.3 ms of GPU time in 11-24 ms of wall). ``DecodeGraphs`` captures
 the forward of the flex kernel's step once per (padded batch, table width)
-bucket, the shapes ``KVPool.flex_metadata`` already pads to, and replays it.
+bucket, the shapes ``KVPool.flex_metadata`` already pads to (batches to powers of two, tables to
+``flex_width``), and replays it.
 
 What a graph reads is fixed at capture: per bucket, one static int64 tensor of
 the step's inputs (input tokens, where a row's token comes from the previous
@@ -17,9 +18,14 @@ copied to pinned host memory behind an event: nothing on the host waits for
 the GPU until the caller asks for the tokens, and the next step may take its
 input tokens from ``last_out`` on the device before they reach the host.
 Sampled (non-greedy) rows are drawn on the host from the bucket's logits,
-which stay valid until the next replay. Graphs are captured lazily, on the
-worker thread that runs steps, sharing one memory pool; ``thread_local``
-capture lets the event loop keep writing transfers into the pool meanwhile.
+which stay valid until the next replay. ``capture_all`` captures every batch
+bucket for tables up to a length before traffic (the decode service does, at
+startup: a capture compiles the flex kernel for its shape, a second or more);
+a bucket met later is captured when first seen. Captures run on the worker
+thread that runs steps, sharing one memory pool; ``thread_local`` capture lets
+the event loop keep writing transfers into the pool meanwhile. The forward a
+graph holds is the engine's ``StepForward`` (the fused step where the model
+allows it: ``step_forward.py``).
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def _flex(compiled: bool):
 
     if not compiled:
         return flex_attention
-    # Static shapes (the step pads batch and table width to powers of two): one compile per
+    # Static shapes (the step pads the batch to a power of two, the table to a flex_width): one compile per
     # (batch, width) bucket, so allow more recompiles than dynamo's default of 8.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
