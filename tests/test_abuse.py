@@ -123,7 +123,9 @@ async def test_a_10_mb_prompt_is_refused_at_once_and_other_streams_never_stall(s
         for kwargs in (dict(prompt=huge), dict(messages=[{"role": "user", "content": huge}])):
             with pytest.raises(InvalidArgument, match="characters (of content )?exceed the limit of 262144"):
                 await client.generate(**kwargs)
-        assert (time.perf_counter() - started) / 2 < 0.1
+        # Refused before tokenizing: tokenizing it takes ~7 s here; the refusal ~50 ms on an idle machine, and
+        # 0.22 s was seen with the concurrent stream's forward passes on both of CI's cores.
+        assert (time.perf_counter() - started) / 2 < 0.5
         await streaming
     assert max(gaps[1:]) < 0.5
 
