@@ -69,7 +69,7 @@ def make_engine(loaded, concurrency: int, prompt: int, new: int, mode: str) -> D
     return DecodeEngine(loaded, kv_budget=tokens * loaded.info.kv.bytes_per_token(loaded.dtype) + (1 << 24),
                         block_size=16, max_batch=max(concurrency, 1), max_queued=concurrency,
                         prefill_token_budget=8192, prefill_chunk_tokens=0, paged_kernel=kernel, cuda_graphs=graphs,
-                        overlap_steps=overlap, fused_step=fused)
+                        overlap_steps=overlap, fused_forward=fused)
 
 
 async def engine_run(loaded, prompts: list[list[int]], new: int, mode: str) -> dict:

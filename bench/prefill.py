@@ -103,7 +103,12 @@ def bare_seconds(loaded, tokens: int, repeats: int) -> float:
 
 async def engine_seconds(loaded, lengths: list[int], chunk: int, budget: int, consumer: str, repeats: int,
                          copies: DeviceCopies | None) -> float:
-    engine = PrefillEngine(loaded, token_budget=budget, chunk_tokens=chunk, max_partial=8)
+    """``consumer``: where each layer's KV goes (none, host, device), with ``/transformers``: the engine on
+    transformers' forward instead of the fused one."""
+    consumer, _, forward = consumer.partition("/")
+    engine = PrefillEngine(loaded, token_budget=budget, chunk_tokens=chunk, max_partial=8,
+                           fused_forward=False if forward == "transformers" else None)
+    await engine.warm_up()
     g = torch.Generator().manual_seed(1)
     batch = [torch.randint(100, loaded.info.vocab_size, (n,), generator=g).tolist() for n in lengths]
     times = []
@@ -179,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="preset:llama-8b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--consumers", type=lambda t: t.split(","), default=["none", "host", "device"])
+    parser.add_argument("--consumers", type=lambda t: t.split(","), default=["none", "host", "device", "device/transformers"],
+                        help="where each layer's KV goes: none, host, device; NAME/transformers: the same on "
+                             "transformers' forward instead of the fused one")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", type=int, default=0, metavar="TOKENS")
     parser.add_argument("--out", default="bench/out/prefill.json")

@@ -32,6 +32,10 @@ class ModelConfig:
     device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda, cuda:1"})
     dtype: str = field(default="auto", metadata={"help": "float32, bfloat16, float16 or auto (float32 on cpu, bfloat16 on cuda)"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)"})
+    fused_forward: bool = field(default=True, metadata={
+        "help": "on a GPU, Llama-shaped models (llama, qwen2) run decode steps and prefill passes through the fused "
+                "forward (q/k/v and gate/up one GEMM each; norms, rotary and SiLU compiled): the same math in a "
+                "fraction of transformers' kernels; false: transformers' forward"})
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -1,9 +1,11 @@
-"""The fused decode step computes transformers' step: the same logits and the same K/V written into the pool
-(on the CPU its pieces run eagerly; on a GPU, compiled and graphed, tests/test_cuda_graphs.py holds it to
-``generate()`` token for token)."""
+"""The fused forward computes transformers' forward: a decode step's logits and the K/V it writes into the
+pool, a packed and chunked prefill pass's first tokens and the K/V it hands on (on the CPU its pieces run
+eagerly; on a GPU, compiled and graphed, tests/test_cuda_graphs.py holds decode to ``generate()`` token for
+token)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -11,7 +13,10 @@ import torch
 
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.paged_attention import use_paged_attention
-from pdserve.engine.step_forward import FusedStep, step_forward, transformers_step, unsupported
+from pdserve.engine.fused_forward import unsupported
+from pdserve.engine.prefill import PrefillEngine
+from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.step_forward import FusedStep, step_forward, transformers_step
 from pdserve.model import load_model
 
 
@@ -68,3 +73,39 @@ def test_models_the_fused_step_does_not_know_run_transformers_forward():
     assert not isinstance(step_forward(loaded.model, pool, fused=True), FusedStep)
     with pytest.raises(ValueError, match="does not support"):
         FusedStep(loaded.model, pool)
+    assert PrefillEngine(loaded, fused_forward=True)._fused is None
+
+
+@pytest.mark.parametrize("spec", ["preset:tiny-llama", "preset:tiny-qwen2"])
+def test_fused_prefill_passes_compute_transformers_passes(spec):
+    """Prompts packed into passes and chunked across them: the fused forward gives the same first tokens and
+    hands on each chunk of every layer's K/V as transformers' forward does."""
+    loaded = load_model(spec, device="cpu", dtype="float32")
+    rng = random.Random(5)
+    batch = [[rng.randrange(loaded.info.vocab_size) for _ in range(n)] for n in [7, 150, 40, 96, 1, 300]]
+
+    async def run(fused: bool) -> tuple[list[int], list[dict]]:
+        engine = PrefillEngine(loaded, token_budget=128, chunk_tokens=48, max_pass_s=0, fused_forward=fused)
+        assert (engine._fused is not None) is fused
+        await engine.warm_up()
+        kv: list[dict] = [{} for _ in batch]
+
+        def keep(i: int):
+            def on_layer(layer, start, k, v) -> None:
+                kv[i][(layer, start)] = (k.clone(), v.clone())
+            return on_layer
+
+        results = await asyncio.gather(*(engine.prefill(p, SamplingParams(temperature=0), keep(i))
+                                         for i, p in enumerate(batch)))
+        await engine.close()
+        assert engine.passes > 3  # packed and chunked
+        return [r.first_token for r in results], kv
+
+    fused_tokens, fused_kv = asyncio.run(run(True))
+    tokens, kv = asyncio.run(run(False))
+    assert fused_tokens == tokens
+    for a, b in zip(fused_kv, kv):
+        assert a.keys() == b.keys()  # no time limit: the same passes either way
+        for key in a:
+            for x, y in zip(a[key], b[key]):
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)

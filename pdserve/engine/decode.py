@@ -202,7 +202,7 @@ class DecodeEngine:
                  max_partial_prefills: int = 2, prefill_max_pass_s: float = 1.0, paged_kernel: str = "auto",
                  kv_lease_s: float = 60.0,
                  kv_transfer_max_s: float = 300.0, cuda_graphs: bool = True, prefix_cache: bool = False,
-                 overlap_steps: bool | None = None, fused_step: bool = True,
+                 overlap_steps: bool | None = None, fused_forward: bool = True,
                  min_step_interval_ms: float = 0.0) -> None:
         self.kv_lease_s = kv_lease_s
         self.kv_transfer_max_s = kv_transfer_max_s
@@ -220,9 +220,9 @@ class DecodeEngine:
         use_paged_attention(loaded.model)
         # Decode steps replayed from CUDA graphs where they can be (the flex kernel on a GPU).
         # Eager steps run transformers' own forward (the reference); graphed ones the fused step where the model
-        # is supported (``fused_step``): the same math in a fraction of the kernels.
+        # is supported (``fused_forward``): the same math in a fraction of the kernels.
         self._forward = transformers_step(loaded.model, self.pool)
-        self._graphs = (DecodeGraphs(step_forward(loaded.model, self.pool, fused_step), self.pool, max_batch)
+        self._graphs = (DecodeGraphs(step_forward(loaded.model, self.pool, fused_forward), self.pool, max_batch)
                         if cuda_graphs and self.pool.kernel == "flex" and self.pool.device.type == "cuda" else None)
         # Each step's greedy tokens, where the next step reads its inputs when steps overlap.
         self._last_out = (self._graphs.last_out if self._graphs is not None
@@ -235,7 +235,8 @@ class DecodeEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-engine")
         # Prompts prefilled here (colocated serving) share the worker thread with decode steps.
         self.local_prefill = PrefillEngine(loaded, prefill_token_budget, prefill_chunk_tokens, executor=self._executor,
-                                           max_partial=max_partial_prefills, max_pass_s=prefill_max_pass_s)
+                                           max_partial=max_partial_prefills, max_pass_s=prefill_max_pass_s,
+                                           fused_forward=None if fused_forward else False)
         self._waiting: dict[str, DecodeSequence] = {}   # by transfer id: blocks granted, KV not complete
         self._transfer_began = asyncio.Event()          # a transfer's first header arrived
         # Failed CUDA IPC transfers whose producer may still write into their blocks: freed when their

@@ -36,7 +36,8 @@ import torch
 
 from pdserve.aio import ByteBudget, cancel_and_wait
 from pdserve.engine.admission import DEADLINE_MARGIN
-from pdserve.engine.paged_attention import PackedSegments, use_paged_attention
+from pdserve.engine.fused_forward import FusedForward, unsupported
+from pdserve.engine.paged_attention import PackedSegments, paged_attention, use_paged_attention
 from pdserve.engine.prefix_store import Prefix, PrefixStore
 from pdserve.engine.recent_fit import RecentFit
 from pdserve.engine.sampling import SamplingParams, sample
@@ -463,7 +464,7 @@ class PrefillEngine:
     def __init__(self, loaded: LoadedModel, token_budget: int = 2048, chunk_tokens: int = 512,
                  executor: Executor | None = None, max_partial: int = 2, max_queued_tokens: int = 65536,
                  kv_inflight_bytes: int = 1 << 30, prefix_store: PrefixStore | None = None,
-                 max_pass_s: float = 1.0) -> None:
+                 max_pass_s: float = 1.0, fused_forward: bool | None = None) -> None:
         self._loaded = loaded
         self.prefix_store = prefix_store  # recent prompts' KV, reused by prompts that start the same way
         self.computed_tokens = 0  # prompt tokens computed by forward passes
@@ -490,6 +491,12 @@ class PrefillEngine:
         self.segment_attention = loaded.device.type == "cpu" or loaded.dtype in (torch.bfloat16, torch.float16)
         if self.segment_attention:
             use_paged_attention(loaded.model)
+        # Passes with segment attention run the fused forward (``FusedForward``: a fraction of transformers'
+        # kernel launches, which are the time of a GPU pass of a few hundred tokens) where the model allows:
+        # by default on a GPU (on a CPU a pass is compute-bound, and transformers' forward is the reference).
+        fuse = loaded.device.type == "cuda" if fused_forward is None else fused_forward
+        self._fused = (FusedForward(loaded.model)
+                       if fuse and self.segment_attention and unsupported(loaded.model) is None else None)
         self.pass_times = PassTimes(dense=not self.segment_attention)  # recent passes' cost, for estimates and limits
         # Passes planned to take at most about max_pass_s: a prompt that arrives waits for at most about one.
         self._limit = PassLimit(self.pass_times.seconds, max_pass_s) if max_pass_s > 0 else None
@@ -497,6 +504,12 @@ class PrefillEngine:
     @property
     def info(self):
         return self._loaded.info
+
+    async def warm_up(self) -> None:
+        """Compiles the fused forward's kernels before traffic (seconds on a GPU, once); no-op without it."""
+        if self._fused is not None:
+            took = await asyncio.get_running_loop().run_in_executor(self._executor, self._fused.warm_up)
+            log.info("fused forward compiled in %.1f s", took)
 
     @property
     def device(self):
@@ -695,18 +708,37 @@ class PrefillEngine:
                 ends.append(offset - 1)
                 finishing.append(seg.job)
         keep = torch.tensor(ends, device=device) if ends else 1
-        if self.segment_attention:
-            cache = SegmentPrefillCache(plan, notify, device)
-            extra = {"segments": cache.segments}
+        if self._fused is not None:
+            logits = self._fused_pass(plan, notify, input_ids[0], position_ids[0], keep if finishing else None)
         else:
-            cache, extra = PackedPrefillCache(plan, notify), {}
-        out = self._loaded.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                                 past_key_values=cache, use_cache=True, logits_to_keep=keep, **extra)
+            if self.segment_attention:
+                cache = SegmentPrefillCache(plan, notify, device)
+                extra = {"segments": cache.segments}
+            else:
+                cache, extra = PackedPrefillCache(plan, notify), {}
+            logits = self._loaded.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                                        past_key_values=cache, use_cache=True, logits_to_keep=keep,
+                                        **extra).logits[0]
         firsts = {}
         if finishing:
-            tokens = sample(out.logits[0], [job.sampling for job in finishing], [job.first_index for job in finishing])
+            tokens = sample(logits, [job.sampling for job in finishing], [job.first_index for job in finishing])
             firsts = dict(zip(finishing, tokens))
         return firsts, start_ns, time.monotonic_ns()
+
+    def _fused_pass(self, plan: list[Segment], notify, ids: torch.Tensor, positions: torch.Tensor,
+                    keep: torch.Tensor | None) -> torch.Tensor | None:
+        """A packed pass through ``FusedForward``: each layer's K/V to ``SegmentPrefillCache``, attention over
+        the segments; the logits of the rows in ``keep`` (None: no prompt finishes, no logits)."""
+        cache = SegmentPrefillCache(plan, notify, ids.device)
+
+        def attend(layer: int, module: torch.nn.Module, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            keys, values = cache.update(kv[0].transpose(0, 1)[None], kv[1].transpose(0, 1)[None], layer)
+            out, _ = paged_attention(module, q.transpose(0, 1)[None], keys, values, None, scaling=module.scaling,
+                                     segments=cache.segments)
+            return out.reshape(q.shape[0], -1)
+
+        hidden = self._fused.hidden(ids, positions, attend)
+        return None if keep is None else self._fused.logits(hidden[keep])
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)

@@ -2,36 +2,19 @@
 
 ``transformers_step`` runs the model's own forward with ``StepCache`` and the
 paged attention (``paged_attention``): any causal LM, and the reference every
-other path is held to. ``FusedStep`` computes the same step for Llama-shaped
-models (Llama, Qwen2: RMSNorm, rotary embeddings, grouped-query attention, a
-gated SiLU MLP) from the model's own weights, issuing far fewer kernels. For a
-single decode token transformers' forward issues ~38 kernels a layer: on an
-H200 the 8B shape's step was 68% GEMMs and ~1,200 kernels of 1-3 us each for
-the rest (norms in six pieces, rotary in ten, separate residual adds). Here:
-
-- q/k/v and gate/up are one GEMM each: the modules' weights become views of the
-  concatenated tensors (no extra memory; prefill and ``generate()`` run the
-  same modules unchanged);
-- the residual add and the RMSNorm after it, rotary embedding of q and k, and
-  SiLU-times-up are one compiled kernel each on a GPU (``torch.compile``,
-  shapes dynamic in the batch); elsewhere the same functions run eagerly;
-- attention is the engine's paged attention, unchanged.
-
-The math is transformers' (float32 norms, the same order of operations); the
-compiled kernels round intermediate 16-bit values differently, so in bfloat16
-a step's logits differ from the reference by rounding, and in float32 the
-tokens are the reference's (``tests/test_cuda_graphs.py``, on a GPU).
+other path is held to. ``FusedStep`` runs ``FusedForward`` (Llama-shaped
+models, a fraction of the kernels) with the same paged attention, writing each
+layer's K and V into the pool with one indexed copy.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from pdserve.engine.fused_forward import FusedForward, unsupported
 from pdserve.engine.kv_pool import KVPool, PagedStep
 from pdserve.engine.paged_attention import StepCache, paged_attention
 
@@ -39,8 +22,6 @@ log = logging.getLogger(__name__)
 
 # (ids (B,), positions (B,), step) -> logits (B, vocab)
 StepForward = Callable[[torch.Tensor, torch.Tensor, PagedStep], torch.Tensor]
-
-SUPPORTED = ("llama", "qwen2")
 
 
 def transformers_step(model: torch.nn.Module, pool: KVPool) -> StepForward:
@@ -54,128 +35,23 @@ def transformers_step(model: torch.nn.Module, pool: KVPool) -> StepForward:
     return forward
 
 
-def unsupported(model: torch.nn.Module) -> str | None:
-    """Why ``FusedStep`` cannot run ``model`` (None: it can)."""
-    config = model.config
-    if config.model_type not in SUPPORTED:
-        return f"model type {config.model_type!r} (fused: {', '.join(SUPPORTED)})"
-    if getattr(config, "hidden_act", None) != "silu":
-        return f"activation {config.hidden_act!r}"
-    if getattr(config, "mlp_bias", False):
-        return "MLP biases"
-    if getattr(config, "use_sliding_window", False):
-        return "sliding-window attention"
-    base = getattr(model, "model", None)
-    if base is None or not all(hasattr(base, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
-        return "an unexpected module layout"
-    return None
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm: in float32, cast back before the weight."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-@functools.cache
-def _kernels(compiled: bool, heads: int, kv_heads: int, dim: int, eps: float) -> tuple:
-    """The fused pieces for one model shape (constants, not arguments, to the compiler): compiled once per
-    process on a GPU (the batch dimension turns dynamic when a second batch size is met), eager elsewhere."""
-
-    def rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return _rms(x, weight, eps)
-
-    def add_rms(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor):
-        """The residual add and the RMSNorm after it: (normed, new residual)."""
-        h = residual + x
-        return _rms(h, weight, eps), h
-
-    def rope_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """(B, (heads + 2 kv_heads) dim) -> q (B, heads, dim) rotated by (B, dim) cos/sin, and K (rotated)
-        and V stacked (2, B, kv_heads, dim), as the pool stores them."""
-        rows = qkv.shape[0]
-        q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-        q, k, v = q.view(rows, heads, dim), k.view(rows, kv_heads, dim), v.view(rows, kv_heads, dim)
-        c, s = cos[:, None, :], sin[:, None, :]
-        return q * c + _rotate_half(q) * s, torch.stack((k * c + _rotate_half(k) * s, v))
-
-    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
-
-    fns = (rms, add_rms, rope_split, silu_mul)
-    if not compiled:
-        return fns
-    return tuple(torch.compile(fn, fullgraph=True) for fn in fns)
-
-
-def _concat(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for ``modules``; each module's weight (and bias) becomes a view of it."""
-    weight = torch.cat([m.weight.detach() for m in modules])
-    has_bias = [m.bias is not None for m in modules]
-    if any(has_bias) and not all(has_bias):
-        raise ValueError("some projections have a bias and some do not")
-    bias = torch.cat([m.bias.detach() for m in modules]) if all(has_bias) else None
-    start = 0
-    for m in modules:
-        n = m.weight.shape[0]
-        m.weight = torch.nn.Parameter(weight[start:start + n], requires_grad=False)
-        if bias is not None:
-            m.bias = torch.nn.Parameter(bias[start:start + n], requires_grad=False)
-        start += n
-    return weight, bias
-
-
 class FusedStep:
-    """A decode step of a Llama-shaped model with few kernels (see the module's docstring)."""
+    """A decode step of a Llama-shaped model through ``FusedForward``."""
 
     def __init__(self, model: torch.nn.Module, pool: KVPool) -> None:
-        why = unsupported(model)
-        if why is not None:
-            raise ValueError(f"the fused decode step does not support {why}")
+        self._forward = FusedForward(model)
         self._pool = pool
-        self._base = base = model.model
-        self._lm_head = model.lm_head
-        config = model.config
-        self._heads = config.num_attention_heads
-        self._kv_heads = config.num_key_value_heads
-        self._dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self._eps = config.rms_norm_eps
-        fused = getattr(model, "_pdserve_fused", None)  # concatenated once per model, shared by engines
-        if fused is None:
-            with torch.no_grad():
-                fused = [(_concat([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]),
-                          _concat([l.mlp.gate_proj, l.mlp.up_proj])) for l in base.layers]
-            model._pdserve_fused = fused
-        self._fused = fused
-        self._rms, self._add_rms, self._rope_split, self._silu_mul = _kernels(
-            pool.device.type == "cuda", self._heads, self._kv_heads, self._dim, float(self._eps))
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, step: PagedStep) -> torch.Tensor:
-        base, pool = self._base, self._pool
-        h = base.embed_tokens(ids)                                       # (B, hidden)
-        cos, sin = base.rotary_emb(h[:, None], positions[:, None])      # (B, 1, dim) each
-        cos, sin = cos[:, 0], sin[:, 0]
-        layers = base.layers
-        x, residual = self._rms(h, layers[0].input_layernorm.weight), h
-        for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            (qkv_w, qkv_b), (gu_w, _) = self._fused[i]
-            q, kv = self._rope_split(F.linear(x, qkv_w, qkv_b), cos, sin)
-            pool.storage[:, i][:, step.write_slots] = kv  # K and V of layer i: one write
-            out, _ = paged_attention(attn, q[:, :, None], pool.keys[i], pool.values[i], None, scaling=attn.scaling,
-                                     paged=step)
-            x, residual = self._add_rms(attn.o_proj(out.reshape(out.shape[0], -1)), residual,
-                                        layer.post_attention_layernorm.weight)
-            mlp = layer.mlp.down_proj(self._silu_mul(F.linear(x, gu_w)))
-            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else base.norm
-            x, residual = self._add_rms(mlp, residual, norm.weight)
-        return self._lm_head(x)
+        pool = self._pool
+
+        def attend(layer: int, module: torch.nn.Module, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            pool.storage[:, layer][:, step.write_slots] = kv  # K and V of this layer: one write
+            out, _ = paged_attention(module, q[:, :, None], pool.keys[layer], pool.values[layer], None,
+                                     scaling=module.scaling, paged=step)
+            return out.reshape(out.shape[0], -1)
+
+        return self._forward.logits(self._forward.hidden(ids, positions, attend))
 
 
 def step_forward(model: torch.nn.Module, pool: KVPool, fused: bool) -> StepForward:
@@ -184,5 +60,5 @@ def step_forward(model: torch.nn.Module, pool: KVPool, fused: bool) -> StepForwa
         why = unsupported(model)
         if why is None:
             return FusedStep(model, pool)
-        log.info("decode steps run transformers' forward: the fused step does not support %s", why)
+        log.info("decode steps run transformers' forward: the fused forward does not support %s", why)
     return transformers_step(model, pool)

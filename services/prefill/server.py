@@ -376,7 +376,9 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
     engine = PrefillEngine(loaded, config.prefill_token_budget, config.prefill_chunk_tokens,
                            max_partial=config.max_partial_prefills, max_queued_tokens=config.max_queued_tokens,
                            kv_inflight_bytes=budget_bytes(config.kv_inflight_spec, loaded.device), prefix_store=store,
-                           max_pass_s=config.prefill_max_pass_s)
+                           max_pass_s=config.prefill_max_pass_s,
+                           fused_forward=None if config.fused_forward else False)
+    await engine.warm_up()
     log.info("KV in flight: at most %.1f GiB (%s)", engine.inflight.limit / 2**30, config.kv_inflight_spec)
     auth = cluster_auth(config)
     channels = ChannelPool(auth)
