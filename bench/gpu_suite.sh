@@ -3,6 +3,9 @@
 # JSON under $OUT. Run from the repository root with .whl/ and pdserve/v1/ carried (see CONTRIBUTING in
 # README "Benchmarks"); phases are arguments, in order:
 #   bash bench/gpu_suite.sh tests prefill transfer serving
+# Knobs (environment): MODEL; SERVING_START (configurations, default disagg,colocated-chunked), SERVING_CHUNK
+# (colocated-chunked's chunk, default 256), SERVING_LOGS=1 (members' DEBUG logs under $OUT/logs);
+# DECODE_MODELS, DECODE_MODES (gpu-decode).
 set -uo pipefail
 out=${OUT:-bench/out}
 mkdir -p "$out"
@@ -40,7 +43,7 @@ for phase in "$@"; do
       timeout 420 python3 -m pdserve_cli bench --start "${SERVING_START:-disagg,colocated-chunked}" --device cuda --model "$model" \
         --dataset long --num-requests 48 --input-len 128:1024 --output-len 64:256 --long-len 4096:7000 \
         --long-every 4 --request-rate 6 --kv-budget 30GiB --ttft-slo-ms 1000 --tpot-slo-ms 50 --no-plots \
-        --out "$out/serving.json" ${SERVING_LOGS:+--cluster-logs "$out/logs"} > "$out/serving.log" 2>&1
+        --chunk "${SERVING_CHUNK:-256}" --out "$out/serving.json" ${SERVING_LOGS:+--cluster-logs "$out/logs"} > "$out/serving.log" 2>&1
       grep -v "requests:" "$out/serving.log" | tail -40 ;;
     gpu-decode)
       for m in ${DECODE_MODELS:-preset:llama-1b preset:llama-8b}; do
