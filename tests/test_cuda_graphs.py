@@ -37,9 +37,8 @@ async def run(loaded, prompts: dict[str, list[int]], max_tokens: dict[str, int],
     captured = engine.stats()["cuda_graphs"]
     if graphs:
         assert engine.counters.peak_running > 1, "the requests never shared a step"
-    # With graphs, steps overlap: each launched before the previous one's tokens reached the host.
-    if isinstance(sampling, SamplingParams):
-        assert (engine.counters.overlapped_steps > 0) is (graphs and sampling.greedy)
+    # With graphs, steps overlap, sampled ones too: each launched before the previous one's tokens reached the host.
+    assert (engine.counters.overlapped_steps > 0) is graphs
     await engine.stop()
     assert engine.pool.allocator.num_used == 0
     return dict(zip(prompts, outputs)), captured
@@ -63,7 +62,7 @@ def test_graphed_decode_matches_eager_and_generate(spec):
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
     assert asyncio.run(run(loaded, prompts, max_tokens, True, seeded))[0] == \
         asyncio.run(run(loaded, prompts, max_tokens, False, seeded))[0]
-    # Greedy and sampled rows in one batch: steps overlap while the batch is greedy, wait while it is not.
+    # Greedy and sampled rows in one batch (sampled on the device after the replay, in the step's stream).
     mixed = {tid: seeded if i % 3 == 1 else greedy for i, tid in enumerate(prompts)}
     assert asyncio.run(run(loaded, prompts, max_tokens, True, mixed))[0] == \
         asyncio.run(run(loaded, prompts, max_tokens, False, mixed))[0]

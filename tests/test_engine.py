@@ -353,8 +353,8 @@ async def test_local_prefill_with_and_without_chunks_matches_generate(chunk):
 async def test_overlapped_steps_give_every_request_the_tokens_of_one_step_at_a_time(kernel):
     """Overlapped steps (on by default with CUDA graphs) launch step n+1 before step n's tokens reach the
     host: a greedy row's next input comes from the device, a request ending by length at step n sits out
-    n+1, one ending by an EOS takes a row whose token is dropped, and a batch with sampled rows waits
-    for them. Forced on here, on the CPU: the same tokens and ends as steps one at a time, through joins
+    n+1, one ending by an EOS takes a row whose token is dropped, and a sampled row's token, drawn on the
+    device, feeds the next step as a greedy one does. Forced on here, on the CPU: the same tokens and ends as steps one at a time, through joins
     mid-run (max_batch 3 for 7 requests), EOS, length, seeded sampling and a cancellation, and every
     block back at the end."""
     loaded = get_loaded("preset:tiny-llama")
@@ -364,7 +364,7 @@ async def test_overlapped_steps_give_every_request_the_tokens_of_one_step_at_a_t
     out = reference_greedy(loaded, prompts[1], 12, ignore_eos=True)
     stop = next(i for i in range(3, 12) if out[i] not in out[:i])
     eos[1] = frozenset({out[stop]})  # request 1 ends by EOS at its token `stop`
-    # Sampled requests join last: the first steps (requests 0-2 fill the batch) are all greedy.
+    # Sampled requests join last, beside greedy ones.
     sampled = {5: SamplingParams(temperature=0.9, seed=5), 6: SamplingParams(temperature=0.7, top_k=20, seed=9)}
 
     async def run(overlap: bool):

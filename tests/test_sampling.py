@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.engine.sampling import SamplingParams, sample, token_seed
+from pdserve.engine.sampling import SamplingParams, mix64, sample, sample_tokens, token_seed
 from pdserve.sdk import AsyncClient
 from tests.cluster import reference_greedy
 
@@ -39,6 +39,44 @@ def test_sampler_is_a_function_of_seed_and_index():
     # Batch position does not matter: the same row at the same index gives the same token.
     assert sample(logits[[2, 0, 1]], [p, p, p], [2, 0, 1]) == [first[2], first[0], first[1]]
     assert token_seed(5, 0) != token_seed(5, 1) != token_seed(6, 0)
+
+
+def test_the_device_hash_is_splitmix64_on_int64_tensors():
+    """The Gumbel noise's hash runs on tensors (int64 multiplications wrapping, shifts made logical): it is
+    the 64-bit splitmix64 finaliser bit for bit."""
+    mask = (1 << 64) - 1
+
+    def reference(z: int) -> int:
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    values = [0, 1, 12345, (1 << 62) + 7, (1 << 63) + 3, mask]
+    signed = [v - (1 << 64) if v >= 1 << 63 else v for v in values]
+    got = [v & mask for v in mix64(torch.tensor(signed, dtype=torch.long)).tolist()]
+    assert got == [reference(v) for v in values]
+
+
+def test_sampled_tokens_follow_the_softmax():
+    """Gumbel-max over 4,000 seeds: each token's frequency is its softmax probability (the draws are fixed
+    by the seeds, so this is deterministic)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    expected = torch.softmax(logits[0] / 0.8, dim=-1)
+    draws = [sample(logits, [SamplingParams(temperature=0.8, seed=s)], [3])[0] for s in range(4000)]
+    frequencies = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
+    assert (frequencies - expected).abs().max() < 0.025, (frequencies, expected)
+
+
+def test_a_batch_is_sampled_on_its_device_and_greedy_rows_keep_their_argmax():
+    logits = torch.randn(4, 100)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3),
+              SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=5, seed=4)]
+    argmax = logits.argmax(-1)
+    tokens = sample_tokens(logits, params, [0, 1, 2, 3], argmax=argmax)
+    assert isinstance(tokens, torch.Tensor) and tokens.device == logits.device
+    assert tokens[0] == argmax[0] and tokens[2] == argmax[2]
+    assert int(tokens[3]) in logits[3].topk(5).indices.tolist()
+    assert tokens.tolist() == sample(logits, params, [0, 1, 2, 3])
 
 
 def test_top_k_and_top_p_restrict_the_support():

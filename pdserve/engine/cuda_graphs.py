@@ -17,8 +17,9 @@ row's greedy token, written to ``last_out`` (one tensor for every bucket) and
 copied to pinned host memory behind an event: nothing on the host waits for
 the GPU until the caller asks for the tokens, and the next step may take its
 input tokens from ``last_out`` on the device before they reach the host.
-Sampled (non-greedy) rows are drawn on the host from the bucket's logits,
-which stay valid until the next replay. ``capture_all`` captures every batch
+Sampled (non-greedy) rows are drawn on the device from the bucket's logits
+right after the replay (``sample_tokens``: a few kernels, not captured) and
+written into ``last_out`` too, so sampled steps overlap like greedy ones. ``capture_all`` captures every batch
 bucket for tables up to a length before traffic (the decode service does, at
 startup: a capture compiles the flex kernel for its shape, a second or more);
 a bucket met later is captured when first seen. Captures run on the worker
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from pdserve.engine.kv_pool import NULL_BLOCK, KVPool, PagedStep, _pow2, flex_width
+from pdserve.engine.sampling import SamplingParams, sample_tokens
 from pdserve.engine.step_forward import StepForward
 
 log = logging.getLogger(__name__)
@@ -70,15 +72,14 @@ class _Bucket:
 
 @dataclass
 class Launched:
-    """A replayed step: its greedy tokens on their way to the host, its logits until the next replay."""
+    """A replayed step: its tokens on their way to the host."""
 
     rows: int
-    logits: torch.Tensor
     host: torch.Tensor
     ready: torch.cuda.Event
 
     def tokens(self) -> list[int]:
-        """Each row's greedy token (waits for the step)."""
+        """Each row's token (waits for the step)."""
         self.ready.synchronize()
         return self.host[:self.rows].tolist()
 
@@ -101,9 +102,12 @@ class DecodeGraphs:
     def captured(self) -> int:
         return len(self._buckets)
 
-    def launch(self, tokens: list[int], src: list[int], tables: list[list[int]], positions: list[int]) -> Launched:
+    def launch(self, tokens: list[int], src: list[int], tables: list[list[int]], positions: list[int],
+               params: list[SamplingParams], indices: list[int]) -> Launched:
         """Queues one decode step and returns at once. Row b's input token is ``last_out[src[b]]`` (the
-        previous step's row src[b]) where ``src[b] >= 0``, else ``tokens[b]``."""
+        previous step's row src[b]) where ``src[b] >= 0``, else ``tokens[b]``; its output token is sampled
+        with ``params[b]`` at token ``indices[b]`` (greedy rows: the graph's argmax; sampled rows: drawn on
+        the device after the replay, into ``last_out`` as well)."""
         meta = self._pool.flex_metadata(tables, positions)
         bucket = self._buckets.get((meta.padded_rows, meta.width)) or self._capture(meta.padded_rows, meta.width)
         rows, n, k = meta.padded_rows, len(tokens), len(meta.blocks)
@@ -123,10 +127,12 @@ class DecodeGraphs:
         stream = torch.cuda.current_stream(self._pool.device)
         bucket.inputs.copy_(staging, non_blocking=True)
         bucket.graph.replay()
+        if not all(p.greedy for p in params):
+            self.last_out[:n] = sample_tokens(bucket.logits[:n], params, indices, argmax=self.last_out[:n])
         host[:rows].copy_(self.last_out[:rows], non_blocking=True)
         ready = torch.cuda.Event()
         ready.record(stream)
-        return Launched(n, bucket.logits[:n], host, ready)
+        return Launched(n, host, ready)
 
     def capture_all(self, max_rows: int, max_tokens: int) -> None:
         """Captures, before any traffic, the step of every padded batch up to ``max_rows`` for tables of up

@@ -50,7 +50,7 @@ from pdserve.engine.prefix_store import Prefix
 from pdserve.engine.recent_fit import RecentFit
 from pdserve.prefix import block_hashes, reusable_blocks
 from pdserve.aio import cancel_and_wait
-from pdserve.engine.sampling import SamplingParams, sample
+from pdserve.engine.sampling import SamplingParams, sample_tokens
 from pdserve.errors import Cancelled, DataLoss, DeadlineExceeded, InvalidArgument, NotFound, PdserveError
 from pdserve.kv.assembly import KVAssembly, check_layout
 from pdserve.kv.wire import KVLayout, StreamInfo
@@ -138,7 +138,6 @@ class _Step:
     """A launched decode step: its rows, and their tokens once ``collect`` (on the worker thread) returns them."""
 
     batch: list[DecodeSequence]
-    greedy: bool  # every row greedy: the tokens are on the device, where the next step may read them
     collect: Callable[[], list[int]]
 
 
@@ -224,7 +223,7 @@ class DecodeEngine:
         self._forward = transformers_step(loaded.model, self.pool)
         self._graphs = (DecodeGraphs(step_forward(loaded.model, self.pool, fused_forward), self.pool, max_batch)
                         if cuda_graphs and self.pool.kernel == "flex" and self.pool.device.type == "cuda" else None)
-        # Each step's greedy tokens, where the next step reads its inputs when steps overlap.
+        # Each step's tokens, where the next step reads its inputs when steps overlap.
         self._last_out = (self._graphs.last_out if self._graphs is not None
                           else torch.zeros(max_batch, dtype=torch.long, device=loaded.device))
         # Overlapped steps: step n+1 is launched before step n's tokens reach the host, so the GPU never
@@ -651,34 +650,26 @@ class DecodeEngine:
                 seq.joined_ns = time.monotonic_ns()
                 self.admission.started(seq.ticket)
                 self._running.append(seq)
-            if inflight is not None and not inflight.greedy:
-                # Its sampled tokens are drawn on the host and are the next step's inputs: collect it first.
-                done, inflight, launched = inflight, None, None
-            else:
-                done, launched = None, [seq for seq in self._running if self._steps_next(seq, busy)]
-                if not launched and inflight is None:
-                    previous = None
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                started = time.perf_counter()
-                # A step that captured a CUDA graph (and compiled the flex kernel for it) took seconds, once:
-                # fitted, it would make admission refuse requests long after.
-                captured = self._graphs.captured if self._graphs is not None else 0
-                if launched and previous is not None and captured == previous_captured:
-                    self.step_times.add(len(previous_batch), (started - previous) * 1e3)
-                previous, previous_batch = (started, launched) if launched else (None, [])
-                previous_captured = captured
-            called = time.perf_counter()
+            launched = [seq for seq in self._running if self._steps_next(seq, busy)]
+            if not launched and inflight is None:
+                previous = None
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            started = time.perf_counter()
+            # A step that captured a CUDA graph (and compiled the flex kernel for it) took seconds, once:
+            # fitted, it would make admission refuse requests long after.
+            captured = self._graphs.captured if self._graphs is not None else 0
+            if launched and previous is not None and captured == previous_captured:
+                self.step_times.add(len(previous_batch), (started - previous) * 1e3)
+            previous, previous_batch = (started, launched) if launched else (None, [])
+            previous_captured = captured
+            called, done = time.perf_counter(), None
             try:
-                if done is not None:
-                    tokens = await loop.run_in_executor(self._executor, done.collect)
-                else:
-                    inflight, done, tokens = await loop.run_in_executor(self._executor, self._advance, launched, inflight)
+                inflight, done, tokens = await loop.run_in_executor(self._executor, self._advance, launched, inflight)
             except Exception as exc:  # a failed forward fails its batch, not the server
                 log.exception("decode step failed")
-                for seq in (launched or []) + (inflight.batch if inflight is not None else []) + (
-                        done.batch if done is not None else []):
+                for seq in launched + (inflight.batch if inflight is not None else []):
                     if seq.state is not SeqState.FINISHED:
                         seq.events.put_nowait(PdserveError(f"decode step failed: {exc}"))
                         seq.state = SeqState.FINISHED
@@ -710,8 +701,8 @@ class DecodeEngine:
 
     @torch.inference_mode()
     def _launch(self, batch: list[DecodeSequence], inflight: _Step | None) -> _Step:
-        """Runs on the engine thread: one forward pass over ``batch``, one token each. A request also in
-        ``inflight`` (all greedy, its tokens not on the host yet) takes its input token from that step's
+        """Runs on the engine thread: one forward pass over ``batch``, one token each, sampled on the device. A
+        request also in ``inflight`` (its token not on the host yet) takes its input token from that step's
         output on the device and is one position further than the host knows."""
         for seq in batch:
             if seq.kv_written is not None:  # its received KV lands before this step reads it (device-side wait)
@@ -724,22 +715,21 @@ class DecodeEngine:
         tokens = [0 if a else seq.last_token for seq, a in zip(batch, ahead)]
         params = [seq.params.sampling for seq in batch]
         indices = [seq.params.first_index + seq.next_index + a for seq, a in zip(batch, ahead)]
-        greedy = all(p.greedy for p in params)
         self.counters.overlapped_steps += inflight is not None
         tables = [seq.blocks for seq in batch]
         if self._graphs is not None:
-            launched = self._graphs.launch(tokens, src, tables, positions)
-            return _Step(batch, greedy, lambda: sample(launched.logits, params, indices, launched.tokens()))
+            launched = self._graphs.launch(tokens, src, tables, positions, params, indices)
+            return _Step(batch, launched.tokens)
         device = self._loaded.device
         step = self.pool.prepare_step(tables, positions)
         ids = torch.tensor(tokens, dtype=torch.long, device=device)
         if any(ahead):
             ids = step_input_ids(self._last_out, torch.tensor(src, dtype=torch.long, device=device), ids)
         logits = self._forward(ids, torch.tensor(positions, device=device), step)
-        chosen = logits.argmax(dim=-1)
+        chosen = sample_tokens(logits, params, indices)
         if self._overlap:  # the next step may read these on the device
             self._last_out[:len(batch)] = chosen
-        return _Step(batch, greedy, lambda: sample(logits, params, indices, chosen.tolist()))
+        return _Step(batch, chosen.tolist)
 
     def _postprocess(self, batch: list[DecodeSequence], tokens: list[int]) -> None:
         self.counters.steps += 1

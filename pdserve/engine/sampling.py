@@ -1,8 +1,13 @@
 """Sampling parameters and the sampler shared by prefill (token 0) and decode (tokens 1..).
 
-Token ``i`` of a request is drawn from a generator seeded by ``(seed, i)``:
-the result depends only on the logits, the parameters and the index, never on
-which instance or batch position computed it.
+Token ``i`` of a request is drawn with noise keyed by ``(seed, i)``: the result
+depends only on the logits, the parameters and the index, never on which
+instance or batch position computed it. The draw is Gumbel-max (the argmax of
+the filtered scores plus Gumbel noise is a sample of their softmax), with the
+noise of vocabulary entry ``v`` a counter-based hash of ``(token_seed(seed, i),
+v)``: the whole batch is sampled on the logits' device in a few kernels, with
+no host synchronisation and no generator state, so a decode step's sampled
+tokens, like its greedy ones, can feed the next step on the GPU.
 
 No accepted parameters can make sampling fail, for the row or its batch:
 temperatures at or below ``GREEDY_TEMPERATURE`` are greedy (dividing logits by
@@ -57,32 +62,69 @@ def token_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int],
-           greedy: list[int] | None = None) -> list[int]:
-    """One token per row of ``logits`` (B, V); row b uses ``params[b]`` at token ``indices[b]``. ``greedy``:
-    each row's argmax, where the caller has it already (a CUDA graph computes it on the device)."""
-    chosen = list(greedy) if greedy is not None else torch.argmax(logits, dim=-1).tolist()  # greedy rows first
-    for row, (p, index) in enumerate(zip(params, indices)):
-        if not p.greedy:
-            chosen[row] = _sample_row(logits[row], p, index)
-    return chosen
+_SIGNED = 1 << 63
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, index: int) -> int:
-    raw = logits.float()  # (V,)
-    if not bool(torch.isfinite(raw).all()):  # nothing to sample from; argmax never fails
-        return int(torch.nan_to_num(raw, nan=-math.inf).argmax())
-    scores = (raw / p.temperature).clamp(-_SCORE_LIMIT, _SCORE_LIMIT)
-    if p.top_k > 0 and p.top_k < scores.numel():
-        kth = torch.topk(scores, p.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, -math.inf)
-    if p.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-        # Drop a token when the mass before it already reaches top_p; the most
-        # likely token always stays.
-        drop = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= p.top_p
-        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, -math.inf))
-    probs = torch.softmax(scores, dim=-1).cpu()
-    gen = torch.Generator(device="cpu").manual_seed(token_seed(p.seed, index))
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+def _int64(value: int) -> int:
+    """A 64-bit pattern as the signed integer torch's int64 holds."""
+    return value - (1 << 64) if value >= _SIGNED else value
+
+
+_GOLDEN, _MIX1, _MIX2 = (_int64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _srl(z: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (``>>`` is arithmetic)."""
+    return (z >> n) & ((1 << (64 - n)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplications wrap, as the 64-bit patterns do)."""
+    z = (z ^ _srl(z, 30)) * _MIX1
+    z = (z ^ _srl(z, 27)) * _MIX2
+    return z ^ _srl(z, 31)
+
+
+def gumbel_noise(seeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise, float32, for vocabulary ids ``ids`` (B, V) of rows seeded ``seeds`` (B, 1): entry
+    (b, j) is a function of seeds[b] and ids[b, j] only."""
+    bits = mix64(seeds + (ids + 1) * _GOLDEN)
+    uniform = (_srl(bits, 40).float() + 0.5) * (1.0 / (1 << 24))  # 24 bits, strictly inside (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], indices: list[int],
+                  argmax: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of ``logits`` (B, V), as a (B,) int64 tensor on their device, without waiting for
+    them; row b uses ``params[b]`` at token ``indices[b]``. ``argmax``: each row's argmax, where the caller
+    has it already (a CUDA graph computes it)."""
+    chosen = argmax if argmax is not None else torch.argmax(logits, dim=-1)
+    rows = [b for b, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return chosen
+    device = logits.device
+    picked = torch.tensor(rows, device=device)
+    floats = torch.tensor([[params[b].temperature, params[b].top_p] for b in rows], dtype=torch.float32).to(device)
+    ints = torch.tensor([[params[b].top_k, token_seed(params[b].seed, indices[b])] for b in rows],
+                        dtype=torch.long).to(device)
+    temperature, top_p, top_k, seeds = floats[:, 0:1], floats[:, 1:2], ints[:, 0:1], ints[:, 1:2]
+    raw = logits[picked].float()
+    finite = torch.isfinite(raw).all(dim=-1)
+    fallback = torch.nan_to_num(raw, nan=-math.inf).argmax(dim=-1)  # nothing to sample from; argmax never fails
+    scores = (raw / temperature).clamp(-_SCORE_LIMIT, _SCORE_LIMIT)
+    ordered, order = torch.sort(scores, dim=-1, descending=True)
+    vocab = scores.shape[-1]
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    ordered = ordered.masked_fill(ordered < ordered.gather(1, k - 1), -math.inf)  # top-k (ties at the kth stay)
+    probs = torch.softmax(ordered, dim=-1)
+    # Top-p: drop a token when the mass before it already reaches top_p; the most likely token always stays.
+    drop = ((probs.cumsum(dim=-1) - probs) >= top_p) & (top_p < 1.0)
+    ordered = ordered.masked_fill(drop, -math.inf)
+    pick = (ordered + gumbel_noise(seeds, order)).argmax(dim=-1, keepdim=True)
+    sampled = torch.where(finite, order.gather(1, pick)[:, 0], fallback)
+    return chosen.index_put((picked,), sampled)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
+    """``sample_tokens``, on the host."""
+    return sample_tokens(logits, params, indices).tolist()
