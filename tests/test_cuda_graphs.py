@@ -100,3 +100,15 @@ def test_graphs_captured_at_startup_serve_every_batch_without_capturing_again():
     assert captured == 4 and after == captured
     for tid, prompt in prompts.items():
         assert tokens[tid] == reference_greedy(loaded, prompt, max_tokens[tid], ignore_eos=True), tid
+
+
+def test_the_sampling_hash_is_the_same_bits_on_the_gpu():
+    """Token i of a seeded request is the same whichever device samples it: the Gumbel noise's integer hash
+    (int64 multiplications wrapping) gives the CPU's bits on the GPU, and so does the noise."""
+    from pdserve.engine.sampling import gumbel_noise, mix64
+
+    values = torch.tensor([0, 1, 12345, (1 << 62) + 7, -(1 << 63) + 3, -1, 0x5DEECE66D], dtype=torch.long)
+    assert mix64(values.cuda()).cpu().tolist() == mix64(values).tolist()
+    seeds = torch.tensor([[7], [1 << 40]], dtype=torch.long)
+    ids = torch.arange(1000, dtype=torch.long).repeat(2, 1)
+    torch.testing.assert_close(gumbel_noise(seeds.cuda(), ids.cuda()).cpu(), gumbel_noise(seeds, ids))

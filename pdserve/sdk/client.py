@@ -157,6 +157,9 @@ RESUMABLE = (Unavailable, Internal, Cancelled, DataLoss)  # a broken stream, not
 _tracer = trace.get_tracer("pdserve.sdk")
 
 
+MIN_ATTEMPT_S = 0.25  # a resume is not begun with less time than this left before the deadline
+
+
 class _Resume:
     """One logical stream across the calls that carry it: what was received, and whether to go on.
 
@@ -200,17 +203,20 @@ class _Resume:
         return _chunk(msg)
 
     def after(self, exc: grpc.RpcError) -> float:
-        """Seconds to wait before resuming after ``exc``; raises the error when the stream is not resumed."""
+        """Seconds to wait before resuming after ``exc``; raises the error when the stream is not resumed:
+        not resumable, too many in a row, or no time left for another attempt after the wait (the caller
+        then learns the cause, say UNAVAILABLE, not the deadline an attempt begun too late would hit)."""
         error = _error(exc)
         self.in_a_row += 1
+        step = min(2.0, 0.1 * 2 ** self.in_a_row)
+        wait_s = step / 2 + random.uniform(0, step / 2)  # exponential backoff, equal jitter
         if not isinstance(error, RESUMABLE) or self.in_a_row > self.attempts or \
-                (self.deadline is not None and time.monotonic() >= self.deadline):
+                (self.deadline is not None and time.monotonic() + wait_s + MIN_ATTEMPT_S >= self.deadline):
             raise error from None
         self.span.add_event("resume", {"error": str(error), "tokens_received": len(self.received)})
         del self.request.resume_token_ids[:]
         self.request.resume_token_ids.extend(self.received)
-        step = min(2.0, 0.1 * 2 ** self.in_a_row)
-        return step / 2 + random.uniform(0, step / 2)  # exponential backoff, equal jitter
+        return wait_s
 
 
 class AsyncClient:
