@@ -238,10 +238,9 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationCo
         "help": "replay each decode step from a CUDA graph captured per batch size (flex kernel on cuda; "
                 "ignored elsewhere)"})
     min_step_interval_ms: float = field(default=0.0, metadata={
-        "help": "start decode steps at least this many ms apart (0: back to back). For a decode instance sharing "
-                "its GPU with a prefill instance without MPS: the GPU time-slices between processes, and back-to-back "
-                "steps take half of it from prefill while a step needs only a fraction of the TPOT target; every "
-                "request's TPOT is at least this"})
+        "help": "start decode steps at least this many ms apart (0: back to back): a decode instance sharing its "
+                "GPU with a prefill instance (without MPS the GPU time-slices between processes) leaves it to "
+                "prefill between steps; every request's TPOT is at least this"})
     cuda_graph_tokens: int = field(default=16384, metadata={
         "help": "with cuda_graphs, capture at startup the graphs of every batch size for contexts up to this many "
                 "tokens (seconds each, before the instance serves: a graph captured under traffic stalls every "

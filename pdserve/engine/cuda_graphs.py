@@ -19,9 +19,10 @@ the GPU until the caller asks for the tokens, and the next step may take its
 input tokens from ``last_out`` on the device before they reach the host.
 Sampled (non-greedy) rows are drawn on the device from the bucket's logits
 right after the replay (``sample_tokens``: a few kernels, not captured) and
-written into ``last_out`` too, so sampled steps overlap like greedy ones. ``capture_all`` captures every batch
-bucket for tables up to a length before traffic (the decode service does, at
-startup: a capture compiles the flex kernel for its shape, a second or more);
+written into ``last_out`` too, so sampled steps overlap like greedy ones.
+``capture_all`` captures every batch bucket for tables up to a length before
+traffic (the decode service does, at startup: a capture compiles the flex
+kernel for its shape, a second or more);
 a bucket met later is captured when first seen. Captures run on the worker
 thread that runs steps, sharing one memory pool; ``thread_local`` capture lets
 the event loop keep writing transfers into the pool meanwhile. The forward a
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pdserve.engine.kv_pool import NULL_BLOCK, KVPool, PagedStep, _pow2, flex_width
+from pdserve.engine.kv_pool import NULL_BLOCK, KVPool, PagedStep, _pow2, flex_widths
 from pdserve.engine.sampling import SamplingParams, sample_tokens
 from pdserve.engine.step_forward import StepForward
 
@@ -50,8 +51,8 @@ _BLOCK_FIELDS = ("indices", "blocks", "owner", "logical")
 
 
 def step_input_ids(last_out: torch.Tensor, src: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """A step's input tokens: ``last_out[src[b]]`` (the previous step's greedy token of its row src[b], still
-    on the device) where ``src[b] >= 0``, else ``tokens[b]``."""
+    """A step's input tokens: ``last_out[src[b]]`` (the previous step's token of its row src[b], still on the
+    device) where ``src[b] >= 0``, else ``tokens[b]``."""
     return torch.where(src >= 0, last_out[src.clamp(min=0)], tokens)
 
 
@@ -134,14 +135,13 @@ class DecodeGraphs:
         ready.record(stream)
         return Launched(n, host, ready)
 
+    @torch.inference_mode()
     def capture_all(self, max_rows: int, max_tokens: int) -> None:
         """Captures, before any traffic, the step of every padded batch up to ``max_rows`` for tables of up
         to ``max_tokens`` tokens (each capture compiles the flex kernel for its shape: seconds, which a
         step capturing lazily would add to the requests in it). Longer tables are captured when first seen."""
         rows = [1 << i for i in range(_pow2(max_rows).bit_length())]
-        widths, top = [], flex_width(self._pool.blocks_for(max_tokens))
-        while not widths or widths[-1] < top:
-            widths.append(flex_width(widths[-1] * 2 if widths else 1))
+        widths = flex_widths(self._pool.blocks_for(max_tokens))
         shapes = [(r, w) for w in widths for r in rows if (r, w) not in self._buckets]
         started = time.perf_counter()
         for i, (r, w) in enumerate(shapes, 1):

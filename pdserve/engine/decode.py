@@ -610,8 +610,8 @@ class DecodeEngine:
         context length) before traffic arrives; no-op without graphs."""
         if self._graphs is not None and max_tokens > 0:
             tokens = min(max_tokens, self.info.context_length)
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, torch.inference_mode()(self._graphs.capture_all), self.max_batch, tokens)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._graphs.capture_all,
+                                                             self.max_batch, tokens)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="decode-loop")
@@ -664,7 +664,7 @@ class DecodeEngine:
                 self.step_times.add(len(previous_batch), (started - previous) * 1e3)
             previous, previous_batch = (started, launched) if launched else (None, [])
             previous_captured = captured
-            called, done = time.perf_counter(), None
+            called = time.perf_counter()
             try:
                 inflight, done, tokens = await loop.run_in_executor(self._executor, self._advance, launched, inflight)
             except Exception as exc:  # a failed forward fails its batch, not the server

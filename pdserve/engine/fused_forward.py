@@ -30,6 +30,7 @@ rounding, and in float32 the tokens are the reference's
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from typing import Callable
 
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 
 # attend(layer index, attention module, q (T, heads, dim), K and V (2, T, kv_heads, dim)) -> (T, heads * dim)
 Attend = Callable[[int, torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 SUPPORTED = ("llama", "qwen2")
 
@@ -121,7 +124,6 @@ def _concat(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
     return weight, bias
 
 
-
 class FusedForward:
     """The fused forward of one model (see the module's docstring); ``unsupported(model)`` says which it is not."""
 
@@ -183,3 +185,11 @@ class FusedForward:
             self._rope_split(weight.new_zeros(rows, qkv_w.shape[0]), cos, cos)
             self._silu_mul(weight.new_zeros(rows, gu_w.shape[0]))
         return time.perf_counter() - started
+
+
+def fused_supported(model: torch.nn.Module, user: str) -> bool:
+    """Whether ``FusedForward`` runs ``model``; where not, logs that ``user`` run transformers' forward, and why."""
+    why = unsupported(model)
+    if why is not None:
+        log.info("%s run transformers' forward: the fused forward does not support %s", user, why)
+    return why is None

@@ -183,10 +183,15 @@ FLEX_MIN_WIDTH = 64
 
 def flex_width(blocks: int) -> int:
     """The table width a flex step with rows of up to ``blocks`` blocks is padded to."""
-    width = FLEX_MIN_WIDTH
-    while width < blocks:
-        width *= 4
-    return width
+    return flex_widths(blocks)[-1]
+
+
+def flex_widths(blocks: int) -> list[int]:
+    """Every table width up to the one rows of ``blocks`` blocks are padded to, smallest first."""
+    widths = [FLEX_MIN_WIDTH]
+    while widths[-1] < blocks:
+        widths.append(widths[-1] * 4)
+    return widths
 
 
 # Gather steps pad the rows of a group to its longest row; rows up to this many tokens share one group, longer

@@ -36,7 +36,7 @@ import torch
 
 from pdserve.aio import ByteBudget, cancel_and_wait
 from pdserve.engine.admission import DEADLINE_MARGIN
-from pdserve.engine.fused_forward import FusedForward, unsupported
+from pdserve.engine.fused_forward import FusedForward, fused_supported
 from pdserve.engine.paged_attention import PackedSegments, paged_attention, use_paged_attention
 from pdserve.engine.prefix_store import Prefix, PrefixStore
 from pdserve.engine.recent_fit import RecentFit
@@ -496,7 +496,7 @@ class PrefillEngine:
         # by default on a GPU (on a CPU a pass is compute-bound, and transformers' forward is the reference).
         fuse = loaded.device.type == "cuda" if fused_forward is None else fused_forward
         self._fused = (FusedForward(loaded.model)
-                       if fuse and self.segment_attention and unsupported(loaded.model) is None else None)
+                       if fuse and self.segment_attention and fused_supported(loaded.model, "prefill passes") else None)
         self.pass_times = PassTimes(dense=not self.segment_attention)  # recent passes' cost, for estimates and limits
         # Passes planned to take at most about max_pass_s: a prompt that arrives waits for at most about one.
         self._limit = PassLimit(self.pass_times.seconds, max_pass_s) if max_pass_s > 0 else None

@@ -102,12 +102,12 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], indices: l
     rows = [b for b, p in enumerate(params) if not p.greedy]
     if not rows:
         return chosen
-    device = logits.device
-    picked = torch.tensor(rows, device=device)
+    device = logits.device  # the rows' parameters: two small copies
     floats = torch.tensor([[params[b].temperature, params[b].top_p] for b in rows], dtype=torch.float32).to(device)
-    ints = torch.tensor([[params[b].top_k, token_seed(params[b].seed, indices[b])] for b in rows],
+    ints = torch.tensor([[b, params[b].top_k, token_seed(params[b].seed, indices[b])] for b in rows],
                         dtype=torch.long).to(device)
-    temperature, top_p, top_k, seeds = floats[:, 0:1], floats[:, 1:2], ints[:, 0:1], ints[:, 1:2]
+    temperature, top_p = floats[:, 0:1], floats[:, 1:2]
+    picked, top_k, seeds = ints[:, 0], ints[:, 1:2], ints[:, 2:3]
     raw = logits[picked].float()
     finite = torch.isfinite(raw).all(dim=-1)
     fallback = torch.nan_to_num(raw, nan=-math.inf).argmax(dim=-1)  # nothing to sample from; argmax never fails

@@ -9,16 +9,13 @@ layer's K and V into the pool with one indexed copy.
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import torch
 
-from pdserve.engine.fused_forward import FusedForward, unsupported
+from pdserve.engine.fused_forward import FusedForward, fused_supported
 from pdserve.engine.kv_pool import KVPool, PagedStep
 from pdserve.engine.paged_attention import StepCache, paged_attention
-
-log = logging.getLogger(__name__)
 
 # (ids (B,), positions (B,), step) -> logits (B, vocab)
 StepForward = Callable[[torch.Tensor, torch.Tensor, PagedStep], torch.Tensor]
@@ -56,9 +53,6 @@ class FusedStep:
 
 def step_forward(model: torch.nn.Module, pool: KVPool, fused: bool) -> StepForward:
     """``FusedStep`` where asked for and the model is supported, else ``transformers_step``."""
-    if fused:
-        why = unsupported(model)
-        if why is None:
-            return FusedStep(model, pool)
-        log.info("decode steps run transformers' forward: the fused forward does not support %s", why)
+    if fused and fused_supported(model, "decode steps"):
+        return FusedStep(model, pool)
     return transformers_step(model, pool)
