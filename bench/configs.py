@@ -39,22 +39,22 @@ def cluster_spec(name: str, model: str, device: str = "cpu", dtype: str = "auto"
                   max_batch=max_batch, kv_budget=kv_budget, log_level="WARNING", prefill_device=prefill_device,
                   decode_device=decode_device)
     if name in ("disagg", "disagg-nocache"):
-        return ClusterSpec(prefill=1, decode=1, prefill_chunk_tokens=512,
+        return ClusterSpec(prefill=1, decode=1,
                            extra_env=dict(NO_CACHE) if name.endswith("-nocache") else {}, **common)
     if name == "disagg-paced":
-        return ClusterSpec(prefill=1, decode=1, prefill_chunk_tokens=512,
+        return ClusterSpec(prefill=1, decode=1,
                            extra_env={"PDSERVE_MIN_STEP_INTERVAL_MS": str(step_interval_ms)}, **common)
     if name == "disagg-traced":
         if not tracing_env:
             raise ValueError("disagg-traced needs tracing_env (where the spans go)")
-        return ClusterSpec(prefill=1, decode=1, prefill_chunk_tokens=512, extra_env=tracing_env, **common)
+        return ClusterSpec(prefill=1, decode=1, extra_env=tracing_env, **common)
     if name == "disagg-local":
-        return ClusterSpec(prefill=1, decode=1, prefill_chunk_tokens=512,
+        return ClusterSpec(prefill=1, decode=1,
                            extra_env={"PDSERVE_LOCAL_PREFILL_TOKENS": str(local)}, **common)
     if name in ("disagg-2x2", "disagg-2x2-rr", "disagg-2x2-cache", "disagg-2x2-nocache"):
         policy = {"disagg-2x2-rr": "round_robin", "disagg-2x2-cache": "cache_aware"}.get(name, "load_aware")
         env = {"PDSERVE_POLICY": policy, **(NO_CACHE if name.endswith("-nocache") else {})}
-        return ClusterSpec(prefill=2, decode=2, prefill_chunk_tokens=512, extra_env=env, **common)
+        return ClusterSpec(prefill=2, decode=2, extra_env=env, **common)
     if name == "colocated":
         return ClusterSpec(prefill=0, decode=1, prefill_chunk_tokens=0, **common)
     if name == "colocated-chunked":

@@ -5,7 +5,8 @@
 #   bash bench/gpu_suite.sh tests prefill transfer serving
 # Knobs (environment): MODEL; SERVING_START (configurations, default disagg,colocated-chunked), SERVING_CHUNK
 # (colocated-chunked's chunk, default 256), SERVING_LOGS=1 (members' DEBUG logs under $OUT/logs);
-# DECODE_MODELS, DECODE_MODES (gpu-decode).
+# DECODE_MODELS, DECODE_MODES (gpu-decode); TESTS_K (tests: pytest -k selection). At most 8 files come back from a
+# call: the members' logs come back as one $OUT/logs.tgz.
 set -uo pipefail
 out=${OUT:-bench/out}
 mkdir -p "$out"
@@ -18,7 +19,7 @@ for phase in "$@"; do
   echo "=== $phase $(date +%T)"
   case $phase in
     tests)
-      timeout 330 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_data_plane.py \
+      timeout 330 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_data_plane.py ${TESTS_K:+-k "$TESTS_K"} \
         2>&1 | tee "$out/tests.log" | tail -25 ;;
     kill)
       timeout 260 python3 -m pytest -q -x -s -p no:cacheprovider tests/test_gpu_data_plane.py -k nothing_is_left \
@@ -75,3 +76,4 @@ for phase in "$@"; do
     *) echo "unknown phase $phase" ;;
   esac
 done
+if [ -d "$out/logs" ]; then tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs"; fi

@@ -120,10 +120,12 @@ KV_TRANSPORTS = ("auto", "grpc", "shm", "cuda_ipc")  # attention over the decode
 class PrefillBatchConfig:
     """How prompts are packed into prefill forward passes (prefill instances and colocated decode)."""
 
-    prefill_token_budget: int = field(default=2048, metadata={"help": "most prompt tokens in one prefill forward pass"})
-    prefill_chunk_tokens: int = field(default=512, metadata={
+    prefill_token_budget: int | None = field(default=None, metadata={
+        "help": "most prompt tokens in one prefill forward pass (auto: 2048 on cpu, 4096 on a GPU, where a pass "
+                "of a few hundred tokens costs mostly its launches)"})
+    prefill_chunk_tokens: int | None = field(default=None, metadata={
         "help": "prompts are prefilled in chunks of at most this many tokens, each chunk's KV streamed as it is "
-                "computed (0: whole prompts, no chunking)"})
+                "computed (0: whole prompts, no chunking; auto: 512 on cpu, 2048 on a GPU)"})
     max_partial_prefills: int = field(default=2, metadata={
         "help": "most long prompts being prefilled chunk by chunk at once (each holds its earlier chunks' KV); "
                 "prompts that fit in one chunk are never held back by them"})
@@ -135,12 +137,19 @@ class PrefillBatchConfig:
     def __post_init__(self) -> None:
         if not self.prefill_max_pass_s >= 0:
             raise ConfigError(f"prefill_max_pass_s: must be >= 0, got {self.prefill_max_pass_s}")
-        if self.prefill_token_budget < 1:
+        if self.prefill_token_budget is not None and self.prefill_token_budget < 1:
             raise ConfigError(f"prefill_token_budget: must be >= 1, got {self.prefill_token_budget}")
-        if self.prefill_chunk_tokens < 0:
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 0:
             raise ConfigError(f"prefill_chunk_tokens: must be >= 0, got {self.prefill_chunk_tokens}")
         if self.max_partial_prefills < 1:
             raise ConfigError(f"max_partial_prefills: must be >= 1, got {self.max_partial_prefills}")
+
+    def prefill_batch(self, device: str) -> tuple[int, int]:
+        """(token budget, chunk tokens) of prefill passes on ``device``, auto values resolved."""
+        gpu = device != "cpu"
+        budget = self.prefill_token_budget if self.prefill_token_budget is not None else (4096 if gpu else 2048)
+        chunk = self.prefill_chunk_tokens if self.prefill_chunk_tokens is not None else (2048 if gpu else 512)
+        return budget, chunk
 
 
 @dataclass(frozen=True)
@@ -417,6 +426,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         env = ENV_PREFIX + f.name.upper()
         default = f.default if f.default is not dataclasses.MISSING else None
+        if default is None:
+            default = "auto"
         if isinstance(default, tuple):
             default = ",".join(default)
         help_text = f.metadata.get("help", "")
@@ -460,6 +471,8 @@ def _parse(hint: Any, raw: Any, source: str) -> Any:
             raise ValueError(raw)
         if hint is int:
             return int(raw)
+        if hint == int | None:  # "auto" (or unset): the default for the device
+            return None if raw.strip().lower() == "auto" else int(raw)
         if hint is float:
             return float(raw)
         if origin is tuple:

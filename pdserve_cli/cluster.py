@@ -114,8 +114,8 @@ class ClusterSpec:
     threads: int = 0           # per worker; 0: split the machine's cores between workers
     max_batch: int = 32
     kv_budget: str = "auto"
-    prefill_chunk_tokens: int = 512  # 0: no chunked prefill
-    prefill_token_budget: int = 2048
+    prefill_chunk_tokens: int | None = None  # 0: no chunked prefill; None: the members' default for their device
+    prefill_token_budget: int | None = None
     pin_cores: bool = False
     log_level: str = "INFO"
     metrics: bool = False  # each member serves Prometheus /metrics on a free port (Member.metrics_address)
@@ -139,7 +139,8 @@ class ClusterSpec:
 
     def describe(self) -> str:
         if self.colocated:
-            chunking = f"chunked prefill {self.prefill_chunk_tokens}" if self.prefill_chunk_tokens else "no chunking"
+            chunking = ("no chunking" if self.prefill_chunk_tokens == 0 else
+                        f"chunked prefill {'auto' if self.prefill_chunk_tokens is None else self.prefill_chunk_tokens}")
             return f"colocated x{self.decode} ({chunking})"
         return f"disaggregated {self.prefill} prefill + {self.decode} decode"
 
@@ -291,8 +292,8 @@ class LocalCluster:
                                                   os.path.join(folder, "client-key.pem"), os.path.join(folder, "ca.pem")))
         groups = self._core_groups() if s.pin_cores else [None] * (s.prefill + s.decode)
         model_args = ["--model", s.model, "--dtype", s.dtype, "--threads", str(self._threads()),
-                      "--prefill-chunk-tokens", str(s.prefill_chunk_tokens),
-                      "--prefill-token-budget", str(s.prefill_token_budget)]
+                      "--prefill-chunk-tokens", "auto" if s.prefill_chunk_tokens is None else str(s.prefill_chunk_tokens),
+                      "--prefill-token-budget", "auto" if s.prefill_token_budget is None else str(s.prefill_token_budget)]
         decode_args = [*model_args, "--device", s.decode_device or s.device, "--max-batch", str(s.max_batch),
                        "--kv-budget", s.kv_budget, *self._tls_args("decode")]
         model_args = [*model_args, "--device", s.prefill_device or s.device, *self._tls_args("prefill")]

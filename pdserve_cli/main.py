@@ -295,8 +295,9 @@ def build_parser(bench_arguments: bool = True) -> argparse.ArgumentParser:
     up.add_argument("--decode", type=int, default=1, help="decode instances")
     up.add_argument("--colocated", action="store_true",
                     help="no prefill instances: each decode instance prefills its own prompts (the baseline)")
-    up.add_argument("--prefill-chunk-tokens", type=int, default=512,
-                    help="chunked prefill size (0: whole prompts; colocated without chunking stalls decode)")
+    up.add_argument("--prefill-chunk-tokens", type=int, default=None,
+                    help="chunked prefill size (0: whole prompts; colocated without chunking stalls decode; "
+                         "default: 512 on cpu, 2048 on a GPU)")
     up.add_argument("--max-batch", type=int, default=32, help="decode running batch limit")
     up.add_argument("--kv-budget", default="auto", help="decode KV pool: 512MiB, 4GiB, 0.8 (of free memory) or auto")
     up.add_argument("--pin-cores", action="store_true", help="give each model-running service its own CPU cores")

@@ -58,3 +58,15 @@ def test_auto_kv_in_flight_scales_with_the_device():
     assert cfg.PrefillConfig(device="cpu").kv_inflight_spec == "1GiB"
     assert cfg.PrefillConfig(device="cuda").kv_inflight_spec == "0.25"
     assert cfg.PrefillConfig(device="cuda", kv_inflight_bytes="2GiB").kv_inflight_spec == "2GiB"
+
+
+def test_prefill_passes_default_to_the_device():
+    """A GPU pass of a few hundred tokens costs mostly its launches: GPU passes are larger by default; a value
+    given (0 included: no chunking) is kept, and "auto" is the default."""
+    assert parse(cfg.PrefillConfig, []).prefill_batch("cpu") == (2048, 512)
+    assert parse(cfg.PrefillConfig, []).prefill_batch("cuda") == (4096, 2048)
+    given = parse(cfg.DecodeConfig, ["--prefill-chunk-tokens", "0"], {"PDSERVE_PREFILL_TOKEN_BUDGET": "256"})
+    assert given.prefill_batch("cuda") == (256, 0)
+    assert parse(cfg.PrefillConfig, ["--prefill-chunk-tokens", "auto"]).prefill_batch("cuda") == (4096, 2048)
+    with pytest.raises(cfg.ConfigError, match="PDSERVE_PREFILL_CHUNK_TOKENS"):
+        parse(cfg.PrefillConfig, [], {"PDSERVE_PREFILL_CHUNK_TOKENS": "big"})

@@ -10,6 +10,7 @@ dense-mask path on the same GPU, to bf16's rounding.
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 import signal
 
@@ -79,14 +80,27 @@ def test_every_gpu_kv_path_is_token_exact(transport):
 
 
 def test_segment_attention_matches_the_dense_mask_in_bf16():
-    """Flash attention over packed and chunked segments against the dense-mask path on the same GPU: the
-    same first tokens, every layer's K/V within bf16 rounding."""
+    """Flash attention over packed and chunked segments, under transformers' forward and the fused one, is
+    as accurate as the dense-mask path on the same GPU: every layer's K/V of every prompt within 2x the dense
+    path's distance from a float32 forward of the same weights, and first tokens the reference's best up to
+    bf16's resolution. (bf16 itself is 2-6% off float32 by the last layer of this random-weight model: a
+    fixed tolerance between two bf16 paths either misses bugs or flags rounding.)"""
     loaded = load_model("preset:tiny-llama", device="cuda", dtype="bfloat16")
     batch = prompts(loaded.info.vocab_size, [7, 150, 40, 96, 1, 300], seed=5)
+    exact = copy.deepcopy(loaded.model).float()
 
-    async def run(segments: bool) -> tuple[list[int], list[dict]]:
-        engine = PrefillEngine(loaded, token_budget=128, chunk_tokens=48)
-        engine.segment_attention = segments
+    def reference(prompt: list[int]) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Per layer the prompt's (1, H, T, D) K and V from one float32 forward, and its last logits."""
+        with torch.inference_mode():
+            out = exact(torch.tensor([prompt], device="cuda"), use_cache=True)
+        layers = out.past_key_values.layers
+        return ({i: (layer.keys.cpu(), layer.values.cpu()) for i, layer in enumerate(layers)},
+                out.logits[0, -1].float())
+
+    async def run(segments: bool, fused: bool) -> tuple[list[int], list[dict]]:
+        engine = PrefillEngine(loaded, token_budget=128, chunk_tokens=48, segment_attention=segments,
+                               fused_forward=fused)
+        assert (engine._fused is not None) == fused
         kv: list[dict] = [{} for _ in batch]
 
         def keep(i: int):
@@ -105,14 +119,28 @@ def test_segment_attention_matches_the_dense_mask_in_bf16():
         return {layer: tuple(torch.cat([chunks[key][j] for key in sorted(k for k in chunks if k[0] == layer)], dim=2)
                              for j in range(2)) for layer in layers}
 
-    flash_tokens, flash_kv = asyncio.run(run(True))
-    dense_tokens, dense_kv = asyncio.run(run(False))
-    assert flash_tokens == dense_tokens
-    for prompt, a, b in zip(batch, map(whole, flash_kv), map(whole, dense_kv)):
-        assert a.keys() == b.keys() == set(range(loaded.info.kv.num_layers))
-        for layer in a:
-            for x, y in zip(a[layer], b[layer]):
-                assert x.shape[2] == len(prompt) and (x - y).norm() <= 2e-2 * y.norm() + 1e-3, layer
+    def errors(kv: list[dict]) -> list[dict[int, list[float]]]:
+        """Per prompt, per layer: K's and V's relative distance from the float32 reference."""
+        out = []
+        for prompt, got, (want, _) in zip(batch, map(whole, kv), refs):
+            assert got.keys() == want.keys() == set(range(loaded.info.kv.num_layers))
+            assert all(x.shape[2] == len(prompt) for layer in got.values() for x in layer)
+            out.append({layer: [((x - y).norm() / y.norm()).item() for x, y in zip(got[layer], want[layer])]
+                        for layer in got})
+        return out
+
+    refs = [reference(p) for p in batch]
+    paths = {"dense": (False, False), "flash": (True, False), "flash+fused": (True, True)}
+    results = {name: asyncio.run(run(*how)) for name, how in paths.items()}
+    dense = errors(results["dense"][1])
+    for name, (tokens, kv) in results.items():
+        for prompt, mine, base in zip(batch, errors(kv), dense):
+            for layer in mine:
+                for e, d in zip(mine[layer], base[layer]):
+                    assert e <= 2 * d + 5e-3, (name, len(prompt), layer, mine, base)
+        for prompt, token, (_, logits) in zip(batch, tokens, refs):
+            best = logits.max().item()
+            assert logits[token].item() >= best - 5e-2 * abs(best), (name, len(prompt), token, logits.topk(3))
 
 
 @pytest.mark.parametrize("victim", ["prefill", "decode"])

@@ -464,7 +464,8 @@ class PrefillEngine:
     def __init__(self, loaded: LoadedModel, token_budget: int = 2048, chunk_tokens: int = 512,
                  executor: Executor | None = None, max_partial: int = 2, max_queued_tokens: int = 65536,
                  kv_inflight_bytes: int = 1 << 30, prefix_store: PrefixStore | None = None,
-                 max_pass_s: float = 1.0, fused_forward: bool | None = None) -> None:
+                 max_pass_s: float = 1.0, fused_forward: bool | None = None,
+                 segment_attention: bool | None = None) -> None:
         self._loaded = loaded
         self.prefix_store = prefix_store  # recent prompts' KV, reused by prompts that start the same way
         self.computed_tokens = 0  # prompt tokens computed by forward passes
@@ -487,8 +488,12 @@ class PrefillEngine:
         # transformers: flash attention over variable-length segments on a GPU in 16-bit floats, SDPA per
         # segment on a CPU (one dense block-diagonal mask made every query score every key of the pass: a
         # short prompt beside a chunk deep into a long one paid for its depth). Float32 on a GPU keeps the
-        # dense mask (flash attention has no float32 kernel).
-        self.segment_attention = loaded.device.type == "cpu" or loaded.dtype in (torch.bfloat16, torch.float16)
+        # dense mask (flash attention has no float32 kernel). ``segment_attention=False``: the dense mask anyway
+        # (the reference the GPU tests hold segment attention to).
+        segments_possible = loaded.device.type == "cpu" or loaded.dtype in (torch.bfloat16, torch.float16)
+        if segment_attention and not segments_possible:
+            raise ValueError("segment attention needs a CPU or 16-bit floats on a GPU")
+        self.segment_attention = segments_possible if segment_attention is None else segment_attention
         if self.segment_attention:
             use_paged_attention(loaded.model)
         # Passes with segment attention run the fused forward (``FusedForward``: a fraction of transformers'

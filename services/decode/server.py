@@ -217,10 +217,10 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
     """Loads the model (unless given), starts the engine and the server; returns when serving."""
     auth = cluster_auth(config)
     loaded = loaded or await load_model_for(config)
+    prefill_budget, prefill_chunk = config.prefill_batch(loaded.device.type)
     engine = DecodeEngine(loaded, kv_budget=budget_bytes(config.kv_budget_spec, loaded.device),
                           block_size=config.kv_block_size, max_batch=config.max_batch, max_queued=config.max_queued,
-                          prefill_token_budget=config.prefill_token_budget,
-                          prefill_chunk_tokens=config.prefill_chunk_tokens,
+                          prefill_token_budget=prefill_budget, prefill_chunk_tokens=prefill_chunk,
                           max_partial_prefills=config.max_partial_prefills,
                           prefill_max_pass_s=config.prefill_max_pass_s, paged_kernel=config.paged_kernel,
                           kv_lease_s=config.kv_lease_s, kv_transfer_max_s=config.kv_transfer_max_s,

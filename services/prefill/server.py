@@ -373,7 +373,7 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
     """Loads the model (unless given) and starts the server; returns when serving."""
     loaded = loaded or await load_model_for(config)
     store = PrefixStore(config.prefix_cache_limit, config.prefix_block_size) if config.prefix_cache_limit else None
-    engine = PrefillEngine(loaded, config.prefill_token_budget, config.prefill_chunk_tokens,
+    engine = PrefillEngine(loaded, *config.prefill_batch(loaded.device.type),
                            max_partial=config.max_partial_prefills, max_queued_tokens=config.max_queued_tokens,
                            kv_inflight_bytes=budget_bytes(config.kv_inflight_spec, loaded.device), prefix_store=store,
                            max_pass_s=config.prefill_max_pass_s,
