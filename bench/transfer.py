@@ -331,15 +331,15 @@ def ipc_slots(tokens: int) -> torch.Tensor:
     return (blocks[t // BLOCK] * BLOCK + t % BLOCK).to("cuda")
 
 
-async def prefill_timed(decode: str, prefill: str, prompt: list[int], tid: str) -> dict:
+async def prefill_timed(auth, decode: str, prefill: str, prompt: list[int], tid: str) -> dict:
     """One prefill straight to a prefill server (a decode reservation first, as the gateway makes): its
     queue and forward times, what the transfer added after the forward pass (KV complete at decode minus
     forward end; one host's clock) and, per layer, ms after the forward pass started that its last chunk
-    was ready, sent, received, written."""
+    was ready, sent, received, written. ``auth``: the cluster's (``LocalCluster.auth``)."""
     from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 
     greedy = common_pb2.SamplingParams(temperature=0)
-    async with grpc.aio.insecure_channel(decode) as dch, grpc.aio.insecure_channel(prefill) as pch:
+    async with auth.channel(decode) as dch, auth.channel(prefill) as pch:  # the cluster's mutual TLS
         call = decode_pb2_grpc.DecodeStub(dch).Generate(decode_pb2.DecodeRequest(
             request_id=tid, transfer_id=tid, prompt_tokens=len(prompt), max_tokens=2, sampling=greedy))
         await call.read()  # reserved
@@ -387,7 +387,8 @@ async def ttft(args) -> list[dict]:
             prefill = next(m.address for m in cluster.members if m.name == f"prefill-{i}")
             for tokens in args.ttft_lengths:
                 prompt = torch.randint(100, vocab, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
-                samples = [await prefill_timed(decode, prefill, prompt, f"ttft-{name}-{tokens}-{r}".replace(" ", ""))
+                samples = [await prefill_timed(cluster.auth, decode, prefill, prompt,
+                                               f"ttft-{name}-{tokens}-{r}".replace(" ", ""))
                            for r in range(args.repeats + 1)][1:]  # the first warms up
                 forward = statistics.median(x["forward_ms"] for x in samples)
                 queue = statistics.median(x["queue_ms"] for x in samples)

@@ -87,3 +87,19 @@ def test_pdserve_bench_starts_and_compares_configurations(tmp_path):
     runs = json.loads(out.read_text())["runs"]
     assert [r["config"] for r in runs] == ["disagg", "colocated-chunked"]
     assert all(r["summary"]["completed"] == 8 for r in runs)
+
+
+def test_transfer_ttft_runs_against_a_tls_cluster(tmp_path):
+    """bench.transfer's TTFT part starts a cluster (mutual TLS, the default) and talks to its members itself:
+    it must use the cluster's credentials (it once opened plaintext channels, and failed on the H200)."""
+    from bench.transfer import main as transfer_main
+
+    out = tmp_path / "transfer.json"
+    code = transfer_main(["--skip-wire", "--model", "preset:tiny-llama", "--ttft-lengths", "40",
+                          "--overlap-length", "40", "--ttft-transports", "grpc x1,shm", "--repeats", "1",
+                          "--threads", "1", "--out", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["ttft"]
+    assert [(r["transport"], r["tokens"]) for r in rows] == [("grpc x1", 40), ("shm", 40)]
+    assert all(r["kv_bytes"] > 0 and r["forward_ms"] > 0 and r["tail_ms"] >= 0 for r in rows)
+    assert all(len(r["timeline"]["layers"]) == 4 for r in rows)  # tiny-llama's layers, each timed
