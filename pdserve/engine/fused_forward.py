@@ -12,8 +12,9 @@ weights:
 - q/k/v and gate/up are one GEMM each: the modules' weights become views of the
   concatenated tensors (no extra memory; transformers' forward and
   ``generate()`` run the same modules unchanged);
-- the residual add and the RMSNorm after it, rotary embedding of q and k, and
-  SiLU-times-up are one compiled kernel each on a GPU (``torch.compile``;
+- the residual add and the RMSNorm after it, rotary embedding of q and k (for
+  a decode step with the K/V write into the pool), and SiLU-times-up are one
+  compiled kernel each on a GPU (``torch.compile``;
   dynamic in the number of rows once a second count is met); elsewhere the same
   functions run eagerly;
 - attention is the caller's (``attend``): the decode step's paged attention
@@ -37,8 +38,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-# attend(layer index, attention module, q (T, heads, dim), K and V (2, T, kv_heads, dim)) -> (T, heads * dim)
-Attend = Callable[[int, torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# attend(layer index, attention module, q (T, heads, dim), K and V (2, T, kv_heads, dim), or None where they
+# went to a store) -> (T, heads * dim)
+Attend = Callable[[int, torch.nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +99,24 @@ def _kernels(compiled: bool, heads: int, kv_heads: int, dim: int, eps: float) ->
         c, s = cos[:, None, :], sin[:, None, :]
         return q * c + _rotate_half(q) * s, torch.stack((k * c + _rotate_half(k) * s, v))
 
+    def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_store: torch.Tensor,
+                   v_store: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``rope_split`` whose K (rotated) and V go straight into rows ``slots`` of a pool's (slots, kv_heads,
+        dim) K and V storage of one layer, in the same kernel; returns q. (Indexing one whole input in place:
+        inductor writes it where it is; a write through a view of the pool copied the layer's storage.)"""
+        rows = qkv.shape[0]
+        q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        q, k, v = q.view(rows, heads, dim), k.view(rows, kv_heads, dim), v.view(rows, kv_heads, dim)
+        c, s = cos[:, None, :], sin[:, None, :]
+        k_store.index_put_((slots,), k * c + _rotate_half(k) * s)
+        v_store.index_put_((slots,), v)
+        return q * c + _rotate_half(q) * s
+
     def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    fns = (rms, add_rms, rope_split, silu_mul)
+    fns = (rms, add_rms, rope_split, rope_write, silu_mul)
     if not compiled:
         return fns
     return tuple(torch.compile(fn, fullgraph=True) for fn in fns)
@@ -144,11 +159,14 @@ class FusedForward:
             model._pdserve_fused = fused
         self._fused = fused
         device = next(model.parameters()).device
-        self._rms, self._add_rms, self._rope_split, self._silu_mul = _kernels(
+        self._rms, self._add_rms, self._rope_split, self._rope_write, self._silu_mul = _kernels(
             device.type == "cuda", heads, kv_heads, dim, float(config.rms_norm_eps))
 
-    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """(T,) token ids at (T,) positions -> (T, hidden) states after the final norm."""
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend,
+               store: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """(T,) token ids at (T,) positions -> (T, hidden) states after the final norm. ``store``: per layer
+        K and V storage (slots, kv_heads, dim) and the (T,) slots the rows' K/V go to, written by the rotary
+        kernel itself (a decode step over its pool); ``attend`` then gets None for the K/V."""
         base = self._base
         h = base.embed_tokens(ids)                                       # (T, hidden)
         cos, sin = base.rotary_emb(h[:, None], positions[:, None])      # (T, 1, dim) each
@@ -158,7 +176,12 @@ class FusedForward:
         for i, layer in enumerate(layers):
             attn = layer.self_attn
             (qkv_w, qkv_b), (gu_w, _) = self._fused[i]
-            q, kv = self._rope_split(F.linear(x, qkv_w, qkv_b), cos, sin)
+            qkv = F.linear(x, qkv_w, qkv_b)
+            if store is None:
+                q, kv = self._rope_split(qkv, cos, sin)
+            else:
+                keys, values, slots = store
+                q, kv = self._rope_write(qkv, cos, sin, keys[i], values[i], slots), None
             x, residual = self._add_rms(attn.o_proj(attend(i, attn, q, kv)), residual,
                                         layer.post_attention_layernorm.weight)
             mlp = layer.mlp.down_proj(self._silu_mul(F.linear(x, gu_w)))

@@ -3,8 +3,8 @@
 ``transformers_step`` runs the model's own forward with ``StepCache`` and the
 paged attention (``paged_attention``): any causal LM, and the reference every
 other path is held to. ``FusedStep`` runs ``FusedForward`` (Llama-shaped
-models, a fraction of the kernels) with the same paged attention, writing each
-layer's K and V into the pool with one indexed copy.
+models, a fraction of the kernels) with the same paged attention, each layer's
+K and V written into the pool by its rotary kernel.
 """
 
 from __future__ import annotations
@@ -42,13 +42,14 @@ class FusedStep:
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, step: PagedStep) -> torch.Tensor:
         pool = self._pool
 
-        def attend(layer: int, module: torch.nn.Module, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-            pool.storage[:, layer][:, step.write_slots] = kv  # K and V of this layer: one write
+        def attend(layer: int, module: torch.nn.Module, q: torch.Tensor, kv: None) -> torch.Tensor:
             out, _ = paged_attention(module, q[:, :, None], pool.keys[layer], pool.values[layer], None,
                                      scaling=module.scaling, paged=step)
             return out.reshape(out.shape[0], -1)
 
-        return self._forward.logits(self._forward.hidden(ids, positions, attend))
+        # Each layer's K and V are written into the pool by the rotary kernel (one kernel less a layer).
+        store = (pool.keys, pool.values, step.write_slots)
+        return self._forward.logits(self._forward.hidden(ids, positions, attend, store))
 
 
 def step_forward(model: torch.nn.Module, pool: KVPool, fused: bool) -> StepForward:
