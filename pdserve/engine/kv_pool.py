@@ -257,17 +257,19 @@ class KVPool:
         self.allocator = BlockAllocator(num_blocks, prefix_cache)
         slots = num_blocks * block_size
         shape = (slots, kv.kv_heads, kv.head_dim)
-        # On the host, torch.empty: pages are only touched when KV is written there. On a GPU, zeros (one
-        # fast memset): the flex kernel multiplies a block's unwritten, masked slots by zero, and
-        # uninitialised memory may hold NaN bit patterns.
-        alloc = torch.zeros if device.type == "cuda" else torch.empty
+        self.kernel = resolve_kernel(kernel, device)
+        # The flex kernel weighs a visited block's unwritten, masked slots by zero, and uninitialised memory
+        # may hold NaN bit patterns (0 x NaN is NaN): zeros for it (on a GPU one fast memset; a host pool
+        # reuses earlier tensors' memory, where a whole-suite CI run found them). The gather kernel reads only
+        # written slots (the null block past each row's length): on the host, torch.empty, whose pages are
+        # only touched when KV is written there.
+        alloc = torch.zeros if device.type == "cuda" or self.kernel == "flex" else torch.empty
         # One allocation for every layer's K and V: (2, layers, slots, H, D). On a GPU it is what a prefill
         # instance on the same host maps (CUDA IPC, ``export_ipc``) to write transfers straight into.
         self.storage = alloc((2, kv.num_layers, *shape), dtype=dtype, device=device)
         self.keys, self.values = list(self.storage[0]), list(self.storage[1])
         for t in self.keys + self.values:
             t[:block_size].zero_()
-        self.kernel = resolve_kernel(kernel, device)
         if self.kernel == "flex":
             # Per step, for every block: the batch row owning it (-1: none) and its index in that row's
             # table; per row, its newest position. The mask reads these in the kernel; they live outside
