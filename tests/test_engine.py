@@ -290,6 +290,22 @@ async def drain(seq) -> list:
     return events
 
 
+async def generate_locally(engine: DecodeEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Starts the engine, prefills each prompt on it (colocated) and decodes them together; stops it. Each
+    request's tokens, the first included."""
+    engine.start()
+
+    async def one(i, prompt):
+        seq = await engine.reserve(params(f"l{i}", len(prompt), max_tokens=max_tokens), local=True)
+        await engine.prefill_locally(seq, prompt)
+        return [e.token_id for e in await drain(seq)]
+
+    try:
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    finally:
+        await engine.stop()
+
+
 @pytest.mark.parametrize("spec,kernel", [("preset:tiny-llama", "gather"), ("preset:tiny-gpt2", "gather"),
                                          ("preset:tiny-llama", "flex")])
 async def test_chunked_packed_prefill_into_paged_decode_matches_generate(spec, kernel):
@@ -346,17 +362,8 @@ async def test_decode_is_exact_over_a_pool_whose_memory_held_nan(kernel, monkeyp
     monkeypatch.setattr(torch, "empty", poisoned)
     engine = make_decode(loaded, block_size=16, paged_kernel=kernel)
     monkeypatch.undo()
-    engine.start()
     prompts = [list(range(3, 3 + n)) for n in (5, 21, 40)]  # each ends inside a block
-
-    async def one(i, prompt):
-        seq = await engine.reserve(params(f"n{i}", len(prompt), max_tokens=6), local=True)
-        await engine.prefill_locally(seq, prompt)
-        return [e.token_id for e in await drain(seq)]
-
-    outputs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-    await engine.stop()
-    for prompt, out in zip(prompts, outputs):
+    for prompt, out in zip(prompts, await generate_locally(engine, prompts, max_tokens=6)):
         assert out == reference_greedy(loaded, prompt, 6, ignore_eos=True)
 
 
@@ -364,17 +371,8 @@ async def test_decode_is_exact_over_a_pool_whose_memory_held_nan(kernel, monkeyp
 async def test_local_prefill_with_and_without_chunks_matches_generate(chunk):
     loaded = get_loaded("preset:tiny-qwen2")
     engine = make_decode(loaded, prefill_token_budget=32, prefill_chunk_tokens=chunk)
-    engine.start()
     prompts = [list(range(3, 3 + n)) for n in (70, 4, 25)]
-
-    async def one(i, prompt):
-        seq = await engine.reserve(params(f"l{i}", len(prompt), max_tokens=5), local=True)
-        await engine.prefill_locally(seq, prompt)
-        return [e.token_id for e in await drain(seq)]
-
-    outputs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-    await engine.stop()
-    for prompt, out in zip(prompts, outputs):
+    for prompt, out in zip(prompts, await generate_locally(engine, prompts, max_tokens=5)):
         assert out == reference_greedy(loaded, prompt, 5, ignore_eos=True)
     assert engine.counters.local_prefills == 3 and engine.pool.allocator.num_used == 0
 
