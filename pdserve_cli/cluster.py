@@ -99,6 +99,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _auto(value: int | None) -> str:
+    """A member's flag value: None is the member's own default for its device."""
+    return "auto" if value is None else str(value)
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     model: str = "default"
@@ -139,8 +144,8 @@ class ClusterSpec:
 
     def describe(self) -> str:
         if self.colocated:
-            chunking = ("no chunking" if self.prefill_chunk_tokens == 0 else
-                        f"chunked prefill {'auto' if self.prefill_chunk_tokens is None else self.prefill_chunk_tokens}")
+            chunk = self.prefill_chunk_tokens
+            chunking = "no chunking" if chunk == 0 else f"chunked prefill {_auto(chunk)}"
             return f"colocated x{self.decode} ({chunking})"
         return f"disaggregated {self.prefill} prefill + {self.decode} decode"
 
@@ -292,8 +297,8 @@ class LocalCluster:
                                                   os.path.join(folder, "client-key.pem"), os.path.join(folder, "ca.pem")))
         groups = self._core_groups() if s.pin_cores else [None] * (s.prefill + s.decode)
         model_args = ["--model", s.model, "--dtype", s.dtype, "--threads", str(self._threads()),
-                      "--prefill-chunk-tokens", "auto" if s.prefill_chunk_tokens is None else str(s.prefill_chunk_tokens),
-                      "--prefill-token-budget", "auto" if s.prefill_token_budget is None else str(s.prefill_token_budget)]
+                      "--prefill-chunk-tokens", _auto(s.prefill_chunk_tokens),
+                      "--prefill-token-budget", _auto(s.prefill_token_budget)]
         decode_args = [*model_args, "--device", s.decode_device or s.device, "--max-batch", str(s.max_batch),
                        "--kv-budget", s.kv_budget, *self._tls_args("decode")]
         model_args = [*model_args, "--device", s.prefill_device or s.device, *self._tls_args("prefill")]
