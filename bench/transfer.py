@@ -127,15 +127,23 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
 _transfer_ids = itertools.count()
 
 
-async def one_transfer(make_sender, layout: KVLayout, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+async def one_transfer(make_sender, layout: KVLayout, layers: list[tuple[torch.Tensor, torch.Tensor]],
+                       phases: list | None = None) -> float:
+    """Seconds for one transfer of ``layers``; with ``phases``, appends where its time went (ms from the
+    start: the stream open and ready to stage, the first and last message handed to a stream, acked)."""
     sender = make_sender()
     layout = dataclasses.replace(layout, transfer_id=f"bench-{next(_transfer_ids)}")
-    started = time.perf_counter()
+    started = time.monotonic_ns()
     await sender.open(layout)
+    opened = time.monotonic_ns()
     for i, (k, v) in enumerate(layers):
         sender.stage(i, 0, k, v)
-    await sender.finish(0)
-    return time.perf_counter() - started
+    receipt = await sender.finish(0)
+    done = time.monotonic_ns()
+    if phases is not None:
+        phases.append({"open": (opened - started) / 1e6, "first sent": (receipt.first_chunk_sent_ns - started) / 1e6,
+                       "last sent": (max(receipt.layer_sent_ns) - started) / 1e6, "acked": (done - started) / 1e6})
+    return (done - started) / 1e9
 
 
 async def tcp_sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -289,8 +297,11 @@ async def wire(args) -> list[dict]:
                     mapped.clear()
                     torch.cuda.synchronize()
                     mapped["pool"] = map_pool(handle)
+                row["phases"] = {}
                 for name, make in paths.items():
-                    times = [await one_transfer(make, layout, layers) for _ in range(args.repeats)]
+                    phases: list[dict] = []
+                    times = [await one_transfer(make, layout, layers, phases) for _ in range(args.repeats)]
+                    row["phases"][name] = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
                     if receiver is not None:  # in another process, the checksums vouch for the bytes
                         assert torch.equal(receiver.pool[0][-1], layers[-1][0][0].transpose(0, 1)), name
                     if name == "cuda_ipc":  # scattered into the shuffled blocks: check one layer's K there
@@ -307,6 +318,9 @@ async def wire(args) -> list[dict]:
                 rows.append(row)
                 print(f"{shape_name} {tokens} tokens ({nbytes / 2**20:.1f} MiB): "
                       + ", ".join(f"{k} {v:.2f} GB/s" for k, v in row.items() if isinstance(v, float)), flush=True)
+                for name, p in row["phases"].items():
+                    print(f"  {name}: ms from the start: " + ", ".join(f"{k} {v:.2f}" for k, v in p.items()),
+                          flush=True)
     finally:
         mapped.clear()
         segments.close()
