@@ -26,6 +26,7 @@ import torch
 
 from pdserve.engine.prefill import PrefillEngine
 from pdserve.engine.sampling import SamplingParams
+from pdserve.kv.cuda_ipc import scatter_tokens
 from pdserve.kv.staging import DeviceCopies
 from pdserve.model import load_model
 
@@ -65,8 +66,8 @@ class Consumer:
                     self._v[layer, lo:lo + count].copy_(v[0].transpose(0, 1), non_blocking=True)
                 else:
                     slots = self._slots[lo:lo + count]
-                    self._k[layer].index_copy_(0, slots, k[0].transpose(0, 1))
-                    self._v[layer].index_copy_(0, slots, v[0].transpose(0, 1))
+                    scatter_tokens(self._k[layer], slots, k[0].transpose(0, 1))
+                    scatter_tokens(self._v[layer], slots, v[0].transpose(0, 1))
                 return k, v
 
             self._copies.submit(work, self._loop, self._one_landed)

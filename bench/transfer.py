@@ -136,8 +136,12 @@ async def one_transfer(make_sender, layout: KVLayout, layers: list[tuple[torch.T
     started = time.monotonic_ns()
     await sender.open(layout)
     opened = time.monotonic_ns()
-    for i, (k, v) in enumerate(layers):
-        sender.stage(i, 0, k, v)
+
+    def stage_all() -> None:  # from a thread, as the prefill worker stages each layer it queued
+        for i, (k, v) in enumerate(layers):
+            sender.stage(i, 0, k, v)
+
+    await asyncio.to_thread(stage_all)
     receipt = await sender.finish(0)
     done = time.monotonic_ns()
     if phases is not None:
@@ -262,23 +266,23 @@ async def wire(args) -> list[dict]:
     tls_channels = ChannelPool(member_auth(certs, "prefill")) if certs else None
     gpu = args.device.startswith("cuda")
     copies = DeviceCopies(torch.device(args.device)) if gpu else None
-    paths = {f"grpc x{n}": (lambda n=n: GrpcKVSender([channels.get(address, lane) for lane in range(n)], address,
+    paths = {f"grpc x{n}": (lambda n=n: GrpcKVSender([channels.get_sync(address, lane) for lane in range(n)], address,
                                                      copies=copies))
              for n in args.streams}
-    paths["grpc x1, no checksum"] = lambda: GrpcKVSender([channels.get(address)], address, checksums=False,
+    paths["grpc x1, no checksum"] = lambda: GrpcKVSender([channels.get_sync(address)], address, checksums=False,
                                                          copies=copies)
     if tls_channels is not None:
         paths.update({f"grpc x{n}, mTLS": (lambda n=n: GrpcKVSender(
-            [tls_channels.get(tls_address, lane) for lane in range(n)], tls_address, copies=copies))
+            [tls_channels.get_sync(tls_address, lane) for lane in range(n)], tls_address, copies=copies))
             for n in args.streams})
     segments = SegmentPool()
     # steady state: the segment is reused
-    paths["shm"] = lambda: ShmKVSender(channels.get(address), address, segments, copies=copies)
-    paths["shm, fresh segment"] = lambda: ShmKVSender(channels.get(address), address, SegmentPool(idle_limit=0),
+    paths["shm"] = lambda: ShmKVSender(channels.get_sync(address), address, segments, copies=copies)
+    paths["shm, fresh segment"] = lambda: ShmKVSender(channels.get_sync(address), address, SegmentPool(idle_limit=0),
                                                       copies=copies)
     mapped: dict = {}
     if gpu and not args.same_process:
-        paths["cuda_ipc"] = lambda: IpcKVSender(channels.get(address), address, mapped["pool"], BLOCK, "bench",
+        paths["cuda_ipc"] = lambda: IpcKVSender(channels.get_sync(address), address, mapped["pool"], BLOCK, "bench",
                                                 copies)
     rows = []
     try:
@@ -380,6 +384,12 @@ TTFT_TRANSPORTS = (("grpc x1", ("--kv-transport", "grpc", "--kv-streams", "1")),
                    ("cuda_ipc", ("--kv-transport", "cuda_ipc")))
 
 
+def distinct_prompt(vocab: int, tokens: int, key: tuple[int, ...]) -> list[int]:
+    """A random prompt of ``tokens`` ids, one per ``key``: no two share a prefix block."""
+    seed = hash((tokens, *key)) & 0x7FFFFFFF
+    return torch.randint(100, vocab, (tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 async def ttft(args) -> list[dict]:
     from pdserve_cli.cluster import ClusterSpec, LocalCluster
     from pdserve.model import load_model_info
@@ -400,8 +410,8 @@ async def ttft(args) -> list[dict]:
         for i, (name, _) in enumerate(transports):
             prefill = next(m.address for m in cluster.members if m.name == f"prefill-{i}")
             for tokens in args.ttft_lengths:
-                prompt = torch.randint(100, vocab, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
-                samples = [await prefill_timed(cluster.auth, decode, prefill, prompt,
+                # A prompt of its own each time: a repeated one would be served from prefill's prefix cache.
+                samples = [await prefill_timed(cluster.auth, decode, prefill, distinct_prompt(vocab, tokens, (i, r)),
                                                f"ttft-{name}-{tokens}-{r}".replace(" ", ""))
                            for r in range(args.repeats + 1)][1:]  # the first warms up
                 forward = statistics.median(x["forward_ms"] for x in samples)

@@ -252,15 +252,24 @@ class ChannelPool:
     def __init__(self, auth: ClusterAuth = NO_AUTH) -> None:
         self.auth = auth
         self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
+        self._sync: dict[tuple[str, int], grpc.Channel] = {}  # synchronous channels (KV pushes, from threads)
         self._closing: set[asyncio.Task] = set()  # channels being closed after a reset
+
+    @staticmethod
+    def _options(lane: int) -> list:
+        return OPTIONS if lane == 0 else OPTIONS + [("grpc.use_local_subchannel_pool", 1), ("pdserve.lane", lane)]
 
     def get(self, address: str, lane: int = 0) -> grpc.aio.Channel:
         channel = self._channels.get((address, lane))
         if channel is None:
-            options = OPTIONS if lane == 0 else OPTIONS + [("grpc.use_local_subchannel_pool", 1),
-                                                           ("pdserve.lane", lane)]
-            channel = self.auth.channel(address, options)
-            self._channels[(address, lane)] = channel
+            channel = self._channels[(address, lane)] = self.auth.channel(address, self._options(lane))
+        return channel
+
+    def get_sync(self, address: str, lane: int = 0) -> grpc.Channel:
+        """A synchronous channel to ``address`` (its own connection per lane), for calls made from threads."""
+        channel = self._sync.get((address, lane))
+        if channel is None:
+            channel = self._sync[(address, lane)] = self.auth.sync_channel(address, self._options(lane))
         return channel
 
     def reset(self, address: str, grace_s: float | None = None) -> None:
@@ -272,10 +281,19 @@ class ChannelPool:
             task = loop.create_task(self._channels.pop(key).close(grace_s))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+        for key in [k for k in self._sync if k[0] == address]:
+            channel = self._sync.pop(key)
+            if grace_s:
+                loop.call_later(grace_s, channel.close)
+            else:
+                channel.close()
 
     def __contains__(self, address: str) -> bool:
-        return any(k[0] == address for k in self._channels)
+        return any(k[0] == address for k in (*self._channels, *self._sync))
 
     async def close(self) -> None:
         channels, self._channels = self._channels, {}
+        sync, self._sync = self._sync, {}
+        for channel in sync.values():
+            channel.close()
         await asyncio.gather(*(c.close() for c in channels.values()), *self._closing)

@@ -17,6 +17,7 @@ and ``cluster_token``:
 
 from __future__ import annotations
 
+import collections
 import datetime
 import hmac
 import ipaddress
@@ -99,6 +100,29 @@ class _TokenStreamStream(_AddToken, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), request_iterator)
 
 
+class _SyncToken(grpc.StreamUnaryClientInterceptor, grpc.UnaryUnaryClientInterceptor):
+    """The cluster token on a synchronous channel's calls (``ClusterAuth.sync_channel``: KV pushes)."""
+
+    def __init__(self, token: str) -> None:
+        self._pair = (TOKEN_METADATA, token)
+
+    def _details(self, details):
+        return _CallDetails(details.method, details.timeout, (*(details.metadata or ()), self._pair),
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                             "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    pass
+
+
 def _token_interceptors(token: str) -> list:
     """Add the cluster token to every call of a channel."""
     return [kind(token) for kind in (_TokenUnaryUnary, _TokenUnaryStream, _TokenStreamUnary, _TokenStreamStream)]
@@ -167,6 +191,17 @@ class ClusterAuth:
         options.append(("grpc.ssl_target_name_override", self.server_name))
         return grpc.aio.secure_channel(address, self.tls.channel_credentials(), options=options,
                                        interceptors=interceptors)
+
+    def sync_channel(self, address: str, options: list | None = None) -> grpc.Channel:
+        """``channel``'s synchronous twin, for calls made from threads: a KV push's sends run there with the
+        GIL released (grpc.aio writes on the event loop holding it)."""
+        options = list(options or ())
+        if not self.tls.enabled:
+            channel = grpc.insecure_channel(address, options=options)
+        else:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+            channel = grpc.secure_channel(address, self.tls.channel_credentials(), options=options)
+        return grpc.intercept_channel(channel, _SyncToken(self.token)) if self.token else channel
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         return self.tls.server_credentials(require_client_certs=True) if self.tls.cert is not None else None

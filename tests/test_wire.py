@@ -1,10 +1,13 @@
-"""KV chunk framing: the hand encoder and decoder agree with protobuf, and broken bytes are DataLoss."""
+"""KV chunk framing: the hand encoder and decoder agree with protobuf, and broken bytes are DataLoss; CUDA IPC
+ranges land in their slots."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pdserve.errors import DataLoss
+from pdserve.kv.cuda_ipc import scatter_tokens
 from pdserve.kv.wire import KVChunkData, decode_message, encode_chunk
 from pdserve.v1 import decode_pb2
 
@@ -67,3 +70,17 @@ def test_int8_chunk_carries_its_scales():
     assert (parsed.key_scales, parsed.value_scales) == (b"s" * 8, b"t" * 8)
     _, chunk = decode_message(data)
     assert (bytes(chunk.key_scales), bytes(chunk.value_scales)) == (b"s" * 8, b"t" * 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [128, 3])  # 3: rows that are no whole number of words
+def test_scatter_tokens_puts_each_token_in_its_slot(dtype, head_dim):
+    """A CUDA IPC range lands in decode's reserved slots as 8-byte words where it can: the same bytes as
+    ``pool[slots] = source``, from a (T, H, D) view of attention's (H, T, D) states."""
+    states = torch.randn(4, 37, head_dim).to(dtype)
+    source = states.transpose(0, 1)  # (T, H, D), not contiguous
+    slots = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:37]
+    pool, expected = torch.zeros(64, 4, head_dim, dtype=dtype), torch.zeros(64, 4, head_dim, dtype=dtype)
+    expected[slots] = source
+    scatter_tokens(pool, slots, source)
+    assert torch.equal(pool, expected)

@@ -4,11 +4,16 @@
 ``GrpcKVSender`` spreads a transfer's layers over one ``Decode.PushKV`` stream
 per channel it is given (layer ``l`` goes on stream ``l % n``, so each layer
 stays in token order on one stream); with channels on separate TCP
-connections the streams move bytes in parallel. A pump task per stream turns
-each staged layer into ~``chunk_bytes`` messages, encoded by hand
-(``encode_chunk``: K/V copied once) and written one at a time, each write
-awaiting gRPC flow control: the bytes in flight per stream stay at one
-message however slow the receiver is.
+connections the streams move bytes in parallel. The streams are synchronous
+gRPC calls whose requests come from a generator on gRPC's own thread per
+call: it turns each staged layer into ~``chunk_bytes`` messages, encoded by
+hand (``encode_chunk``: K/V copied once) and sent one at a time, each send
+awaiting gRPC flow control, so the bytes in flight per stream stay at one
+message however slow the receiver is. Why threads: grpc.aio sends on the
+event loop and holds the GIL through the socket write (its batch call does
+the write inline), so every thread of the process, the one launching the
+forward pass included, waited for the bytes of every message; a synchronous
+call releases the GIL while it writes, and the streams write in parallel.
 
 ``ShmKVSender`` uses one stream for control: each layer range's K/V go into a
 segment from the producer's ``SegmentPool`` at a fixed offset, and one small
@@ -19,18 +24,19 @@ device to device into the slots of the blocks decode reserved (see
 ``pdserve.kv.cuda_ipc``); one small message per range says it is written.
 
 Where the K/V start (``stage``, on the prefill worker thread as each layer is
-queued): on a CPU the tensors go to the event loop and are encoded there; on a
-GPU the copies (into pinned host staging, the segment, or decode's pool) are
-queued on ``DeviceCopies``' stream behind an event, so they run while later
-layers compute, and the loop hears of each range once its bytes are in place;
-encoding and checksums then run on the encoder threads. The transfer's host
-staging is one pinned buffer of its size (held within the prefill
-instance's in-flight budget), laid out as a shared-memory segment is.
+queued): on a CPU the tensors go to their stream as they are; on a GPU the
+copies (into pinned host staging, the segment, or decode's pool) are queued on
+``DeviceCopies``' stream behind an event, so they run while later layers
+compute, and the range goes to its stream once its bytes are in place.
+Encoding and checksums run on the stream's thread, never on the event loop.
+The transfer's host staging is one pinned buffer of its size (held within the
+prefill instance's in-flight budget), laid out as a shared-memory segment is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +46,7 @@ import torch
 
 from pdserve import telemetry
 from pdserve.errors import DataLoss, Internal, InvalidArgument, PdserveError
+from pdserve.kv.cuda_ipc import scatter_tokens
 from pdserve.kv.shm import SEGMENT_HEADER, Segment, SegmentPool
 from pdserve.kv.staging import DeviceCopies
 from pdserve.kv.transport import KVSender, TransferReceipt
@@ -64,19 +71,48 @@ class _Range:
     quantized: list | None = None  # [(start, end, k8, v8, k_scales, v_scales)] per chunk, host tensors
 
 
+_FINISH = object()  # a stream's queue: every range was queued, send the trailer
+_STOP = object()  # aborted: end the stream now
+
+
 class _Stream:
-    def __init__(self, channel: grpc.aio.Channel, index: int) -> None:
+    """One ``PushKV`` call: its ranges (a thread-safe queue the request generator reads on gRPC's thread) and
+    its outcome on the event loop (``started``: the header is sent; ``reply``: decode's answer)."""
+
+    def __init__(self, channel: grpc.Channel, index: int) -> None:
         self.channel = channel
         self.index = index
-        self.call = None
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.task: asyncio.Task | None = None
+        self.call: grpc.Future | None = None
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.started: asyncio.Future | None = None
+        self.reply: asyncio.Future | None = None
+
+
+def _settle(futures: tuple[asyncio.Future | None, ...], call: grpc.Future) -> None:
+    """On the loop, once a call ended: its result, or its error (a ``grpc.RpcError``), into the futures
+    still pending."""
+    for future in futures:
+        if future is None or future.done():
+            continue
+        if call.cancelled():
+            future.cancel()
+        elif call.exception() is not None:
+            future.set_exception(call.exception())
+        else:
+            future.set_result(call.result())
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Marks a stream future's error as seen: an aborted transfer's streams fail, and nobody awaits them."""
+    if not future.cancelled():
+        future.exception()
 
 
 class GrpcKVSender(KVSender):
     transport = "grpc"  # how the bytes travel (metrics label)
+    host_staging = True  # on a GPU, K/V go through host memory (``_host_buffer``)
 
-    def __init__(self, channels: list[grpc.aio.Channel], address: str, chunk_bytes: int = 1 << 20,
+    def __init__(self, channels: list[grpc.Channel], address: str, chunk_bytes: int = 1 << 20,
                  checksums: bool = True, timeout_s: float | None = 300.0, quantization: str = "",
                  copies: DeviceCopies | None = None) -> None:
         if not channels:
@@ -101,6 +137,8 @@ class GrpcKVSender(KVSender):
         self._bytes = 0
         self._messages = 0
         self._first_sent_ns = 0
+        self._trailer = b""  # set by finish(): the streams' last message
+        self._failure: BaseException | None = None  # a message that could not be made (finish() reports it)
         self._acked = False  # every stream's reply arrived: the consumer is done with the transfer
         self.layer_ready_ns: list[int] = []  # per layer: when the forward pass handed over its last chunk
         self.layer_sent_ns: list[int] = []  # per layer: when its last message was handed to the stream
@@ -185,21 +223,74 @@ class GrpcKVSender(KVSender):
         self._loop = asyncio.get_running_loop()
         self.layer_sent_ns = [0] * layout.num_layers
         self.layer_ready_ns = [0] * layout.num_layers
-        if self._copies is not None:  # pinning memory takes a while the first time: not on the loop
+        if self._copies is not None and self.host_staging:  # pinning memory takes a while the first time: not on the loop
             self._host = await asyncio.to_thread(self._host_buffer, layout)
-        n = len(self._streams)
-        for s in self._streams:
-            s.call = s.channel.stream_unary(_PUSH_KV, request_serializer=None,
-                                            response_deserializer=decode_pb2.PushKVReply.FromString)(
-                timeout=self._timeout_s, metadata=telemetry.outgoing())  # decode's span joins the caller's trace
-            s.task = self._loop.create_task(self._pump(s), name=f"kv-push-{layout.transfer_id}-{s.index}")
         header = decode_pb2.KVHeader(transfer_id=layout.transfer_id, num_layers=layout.num_layers,
                                      num_tokens=layout.num_tokens, kv_heads=layout.kv_heads,
-                                     head_dim=layout.head_dim, dtype=layout.dtype, num_streams=n,
+                                     head_dim=layout.head_dim, dtype=layout.dtype, num_streams=len(self._streams),
                                      checksums=self._checksums, **self._header_fields())
+        metadata = telemetry.outgoing()  # decode's span joins the caller's trace
         for s in self._streams:
             header.stream_index = s.index
-            await self._write(s, decode_pb2.KVMessage(header=header).SerializeToString())
+            s.started, s.reply = self._loop.create_future(), self._loop.create_future()
+            s.reply.add_done_callback(_retrieve)
+            push = s.channel.stream_unary(_PUSH_KV, request_serializer=None,
+                                          response_deserializer=decode_pb2.PushKVReply.FromString)
+            s.call = push.future(self._requests(s, decode_pb2.KVMessage(header=header).SerializeToString()),
+                                 timeout=self._timeout_s, metadata=metadata)
+            s.call.add_done_callback(lambda call, s=s: self._call_soon(_settle, (s.started, s.reply), call))
+        try:  # every header is on its way (a decode that cannot be reached fails the transfer here)
+            await asyncio.gather(*(s.started for s in self._streams), self._opening(layout))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"KV push to decode {self._address}") from None
+
+    async def _opening(self, layout: KVLayout) -> None:
+        """What a kind of sender does while the headers go out."""
+
+    def _awaitable(self, call: grpc.Future) -> asyncio.Future:
+        """A synchronous call's outcome on the event loop."""
+        future = self._loop.create_future()
+        call.add_done_callback(lambda c: self._call_soon(_settle, (future,), c))
+        return future
+
+    def _call_soon(self, callback, *args) -> None:
+        """``callback(*args)`` on the event loop, from any thread (not at all once the loop closed)."""
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop closed meanwhile (the service stopped): nobody to tell
+            pass
+
+    def _requests(self, s: _Stream, header: bytes):
+        """A stream's messages, made on gRPC's thread for the call as it asks for each (after the previous one
+        was sent): the header, each queued range's messages, the trailer."""
+        yield header
+        self._call_soon(lambda: s.started.done() or s.started.set_result(None))
+        while True:
+            try:
+                r = s.queue.get(timeout=1.0)
+            except queue.Empty:
+                if s.call is not None and s.call.done():
+                    return  # the call ended under us (decode answered early, a deadline passed)
+                continue
+            if r is _STOP:
+                return
+            if r is _FINISH:
+                yield self._trailer
+                return
+            start = 0
+            for end, make in self._messages_for(r):
+                try:
+                    message = make()
+                except Exception as exc:  # noqa: BLE001 - finish() reports it; the stream ends without a trailer
+                    self._failure = exc
+                    return
+                sent = time.monotonic_ns()  # handed to the stream (the generator resumes once it was sent)
+                self._first_sent_ns = self._first_sent_ns or sent
+                self.layer_sent_ns[r.layer] = sent
+                yield message
+                self._bytes += self._wire_bytes(r, start, end)
+                self._messages += 1
+                start = end
 
     def stage(self, layer: int, token_start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         ready_ns = time.monotonic_ns()
@@ -226,34 +317,9 @@ class GrpcKVSender(KVSender):
             self._all_landed.set()  # finish() reports it
             return
         self.layer_ready_ns[r.layer] = ready_ns
-        self._streams[r.layer % len(self._streams)].queue.put_nowait(r)
+        self._streams[r.layer % len(self._streams)].queue.put(r)
         if self._landed == self._ranges:
             self._all_landed.set()
-
-    async def _write(self, stream: _Stream, message: bytes) -> None:
-        try:
-            await stream.call.write(message)
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, f"KV push to decode {self._address}") from None
-        except asyncio.InvalidStateError:
-            # The call already ended (the receiver rejected it); finish() reports why.
-            raise Internal("KV push stream closed early") from None
-
-    async def _pump(self, stream: _Stream) -> None:
-        loop = asyncio.get_running_loop()
-        encoders = self._copies.encode if self._copies is not None else None
-        while (r := await stream.queue.get()) is not None:
-            start = 0
-            for end, make in self._messages_for(r):
-                # Off the loop where there is an encoder pool (GPU: host staging is the source).
-                message = await loop.run_in_executor(encoders, make) if encoders is not None else make()
-                sent = time.monotonic_ns()  # handed to the stream (the write returns once it is on its way)
-                self._first_sent_ns = self._first_sent_ns or sent
-                self.layer_sent_ns[r.layer] = sent
-                await self._write(stream, message)
-                self._bytes += self._wire_bytes(r, start, end)
-                self._messages += 1
-                start = end
 
     async def finish(self, first_token: int) -> TransferReceipt:
         while self._landed < self._ranges:  # every staged range's bytes are in place before the end marker
@@ -261,11 +327,11 @@ class GrpcKVSender(KVSender):
             await self._all_landed.wait()
         if self._copies is not None and self._copies.failed is not None:
             raise Internal(f"KV copies on the GPU failed: {self._copies.failed}")
+        self._trailer = decode_pb2.KVMessage(trailer=decode_pb2.KVTrailer(first_token_id=first_token)).SerializeToString()
         for s in self._streams:
-            s.queue.put_nowait(None)
-        trailer = decode_pb2.KVMessage(trailer=decode_pb2.KVTrailer(first_token_id=first_token)).SerializeToString()
+            s.queue.put(_FINISH)
         try:
-            replies = await asyncio.gather(*(self._finish_stream(s, trailer) for s in self._streams))
+            replies = await asyncio.gather(*(self._reply(s) for s in self._streams))
             self._acked = True
         finally:
             self._close()
@@ -280,21 +346,13 @@ class GrpcKVSender(KVSender):
             layer_written_ns=tuple(max(t) for t in zip(*(r.layer_written_ns for r in replies))),
         )
 
-    async def _finish_stream(self, s: _Stream, trailer: bytes):
+    async def _reply(self, s: _Stream):
         try:
-            await s.task
-            await self._write(s, trailer)
-            await s.call.done_writing()
-            return await s.call
-        except grpc.aio.AioRpcError as exc:
+            return await s.reply
+        except grpc.RpcError as exc:
+            if self._failure is not None:
+                raise Internal(f"KV message for decode {self._address} could not be made: {self._failure}") from None
             raise error_from_rpc(exc, f"KV push to decode {self._address}") from None
-        except PdserveError:
-            # The stream closed under us: the call's status says why.
-            try:
-                await s.call
-            except grpc.aio.AioRpcError as exc:
-                raise error_from_rpc(exc, f"KV push to decode {self._address}") from None
-            raise
 
     async def abort(self) -> None:
         """Stops the transfer: no range is staged after this, and (GPU) every copy already queued completed
@@ -304,14 +362,11 @@ class GrpcKVSender(KVSender):
         if self._copies is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._copies.synchronize)
         for s in self._streams:
-            if s.task is not None:
-                if s.task.done():
-                    if not s.task.cancelled():
-                        s.task.exception()  # retrieved: the caller already has the error
-                else:
-                    s.task.cancel()
+            s.queue.put(_STOP)
             if s.call is not None:
                 s.call.cancel()
+            if s.started is not None:
+                s.started.add_done_callback(_retrieve)
         self._close()
 
     def _close(self) -> None:
@@ -323,7 +378,7 @@ class ShmKVSender(GrpcKVSender):
 
     transport = "shm"
 
-    def __init__(self, channel: grpc.aio.Channel, address: str, pool: SegmentPool, checksums: bool = True,
+    def __init__(self, channel: grpc.Channel, address: str, pool: SegmentPool, checksums: bool = True,
                  timeout_s: float | None = 300.0, copies: DeviceCopies | None = None) -> None:
         super().__init__([channel], address, 1 << 62, checksums, timeout_s, copies=copies)
         self._pool = pool
@@ -373,26 +428,27 @@ class IpcKVSender(GrpcKVSender):
 
     transport = "cuda_ipc"
 
-    def __init__(self, channel: grpc.aio.Channel, address: str, pool: torch.Tensor, block_size: int,
+    host_staging = False
+
+    def __init__(self, channel: grpc.Channel, address: str, pool: torch.Tensor, block_size: int,
                  incarnation: str, copies: DeviceCopies, timeout_s: float | None = 300.0) -> None:
         super().__init__([channel], address, 1 << 62, False, timeout_s, copies=copies)
         self._pool = pool  # decode's (2, layers, slots, H, D), mapped into this process
         self._block_size = block_size
         self._incarnation = incarnation  # of the decode instance whose pool this is
-        self._slots: torch.Tensor | None = None  # (prompt tokens,) on the pool's device
+        self._slots: torch.Tensor | None = None  # (prompt tokens,) on the pool's device, filled on the copy stream
+        self._host_slots: torch.Tensor | None = None  # their pinned source, kept until the transfer ends
 
     def _header_fields(self) -> dict:
         return {"cuda_ipc": True}
 
-    def _host_buffer(self, layout: KVLayout) -> None:
-        return None
-
-    async def open(self, layout: KVLayout) -> None:
-        await super().open(layout)  # the stream is open: decode will not free the blocks before it ends
+    async def _opening(self, layout: KVLayout) -> None:
+        # Decode answers once the stream's header arrived (it frees the blocks only after that stream ended):
+        # asked at once, the round trip overlaps the header's.
         try:
-            target = await decode_pb2_grpc.DecodeStub(self._streams[0].channel).TransferTarget(
-                decode_pb2.TransferTargetRequest(transfer_id=layout.transfer_id), timeout=10)
-        except grpc.aio.AioRpcError as exc:
+            target = await self._awaitable(decode_pb2_grpc.DecodeStub(self._streams[0].channel).TransferTarget.future(
+                decode_pb2.TransferTargetRequest(transfer_id=layout.transfer_id), timeout=10))
+        except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"KV push to decode {self._address}") from None
         if target.incarnation != self._incarnation:
             raise DataLoss(f"decode {self._address} restarted: the pool mapped here is not its pool any more")
@@ -403,7 +459,11 @@ class IpcKVSender(GrpcKVSender):
         slots = blocks[tokens // self._block_size] * self._block_size + tokens % self._block_size
         if int(slots.max()) >= self._pool.shape[2]:
             raise InvalidArgument(f"decode {self._address}: a block outside its pool")
-        self._slots = slots.to(self._pool.device)
+        # To the device on the copy stream, which the scatters follow: a pageable copy on the current stream
+        # would wait for the forward passes queued there.
+        self._host_slots = slots.pin_memory()
+        with torch.cuda.stream(self._copies.stream):
+            self._slots = self._host_slots.to(self._pool.device, non_blocking=True)
 
     def _device_work(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> _Range:
         count = keys.shape[2]
@@ -412,7 +472,7 @@ class IpcKVSender(GrpcKVSender):
             source = states[0].transpose(0, 1)  # (T, H, D)
             if source.device != self._pool.device:
                 source = source.to(self._pool.device, non_blocking=True)  # another GPU of this host: peer copy
-            self._pool[i, layer].index_copy_(0, slots, source)
+            scatter_tokens(self._pool[i, layer], slots, source)
         return _Range(layer, start, count)
 
     def _messages_for(self, r: _Range) -> list[tuple[int, object]]:

@@ -12,8 +12,6 @@ spinning), tells the event loop when the bytes are in place. Copies run while la
 The source tensors stay referenced until their copies finished, so the caching allocator does not hand
 their memory to the next pass before the copies read it. The copy stream has a high priority: its
 kernels (a scatter into a pool) run between the forward pass's, not after all of them.
-
-``encode``: the thread pool that encodes and checksums messages off the event loop.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ import os
 import queue
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 import torch
@@ -33,14 +30,13 @@ log = logging.getLogger(__name__)
 
 
 class DeviceCopies:
-    """One per process and device: the copy stream, its waiter thread, and the encoders."""
+    """One per process and device: the copy stream and its waiter thread."""
 
-    def __init__(self, device: torch.device, encoders: int = 2) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = device
         # High priority: a copy's kernels get the SMs as soon as the forward pass's current ones end,
         # instead of queueing behind the whole pass (its GEMMs leave no room otherwise).
         self.stream = torch.cuda.Stream(device, priority=-1)
-        self.encode = ThreadPoolExecutor(max_workers=encoders, thread_name_prefix="kv-encode")
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
         self.failed: BaseException | None = None  # a CUDA error a copy ran into (the process is stopping)
         self._waiter = threading.Thread(target=self._wait, name="kv-copies", daemon=True)
@@ -86,4 +82,3 @@ class DeviceCopies:
     def close(self) -> None:
         self._pending.put(None)
         self._waiter.join(timeout=5)
-        self.encode.shutdown(wait=False, cancel_futures=True)

@@ -196,7 +196,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if transport == "cuda_ipc":
             try:
                 pool, block_size, incarnation = await self._pool(address)
-                return IpcKVSender(self._channels.get(address), address, pool, block_size, incarnation,
+                return IpcKVSender(self._channels.get_sync(address), address, pool, block_size, incarnation,
                                    self._copies(), timeout_s)
             except FailedPrecondition as exc:
                 if self._config.kv_transport == "cuda_ipc":
@@ -204,9 +204,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 log.warning("%s; KV over shared memory instead", exc)
                 self._transports[address] = transport = "shm"
         if transport == "shm":
-            return ShmKVSender(self._channels.get(address), address, self.segments, c.kv_checksums, timeout_s,
+            return ShmKVSender(self._channels.get_sync(address), address, self.segments, c.kv_checksums, timeout_s,
                                copies=self._copies())
-        channels = [self._channels.get(address, lane) for lane in range(c.kv_streams)]
+        channels = [self._channels.get_sync(address, lane) for lane in range(c.kv_streams)]
         return GrpcKVSender(channels, address, c.kv_chunk_bytes, c.kv_checksums, timeout_s,
                             quantization="" if c.kv_quantization == "none" else c.kv_quantization,
                             copies=self._copies())
