@@ -112,7 +112,7 @@ class GrpcKVSender(KVSender):
     transport = "grpc"  # how the bytes travel (metrics label)
     host_staging = True  # on a GPU, K/V go through host memory (``_host_buffer``)
 
-    def __init__(self, channels: list[grpc.Channel], address: str, chunk_bytes: int = 1 << 20,
+    def __init__(self, channels: list[grpc.Channel], address: str, chunk_bytes: int = 4 << 20,
                  checksums: bool = True, timeout_s: float | None = 300.0, quantization: str = "",
                  copies: DeviceCopies | None = None) -> None:
         if not channels:
