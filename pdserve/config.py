@@ -165,7 +165,9 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
         "help": "how KV reaches decode: grpc (bytes in gRPC messages), shm (shared memory, same host only), "
                 "cuda_ipc (prefill copies into decode's GPU pool, same host, a GPU this process sees), or auto "
                 "(cuda_ipc where it can, else shm when the decode instance reports this host, else grpc)"})
-    kv_streams: int = field(default=2, metadata={"help": "parallel gRPC streams (own TCP connections) per transfer"})
+    kv_streams: int | None = field(default=None, metadata={
+        "help": "parallel gRPC streams (own TCP connections) per transfer (auto: 1 on cpu, where more streams only "
+                "share its cores; 4 on a GPU, where they moved 1.7x the bytes of one, bench/RESULTS.md)"})
     kv_checksums: bool = field(default=True, metadata={"help": "an xxh3-64 checksum on every KV message, "
                                                                 "verified by decode (DATA_LOSS on mismatch)"})
     kv_inflight_bytes: str = field(default="auto", metadata={
@@ -185,6 +187,10 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
         "help": "tokens per prefix-cache block (cached prefixes are whole blocks; match the decode instances' "
                 "kv_block_size so routing compares like with like)"})
 
+    def kv_stream_count(self, device: str) -> int:
+        """gRPC streams per transfer from a model on ``device``, auto resolved."""
+        return self.kv_streams if self.kv_streams is not None else (1 if device == "cpu" else 4)
+
     def __post_init__(self) -> None:
         ServerConfig.__post_init__(self)
         ModelConfig.__post_init__(self)
@@ -196,7 +202,7 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
             raise ConfigError(f"kv_chunk_bytes: must be >= 1024, got {self.kv_chunk_bytes}")
         if self.kv_transport not in KV_TRANSPORTS:
             raise ConfigError(f"kv_transport: must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
-        if not 1 <= self.kv_streams <= 64:
+        if self.kv_streams is not None and not 1 <= self.kv_streams <= 64:
             raise ConfigError(f"kv_streams: must be in [1, 64], got {self.kv_streams}")
         if not self.kv_keep_s > 0:
             raise ConfigError(f"kv_keep_s: must be > 0, got {self.kv_keep_s}")

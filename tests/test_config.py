@@ -60,6 +60,15 @@ def test_auto_kv_in_flight_scales_with_the_device():
     assert cfg.PrefillConfig(device="cuda", kv_inflight_bytes="2GiB").kv_inflight_spec == "2GiB"
 
 
+def test_kv_streams_default_to_the_device():
+    """Parallel KV streams pay where a GPU's staging feeds them; on a CPU they only share its cores."""
+    assert parse(cfg.PrefillConfig, []).kv_stream_count("cpu") == 1
+    assert parse(cfg.PrefillConfig, ["--kv-streams", "auto"]).kv_stream_count("cuda") == 4
+    assert parse(cfg.PrefillConfig, [], {"PDSERVE_KV_STREAMS": "2"}).kv_stream_count("cuda") == 2
+    with pytest.raises(cfg.ConfigError, match="kv_streams"):
+        cfg.PrefillConfig(kv_streams=0)
+
+
 def test_prefill_passes_default_to_the_device():
     """A GPU pass of a few hundred tokens costs mostly its launches: GPU passes are larger by default; a value
     given (0 included: no chunking) is kept, and "auto" is the default."""

@@ -206,7 +206,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if transport == "shm":
             return ShmKVSender(self._channels.get_sync(address), address, self.segments, c.kv_checksums, timeout_s,
                                copies=self._copies())
-        channels = [self._channels.get_sync(address, lane) for lane in range(c.kv_streams)]
+        lanes = c.kv_stream_count(self._engine.device.type)
+        channels = [self._channels.get_sync(address, lane) for lane in range(lanes)]
         return GrpcKVSender(channels, address, c.kv_chunk_bytes, c.kv_checksums, timeout_s,
                             quantization="" if c.kv_quantization == "none" else c.kv_quantization,
                             copies=self._copies())
