@@ -74,6 +74,9 @@ class DeviceCopies:
                 loop.call_soon_threadsafe(done)
             except RuntimeError:  # the loop closed meanwhile (the service stopped): nobody to tell
                 pass
+            # Not held until the next copy lands: ``done`` reaches the transfer's pinned staging (the next
+            # transfer would pin a buffer of its own, ~0.3 s a GiB) and ``_sources`` the layer's K/V.
+            item = finished = loop = done = _sources = None
 
     def synchronize(self) -> None:
         """Blocks until every copy queued so far completed (call off the event loop)."""
