@@ -159,8 +159,8 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
         "help": "most prompt tokens waiting or being prefilled; beyond it, and for a prompt that would not be "
                 "done before its deadline, RESOURCE_EXHAUSTED with a retry-after-ms hint"})
     kv_chunk_bytes: int = field(default=4 << 20, metadata={
-        "help": "target bytes of K+V per KV message (gRPC transport; 4 MiB moved 6-25% more than 1 MiB from an "
-                "H200, bench/RESULTS.md)"})
+        "help": "target bytes of K+V per KV message (gRPC transport; 4 MiB moved 6-17% more than 1 MiB from an "
+                "H200 with checksums, bench/RESULTS.md)"})
     kv_transport: str = field(default="auto", metadata={
         "help": "how KV reaches decode: grpc (bytes in gRPC messages), shm (shared memory, same host only), "
                 "cuda_ipc (prefill copies into decode's GPU pool, same host, a GPU this process sees), or auto "
