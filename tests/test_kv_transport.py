@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import time
+import traceback
 
 import grpc
 import pytest
@@ -12,6 +15,7 @@ from pdserve import config as cfg
 from pdserve.engine.prefill import PrefillEngine
 from pdserve.kv import shm
 from pdserve.kv.grpc_sender import GrpcKVSender
+from pdserve.kv.wire import KVLayout
 from pdserve.rpc import ChannelPool
 from pdserve.sdk import AsyncClient
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -28,8 +32,16 @@ def new_segments(before: set[str]) -> list[str]:
     return [n for n in shm.segment_names() if n.startswith(mine) and n not in before]
 
 
-def kv_push_tasks() -> list[asyncio.Task]:
-    return [t for t in asyncio.all_tasks() if t.get_name().startswith("kv-push-") and not t.done()]
+async def kv_push_threads(wait_s: float = 3.0) -> list[int]:
+    """Threads still inside a KV stream's request generator (``GrpcKVSender._requests``, on gRPC's thread for
+    the call) once ``wait_s`` passed: a stream that ended leaves none waiting for ranges."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        busy = [ident for ident, frame in sys._current_frames().items()
+                if any(f.f_code is GrpcKVSender._requests.__code__ for f, _ in traceback.walk_stack(frame))]
+        if not busy or time.monotonic() > deadline:
+            return busy
+        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("transport,streams", [("grpc", 1), ("grpc", 3), ("shm", 1)])
@@ -120,6 +132,34 @@ class _DyingDecode(decode_pb2_grpc.DecodeServicer):
         return decode_pb2.PushKVReply()
 
 
+class _ReadingDecode(decode_pb2_grpc.DecodeServicer):
+    """Reads every message of a push until the sender ends it."""
+
+    async def PushKV(self, request_iterator, context):
+        async for _ in request_iterator:
+            pass
+        return decode_pb2.PushKVReply()
+
+
+async def test_a_push_stream_thread_ends_with_its_transfer():
+    """Each KV stream's messages are made on gRPC's thread for the call, which waits there for the transfer's
+    next layer: an aborted transfer must not leave it waiting."""
+    server = grpc.aio.server()
+    decode_pb2_grpc.add_DecodeServicer_to_server(_ReadingDecode(), server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    channels = ChannelPool()
+    try:
+        sender = GrpcKVSender([channels.get_sync(address, lane) for lane in range(2)], address)
+        await sender.open(KVLayout("t", num_layers=2, num_tokens=4, kv_heads=2, head_dim=16, dtype="float32"))
+        assert len(await kv_push_threads(wait_s=0)) == 2  # both streams wait for their layers
+        await sender.abort()
+        assert not await kv_push_threads(wait_s=0.8)  # at once, not at the generator's next look at its call
+    finally:
+        await channels.close()
+        await server.stop(0)
+
+
 @pytest.mark.parametrize("transport", ["grpc", "shm"])
 async def test_receiver_dying_mid_transfer_leaves_nothing_behind(transport):
     loaded = get_loaded("preset:tiny-llama")
@@ -152,7 +192,7 @@ async def test_receiver_dying_mid_transfer_leaves_nothing_behind(transport):
             assert events == ["first_token", "kv_kept"]
         await asyncio.sleep(0.1)
         assert not new_segments(before), "segment left behind"
-        assert servicer.inflight.used > 0 and not kv_push_tasks()  # the kept KV still counts
+        assert servicer.inflight.used > 0 and not await kv_push_threads()  # the kept KV still counts
         await asyncio.sleep(0.4)  # kv_keep_s passed: dropped
         assert servicer.inflight.used == 0
     finally:
