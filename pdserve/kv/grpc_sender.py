@@ -86,6 +86,8 @@ class _Stream:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.started: asyncio.Future | None = None
         self.reply: asyncio.Future | None = None
+        self.bytes = 0  # K/V bytes sent
+        self.messages = 0
 
 
 def _settle(futures: tuple[asyncio.Future | None, ...], call: grpc.Future) -> None:
@@ -134,8 +136,6 @@ class GrpcKVSender(KVSender):
         self._ranges = 0  # staged so far (any thread)
         self._landed = 0  # of which the loop has heard (their bytes are in place)
         self._all_landed = asyncio.Event()
-        self._bytes = 0
-        self._messages = 0
         self._first_sent_ns = 0
         self._trailer = b""  # set by finish(): the streams' last message
         self._failure: BaseException | None = None  # a message that could not be made (finish() reports it)
@@ -288,8 +288,8 @@ class GrpcKVSender(KVSender):
                 self._first_sent_ns = self._first_sent_ns or sent
                 self.layer_sent_ns[r.layer] = sent
                 yield message
-                self._bytes += self._wire_bytes(r, start, end)
-                self._messages += 1
+                s.bytes += self._wire_bytes(r, start, end)  # per stream: each has its own thread
+                s.messages += 1
                 start = end
 
     def stage(self, layer: int, token_start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -336,7 +336,8 @@ class GrpcKVSender(KVSender):
         finally:
             self._close()
         return TransferReceipt(
-            bytes_sent=self._bytes, layers=sum(1 for t in self.layer_sent_ns if t), messages=self._messages,
+            bytes_sent=sum(s.bytes for s in self._streams), layers=sum(1 for t in self.layer_sent_ns if t),
+            messages=sum(s.messages for s in self._streams),
             first_chunk_sent_ns=self._first_sent_ns, acked_ns=time.monotonic_ns(),
             first_chunk_received_ns=min(r.first_chunk_received_ns for r in replies),
             last_chunk_received_ns=max(r.last_chunk_received_ns for r in replies),
