@@ -29,6 +29,17 @@ def test_pool_reuses_released_segments_by_size_class_and_caps_idle_bytes():
     d = pool.acquire(5 << 20)
     pool.discard(d)  # a failed transfer's segment is never reused
     assert d.name not in mine()
+    assert pool.acquire(1 << 20) is b and pool.idle_bytes == 0
+    big = pool.acquire(5 << 20)  # -> 8 MiB, over the limit: kept while nothing else is idle
+    pool.release(big)
+    assert pool.acquire(6 << 20) is big
+    pool.release(big)
+    pool.release(b)  # 8 + 1 MiB idle: b goes
+    assert pool.idle_bytes == 8 << 20 and b.name not in mine()
+    never = shm.SegmentPool(idle_limit=0)
+    e = never.acquire(1000)
+    never.release(e)
+    assert never.idle_bytes == 0 and e.name not in mine()
     pool.close()
     assert set(mine()) == before
 

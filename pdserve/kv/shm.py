@@ -139,7 +139,9 @@ class Segment:
 class SegmentPool:
     """The producer's segments: ``acquire`` one for a transfer, ``release`` it after the consumer
     acknowledged, ``discard`` it after a failure. Sizes are rounded up to a power of two (>= 1 MiB)
-    so transfers of similar length share segments; at most ``idle_limit`` bytes stay idle."""
+    so transfers of similar length share segments; at most ``idle_limit`` bytes stay idle, except that one
+    segment larger than that stays when nothing else is idle (0: none ever stays): a prompt's KV of 1 GiB
+    is a 2 GiB segment, and creating (and on a GPU host page-locking) one per transfer took seconds."""
 
     MIN_SIZE = 1 << 20
     IDLE_LIMIT = 1 << 30
@@ -160,7 +162,7 @@ class SegmentPool:
         return Segment.create(size_class)
 
     def release(self, segment: Segment) -> None:
-        if self.idle_bytes + segment.size > self.idle_limit:
+        if self.idle_limit == 0 or (self.idle_bytes and self.idle_bytes + segment.size > self.idle_limit):
             self.discard(segment)
             return
         self._idle.setdefault(segment.size, []).append(segment)
