@@ -223,7 +223,7 @@ class GrpcKVSender(KVSender):
         self._loop = asyncio.get_running_loop()
         self.layer_sent_ns = [0] * layout.num_layers
         self.layer_ready_ns = [0] * layout.num_layers
-        if self._copies is not None and self.host_staging:  # pinning memory takes a while the first time: not on the loop
+        if self._copies is not None and self.host_staging:  # pinning takes a while the first time: not on the loop
             self._host = await asyncio.to_thread(self._host_buffer, layout)
         header = decode_pb2.KVHeader(transfer_id=layout.transfer_id, num_layers=layout.num_layers,
                                      num_tokens=layout.num_tokens, kv_heads=layout.kv_heads,
@@ -327,7 +327,8 @@ class GrpcKVSender(KVSender):
             await self._all_landed.wait()
         if self._copies is not None and self._copies.failed is not None:
             raise Internal(f"KV copies on the GPU failed: {self._copies.failed}")
-        self._trailer = decode_pb2.KVMessage(trailer=decode_pb2.KVTrailer(first_token_id=first_token)).SerializeToString()
+        trailer = decode_pb2.KVTrailer(first_token_id=first_token)
+        self._trailer = decode_pb2.KVMessage(trailer=trailer).SerializeToString()
         for s in self._streams:
             s.queue.put(_FINISH)
         try:
