@@ -2,7 +2,7 @@
 # One call on the lent GPU machine: the GPU tests and the GPU benchmarks, each bounded in time, logs and
 # JSON under $OUT. Run from the repository root with .whl/ and pdserve/v1/ carried (see CONTRIBUTING in
 # README "Benchmarks"); phases are arguments, in order:
-#   bash bench/gpu_suite.sh tests prefill transfer serving
+#   bash bench/gpu_suite.sh tests prefill transfer serving   (also: ipc-timeline, kill, graphs, ttft, ...)
 # Knobs (environment): MODEL; SERVING_START (configurations, default disagg,colocated-chunked), SERVING_CHUNK
 # (colocated-chunked's chunk, default 256), SERVING_LOGS=1 (members' DEBUG logs under $OUT/logs);
 # DECODE_MODELS, DECODE_MODES (gpu-decode); TESTS_K (tests: pytest -k selection). At most 8 files come back from a
@@ -32,6 +32,16 @@ for phase in "$@"; do
         --overlap-length 8190 --ttft-transports "cuda_ipc,grpc x4" --repeats 2 --threads 4 --kv-budget 20GiB \
         --out "$out/ttft.json" > "$out/ttft.log" 2>&1
       grep -A12 "^| transport" "$out/ttft.log"; grep -A14 "Per-layer timeline, cuda_ipc" "$out/ttft.log" ;;
+    ipc-timeline)
+      # Why CUDA IPC scatters queued late in a pass wait for its end: the TTFT run's per-layer timeline with
+      # the default hardware queues and with 32 (members inherit the environment).
+      for connections in default 32; do
+        extra=(); [ "$connections" = default ] || extra=("CUDA_DEVICE_MAX_CONNECTIONS=$connections")
+        env ${extra[@]+"${extra[@]}"} timeout 150 python3 -m bench.transfer --device cuda --model "$model" --skip-wire \
+          --ttft-lengths 8190 --overlap-length 8190 --ttft-transports cuda_ipc --repeats 2 --threads 4 --kv-budget 20GiB \
+          --out "$out/ipc_timeline_$connections.json" > "$out/ipc_timeline_$connections.log" 2>&1
+        echo "--- CUDA_DEVICE_MAX_CONNECTIONS=$connections"; grep -A13 "Per-layer timeline" "$out/ipc_timeline_$connections.log"
+      done ;;
     prefill)
       timeout 240 python3 -m bench.prefill --model "$model" --repeats 3 --profile 8192 --out "$out/prefill.json" \
         > "$out/prefill.log" 2>&1; grep -A10 "^| case" "$out/prefill.log" ;;
