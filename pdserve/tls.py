@@ -17,7 +17,6 @@ and ``cluster_token``:
 
 from __future__ import annotations
 
-import collections
 import datetime
 import hmac
 import ipaddress
@@ -100,27 +99,17 @@ class _TokenStreamStream(_AddToken, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), request_iterator)
 
 
-class _SyncToken(grpc.StreamUnaryClientInterceptor, grpc.UnaryUnaryClientInterceptor):
+class _SyncToken(_AddToken, grpc.StreamUnaryClientInterceptor, grpc.UnaryUnaryClientInterceptor):
     """The cluster token on a synchronous channel's calls (``ClusterAuth.sync_channel``: KV pushes)."""
 
-    def __init__(self, token: str) -> None:
-        self._pair = (TOKEN_METADATA, token)
-
     def _details(self, details):
-        return _CallDetails(details.method, details.timeout, (*(details.metadata or ()), self._pair),
-                            details.credentials, details.wait_for_ready, details.compression)
+        return details._replace(metadata=(*(details.metadata or ()), self._pair))
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)
 
     def intercept_stream_unary(self, continuation, details, request_iterator):
         return continuation(self._details(details), request_iterator)
-
-
-class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
-                                                             "wait_for_ready", "compression")),
-                   grpc.ClientCallDetails):
-    pass
 
 
 def _token_interceptors(token: str) -> list:

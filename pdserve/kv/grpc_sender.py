@@ -233,6 +233,7 @@ class GrpcKVSender(KVSender):
         for s in self._streams:
             header.stream_index = s.index
             s.started, s.reply = self._loop.create_future(), self._loop.create_future()
+            s.started.add_done_callback(_retrieve)
             s.reply.add_done_callback(_retrieve)
             push = s.channel.stream_unary(_PUSH_KV, request_serializer=None,
                                           response_deserializer=decode_pb2.PushKVReply.FromString)
@@ -367,8 +368,6 @@ class GrpcKVSender(KVSender):
             s.queue.put(_STOP)
             if s.call is not None:
                 s.call.cancel()
-            if s.started is not None:
-                s.started.add_done_callback(_retrieve)
         self._close()
 
     def _close(self) -> None:
