@@ -2,17 +2,23 @@
 # One call on the lent GPU machine: the GPU tests and the GPU benchmarks, each bounded in time, logs and
 # JSON under $OUT. Run from the repository root with .whl/ and pdserve/v1/ carried (see CONTRIBUTING in
 # README "Benchmarks"); phases are arguments, in order:
-#   bash bench/gpu_suite.sh tests prefill transfer serving   (also: ipc-timeline, kill, graphs, ttft, ...)
+#   bash bench/gpu_suite.sh tests prefill transfer serving   (also: transfer-quick, ipc-timeline, profile,
+#   kill, graphs, ttft, ...)
 # Knobs (environment): MODEL; SERVING_START (configurations, default disagg,colocated-chunked), SERVING_CHUNK
 # (colocated-chunked's chunk, default 256), SERVING_LOGS=1 (members' DEBUG logs under $OUT/logs);
-# DECODE_MODELS, DECODE_MODES (gpu-decode); TESTS_K (tests: pytest -k selection). At most 8 files come back from a
-# call: the members' logs come back as one $OUT/logs.tgz.
+# GIL_SWITCH_MS (every Python process's GIL switch interval); DECODE_MODELS, DECODE_MODES (gpu-decode);
+# IPC_CONNECTIONS (ipc-timeline, default "default 32"); TESTS_K (tests: pytest -k selection). At most 8 files
+# come back from a call: the members' logs come back as one $OUT/logs.tgz.
 set -uo pipefail
 out=${OUT:-bench/out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .site .whl/*.whl \
   && export PYTHONPATH=$PWD/.site:$PWD || exit 1
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+if [ -n "${GIL_SWITCH_MS:-}" ]; then  # an experiment: every Python process of the call switches the GIL this often
+  mkdir -p .gil && echo "import sys; sys.setswitchinterval(${GIL_SWITCH_MS} / 1000)" > .gil/sitecustomize.py
+  export PYTHONPATH=$PWD/.gil:$PYTHONPATH
+fi
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv | tee "$out/gpu.txt"
 model=${MODEL:-preset:llama-8b}
 for phase in "$@"; do
@@ -35,7 +41,7 @@ for phase in "$@"; do
     ipc-timeline)
       # Why CUDA IPC scatters queued late in a pass wait for its end: the TTFT run's per-layer timeline with
       # the default hardware queues and with 32 (members inherit the environment).
-      for connections in default 32; do
+      for connections in ${IPC_CONNECTIONS:-default 32}; do
         extra=(); [ "$connections" = default ] || extra=("CUDA_DEVICE_MAX_CONNECTIONS=$connections")
         env ${extra[@]+"${extra[@]}"} timeout 150 python3 -m bench.transfer --device cuda --model "$model" --skip-wire \
           --ttft-lengths 8190 --overlap-length 8190 --ttft-transports cuda_ipc --repeats 2 --threads 4 --kv-budget 20GiB \
@@ -50,6 +56,13 @@ for phase in "$@"; do
         --lengths 2048,8192,32768 --streams 1,4 --repeats 2 --ttft-lengths 2048,8190 --overlap-length 8190 \
         --threads 4 --kv-budget 20GiB --out "$out/transfer.json" > "$out/transfer.log" 2>&1
       grep -A12 "^| KV shape\|^| transport" "$out/transfer.log" ;;
+    transfer-quick)
+      # The two paths with bars, 8k and 32k on the wire and 8k TTFT (e.g. to compare GIL_SWITCH_MS settings).
+      timeout 200 python3 -m bench.transfer --device cuda --model "$model" --shapes "Llama-8B shape bf16" \
+        --lengths 8192,32768 --streams 4 --paths "grpc x4,cuda_ipc" --repeats 3 --ttft-lengths 8190 \
+        --ttft-transports "grpc x4,cuda_ipc" --overlap-length 8190 --threads 4 --kv-budget 20GiB \
+        --out "$out/transfer_quick${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}.json" > "$out/transfer_quick${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}.log" 2>&1
+      grep -A6 "^| KV shape\|^| transport" "$out/transfer_quick${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}.log" ;;
     serving)
       timeout 420 python3 -m pdserve_cli bench --start "${SERVING_START:-disagg,colocated-chunked}" --device cuda --model "$model" \
         --dataset long --num-requests 48 --input-len 128:1024 --output-len 64:256 --long-len 4096:7000 \
@@ -83,6 +96,18 @@ for phase in "$@"; do
     decode-profile)
       timeout 240 python3 -m bench.decode_profile --model "$model" --concurrency 1,128 > "$out/decode_profile.log" 2>&1
       grep -A16 "^concurrency" "$out/decode_profile.log" | cut -c1-160 ;;
+    profile)
+      # Where the wire's time goes, Python frames of the sender and of the receiver process (py-spy, sampling
+      # only threads that run; needs the py-spy wheel in .whl/): gRPC x4 at 8k, then CUDA IPC at 32k.
+      # Knobs: PROFILE_CASES ("path:tokens" ...), PROFILE_RATE (samples/s), PROFILE_REPEATS.
+      for case in ${PROFILE_CASES:-grpc_x4:8192 cuda_ipc:32768}; do
+        tag=${case%%:*}; name=${tag//_/ }
+        timeout 150 .site/bin/py-spy record --nonblocking --subprocesses --threads -r "${PROFILE_RATE:-200}" -f raw \
+          -o "$out/profile_$tag.txt" -- python3 -m bench.transfer --device cuda --skip-ttft --shapes "Llama-8B shape bf16" \
+          --lengths "${case##*:}" --paths "$name" --repeats "${PROFILE_REPEATS:-8}" --threads 4 \
+          --out "$out/profile_$tag.json" > "$out/profile_$tag.log" 2>&1
+        echo "--- $name"; grep "GB/s" "$out/profile_$tag.log" | head -3
+      done ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

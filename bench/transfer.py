@@ -47,6 +47,7 @@ import grpc
 import torch
 
 from pdserve.convert import layout_from_proto, stream_info_from_proto
+from pdserve.engine.pool_writer import PoolWriter
 from pdserve.kv.assembly import KVAssembly
 from pdserve.kv.cuda_ipc import map_pool
 from pdserve.kv.grpc_sender import GrpcKVSender, IpcKVSender, ShmKVSender
@@ -80,6 +81,8 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
         self.storage: torch.Tensor | None = None
         self.pool: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.assemblies: dict[str, KVAssembly] = {}
+        # Decode's GPU path: received chunks checked and copied into the pool on a thread and stream of their own.
+        self.writer = PoolWriter(self) if self.device.type == "cuda" else None
 
     def _prepare(self, layout: KVLayout) -> None:
         """A pool for this geometry, allocated and touched once (as the decode pool is), reused across transfers."""
@@ -89,9 +92,10 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
             self.storage = torch.zeros(shape, dtype=layout.torch_dtype, device=self.device)
             self.pool = list(self.storage[0]), list(self.storage[1])
 
-    def _write(self, layer, start, k, v) -> None:
-        self.pool[0][layer][start:start + k.shape[0]] = k
-        self.pool[1][layer][start:start + v.shape[0]] = v
+    def write(self, _table, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """As ``KVPool.write`` (the table is the identity here): from host memory on a GPU, as decode does."""
+        self.pool[0][layer][start:start + k.shape[0]] = k.to(self.device, non_blocking=True)
+        self.pool[1][layer][start:start + v.shape[0]] = v.to(self.device, non_blocking=True)
 
     async def GetKVPool(self, request, context):
         from pdserve.kv.cuda_ipc import pool_handle
@@ -109,7 +113,12 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
         assembly = self.assemblies.get(layout.transfer_id)
         if assembly is None:
             self._prepare(layout)
-            assembly = self.assemblies[layout.transfer_id] = KVAssembly(layout, self._write, stream)
+            if self.writer is not None and not stream.cuda_ipc:  # as decode: checked and written on a thread
+                assembly = KVAssembly(layout, lambda layer, start, k, v, check: self.writer.write(
+                    None, layer, start, k, v, check), stream, checks_on_write=True)
+            else:
+                assembly = KVAssembly(layout, lambda layer, start, k, v: self.write(None, layer, start, k, v), stream)
+            self.assemblies[layout.transfer_id] = assembly
         else:
             assembly.attach(layout, stream)
 
@@ -117,7 +126,8 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
             if assembly.stream_finished(stream.stream_index, token):
                 del self.assemblies[layout.transfer_id]
 
-        await receive_stream(request_iterator, assembly, stream, on_trailer)
+        await receive_stream(request_iterator, assembly, stream, on_trailer,
+                             writes_issued=self.writer.issued if self.writer is not None else None)
         return decode_pb2.PushKVReply(first_chunk_received_ns=assembly.first_chunk_ns,
                                       last_chunk_received_ns=assembly.last_chunk_ns,
                                       layer_received_ns=assembly.layer_received_ns,
@@ -130,22 +140,30 @@ _transfer_ids = itertools.count()
 async def one_transfer(make_sender, layout: KVLayout, layers: list[tuple[torch.Tensor, torch.Tensor]],
                        phases: list | None = None) -> float:
     """Seconds for one transfer of ``layers``; with ``phases``, appends where its time went (ms from the
-    start: the stream open and ready to stage, the first and last message handed to a stream, acked)."""
+    start: the stream open and ready to stage, the first message handed to a stream, every layer staged, the
+    last message handed to a stream, acked; and the ms spent inside ``stage()`` calls)."""
     sender = make_sender()
     layout = dataclasses.replace(layout, transfer_id=f"bench-{next(_transfer_ids)}")
     started = time.monotonic_ns()
     await sender.open(layout)
     opened = time.monotonic_ns()
 
+    in_stage = 0  # ns spent inside stage() (its own work, or waiting for the GIL)
+
     def stage_all() -> None:  # from a thread, as the prefill worker stages each layer it queued
+        nonlocal in_stage
         for i, (k, v) in enumerate(layers):
+            t = time.monotonic_ns()
             sender.stage(i, 0, k, v)
+            in_stage += time.monotonic_ns() - t
 
     await asyncio.to_thread(stage_all)
+    staged = time.monotonic_ns()
     receipt = await sender.finish(0)
     done = time.monotonic_ns()
     if phases is not None:
         phases.append({"open": (opened - started) / 1e6, "first sent": (receipt.first_chunk_sent_ns - started) / 1e6,
+                       "staged": (staged - started) / 1e6, "in stage()": in_stage / 1e6,
                        "last sent": (max(receipt.layer_sent_ns) - started) / 1e6, "acked": (done - started) / 1e6})
     return (done - started) / 1e9
 
@@ -280,10 +298,16 @@ async def wire(args) -> list[dict]:
     paths["shm"] = lambda: ShmKVSender(channels.get_sync(address), address, segments, copies=copies)
     paths["shm, fresh segment"] = lambda: ShmKVSender(channels.get_sync(address), address, SegmentPool(idle_limit=0),
                                                       copies=copies)
+    warm_up = paths["grpc x1"] if "grpc x1" in paths else next(iter(paths.values()))
     mapped: dict = {}
     if gpu and not args.same_process:
         paths["cuda_ipc"] = lambda: IpcKVSender(channels.get_sync(address), address, mapped["pool"], BLOCK, "bench",
                                                 copies)
+    if args.paths:
+        unknown = set(args.paths) - set(paths)
+        if unknown:
+            raise SystemExit(f"--paths: unknown {sorted(unknown)}; this run has {sorted(paths)}")
+        paths = {name: paths[name] for name in args.paths}
     rows = []
     try:
         for shape_name, (kv, dtype) in ((n, SHAPES[n]) for n in args.shapes):
@@ -294,7 +318,7 @@ async def wire(args) -> list[dict]:
                           for _ in range(kv.num_layers)]
                 nbytes = layout.total_bytes
                 row = {"shape": shape_name, "tokens": tokens, "bytes": nbytes}
-                await one_transfer(paths["grpc x1"], layout, layers)  # warm-up: the receiver's pool for this shape
+                await one_transfer(warm_up, layout, layers)  # warm-up: the receiver's pool for this shape
                 if "cuda_ipc" in paths:  # its pool for this shape, mapped here
                     handle = await decode_pb2_grpc.DecodeStub(channels.get(address)).GetKVPool(
                         decode_pb2.GetKVPoolRequest())
@@ -307,6 +331,8 @@ async def wire(args) -> list[dict]:
                     times = [await one_transfer(make, layout, layers, phases) for _ in range(args.repeats)]
                     row["phases"][name] = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
                     if receiver is not None:  # in another process, the checksums vouch for the bytes
+                        if gpu:
+                            torch.cuda.synchronize()  # the pool writer's copies
                         assert torch.equal(receiver.pool[0][-1], layers[-1][0][0].transpose(0, 1)), name
                     if name == "cuda_ipc":  # scattered into the shuffled blocks: check one layer's K there
                         pool, slots = mapped["pool"], ipc_slots(tokens)
@@ -458,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=0, help="TTFT: the prefill instances' chunk size (0: whole)")
     parser.add_argument("--kv-budget", default="auto", help="TTFT: the decode instance's KV pool")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--paths", type=lambda t: t.split(","), default=[],
+                        help="wire: only these paths (names as in the table, e.g. 'grpc x4,cuda_ipc')")
     parser.add_argument("--skip-ttft", action="store_true")
     parser.add_argument("--skip-wire", action="store_true")
     parser.add_argument("--ttft-transports", type=lambda t: t.split(","), default=[t for t, _ in TTFT_TRANSPORTS],

@@ -79,6 +79,59 @@ def test_every_gpu_kv_path_is_token_exact(transport):
         cluster.stop()
 
 
+def test_a_corrupt_chunk_checked_on_the_pool_writer_is_data_loss_and_frees_everything():
+    """On a GPU decode the checksums are checked on the pool writer's thread, not the event loop: a flipped byte
+    still fails the push with DATA_LOSS before the transfer completes, the request fails, the blocks come back,
+    and the next push is written and read back exactly."""
+    from services.decode.server import start_decode
+    from pdserve import config as cfg
+    from pdserve.kv.wire import checksum
+    from tests.test_kv_push import LAYERS, chunk, header, push, reserve, trailer
+
+    async def go() -> None:
+        loaded = load_model("preset:tiny-llama", device="cuda", dtype="float32")
+        decode = await start_decode(cfg.DecodeConfig(listen="127.0.0.1:0", model=loaded.info.spec, device="cuda",
+                                                     kv_budget="64MiB"), loaded)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{decode.port}") as channel:
+                stub = decode_pb2_grpc.DecodeStub(channel)
+                for corrupt in (True, False):
+                    tid = f"gpu-corrupt-{corrupt}"
+                    waiting = await reserve(stub, tid)
+                    messages = [header(tid, checksums=True)]
+                    for layer in range(LAYERS):
+                        m = chunk(layer)
+                        m.chunk.key = bytes([layer + 1]) * len(m.chunk.key)
+                        m.chunk.checksum = checksum(m.chunk.key, m.chunk.value)
+                        messages.append(m)
+                    if corrupt:
+                        messages[2].chunk.value = b"\1" + messages[2].chunk.value[1:]  # layer 1
+                    result = await push(stub, [*messages, trailer()])
+                    if corrupt:
+                        assert result.code() == grpc.StatusCode.DATA_LOSS, result
+                        assert "checksum mismatch in layer 1" in result.details()
+                        with pytest.raises(grpc.aio.AioRpcError) as info:
+                            await waiting.read()
+                        assert info.value.code() == grpc.StatusCode.DATA_LOSS
+                    else:
+                        assert isinstance(result, decode_pb2.PushKVReply), result
+                        assert result.bytes_received == 2 * LAYERS * len(m.chunk.key)
+                        event = await waiting.read()
+                        assert event.WhichOneof("event") == "token"
+                        waiting.cancel()
+                    after = await stub.GetStats(decode_pb2.GetStatsRequest())
+                    for _ in range(50):  # a cancelled request's blocks come back after its step
+                        if after.kv_blocks_used == 0:
+                            break
+                        await asyncio.sleep(0.05)
+                        after = await stub.GetStats(decode_pb2.GetStatsRequest())
+                    assert (after.waiting_for_kv, after.kv_blocks_used) == (0, 0)
+        finally:
+            await decode.stop()
+
+    asyncio.run(go())
+
+
 def test_segment_attention_matches_the_dense_mask_in_bf16():
     """Flash attention over packed and chunked segments, under transformers' forward and the fused one, is
     as accurate as the dense-mask path on the same GPU: every layer's K/V of every prompt within 2x the dense

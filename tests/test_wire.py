@@ -23,6 +23,20 @@ def test_hand_encoded_chunk_is_the_protobuf_message_and_decodes_to_views():
     assert chunk == KVChunkData(3, 17, 2, key, value, 0xDEADBEEF12345678, 4096)
 
 
+def test_a_large_chunk_made_without_the_gil_is_the_protobuf_message():
+    """Messages past 64 KiB are assembled by ``memmove`` into a fresh bytes object (the GIL released): the
+    same bytes protobuf makes, for views of tensors and for bytes alike."""
+    key = torch.arange(300_000, dtype=torch.int32).view(torch.uint8)
+    value = bytes(range(256)) * 2_000
+    data = encode_chunk(31, 8_000, 4_096, memoryview(key.numpy()), value, 2**64 - 1, key_scales=b"s" * 12,
+                        value_scales=b"t" * 4)
+    expected = decode_pb2.KVMessage(chunk=decode_pb2.KVChunk(
+        layer=31, token_start=8_000, token_count=4_096, key=key.numpy().tobytes(), value=value, checksum=2**64 - 1,
+        key_scales=b"s" * 12, value_scales=b"t" * 4)).SerializeToString()
+    assert type(data) is bytes and len(data) > 1_000_000
+    assert data == expected
+
+
 def test_any_field_order_and_unknown_fields_decode_like_protobuf():
     message = decode_pb2.KVMessage(chunk=decode_pb2.KVChunk(value=b"vv", key=b"kk", layer=1, checksum=5))
     data = message.SerializeToString()

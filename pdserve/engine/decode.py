@@ -423,10 +423,14 @@ class DecodeEngine:
             if stream.cuda_ipc and self.pool.device.type != "cuda":
                 raise InvalidArgument("header.cuda_ipc: this decode instance's KV pool is not on a GPU")
             blocks = seq.transfer_blocks(self.pool.block_size)
-            write = self.pool.write
-            if self._writer is not None and not stream.cuda_ipc:
-                write, seq.pool_writes = self._writer.write, True  # on its own thread and stream
-            seq.transfer = KVAssembly(layout, lambda layer, start, k, v: write(blocks, layer, start, k, v), stream)
+            if self._writer is not None and not stream.cuda_ipc:  # checked and written on its own thread and stream
+                writer, seq.pool_writes = self._writer, True
+                seq.transfer = KVAssembly(
+                    layout, lambda layer, start, k, v, check: writer.write(blocks, layer, start, k, v, check), stream,
+                    checks_on_write=True)
+            else:
+                seq.transfer = KVAssembly(
+                    layout, lambda layer, start, k, v: self.pool.write(blocks, layer, start, k, v), stream)
         except InvalidArgument as exc:
             self.fail_transfer(layout.transfer_id, DataLoss(f"KV transfer rejected: {exc}"))
             raise

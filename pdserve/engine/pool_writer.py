@@ -10,6 +10,8 @@ with that event, and the step's stream waits on it (on the device, not the host)
 still being copied; a transfer's blocks are handed back to the pool only through it too, with the compute
 stream waiting on the event first, so no late copy lands in blocks another request owns.
 
+The chunks' checksums are verified on that thread too, just before each write (xxh3 releases the GIL).
+
 On a CPU there is nothing to overlap: the pool writes in place, on the loop.
 """
 
@@ -30,12 +32,17 @@ class PoolWriter:
         self._stream = torch.cuda.Stream(pool.device)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-pool-writer")
 
-    def write(self, table: list[int], layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def write(self, table: list[int], layer: int, start: int, keys: torch.Tensor, values: torch.Tensor,
+              check: Callable[[], bool] | None = None) -> None:
         """Queues the write of (T, H, D) host K/V of tokens [start, start + T); the source may be reused once
-        the write was issued (a pageable source is staged by the driver as the copy is issued)."""
-        self._thread.submit(self._write, table, layer, start, keys, values)
+        the write was issued (a pageable source is staged by the driver as the copy is issued). ``check``
+        (the chunk's checksum, ``KVAssembly``'s ``checks_on_write``) runs first, here, off the event loop: the
+        write happens only if it returns True."""
+        self._thread.submit(self._write, table, layer, start, keys, values, check)
 
-    def _write(self, table, layer, start, keys, values) -> None:
+    def _write(self, table, layer, start, keys, values, check) -> None:
+        if check is not None and not check():
+            return
         with torch.cuda.stream(self._stream):
             self._pool.write(table, layer, start, keys, values)
 

@@ -7,6 +7,13 @@ violation raises ``InvalidArgument`` naming what was wrong, a checksum
 mismatch ``DataLoss``; the caller then fails the transfer and the blocks are
 freed. A transfer over several streams shares one assembly: each stream
 ``attach``es with its header and ends with ``stream_finished``.
+
+A writer that copies on a thread of its own (a GPU pool's ``PoolWriter``) also
+verifies the checksums there (``checks_on_write``): xxh3 releases the GIL, and
+on the event loop it took a fifth of a receiving decode's time. The writer
+calls each chunk's check before writing it; a mismatch fails the assembly
+(``check_alive`` raises it at the stream's next message), and a stream awaits
+its writes before it reports its trailer, so no transfer completes unverified.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ from pdserve.kv.wire import DTYPES, KVChunkData, KVLayout, StreamInfo, checksum,
 
 MAX_STREAMS = 64
 
-# write(layer, token_start, keys, values) with (count, H, D) tensors.
-ChunkWriter = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+# write(layer, token_start, keys, values) with (count, H, D) tensors; with ``checks_on_write``, a fifth
+# argument: a check to call before writing (False: the chunk is corrupt, the transfer failed, write nothing).
+ChunkWriter = Callable[..., None]
+ChunkCheck = Callable[[], bool]
 
 
 def check_layout(layout: KVLayout, *, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -52,13 +61,15 @@ def _check_index(stream: StreamInfo) -> None:
 class KVAssembly:
     """Collects one transfer; per layer, chunks must arrive in token order without gaps or repeats."""
 
-    def __init__(self, layout: KVLayout, write: ChunkWriter, stream: StreamInfo = StreamInfo()) -> None:
+    def __init__(self, layout: KVLayout, write: ChunkWriter, stream: StreamInfo = StreamInfo(),
+                 checks_on_write: bool = False) -> None:
         if not 1 <= stream.num_streams <= MAX_STREAMS:
             raise InvalidArgument(f"header.num_streams: {stream.num_streams} outside [1, {MAX_STREAMS}]")
         _check_index(stream)
         self.layout = layout
         self.stream = stream
         self._write = write
+        self._checks_on_write = checks_on_write
         self._next_token = [0] * layout.num_layers
         self._streams_open = {stream.stream_index}
         self._streams_done: set[int] = set()
@@ -140,8 +151,19 @@ class KVAssembly:
                     f"{size} ({lay.kv_heads} heads x {lay.head_dim} dims x {itemsize} bytes per token"
                     f"{', int8' if int8 else ''})")
         parts = (chunk.key, chunk.value, chunk.key_scales, chunk.value_scales) if int8 else (chunk.key, chunk.value)
-        if self.stream.checksums and checksum(*parts) != chunk.checksum:
-            raise DataLoss(f"chunk: checksum mismatch in layer {chunk.layer} tokens [{chunk.token_start}, {end})")
+        def mismatch(layer: int = chunk.layer, start: int = chunk.token_start) -> DataLoss:
+            return DataLoss(f"chunk: checksum mismatch in layer {layer} tokens [{start}, {end})")
+
+        check = None
+        if self.stream.checksums and not self._checks_on_write:
+            if checksum(*parts) != chunk.checksum:
+                raise mismatch()
+        elif self.stream.checksums:
+            def check(expected: int = chunk.checksum) -> bool:  # on the writer's thread
+                if checksum(*parts) == expected:
+                    return True
+                self.fail(mismatch())
+                return False
         shape = (chunk.token_count, lay.kv_heads, lay.head_dim)
         if int8:
             k, v = dequantize_int8(from_bytes(chunk.key, torch.int8, shape), from_bytes(chunk.value, torch.int8, shape),
@@ -149,7 +171,10 @@ class KVAssembly:
                                    from_bytes(chunk.value_scales, torch.float32, shape[:1]), lay.torch_dtype)
         else:
             k, v = from_bytes(chunk.key, lay.torch_dtype, shape), from_bytes(chunk.value, lay.torch_dtype, shape)
-        self._write(chunk.layer, chunk.token_start, k, v)
+        if self._checks_on_write:
+            self._write(chunk.layer, chunk.token_start, k, v, check)
+        else:
+            self._write(chunk.layer, chunk.token_start, k, v)
 
     def stream_finished(self, stream_index: int, first_token: int) -> bool:
         """One stream's trailer arrived; True once every stream's has."""

@@ -134,8 +134,9 @@ class GrpcKVSender(KVSender):
         self._lock = threading.Lock()  # stage() (worker thread) against abort() (loop)
         self._aborted = False
         self._ranges = 0  # staged so far (any thread)
-        self._landed = 0  # of which the loop has heard (their bytes are in place)
+        self._landed = 0  # of which the bytes are in place (any thread, under the lock)
         self._all_landed = asyncio.Event()
+        self._finish_waiting = False  # finish() waits for the last ranges to land (set under the lock)
         self._first_sent_ns = 0
         self._trailer = b""  # set by finish(): the streams' last message
         self._failure: BaseException | None = None  # a message that could not be made (finish() reports it)
@@ -299,32 +300,39 @@ class GrpcKVSender(KVSender):
             if self._aborted:
                 return
             self._ranges += 1
-            if self._copies is None or not keys.is_cuda:
-                self._loop.call_soon_threadsafe(self._staged, _Range(layer, token_start, keys.shape[2], keys, values),
-                                                ready_ns)
-                return
-            staged: list[_Range] = []
+            on_device = self._copies is not None and keys.is_cuda
+            if on_device:  # queued under the lock: abort() waits for every copy queued before it
+                staged: list[_Range] = []
 
-            def work():
-                staged.append(self._device_work(layer, token_start, keys, values))
-                return keys, values
+                def work():
+                    staged.append(self._device_work(layer, token_start, keys, values))
+                    return keys, values
 
-            self._copies.submit(work, self._loop, lambda: self._staged(staged[0], ready_ns))
+                self._copies.submit(work, None, lambda: self._staged(staged[0], ready_ns))
+        if not on_device:
+            self._staged(_Range(layer, token_start, keys.shape[2], keys, values), ready_ns)
 
     def _staged(self, r: _Range, ready_ns: int) -> None:
-        """On the loop: a range's bytes are where its messages are made from."""
-        self._landed += 1
-        if self._copies is not None and self._copies.failed is not None:
-            self._all_landed.set()  # finish() reports it
-            return
-        self.layer_ready_ns[r.layer] = ready_ns
-        self._streams[r.layer % len(self._streams)].queue.put(r)
-        if self._landed == self._ranges:
-            self._all_landed.set()
+        """On the thread that learnt it (the copies' waiter, or the stager on a CPU): a range's bytes are where
+        its messages are made from; it goes straight to its stream's thread. The loop hears of it only if
+        ``finish`` waits for the last ranges to land."""
+        failed = self._copies is not None and self._copies.failed is not None
+        if not failed:
+            self.layer_ready_ns[r.layer] = ready_ns
+            self._streams[r.layer % len(self._streams)].queue.put(r)
+        with self._lock:
+            self._landed += 1
+            wake = self._finish_waiting and (failed or self._landed == self._ranges)
+        if wake:
+            self._call_soon(self._all_landed.set)  # finish() reports a failure
 
     async def finish(self, first_token: int) -> TransferReceipt:
-        while self._landed < self._ranges:  # every staged range's bytes are in place before the end marker
-            self._all_landed.clear()
+        while True:  # every staged range's bytes are in place before the end marker
+            with self._lock:
+                if self._landed >= self._ranges:
+                    break
+                self._all_landed.clear()
+                self._finish_waiting = True
             await self._all_landed.wait()
         if self._copies is not None and self._copies.failed is not None:
             raise Internal(f"KV copies on the GPU failed: {self._copies.failed}")

@@ -32,8 +32,10 @@ async def receive_stream(messages: AsyncIterator[bytes], assembly: KVAssembly, s
                          writes_issued: Callable[[], Awaitable[None]] | None = None) -> int:
     """Feeds the stream's chunks to ``assembly`` and its trailer's first token to ``on_trailer``;
     returns the K/V bytes this stream carried. Stops with the transfer's failure once it has one.
-    ``writes_issued``: awaited before the stream's shared-memory mapping is released (and so before the
-    producer learns it may reuse the segment), when the assembly's writes are queued elsewhere."""
+    ``writes_issued``: when the assembly's writes (and their checksum checks) are queued elsewhere, awaited
+    before the trailer is reported (so a transfer completes only once every chunk passed its check) and
+    before the stream's shared-memory mapping is released (and so before the producer learns it may reuse
+    the segment)."""
     layout = assembly.layout
     segment = SEGMENTS.open(stream.shm_segment) if stream.shm_segment else None
     received = 0
@@ -48,6 +50,9 @@ async def receive_stream(messages: AsyncIterator[bytes], assembly: KVAssembly, s
                 assembly.add(chunk if segment is None else chunk_from_segment(chunk, segment, layout))
                 received += 2 * chunk.token_count * layout.token_bytes
             elif kind == "trailer":
+                if writes_issued is not None:  # a writer on its own thread checks each chunk: hear its verdicts
+                    await writes_issued()
+                    assembly.check_alive()
                 on_trailer(message.first_token_id)
                 return received
             else:

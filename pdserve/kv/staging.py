@@ -42,11 +42,12 @@ class DeviceCopies:
         self._waiter = threading.Thread(target=self._wait, name="kv-copies", daemon=True)
         self._waiter.start()
 
-    def submit(self, work: Callable[[], Iterable[torch.Tensor]], loop: asyncio.AbstractEventLoop,
+    def submit(self, work: Callable[[], Iterable[torch.Tensor]], loop: asyncio.AbstractEventLoop | None,
                done: Callable[[], None]) -> None:
         """On any thread: after the work queued so far on the current stream, runs ``work()`` (which queues
         copies and returns the tensors they read) on the copy stream; ``done()`` runs on ``loop`` once
-        those copies completed."""
+        those copies completed (``loop`` None: on the waiter thread, for a ``done`` that is thread-safe and
+        quick: waking the loop for every layer takes the GIL from the thread launching the forward pass)."""
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
@@ -70,10 +71,16 @@ class DeviceCopies:
                 log.critical("KV copies failed on %s (%s): stopping this process", self.device, exc)
                 self.failed = exc
                 os.kill(os.getpid(), signal.SIGTERM)
-            try:
-                loop.call_soon_threadsafe(done)
-            except RuntimeError:  # the loop closed meanwhile (the service stopped): nobody to tell
-                pass
+            if loop is None:
+                try:
+                    done()
+                except Exception:  # noqa: BLE001 - one caller's bug must not stop every later copy's notice
+                    log.exception("KV copies: a completion callback failed")
+            else:
+                try:
+                    loop.call_soon_threadsafe(done)
+                except RuntimeError:  # the loop closed meanwhile (the service stopped): nobody to tell
+                    pass
             # Not held until the next copy lands: ``done`` reaches the transfer's pinned staging (the next
             # transfer would pin a buffer of its own, ~0.3 s a GiB) and ``_sources`` the layer's K/V.
             item = finished = loop = done = _sources = None

@@ -14,10 +14,12 @@ Anything that does not parse is ``DataLoss``: framing corrupted on the way.
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 import xxhash
 from google.protobuf.message import DecodeError
@@ -170,7 +172,37 @@ def encode_chunk(layer: int, token_start: int, token_count: int, key, value, che
     if len(key_scales) or len(value_scales):
         parts += [b"\x42" + _varint(len(key_scales)), key_scales, b"\x4a" + _varint(len(value_scales)), value_scales]
     body = sum(len(p) for p in parts)
-    return b"".join((b"\x12", _varint(body), *parts))
+    return _join((b"\x12", _varint(body), *parts))
+
+
+try:  # CPython: a bytes object of a given size, its contents not yet written
+    _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+    _new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    _new_bytes.restype = ctypes.py_object
+except AttributeError:  # pragma: no cover - another interpreter
+    _new_bytes = None
+
+_UNLOCKED_JOIN_BYTES = 64 << 10
+
+
+def _join(parts) -> bytes:
+    """``b"".join(parts)``, with the copies of a large message made without the GIL.
+
+    A KV message is megabytes, and ``b"".join`` copies it holding the GIL: every other thread of the
+    process (the prefill worker launching the forward pass, the other streams) waits for each copy. Here
+    the bytes object is made empty and filled by ``ctypes.memmove``, which releases the GIL; nothing else
+    sees the object before it is complete (it is new and referenced only here)."""
+    total = sum(len(p) for p in parts)
+    if _new_bytes is None or total < _UNLOCKED_JOIN_BYTES:
+        return b"".join(parts)
+    out = _new_bytes(None, total)
+    at = ctypes.cast(out, ctypes.c_void_p).value
+    for part in parts:
+        n = len(part)
+        if n:
+            ctypes.memmove(at, np.frombuffer(part, dtype=np.uint8).ctypes.data, n)
+            at += n
+    return out
 
 
 def from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
