@@ -302,7 +302,7 @@ async def wire(args) -> list[dict]:
     mapped: dict = {}
     if gpu and not args.same_process:
         paths["cuda_ipc"] = lambda: IpcKVSender(channels.get_sync(address), address, mapped["pool"], BLOCK, "bench",
-                                                copies)
+                                                copies, layer_ranges=mapped["layer_ranges"])
     if args.paths:
         unknown = set(args.paths) - set(paths)
         if unknown:
@@ -324,9 +324,10 @@ async def wire(args) -> list[dict]:
                         decode_pb2.GetKVPoolRequest())
                     mapped.clear()
                     torch.cuda.synchronize()
-                    mapped["pool"] = map_pool(handle)
+                    mapped["pool"], mapped["layer_ranges"] = map_pool(handle), handle.layer_ranges
                 row["phases"] = {}
                 for name, make in paths.items():
+                    await one_transfer(make, layout, layers)  # its steady state (a pooled segment made and pinned)
                     phases: list[dict] = []
                     times = [await one_transfer(make, layout, layers, phases) for _ in range(args.repeats)]
                     row["phases"][name] = {k: statistics.median(p[k] for p in phases) for k in phases[0]}

@@ -89,6 +89,9 @@ CASES = {
                              "header.quantization: 'int4' unsupported"),
     "int8 over shm": (lambda tid: [header(tid, quantization="int8", shm_segment="pdserve-kv-1-0123456789abcdef"),
                                    trailer()], "int8 travels over gRPC only"),
+    "layer range over grpc": (lambda tid: [header(tid), decode_pb2.KVMessage(chunk=decode_pb2.KVChunk(
+        layer=0, token_start=0, token_count=TOKENS, layer_count=LAYERS)), trailer()],
+        "only a CUDA IPC transfer may send"),
     "int8 without scales": (lambda tid: [header(tid, quantization="int8"), chunk(0, nbytes=TOKENS * HEADS * DIM),
                                          trailer()], "chunk.key_scales: 0 bytes"),
 }

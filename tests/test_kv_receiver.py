@@ -87,3 +87,22 @@ async def test_a_corrupt_chunk_found_on_the_writer_thread_fails_the_stream_befor
         await receive(messages(corrupt_layer=1), writer)
     assert writer.written == [0, 2]  # the corrupt chunk is never written
     assert not any(e.startswith("trailer") for e in writer.events)  # the transfer never completed
+
+
+def test_a_cuda_ipc_note_covers_a_range_of_layers_and_no_more():
+    from pdserve.errors import InvalidArgument
+    from pdserve.kv.wire import KVChunkData
+
+    ipc = StreamInfo(checksums=False, cuda_ipc=True)
+    assembly = KVAssembly(LAYOUT, lambda *a: pytest.fail("a CUDA IPC transfer writes nothing here"), ipc)
+    assembly.add(KVChunkData(0, 0, TOKENS, b"", b"", layer_count=2))  # layers 0 and 1
+    assembly.add(KVChunkData(2, 0, TOKENS, b"", b""))
+    assembly.finish(first_token=5, vocab_size=10)  # every layer holds every token
+    assert all(assembly.layer_received_ns)
+
+    assembly = KVAssembly(LAYOUT, lambda *a: None, ipc)
+    with pytest.raises(InvalidArgument, match=r"layers \[2, 4\) outside \[0, 3\)"):
+        assembly.add(KVChunkData(2, 0, TOKENS, b"", b"", layer_count=2))
+    assembly.add(KVChunkData(0, 0, TOKENS, b"", b"", layer_count=3))
+    with pytest.raises(InvalidArgument, match="duplicate data for layer 1"):
+        assembly.add(KVChunkData(1, 0, TOKENS, b"", b"", layer_count=2))

@@ -37,6 +37,14 @@ def test_a_large_chunk_made_without_the_gil_is_the_protobuf_message():
     assert data == expected
 
 
+def test_a_cuda_ipc_note_for_several_layers_round_trips():
+    data = encode_chunk(4, 0, 8_192, b"", b"", 0, layer_count=28)
+    assert decode_pb2.KVMessage.FromString(data).chunk.layer_count == 28
+    kind, chunk = decode_message(data)
+    assert (kind, chunk.layer, chunk.layer_count, chunk.token_count) == ("chunk", 4, 28, 8_192)
+    assert decode_message(encode_chunk(4, 0, 1, b"", b""))[1].layer_count == 0  # one layer: field left out
+
+
 def test_any_field_order_and_unknown_fields_decode_like_protobuf():
     message = decode_pb2.KVMessage(chunk=decode_pb2.KVChunk(value=b"vv", key=b"kk", layer=1, checksum=5))
     data = message.SerializeToString()

@@ -18,6 +18,7 @@ its writes before it reports its trailer, so no transfer completes unverified.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -102,6 +103,16 @@ class KVAssembly:
         self._streams_open.add(stream.stream_index)
 
     def add(self, chunk: KVChunkData) -> None:
+        if chunk.layer_count > 1:  # CUDA IPC: one note for several layers written alike
+            if not self.stream.cuda_ipc:
+                raise InvalidArgument(f"chunk.layer_count: {chunk.layer_count} layers in one chunk, which only a CUDA "
+                                      "IPC transfer may send")
+            if chunk.layer + chunk.layer_count > self.layout.num_layers:
+                raise InvalidArgument(f"chunk: layers [{chunk.layer}, {chunk.layer + chunk.layer_count}) outside "
+                                      f"[0, {self.layout.num_layers})")
+            for layer in range(chunk.layer, chunk.layer + chunk.layer_count):
+                self.add(dataclasses.replace(chunk, layer=layer, layer_count=1))
+            return
         arrived = time.monotonic_ns()
         self.check_alive()
         lay = self.layout

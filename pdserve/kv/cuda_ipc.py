@@ -18,6 +18,8 @@ only once that stream has ended (or its producer's process, and with it every co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pdserve.kv.wire import DTYPES, DTYPE_NAMES
@@ -64,7 +66,7 @@ def pool_handle(storage: torch.Tensor, block_size: int) -> dict:
                 storage_offset_bytes=offset_bytes, ref_counter_handle=ref_handle, ref_counter_offset=ref_offset,
                 event_handle=event_handle or b"", event_sync_required=event_sync, num_layers=num_layers,
                 slots=slots, kv_heads=kv_heads, head_dim=head_dim, dtype=DTYPE_NAMES[storage.dtype],
-                block_size=block_size)
+                block_size=block_size, layer_ranges=True)
 
 
 def map_pool(h) -> torch.Tensor:
@@ -86,23 +88,33 @@ def map_pool(h) -> torch.Tensor:
                                h.event_sync_required)
 
 
+@dataclass(frozen=True)
+class MappedPool:
+    """A decode instance's pool mapped here, and what its handle said about it."""
+
+    pool: torch.Tensor  # (2, layers, slots, H, D) on this process's view of decode's GPU
+    block_size: int
+    incarnation: str  # the decode instance's, whose pool this is
+    layer_ranges: bool  # it accepts one chunk for several layers (KVChunk.layer_count)
+
+
 class MappedPools:
-    """The decode pools a prefill process has mapped, by decode address: (pool, block size, the decode
-    incarnation it belongs to). Dropping one (``forget``) unmaps it once no transfer still uses it."""
+    """The decode pools a prefill process has mapped, by decode address. Dropping one (``forget``) unmaps it
+    once no transfer still uses it."""
 
     def __init__(self) -> None:
-        self._pools: dict[str, tuple[torch.Tensor, int, str]] = {}
+        self._pools: dict[str, MappedPool] = {}
 
-    def get(self, address: str) -> tuple[torch.Tensor, int, str] | None:
+    def get(self, address: str) -> MappedPool | None:
         return self._pools.get(address)
 
-    def add(self, address: str, handle) -> tuple[torch.Tensor, int, str]:
+    def add(self, address: str, handle) -> MappedPool:
         """Maps the pool a ``KVPoolHandle`` describes; ``ValueError`` when it cannot be mapped here."""
         try:
             pool = map_pool(handle)
         except RuntimeError as exc:  # the driver refused the handle
             raise ValueError(str(exc)) from None
-        self._pools[address] = (pool, handle.block_size, handle.incarnation)
+        self._pools[address] = MappedPool(pool, handle.block_size, handle.incarnation, handle.layer_ranges)
         return self._pools[address]
 
     def forget(self, address: str) -> None:

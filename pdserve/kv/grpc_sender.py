@@ -181,13 +181,20 @@ class GrpcKVSender(KVSender):
         region = self._host[offset:offset + 2 * n]
         return region[:n].view(lay.torch_dtype).view(shape), region[n:].view(lay.torch_dtype).view(shape)
 
-    def _messages_for(self, r: _Range) -> list[tuple[int, object]]:
-        """(token end of the range's part, how to make its message) for each message of a range."""
+    def _group(self, s: _Stream, r: _Range) -> tuple[list[_Range], object]:
+        """The ranges one pass of a stream's generator sends, starting with ``r``, and what it took from the
+        queue but does not send with them (None: nothing)."""
+        return [r], None
+
+    def _messages_for(self, ranges: list[_Range]) -> list[tuple[list[int], int, object]]:
+        """(layers it carries, K/V bytes it carries, how to make it) for each message of a group of ranges."""
+        (r,) = ranges
         if r.quantized is not None:
-            return [(e, lambda p=p: self._encode_quantized(r.layer, r.start, *p)) for p in r.quantized]
+            return [([r.layer], self._wire_bytes(r, p[0], p[1]), lambda p=p: self._encode_quantized(r.layer, r.start, *p))
+                    for p in r.quantized]
         per_token = self._per_token_bytes()
-        return [(e, lambda s=s, e=e: self._encode(r, s, e)) for s, e in chunk_ranges(r.count, per_token,
-                                                                                       self._chunk_bytes)]
+        return [([r.layer], self._wire_bytes(r, s, e), lambda s=s, e=e: self._encode(r, s, e))
+                for s, e in chunk_ranges(r.count, per_token, self._chunk_bytes)]
 
     def _encode(self, r: _Range, start: int, end: int) -> bytes:
         """One chunk message for tokens [start, end) of the range."""
@@ -267,20 +274,24 @@ class GrpcKVSender(KVSender):
         was sent): the header, each queued range's messages, the trailer."""
         yield header
         self._call_soon(lambda: s.started.done() or s.started.set_result(None))
+        pending = None
         while True:
-            try:
-                r = s.queue.get(timeout=1.0)
-            except queue.Empty:
-                if s.call is not None and s.call.done():
-                    return  # the call ended under us (decode answered early, a deadline passed)
-                continue
+            if pending is not None:
+                r, pending = pending, None
+            else:
+                try:
+                    r = s.queue.get(timeout=1.0)
+                except queue.Empty:
+                    if s.call is not None and s.call.done():
+                        return  # the call ended under us (decode answered early, a deadline passed)
+                    continue
             if r is _STOP:
                 return
             if r is _FINISH:
                 yield self._trailer
                 return
-            start = 0
-            for end, make in self._messages_for(r):
+            group, pending = self._group(s, r)
+            for layers, nbytes, make in self._messages_for(group):
                 try:
                     message = make()
                 except Exception as exc:  # noqa: BLE001 - finish() reports it; the stream ends without a trailer
@@ -288,11 +299,11 @@ class GrpcKVSender(KVSender):
                     return
                 sent = time.monotonic_ns()  # handed to the stream (the generator resumes once it was sent)
                 self._first_sent_ns = self._first_sent_ns or sent
-                self.layer_sent_ns[r.layer] = sent
+                for layer in layers:
+                    self.layer_sent_ns[layer] = sent
                 yield message
-                s.bytes += self._wire_bytes(r, start, end)  # per stream: each has its own thread
+                s.bytes += nbytes  # per stream: each has its own thread
                 s.messages += 1
-                start = end
 
     def stage(self, layer: int, token_start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         ready_ns = time.monotonic_ns()
@@ -407,8 +418,9 @@ class ShmKVSender(GrpcKVSender):
             self._host = torch.frombuffer(self._segment.map, dtype=torch.uint8, offset=SEGMENT_HEADER)
         await super().open(layout)
 
-    def _messages_for(self, r: _Range) -> list[tuple[int, object]]:
-        return [(r.count, lambda: self._offset_message(r))]  # the whole range: one offset
+    def _messages_for(self, ranges: list[_Range]) -> list[tuple[list[int], int, object]]:
+        (r,) = ranges  # the whole range: one offset
+        return [([r.layer], self._wire_bytes(r, 0, r.count), lambda: self._offset_message(r))]
 
     def _offset_message(self, r: _Range) -> bytes:
         lay = self._layout
@@ -440,8 +452,10 @@ class IpcKVSender(GrpcKVSender):
     host_staging = False
 
     def __init__(self, channel: grpc.Channel, address: str, pool: torch.Tensor, block_size: int,
-                 incarnation: str, copies: DeviceCopies, timeout_s: float | None = 300.0) -> None:
+                 incarnation: str, copies: DeviceCopies, timeout_s: float | None = 300.0,
+                 layer_ranges: bool = False) -> None:
         super().__init__([channel], address, 1 << 62, False, timeout_s, copies=copies)
+        self._layer_ranges = layer_ranges  # decode takes one note for several layers (its pool handle says)
         self._pool = pool  # decode's (2, layers, slots, H, D), mapped into this process
         self._block_size = block_size
         self._incarnation = incarnation  # of the decode instance whose pool this is
@@ -484,8 +498,27 @@ class IpcKVSender(GrpcKVSender):
             scatter_tokens(self._pool[i, layer], slots, source)
         return _Range(layer, start, count)
 
-    def _messages_for(self, r: _Range) -> list[tuple[int, object]]:
-        return [(r.count, lambda: encode_chunk(r.layer, r.start, r.count, b"", b"", 0))]
+    def _group(self, s: _Stream, r: _Range) -> tuple[list[_Range], object]:
+        """Every range already landed that continues ``r`` (the next layers, the same tokens) goes in one note,
+        if decode takes such notes: when layers land faster than notes are sent (a prompt's whole KV staged
+        at once), one message instead of one per layer."""
+        group = [r]
+        while self._layer_ranges:
+            try:
+                more = s.queue.get_nowait()
+            except queue.Empty:
+                break
+            if not (isinstance(more, _Range) and more.layer == group[-1].layer + 1
+                    and (more.start, more.count) == (r.start, r.count)):
+                return group, more
+            group.append(more)
+        return group, None
+
+    def _messages_for(self, ranges: list[_Range]) -> list[tuple[list[int], int, object]]:
+        r = ranges[0]
+        count = len(ranges) if len(ranges) > 1 else 0
+        return [([g.layer for g in ranges], sum(self._wire_bytes(g, 0, g.count) for g in ranges),
+                 lambda: encode_chunk(r.layer, r.start, r.count, b"", b"", 0, layer_count=count))]
 
     def _wire_bytes(self, r: _Range, start: int, end: int) -> int:
         return 2 * (end - start) * self._layout.token_bytes  # what moved, if not over the wire

@@ -93,6 +93,7 @@ class KVChunkData:
     shm_offset: int = 0
     key_scales: bytes | memoryview = b""
     value_scales: bytes | memoryview = b""
+    layer_count: int = 0  # CUDA IPC: layers [layer, layer + layer_count) (0 or 1: one layer)
 
 
 QUANTIZATIONS = ("", "int8")
@@ -162,7 +163,7 @@ def _varint(n: int) -> bytes:
 
 
 def encode_chunk(layer: int, token_start: int, token_count: int, key, value, checksum_: int = 0,
-                 shm_offset: int = 0, key_scales=b"", value_scales=b"") -> bytes:
+                 shm_offset: int = 0, key_scales=b"", value_scales=b"", layer_count: int = 0) -> bytes:
     """A serialized ``KVMessage{chunk: KVChunk{...}}`` (decode.proto), K/V copied once into it."""
     head = (b"\x08" + _varint(layer) + b"\x10" + _varint(token_start) + b"\x18" + _varint(token_count)
             + b"\x22" + _varint(len(key)))
@@ -171,6 +172,8 @@ def encode_chunk(layer: int, token_start: int, token_count: int, key, value, che
     parts = [head, key, mid, value, tail]
     if len(key_scales) or len(value_scales):
         parts += [b"\x42" + _varint(len(key_scales)), key_scales, b"\x4a" + _varint(len(value_scales)), value_scales]
+    if layer_count:
+        parts.append(b"\x50" + _varint(layer_count))
     body = sum(len(p) for p in parts)
     return _join((b"\x12", _varint(body), *parts))
 
@@ -223,14 +226,14 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-_CHUNK_VARINTS = {1: "layer", 2: "token_start", 3: "token_count", 7: "shm_offset"}
+_CHUNK_VARINTS = {1: "layer", 2: "token_start", 3: "token_count", 7: "shm_offset", 10: "layer_count"}
 _CHUNK_BYTES = {4: "key", 5: "value", 8: "key_scales", 9: "value_scales"}
 
 
 def _decode_chunk(buf: memoryview) -> KVChunkData:
     """A ``KVChunk`` in protobuf wire format, any field order, unknown fields skipped; K/V stay views."""
     fields = {"layer": 0, "token_start": 0, "token_count": 0, "key": b"", "value": b"", "checksum": 0, "shm_offset": 0,
-              "key_scales": b"", "value_scales": b""}
+              "key_scales": b"", "value_scales": b"", "layer_count": 0}
     pos, end = 0, len(buf)
     while pos < end:
         tag, pos = _read_varint(buf, pos)
@@ -258,7 +261,7 @@ def _decode_chunk(buf: memoryview) -> KVChunkData:
             raise DataLoss(f"KV message: wire type {wire_type} in field {number}")
     if pos != end:
         raise DataLoss("KV message: truncated field")
-    if max(fields["layer"], fields["token_start"], fields["token_count"]) >= 1 << 32:
+    if max(fields["layer"], fields["token_start"], fields["token_count"], fields["layer_count"]) >= 1 << 32:
         raise DataLoss("KV message: a uint32 field out of range")
     return KVChunkData(**fields)
 

@@ -160,8 +160,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return self._transports[address]
 
     async def _pool(self, address: str):
-        """Decode's KV pool mapped into this process (CUDA IPC): (pool, block size, the decode instance's
-        incarnation), mapped once per decode incarnation."""
+        """Decode's KV pool mapped into this process (CUDA IPC), once per decode incarnation."""
         mapped = self._pools.get(address)
         if mapped is None:
             try:
@@ -173,7 +172,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 mapped = self._pools.add(address, handle)
             except ValueError as exc:
                 raise FailedPrecondition(f"decode {address}: its KV pool cannot be mapped here ({exc})") from None
-            log.info("decode %s: KV pool mapped (CUDA IPC, %.1f GiB)", address, mapped[0].nbytes / 2**30)
+            log.info("decode %s: KV pool mapped (CUDA IPC, %.1f GiB)", address, mapped.pool.nbytes / 2**30)
         return mapped
 
     def forget(self, address: str) -> None:
@@ -195,9 +194,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         transport = await self._transport(address)
         if transport == "cuda_ipc":
             try:
-                pool, block_size, incarnation = await self._pool(address)
-                return IpcKVSender(self._channels.get_sync(address), address, pool, block_size, incarnation,
-                                   self._copies(), timeout_s)
+                mapped = await self._pool(address)
+                return IpcKVSender(self._channels.get_sync(address), address, mapped.pool, mapped.block_size,
+                                   mapped.incarnation, self._copies(), timeout_s, layer_ranges=mapped.layer_ranges)
             except FailedPrecondition as exc:
                 if self._config.kv_transport == "cuda_ipc":
                     raise
