@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: the GPU tests and the GPU benchmarks, each bounded in time, logs and
-# JSON under $OUT. Run from the repository root with .whl/ and pdserve/v1/ carried (see CONTRIBUTING in
-# README "Benchmarks"); phases are arguments, in order:
+# JSON under $OUT. Run from the repository root with .whl/ (`bash ../shared/gpu/fetch-wheels.sh
+# cryptography==50.0.2 cffi==2.1.1 pycparser==3.12`) and pdserve/v1/ carried (README "Benchmarks");
+# phases are arguments, in order:
 #   bash bench/gpu_suite.sh tests prefill transfer serving   (also: transfer-quick, ipc-timeline, profile,
 #   kill, graphs, ttft, ...)
 # Knobs (environment): MODEL; SERVING_START (configurations, default disagg,colocated-chunked), SERVING_CHUNK
