@@ -100,7 +100,9 @@ class Run:
             self.errors[i] = exc
 
     async def run(self, during: Callable[["Run"], Awaitable[None]]) -> None:
-        async with AsyncClient(self.address, timeout=300) as client:
+        # A restarted gateway can take 10 s and more to serve again on a loaded 2-core machine: the client
+        # keeps resuming that long (backoff capped at 2 s) within the request's deadline.
+        async with AsyncClient(self.address, timeout=300, resume_attempts=24) as client:
             tasks = [asyncio.create_task(self._one(client, i)) for i in range(len(self.prompts))]
             await during(self)
             await asyncio.gather(*tasks)

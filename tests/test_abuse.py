@@ -186,15 +186,17 @@ async def test_instances_that_registered_and_left_are_let_go():
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.internal_port}") as channel:
             stub = gateway_pb2_grpc.GatewayInternalStub(channel)
+            # Three missed heartbeats (1.5 s) outlast registering all 200 even on a loaded 2-core machine (at
+            # 0.1 s, 200 sequential calls there took longer than 0.3 s and the first ones had left already).
             for i in range(200):
                 await stub.Heartbeat(gateway_pb2.HeartbeatRequest(role="decode", address=f"127.0.0.{i % 250 + 1}:1",
-                                                                  interval_s=0.1))
+                                                                  interval_s=0.5))
             assert len(registry.instances["decode"]) == 200
             await asyncio.sleep(0.3)  # a probe round: a channel to each
             for i in range(100):
                 await stub.Heartbeat(gateway_pb2.HeartbeatRequest(role="decode", address=f"127.0.0.{i % 250 + 1}:1",
-                                                                  interval_s=0.1, draining=True))
-            await asyncio.sleep(0.6)  # the other 100 miss three heartbeats
+                                                                  interval_s=0.5, draining=True))
+            await asyncio.sleep(2.5)  # the other 100 miss three heartbeats
             assert registry.instances["decode"] == ()
             assert not any(f"127.0.0.{i % 250 + 1}:1" in channels for i in range(200))
             assert not registry.stats and not registry._down and not registry._misses
