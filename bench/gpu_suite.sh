@@ -4,11 +4,12 @@
 # cryptography==50.0.2 cffi==2.1.1 pycparser==3.12`) and pdserve/v1/ carried (README "Benchmarks");
 # phases are arguments, in order:
 #   bash bench/gpu_suite.sh tests prefill transfer serving   (also: transfer-quick, ipc-timeline, profile,
-#   kill, graphs, ttft, ...)
+#   kill, graphs, ttft, grpc-ceiling, ...)
 # Knobs (environment): MODEL; SERVING_START (configurations, default disagg,colocated-chunked), SERVING_CHUNK
 # (colocated-chunked's chunk, default 256), SERVING_LOGS=1 (members' DEBUG logs under $OUT/logs);
 # GIL_SWITCH_MS (every Python process's GIL switch interval); DECODE_MODELS, DECODE_MODES (gpu-decode);
-# IPC_CONNECTIONS (ipc-timeline, default "default 32"); TESTS_K (tests: pytest -k selection). At most 8 files
+# IPC_CONNECTIONS (ipc-timeline, default "default 32"); TESTS_K (tests: pytest -k selection); QUICK_PATHS
+# (transfer-quick's wire paths, default "grpc x4,cuda_ipc"). At most 8 files
 # come back from a call: the members' logs come back as one $OUT/logs.tgz.
 set -uo pipefail
 out=${OUT:-bench/out}
@@ -59,11 +60,16 @@ for phase in "$@"; do
       grep -A12 "^| KV shape\|^| transport" "$out/transfer.log" ;;
     transfer-quick)
       # The two paths with bars, 8k and 32k on the wire and 8k TTFT (e.g. to compare GIL_SWITCH_MS settings).
-      timeout 200 python3 -m bench.transfer --device cuda --model "$model" --shapes "Llama-8B shape bf16" \
-        --lengths 8192,32768 --streams 4 --paths "grpc x4,cuda_ipc" --repeats 3 --ttft-lengths 8190 \
+      timeout 230 python3 -m bench.transfer --device cuda --model "$model" --shapes "Llama-8B shape bf16" \
+        --lengths 8192,32768 --streams 4 --paths "${QUICK_PATHS:-grpc x4,cuda_ipc}" --repeats 3 --ttft-lengths 2048,8190 \
         --ttft-transports "grpc x4,cuda_ipc" --overlap-length 8190 --threads 4 --kv-budget 20GiB \
         --out "$out/transfer_quick${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}.json" > "$out/transfer_quick${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}.log" 2>&1
-      grep -A6 "^| KV shape\|^| transport" "$out/transfer_quick${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}.log" ;;
+      grep -A6 "^| KV shape\|^| transport\|ms from the start" "$out/transfer_quick${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}.log" ;;
+    grpc-ceiling)
+      # What Python gRPC itself moves on this host's loopback (no GPU): 1-8 streams, one receiver or one per
+      # stream, default and large HTTP/2 frames and windows, against raw TCP (asyncio, and blocking sockets).
+      timeout 200 python3 -m bench.grpc_ceiling --out "$out/grpc_ceiling.json" > "$out/grpc_ceiling.log" 2>&1
+      grep "GB/s" "$out/grpc_ceiling.log" ;;
     serving)
       timeout 420 python3 -m pdserve_cli bench --start "${SERVING_START:-disagg,colocated-chunked}" --device cuda --model "$model" \
         --dataset long --num-requests 48 --input-len 128:1024 --output-len 64:256 --long-len 4096:7000 \

@@ -24,6 +24,9 @@ services); each prompt is reserved on decode and prefilled straight on the
 prefill instance of that transport while its KV streams; the tail = KV
 complete at decode minus forward end. Colocated, decode could start at
 forward end, so the overhead of disaggregation is tail / (queue + forward).
+The transfer opens beside the pass (as a prefill server opens it): an open
+that outlasts the pass shows in the tail; "open" and when it completed are
+reported too.
 
     python -m bench.transfer [--lengths 128,512,2048,8192] [--ttft-lengths 128,512,2048] [--device cpu]
 """
@@ -109,6 +112,10 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
 
     async def PushKV(self, request_iterator, context):
         header = await read_header(request_iterator)
+        if header.transfer_id.startswith(DROPPED):  # the sender's ceiling: messages read and dropped
+            async for _ in request_iterator:
+                pass
+            return decode_pb2.PushKVReply()
         layout, stream = layout_from_proto(header), stream_info_from_proto(header)
         assembly = self.assemblies.get(layout.transfer_id)
         if assembly is None:
@@ -135,15 +142,17 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
 
 
 _transfer_ids = itertools.count()
+DROPPED = "dropped-"  # a transfer id the receiver reads and drops (no parsing, checks or writes)
 
 
 async def one_transfer(make_sender, layout: KVLayout, layers: list[tuple[torch.Tensor, torch.Tensor]],
-                       phases: list | None = None) -> float:
+                       phases: list | None = None, dropped: bool = False) -> float:
     """Seconds for one transfer of ``layers``; with ``phases``, appends where its time went (ms from the
     start: the stream open and ready to stage, the first message handed to a stream, every layer staged, the
-    last message handed to a stream, acked; and the ms spent inside ``stage()`` calls)."""
+    last message handed to a stream, acked; and the ms spent inside ``stage()`` calls). ``dropped``: the
+    receiver reads the messages and drops them."""
     sender = make_sender()
-    layout = dataclasses.replace(layout, transfer_id=f"bench-{next(_transfer_ids)}")
+    layout = dataclasses.replace(layout, transfer_id=f"{DROPPED if dropped else 'bench-'}{next(_transfer_ids)}")
     started = time.monotonic_ns()
     await sender.open(layout)
     opened = time.monotonic_ns()
@@ -289,6 +298,12 @@ async def wire(args) -> list[dict]:
              for n in args.streams}
     paths["grpc x1, no checksum"] = lambda: GrpcKVSender([channels.get_sync(address)], address, checksums=False,
                                                          copies=copies)
+    # Where gRPC's time goes (--paths picks them): the sender alone, and without checksums.
+    n = max(args.streams)
+    paths[f"grpc x{n} (receiver drops)"] = paths[f"grpc x{n}"]
+    paths[f"grpc x{n} (no checksum)"] = lambda: GrpcKVSender([channels.get_sync(address, lane) for lane in range(n)],
+                                                            address, checksums=False, copies=copies)
+    dropped = {f"grpc x{n} (receiver drops)"}
     if tls_channels is not None:
         paths.update({f"grpc x{n}, mTLS": (lambda n=n: GrpcKVSender(
             [tls_channels.get_sync(tls_address, lane) for lane in range(n)], tls_address, copies=copies))
@@ -327,11 +342,12 @@ async def wire(args) -> list[dict]:
                     mapped["pool"], mapped["layer_ranges"] = map_pool(handle), handle.layer_ranges
                 row["phases"] = {}
                 for name, make in paths.items():
-                    await one_transfer(make, layout, layers)  # its steady state (a pooled segment made and pinned)
+                    drop = name in dropped
+                    await one_transfer(make, layout, layers, dropped=drop)  # steady state (a segment made and pinned)
                     phases: list[dict] = []
-                    times = [await one_transfer(make, layout, layers, phases) for _ in range(args.repeats)]
+                    times = [await one_transfer(make, layout, layers, phases, drop) for _ in range(args.repeats)]
                     row["phases"][name] = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
-                    if receiver is not None:  # in another process, the checksums vouch for the bytes
+                    if receiver is not None and not drop:  # in another process, the checksums vouch for the bytes
                         if gpu:
                             torch.cuda.synchronize()  # the pool writer's copies
                         assert torch.equal(receiver.pool[0][-1], layers[-1][0][0].transpose(0, 1)), name
@@ -399,6 +415,7 @@ async def prefill_timed(auth, decode: str, prefill: str, prompt: list[int], tid:
         return (ns - t0) / 1e6
 
     return {"queue_ms": first.queue_ms, "forward_ms": first.forward_ms, "bytes": done.bytes,
+            "open_ms": (done.opened_ns - done.open_start_ns) / 1e6, "opened_at_ms": ms(done.opened_ns),
             "transfer_ms": (done.acked_ns - done.first_chunk_sent_ns) / 1e6,
             "tail_ms": max(0.0, (done.last_chunk_received_ns - done.forward_end_ns) / 1e6),
             "layers": [{"ready": ms(a), "sent": ms(b), "received": ms(c), "written": ms(d)} for a, b, c, d in
@@ -446,11 +463,14 @@ async def ttft(args) -> list[dict]:
                 tail = statistics.median(x["tail_ms"] for x in samples)
                 row = {"transport": name, "tokens": tokens, "kv_bytes": samples[0]["bytes"], "forward_ms": forward,
                        "queue_ms": queue, "transfer_ms": statistics.median(x["transfer_ms"] for x in samples),
-                       "tail_ms": tail, "overhead": tail / (forward + queue)}
+                       "tail_ms": tail, "overhead": tail / (forward + queue),
+                       "open_ms": statistics.median(x["open_ms"] for x in samples),
+                       "opened_at_ms": statistics.median(x["opened_at_ms"] for x in samples)}
                 if tokens == args.overlap_length:
                     row["timeline"] = {"forward_ms": forward, "layers": samples[-1]["layers"]}
                 rows.append(row)
-                print(f"{name} {tokens} tokens: forward {forward:.1f} ms, transfer {row['transfer_ms']:.1f} ms, "
+                print(f"{name} {tokens} tokens: forward {forward:.1f} ms, open {row['open_ms']:.1f} ms (done "
+                      f"{row['opened_at_ms']:.1f} ms after the pass began), transfer {row['transfer_ms']:.1f} ms, "
                       f"tail after forward {tail:.1f} ms ({100 * row['overhead']:.1f}% of TTFT)", flush=True)
     finally:
         cluster.stop()
@@ -520,11 +540,12 @@ def main(argv: list[str] | None = None) -> int:
                   + " | ".join(f"{r[p]:.2f}" for p in paths) + " |")
     ttft_rows = [] if args.skip_ttft else asyncio.run(ttft(args))
     if ttft_rows:
-        print("\n| transport | tokens | KV MiB | queue + forward ms | transfer ms | tail after forward ms | TTFT overhead |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("\n| transport | tokens | KV MiB | queue + forward ms | open ms (beside the pass) | transfer ms "
+              "| tail after forward ms | TTFT overhead |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in ttft_rows:
             print(f"| {r['transport']} | {r['tokens']} | {r['kv_bytes'] / 2**20:.1f} | "
-                  f"{r['queue_ms'] + r['forward_ms']:.1f} | {r['transfer_ms']:.1f} | {r['tail_ms']:.1f} | "
+                  f"{r['queue_ms'] + r['forward_ms']:.1f} | {r['open_ms']:.1f} | {r['transfer_ms']:.1f} | {r['tail_ms']:.1f} | "
                   f"{100 * r['overhead']:.1f}% |")
         for r in ttft_rows:
             if "timeline" in r:

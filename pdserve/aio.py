@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 async def cancel_and_wait(task: asyncio.Task | None) -> None:
@@ -18,6 +19,22 @@ async def cancel_and_wait(task: asyncio.Task | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def unless_failed(main: Awaitable[T], guard: asyncio.Future) -> T:
+    """``await main``, with ``guard`` running beside it: should ``guard`` fail (or be cancelled) before
+    ``main`` finished, ``main`` is cancelled and ``guard``'s error raised. A ``guard`` that succeeds, or is
+    still running when ``main`` finishes, is left as it is; ``main`` never outlives this call."""
+    task = asyncio.ensure_future(main)
+    try:
+        await asyncio.wait((task, guard), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and guard.done() and (guard.cancelled() or guard.exception() is not None):
+            await cancel_and_wait(task)
+            guard.result()  # raises its error
+        return await task
+    finally:
+        if not task.done():  # this call was cancelled
+            await cancel_and_wait(task)
 
 
 @contextlib.asynccontextmanager

@@ -10,15 +10,17 @@ import traceback
 
 import grpc
 import pytest
+import torch
 
 from pdserve import config as cfg
 from pdserve.engine.prefill import PrefillEngine
-from pdserve.kv import shm
+from pdserve.errors import PdserveError
+from pdserve.kv import shm, wire
 from pdserve.kv.grpc_sender import GrpcKVSender
 from pdserve.kv.wire import KVLayout
 from pdserve.rpc import ChannelPool
 from pdserve.sdk import AsyncClient
-from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from services.prefill.server import PrefillServicer
 from tests.cluster import reference_greedy, start_cluster
 from tests.conftest import get_loaded
@@ -158,6 +160,114 @@ async def test_a_push_stream_thread_ends_with_its_transfer():
     finally:
         await channels.close()
         await server.stop(0)
+
+
+class _RecordingDecode(decode_pb2_grpc.DecodeServicer):
+    """Keeps every chunk of a push, in arrival order."""
+
+    def __init__(self) -> None:
+        self.chunks: list = []
+
+    async def PushKV(self, request_iterator, context):
+        async for message in request_iterator:
+            if message.WhichOneof("message") == "chunk":
+                self.chunks.append(message.chunk)
+        return decode_pb2.PushKVReply(layer_received_ns=[1, 1], layer_written_ns=[1, 1])
+
+
+async def test_layers_staged_before_the_transfer_opened_go_in_order_once_it_did():
+    """The forward pass starts beside ``open`` (it does not wait for decode's round trips): ranges staged
+    before the open completed wait for it, then go in the order they were staged, bytes intact."""
+    decode = _RecordingDecode()
+    server = grpc.aio.server()
+    decode_pb2_grpc.add_DecodeServicer_to_server(decode, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    channels = ChannelPool()
+    opened = asyncio.Event()
+    try:
+        sender = GrpcKVSender([channels.get_sync(address)], address)
+        original = sender._opening
+
+        async def slow_opening(layout):
+            await opened.wait()
+            await original(layout)
+
+        sender._opening = slow_opening
+        layout = KVLayout("t", num_layers=2, num_tokens=4, kv_heads=2, head_dim=16, dtype="float32")
+        opening = asyncio.ensure_future(sender.open(layout))
+        kv = [torch.randn(2, 1, 2, 4, 16) for _ in range(2)]  # per layer: K and V, (1, H, T, D)
+        await asyncio.to_thread(lambda: [sender.stage(layer, 0, k, v) for layer, (k, v) in enumerate(kv)])
+        await asyncio.sleep(0.2)
+        assert not decode.chunks and not opening.done()  # staged, held until the transfer is open
+        opened.set()
+        await opening
+        receipt = await sender.finish(7)
+        assert [c.layer for c in decode.chunks] == [0, 1]
+        for chunk, (k, v) in zip(decode.chunks, kv):
+            assert chunk.key == wire.as_bytes_view(k[0].transpose(0, 1).contiguous()).tobytes()
+            assert chunk.value == wire.as_bytes_view(v[0].transpose(0, 1).contiguous()).tobytes()
+        assert receipt.layer_ready_ns[1] < receipt.opened_ns <= receipt.layer_sent_ns[0]
+    finally:
+        await channels.close()
+        await server.stop(0)
+
+
+async def test_a_transfer_aborted_before_it_opened_sends_nothing_it_staged():
+    decode = _RecordingDecode()
+    server = grpc.aio.server()
+    decode_pb2_grpc.add_DecodeServicer_to_server(decode, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    channels = ChannelPool()
+    try:
+        sender = GrpcKVSender([channels.get_sync(address)], address)
+        layout = KVLayout("t", num_layers=1, num_tokens=4, kv_heads=2, head_dim=16, dtype="float32")
+        opening = asyncio.ensure_future(sender.open(layout))
+        sender.stage(0, 0, torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16))
+        await sender.abort()
+        with pytest.raises((grpc.RpcError, PdserveError, asyncio.CancelledError)):
+            await opening  # its streams were cancelled under it
+        await asyncio.sleep(0.2)
+        assert not decode.chunks and not await kv_push_threads()
+    finally:
+        await channels.close()
+        await server.stop(0)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+async def test_the_forward_pass_runs_while_the_transfer_opens(monkeypatch, transport):
+    """A slow open (CUDA IPC's asks decode for the blocks it reserved) delays no prompt's forward pass: the
+    pass starts beside it, its layers go once the transfer opened, and decode continues token-exact."""
+    original = GrpcKVSender._opening
+
+    async def slow_opening(self, layout):
+        await asyncio.sleep(0.5)
+        await original(self, layout)
+
+    monkeypatch.setattr(GrpcKVSender, "_opening", slow_opening)
+    loaded = get_loaded("preset:tiny-llama")
+    cluster = await start_cluster(loaded, prefill_options={"kv_transport": transport, "prefill_chunk_tokens": 16,
+                                                           "kv_chunk_bytes": 4096})
+    prompt, greedy = PROMPTS[1], common_pb2.SamplingParams(temperature=0)
+    try:
+        async with grpc.aio.insecure_channel(cluster.decode_address) as dch, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{cluster.prefill.port}") as pch:
+            call = decode_pb2_grpc.DecodeStub(dch).Generate(decode_pb2.DecodeRequest(
+                request_id="o", transfer_id="o/0", prompt_tokens=len(prompt), max_tokens=6, sampling=greedy))
+            assert (await call.read()).WhichOneof("event") == "reserved"
+            events = [e async for e in prefill_pb2_grpc.PrefillStub(pch).Prefill(prefill_pb2.PrefillRequest(
+                request_id="o", token_ids=prompt, sampling=greedy, decode_address=cluster.decode_address,
+                transfer_id="o/0"))]
+            tokens = [events[0].first_token.token_id]
+            while (event := await call.read()) is not grpc.aio.EOF:
+                tokens.append(event.token.token_id)
+        done = events[-1].transfer_done
+        assert done.open_start_ns <= done.forward_start_ns < done.forward_end_ns < done.opened_ns
+        assert done.opened_ns - done.open_start_ns >= 0.5e9
+        assert tokens == reference_greedy(loaded, prompt, 6)
+    finally:
+        await cluster.stop()
 
 
 @pytest.mark.parametrize("transport", ["grpc", "shm"])

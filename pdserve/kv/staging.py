@@ -42,14 +42,21 @@ class DeviceCopies:
         self._waiter = threading.Thread(target=self._wait, name="kv-copies", daemon=True)
         self._waiter.start()
 
-    def submit(self, work: Callable[[], Iterable[torch.Tensor]], loop: asyncio.AbstractEventLoop | None,
-               done: Callable[[], None]) -> None:
-        """On any thread: after the work queued so far on the current stream, runs ``work()`` (which queues
-        copies and returns the tensors they read) on the copy stream; ``done()`` runs on ``loop`` once
-        those copies completed (``loop`` None: on the waiter thread, for a ``done`` that is thread-safe and
-        quick: waking the loop for every layer takes the GIL from the thread launching the forward pass)."""
+    def mark(self) -> torch.cuda.Event:
+        """An event recorded on the current stream: what ``submit(..., after=)`` makes later copies wait for."""
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))
+        return ready
+
+    def submit(self, work: Callable[[], Iterable[torch.Tensor]], loop: asyncio.AbstractEventLoop | None,
+               done: Callable[[], None], after: torch.cuda.Event | None = None) -> None:
+        """On any thread: after the work queued so far on the current stream (or, ``after``, an earlier
+        ``mark()``: a stage deferred until its transfer opened still waits only for the layer it was
+        marked behind), runs ``work()`` (which queues copies and returns the tensors they read) on the
+        copy stream; ``done()`` runs on ``loop`` once those copies completed (``loop`` None: on the waiter
+        thread, for a ``done`` that is thread-safe and quick: waking the loop for every layer takes the GIL
+        from the thread launching the forward pass)."""
+        ready = after if after is not None else self.mark()
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
             sources = work()

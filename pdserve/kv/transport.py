@@ -6,8 +6,13 @@ one transfer: the prompt KV of one request, from the prefill forward pass
 into the decode instance's cache.
 
 Producer side (``KVSender``, one object per transfer, driven by the prefill service):
-  1. ``open(layout)`` before the forward pass starts. The consumer validates
-     the layout against its reservation; a rejection surfaces on a later call.
+  1. ``open(layout)`` as the forward pass starts: the pass does not wait for
+     it (opening takes a round trip or two to decode, and on a GPU pinning
+     host staging), so ``stage`` may be called once ``open`` was called,
+     before it completed; those ranges start, in order, when it completes.
+     The consumer validates the layout against its reservation; a rejection
+     fails ``open`` or surfaces on a later call. ``finish`` comes after
+     ``open`` completed.
   2. ``stage(layer, token_start, keys, values)``, once per layer per prompt
      chunk (one chunk unless the prompt is prefilled in chunks), in layer
      order within a chunk and token order within a layer, as soon as the
@@ -71,6 +76,9 @@ class TransferReceipt:
     layer_sent_ns: tuple[int, ...] = ()
     layer_received_ns: tuple[int, ...] = ()
     layer_written_ns: tuple[int, ...] = ()
+    # open() called, and completed (prefill's clock): the forward pass runs meanwhile.
+    open_start_ns: int = 0
+    opened_ns: int = 0
 
 
 class KVSender(abc.ABC):

@@ -14,6 +14,7 @@ from typing import Awaitable, TypeVar
 import grpc
 
 from pdserve import config as cfg
+from pdserve.aio import cancel_and_wait, unless_failed
 from pdserve import telemetry
 from pdserve.convert import check_address, check_id, check_token_ids, sampling_from_proto
 from pdserve.engine.kv_pool import budget_bytes
@@ -241,23 +242,26 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise InvalidArgument(f"skip_tokens: {skip} must leave some of the prompt's {len(token_ids)} tokens to send")
         layout = self._engine.layout(request.transfer_id, len(token_ids) - skip)
         kv = KVBytes(self.inflight, layout.total_bytes)
-        sender = None
+        sender = opening = None
         kept = False
         chunks: list = []  # the prompt's KV, chunk by chunk: kept until decode acknowledges it
         try:
             sender = await self._sender(request.decode_address, push_timeout(context))
-            await transfer_step(sender.open(layout))
+            # The pass does not wait for the open (round trips to decode, pinning staging): layers staged
+            # before it completed start when it does. An open that fails stops the pass.
+            opening = asyncio.ensure_future(transfer_step(sender.open(layout)))
 
             def on_layer(layer, start, keys, values) -> None:  # on the engine's worker thread, mid-pass
                 chunks.append((layer, start - skip, keys, values))
                 sender.stage(layer, start - skip, keys, values)
 
-            result = await self._engine.prefill(token_ids, sampling, on_layer, request.first_index, kv, name,
-                                                emit_from=skip)
+            result = await unless_failed(self._engine.prefill(token_ids, sampling, on_layer, request.first_index,
+                                                              kv, name, emit_from=skip), opening)
             self._observe(result, len(token_ids))
             log.debug("request_id=%s prefilled %d tokens in %.1f ms", request.request_id, len(token_ids), result.forward_ms)
             yield self._first_token(result)
             try:
+                await opening
                 receipt = await transfer_step(sender.finish(result.first_token))
             except DataLoss as exc:
                 if skip:  # a part of a prompt's KV helps only a decode holding the rest: nothing to keep
@@ -271,6 +275,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             self._transferred(receipt, sender.transport, result.forward_end_ns)
             yield self._transfer_done(receipt, result)
         except BaseException as exc:
+            await cancel_and_wait(opening)
             if sender is not None:
                 self.metrics.transfers.labels("failed").inc()
                 await sender.abort()
@@ -357,6 +362,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             bytes=receipt.bytes_sent, layers=receipt.layers, messages=receipt.messages,
             forward_start_ns=result.forward_start_ns, forward_end_ns=result.forward_end_ns,
             first_chunk_sent_ns=receipt.first_chunk_sent_ns, acked_ns=receipt.acked_ns,
+            open_start_ns=receipt.open_start_ns, opened_ns=receipt.opened_ns,
             first_chunk_received_ns=receipt.first_chunk_received_ns,
             last_chunk_received_ns=receipt.last_chunk_received_ns,
             layer_ready_ns=receipt.layer_ready_ns, layer_sent_ns=receipt.layer_sent_ns,

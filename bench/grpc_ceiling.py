@@ -1,0 +1,212 @@
+"""How fast Python gRPC moves bytes on loopback, against raw TCP, and what limits it.
+
+The KV transfer over gRPC reaches 0.5-0.75x raw TCP on the H200 host (bench/RESULTS.md). This asks what
+gRPC itself allows, without pdserve's code in the way: a sync client streams ``--total`` bytes in
+``--message``-byte messages (one pre-made bytes object, sent again and again) over 1..n channels, each its
+own TCP connection, to a grpc.aio server that counts them (as decode's PushKV reads them), in
+
+* one receiving process for every stream (as one decode instance receives a transfer's streams), or
+* one receiving process per stream (what the streams could do without sharing a receiver's GIL and loop),
+
+with grpc's default HTTP/2 settings and with larger frames and windows; beside raw TCP on the same host:
+asyncio (as bench.transfer's "raw TCP x1") and blocking sockets in threads (``sendall``/``recv_into``, no
+copy out to Python objects).
+
+    python -m bench.grpc_ceiling [--streams 1,4,8] [--total-mib 1024] [--out bench/out/grpc_ceiling.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from pdserve.service import tune_malloc
+
+METHOD = "/bench.Sink/Push"
+BASE = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+TUNED = [("grpc.http2.max_frame_size", (16 << 20) - 1), ("grpc.http2.lookahead_bytes", 64 << 20),
+         ("grpc.http2.bdp_probe", 0), ("grpc.experimental.tcp_read_chunk_size", 4 << 20),
+         ("grpc.experimental.tcp_max_read_chunk_size", 16 << 20)]
+SETTINGS = {"default": [], "big frames+windows": TUNED}
+
+
+def _grpc_sink(options: list, ports: mp.Queue) -> None:
+    tune_malloc()
+
+    async def main() -> None:
+        async def push(requests, context):
+            n = 0
+            async for message in requests:
+                n += len(message)
+            return n.to_bytes(8, "little")
+
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Sink", {"Push": grpc.stream_unary_rpc_method_handler(push)})
+        server = grpc.aio.server(options=BASE + options)
+        server.add_generic_rpc_handlers((handler,))
+        ports.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def _tcp_sink(ports: mp.Queue) -> None:
+    """Accepts connections; each: an 8-byte length, that many bytes read into one buffer, a one-byte ack."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ports.put(listener.getsockname()[1])
+
+    def serve(conn: socket.socket) -> None:
+        buf = memoryview(bytearray(4 << 20))
+        with conn:
+            while head := conn.recv(8, socket.MSG_WAITALL):
+                left = int.from_bytes(head, "little")
+                while left:
+                    left -= conn.recv_into(buf, min(left, len(buf)))
+                conn.sendall(b"k")
+
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def _start(target, *args) -> tuple[mp.Process, int]:
+    spawn = mp.get_context("spawn")  # a fresh interpreter: no grpc state inherited from this process
+    ports = spawn.Queue()
+    process = spawn.Process(target=target, args=(*args, ports), daemon=True)
+    process.start()
+    return process, ports.get(timeout=60)
+
+
+def grpc_gbps(streams: int, options: list, per_stream_receiver: bool, total: int, message: int,
+              repeats: int) -> float:
+    sinks = [_start(_grpc_sink, options) for _ in range(streams if per_stream_receiver else 1)]
+    channels = [grpc.insecure_channel(f"127.0.0.1:{sinks[i % len(sinks)][1]}",
+                                      options=BASE + options + [("grpc.channel_id", i)]) for i in range(streams)]
+    payload = bytes(message)
+    per_stream = total // message // streams
+
+    def messages():
+        for _ in range(per_stream):
+            yield payload
+
+    rates = []
+    try:
+        for _ in range(repeats + 1):  # the first warms the connections up
+            started = time.perf_counter()
+            calls = [c.stream_unary(METHOD).future(messages()) for c in channels]
+            moved = sum(int.from_bytes(call.result(), "little") for call in calls)
+            rates.append(moved / (time.perf_counter() - started) / 1e9)
+    finally:
+        for c in channels:
+            c.close()
+        for process, _ in sinks:
+            process.kill()
+    return statistics.median(rates[1:])
+
+
+def tcp_threads_gbps(streams: int, total: int, message: int, repeats: int) -> float:
+    """Blocking sockets, a thread per connection, the same buffer sent with ``sendall``."""
+    process, port = _start(_tcp_sink)
+    conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
+    payload = memoryview(bytes(message))
+    per_stream = total // streams
+
+    def send(conn: socket.socket) -> None:
+        conn.sendall(per_stream.to_bytes(8, "little"))
+        left = per_stream
+        while left:
+            n = min(left, message)
+            conn.sendall(payload[:n])
+            left -= n
+        conn.recv(1)
+
+    rates = []
+    try:
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            workers = [threading.Thread(target=send, args=(c,)) for c in conns]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            rates.append(per_stream * streams / (time.perf_counter() - started) / 1e9)
+    finally:
+        for c in conns:
+            c.close()
+        process.kill()
+    return statistics.median(rates[1:])
+
+
+def tcp_asyncio_gbps(total: int, repeats: int) -> float:
+    """bench.transfer's raw TCP x1: one asyncio connection, 1 MiB writes, read and dropped by an asyncio
+    sink in another process."""
+    from bench.transfer import raw_tcp_seconds
+
+    process, port = _start(_asyncio_sink)
+
+    async def timed() -> list[float]:
+        return [await raw_tcp_seconds(port, total) for _ in range(repeats + 1)][1:]
+
+    try:
+        return total / statistics.median(asyncio.run(timed())) / 1e9
+    finally:
+        process.kill()
+
+
+def _asyncio_sink(ports: mp.Queue) -> None:
+    from bench.transfer import tcp_sink
+
+    async def main() -> None:
+        server = await asyncio.start_server(tcp_sink, "127.0.0.1", 0)
+        ports.put(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", default="1,4,8")
+    parser.add_argument("--total-mib", type=int, default=1024)
+    parser.add_argument("--message-mib", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="bench/out/grpc_ceiling.json")
+    args = parser.parse_args(argv)
+    tune_malloc()
+    total, message = args.total_mib << 20, args.message_mib << 20
+    rows = []
+
+    def add(path: str, streams: int, gbps: float) -> None:
+        rows.append({"path": path, "streams": streams, "GB/s": gbps})
+        print(f"{path:48s} x{streams}: {gbps:6.2f} GB/s", flush=True)
+
+    add("raw TCP, asyncio (bench.transfer's ceiling)", 1, tcp_asyncio_gbps(total, args.repeats))
+    for streams in (int(s) for s in args.streams.split(",")):
+        add("raw TCP, blocking sockets in threads", streams, tcp_threads_gbps(streams, total, message, args.repeats))
+        for name, options in SETTINGS.items():
+            for per_stream in (False, True):
+                if per_stream and streams == 1:
+                    continue
+                path = f"gRPC {name}, {'a receiver per stream' if per_stream else 'one receiver'}"
+                add(path, streams, grpc_gbps(streams, options, per_stream, total, message, args.repeats))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "grpc": grpc.__version__,
+                               "message_bytes": message, "total_bytes": total, "rows": rows}, indent=1))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
