@@ -106,14 +106,18 @@ for phase in "$@"; do
     profile)
       # Where the wire's time goes, Python frames of the sender and of the receiver process (py-spy, sampling
       # only threads that run; needs the py-spy wheel in .whl/): gRPC x4 at 8k, then CUDA IPC at 32k.
-      # Knobs: PROFILE_CASES ("path:tokens" ...), PROFILE_RATE (samples/s), PROFILE_REPEATS.
+      # Knobs: PROFILE_CASES ("path:tokens" ...), PROFILE_RATE (samples/s), PROFILE_REPEATS, PROFILE_FLAGS
+      # (more py-spy flags: "--gil" samples only the thread holding the GIL, "--native" adds C frames).
+      # The summary (bench.profile_summary) is printed; the raw stacks come back gzipped.
       for case in ${PROFILE_CASES:-grpc_x4:8192 cuda_ipc:32768}; do
-        tag=${case%%:*}; name=${tag//_/ }
-        timeout 150 .site/bin/py-spy record --nonblocking --subprocesses --threads -r "${PROFILE_RATE:-200}" -f raw \
-          -o "$out/profile_$tag.txt" -- python3 -m bench.transfer --device cuda --skip-ttft --shapes "Llama-8B shape bf16" \
-          --lengths "${case##*:}" --paths "$name" --repeats "${PROFILE_REPEATS:-8}" --threads 4 \
-          --out "$out/profile_$tag.json" > "$out/profile_$tag.log" 2>&1
-        echo "--- $name"; grep "GB/s" "$out/profile_$tag.log" | head -3
+        tag=${case%%:*}; name=${tag//_/ }; flags=${PROFILE_FLAGS:-}; tag=$tag${flags//[- ]/_}
+        timeout 150 .site/bin/py-spy record --nonblocking --subprocesses --threads $flags -r "${PROFILE_RATE:-200}" \
+          -f raw -o "$out/profile_$tag.txt" -- python3 -m bench.transfer --device cuda --skip-ttft \
+          --shapes "Llama-8B shape bf16" --lengths "${case##*:}" --paths "$name" --repeats "${PROFILE_REPEATS:-8}" \
+          --threads 4 --out "$out/profile_$tag.json" > "$out/profile_$tag.log" 2>&1
+        echo "--- $name $flags"; grep "GB/s" "$out/profile_$tag.log" | head -3
+        python3 -m bench.profile_summary "$out/profile_$tag.txt" --top 10 | cut -c1-170 | head -"${PROFILE_LINES:-90}"
+        gzip -f "$out/profile_$tag.txt"; rm -f "$out/profile_$tag.json"
       done ;;
     *) echo "unknown phase $phase" ;;
   esac

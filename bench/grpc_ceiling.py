@@ -7,6 +7,7 @@ own TCP connection, to a grpc.aio server that counts them (as decode's PushKV re
 
 * one receiving process for every stream (as one decode instance receives a transfer's streams), or
 * one receiving process per stream (what the streams could do without sharing a receiver's GIL and loop),
+* one synchronous server (a thread per stream instead of one event loop),
 
 with grpc's default HTTP/2 settings and with larger frames and windows; beside raw TCP on the same host:
 asyncio (as bench.transfer's "raw TCP x1") and blocking sockets in threads (``sendall``/``recv_into``, no
@@ -80,6 +81,24 @@ def _tcp_sink(ports: mp.Queue) -> None:
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
+def _grpc_sync_sink(options: list, ports: mp.Queue) -> None:
+    """The same sink as a synchronous server: each stream read on a thread of its pool (grpc releases the
+    GIL while it waits for the next message)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tune_malloc()
+
+    def push(requests, context):
+        return sum(len(message) for message in requests).to_bytes(8, "little")
+
+    handler = grpc.method_handlers_generic_handler("bench.Sink", {"Push": grpc.stream_unary_rpc_method_handler(push)})
+    server = grpc.server(ThreadPoolExecutor(16), options=BASE + options)
+    server.add_generic_rpc_handlers((handler,))
+    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    server.wait_for_termination()
+
+
 def _start(target, *args) -> tuple[mp.Process, int]:
     spawn = mp.get_context("spawn")  # a fresh interpreter: no grpc state inherited from this process
     ports = spawn.Queue()
@@ -89,8 +108,8 @@ def _start(target, *args) -> tuple[mp.Process, int]:
 
 
 def grpc_gbps(streams: int, options: list, per_stream_receiver: bool, total: int, message: int,
-              repeats: int) -> float:
-    sinks = [_start(_grpc_sink, options) for _ in range(streams if per_stream_receiver else 1)]
+              repeats: int, sink=_grpc_sink) -> float:
+    sinks = [_start(sink, options) for _ in range(streams if per_stream_receiver else 1)]
     channels = [grpc.insecure_channel(f"127.0.0.1:{sinks[i % len(sinks)][1]}",
                                       options=BASE + options + [("grpc.channel_id", i)]) for i in range(streams)]
     payload = bytes(message)
@@ -200,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 path = f"gRPC {name}, {'a receiver per stream' if per_stream else 'one receiver'}"
                 add(path, streams, grpc_gbps(streams, options, per_stream, total, message, args.repeats))
+        add("gRPC default, one synchronous receiver (threads)", streams,
+            grpc_gbps(streams, [], False, total, message, args.repeats, _grpc_sync_sink))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "grpc": grpc.__version__,
