@@ -9,7 +9,8 @@
 # (colocated-chunked's chunk, default 256), SERVING_LOGS=1 (members' DEBUG logs under $OUT/logs);
 # GIL_SWITCH_MS (every Python process's GIL switch interval); DECODE_MODELS, DECODE_MODES (gpu-decode);
 # IPC_CONNECTIONS (ipc-timeline, default "default 32"); TESTS_K (tests: pytest -k selection); QUICK_PATHS
-# (transfer-quick's wire paths, default "grpc x4,cuda_ipc"). At most 8 files
+# (transfer-quick's wire paths, default "grpc x4,cuda_ipc"), QUICK_TTFT (its TTFT transports), WRITE_LANES
+# (its receiver's and decode's pool-writer lanes). At most 8 files
 # come back from a call: the members' logs come back as one $OUT/logs.tgz.
 set -uo pipefail
 out=${OUT:-bench/out}
@@ -59,12 +60,13 @@ for phase in "$@"; do
         --threads 4 --kv-budget 20GiB --out "$out/transfer.json" > "$out/transfer.log" 2>&1
       grep -A12 "^| KV shape\|^| transport" "$out/transfer.log" ;;
     transfer-quick)
+      tag=${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}${WRITE_LANES:+_lanes$WRITE_LANES}
       # The two paths with bars, 8k and 32k on the wire and 8k TTFT (e.g. to compare GIL_SWITCH_MS settings).
       timeout 230 python3 -m bench.transfer --device cuda --model "$model" --shapes "Llama-8B shape bf16" \
         --lengths 8192,32768 --streams 4 --paths "${QUICK_PATHS:-grpc x4,cuda_ipc}" --repeats 3 --ttft-lengths 2048,8190 \
-        --ttft-transports "grpc x4,cuda_ipc" --overlap-length 8190 --threads 4 --kv-budget 20GiB \
-        --out "$out/transfer_quick${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}.json" > "$out/transfer_quick${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}.log" 2>&1
-      grep -A6 "^| KV shape\|^| transport\|ms from the start" "$out/transfer_quick${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}.log" ;;
+        --ttft-transports "${QUICK_TTFT:-grpc x4,cuda_ipc}" --overlap-length 8190 --threads 4 --kv-budget 20GiB \
+        --write-lanes "${WRITE_LANES:-1}" --out "$out/transfer_quick$tag.json" > "$out/transfer_quick$tag.log" 2>&1
+      grep -A6 "^| KV shape\|^| transport\|ms from the start" "$out/transfer_quick$tag.log" ;;
     grpc-ceiling)
       # What Python gRPC itself moves on this host's loopback (no GPU): 1-8 streams, one receiver or one per
       # stream, default and large HTTP/2 frames and windows, against raw TCP (asyncio, and blocking sockets).

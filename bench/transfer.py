@@ -79,13 +79,13 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
     GPU the pool is exported by CUDA IPC and a transfer's "reserved blocks" are its 16-token blocks in a
     shuffled order."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", write_lanes: int = 1) -> None:
         self.device = torch.device(device)
         self.storage: torch.Tensor | None = None
         self.pool: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.assemblies: dict[str, KVAssembly] = {}
         # Decode's GPU path: received chunks checked and copied into the pool on a thread and stream of their own.
-        self.writer = PoolWriter(self) if self.device.type == "cuda" else None
+        self.writer = PoolWriter(self, write_lanes) if self.device.type == "cuda" else None
 
     def _prepare(self, layout: KVLayout) -> None:
         """A pool for this geometry, allocated and touched once (as the decode pool is), reused across transfers."""
@@ -214,10 +214,11 @@ def member_auth(certs: str, role: str) -> ClusterAuth:
     return ClusterAuth(TlsFiles.load(f"{certs}/{role}.pem", f"{certs}/{role}-key.pem", f"{certs}/ca.pem"))
 
 
-async def start_receivers(device: str = "cpu", certs: str = "") -> tuple[Receiver, list, int, int, int]:
+async def start_receivers(device: str = "cpu", certs: str = "", write_lanes: int = 1
+                          ) -> tuple[Receiver, list, int, int, int]:
     """The gRPC receiver and the raw TCP sink on port 0 of this loop, and with ``certs`` the same receiver
     behind mutual TLS too: (receiver, servers, grpc port, tcp port, mTLS grpc port or 0)."""
-    receiver = Receiver(device)
+    receiver = Receiver(device, write_lanes)
     servers = []
     ports = []
     for auth in ([NO_AUTH, member_auth(certs, "decode")] if certs else [NO_AUTH]):
@@ -239,10 +240,10 @@ async def stop_receivers(servers) -> None:
         await server.stop(0)
 
 
-async def serve_receivers(device: str, certs: str) -> None:
+async def serve_receivers(device: str, certs: str, write_lanes: int = 1) -> None:
     """``--serve``: the receivers in their own process (the deployment's shape: decode is another
     process); prints the ports, runs until stdin closes."""
-    _, servers, grpc_port, tcp_port, tls_port = await start_receivers(device, certs)
+    _, servers, grpc_port, tcp_port, tls_port = await start_receivers(device, certs, write_lanes)
     print(grpc_port, tcp_port, tls_port, flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await stop_receivers(servers)
@@ -280,12 +281,12 @@ async def wire(args) -> list[dict]:
         certs = tempfile.mkdtemp(prefix="pdserve-bench-certs-")
         make_certificates(certs)
     if args.same_process:
-        receiver, servers, grpc_port, tcp_port, tls_port = await start_receivers(args.device, certs)
+        receiver, servers, grpc_port, tcp_port, tls_port = await start_receivers(args.device, certs, args.write_lanes)
     else:
         receiver, servers = None, None
         child = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.transfer", "--serve",
                                                      "--threads", str(args.threads), "--device", args.device,
-                                                     "--certs", certs,
+                                                     "--certs", certs, "--write-lanes", str(args.write_lanes),
                                                      stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         grpc_port, tcp_port, tls_port = map(int, (await child.stdout.readline()).split())
     address = f"127.0.0.1:{grpc_port}"
@@ -517,15 +518,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="receivers on the sender's event loop (default: their own process, as decode is)")
     parser.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0)) // 2),
                         help="torch threads per process (as `pdserve up` splits the cores between services)")
+    parser.add_argument("--write-lanes", type=int, default=1,
+                        help="GPU: the receiver's pool-writer lanes (decode's kv_write_lanes)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--certs", default="", help=argparse.SUPPRESS)
     parser.add_argument("--tls", action="store_true",
                         help="the gRPC paths over mutual TLS too (a development CA made for the run)")
     args = parser.parse_args(argv)
+    if args.write_lanes != 1:  # the TTFT cluster's decode too
+        os.environ["PDSERVE_KV_WRITE_LANES"] = str(args.write_lanes)
     tune_malloc()  # as the services do
     set_torch_threads(args.threads)
     if args.serve:
-        asyncio.run(serve_receivers(args.device, args.certs))
+        asyncio.run(serve_receivers(args.device, args.certs, args.write_lanes))
         return 0
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.ttft_lengths = [int(x) for x in args.ttft_lengths.split(",")]

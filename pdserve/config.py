@@ -258,6 +258,9 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationCo
         "help": "start decode steps at least this many ms apart (0: back to back): a decode instance sharing its "
                 "GPU with a prefill instance (without MPS the GPU time-slices between processes) leaves it to "
                 "prefill between steps; every request's TPOT is at least this"})
+    kv_write_lanes: int = field(default=1, metadata={
+        "help": "GPU: threads, each with a CUDA stream, that check received KV chunks' checksums and copy them "
+                "into the pool (chunks go to them in turn)"})
     cuda_graph_tokens: int = field(default=16384, metadata={
         "help": "with cuda_graphs, capture at startup the graphs of every batch size for contexts up to this many "
                 "tokens (seconds each, before the instance serves: a graph captured under traffic stalls every "
@@ -281,6 +284,8 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationCo
             raise ConfigError(f"kv_block_size: must be >= 1, got {self.kv_block_size}")
         if not 0 <= self.min_step_interval_ms <= 10_000:
             raise ConfigError(f"min_step_interval_ms: must be in [0, 10000], got {self.min_step_interval_ms}")
+        if not 1 <= self.kv_write_lanes <= 64:
+            raise ConfigError(f"kv_write_lanes: must be in [1, 64], got {self.kv_write_lanes}")
         if self.cuda_graph_tokens < 0:
             raise ConfigError(f"cuda_graph_tokens: must be >= 0, got {self.cuda_graph_tokens}")
         for name in ("kv_lease_s", "kv_transfer_max_s"):

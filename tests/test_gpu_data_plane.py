@@ -52,13 +52,14 @@ def member(cluster: LocalCluster, name: str):
 @pytest.mark.parametrize("transport", ["cuda_ipc", "grpc", "shm"])
 def test_every_gpu_kv_path_is_token_exact(transport):
     """Prefill and decode as processes on one GPU, prompts packed and chunked: each path gives exactly the
-    tokens generate() gives, and leaves the pool empty."""
+    tokens generate() gives, and leaves the pool empty. Over gRPC decode writes on three lanes."""
     spec = "preset:tiny-llama"
     loaded = load_model(spec, device="cuda", dtype="float32")
     batch = prompts(loaded.info.vocab_size, [5, 120, 33, 64, 3, 90, 200, 17], seed=3)
     cluster = LocalCluster(ClusterSpec(model=spec, device="cuda", dtype="float32", gateway_port=0, kv_budget="512MiB",
                                        prefill_chunk_tokens=32, prefill_token_budget=64, log_level="WARNING",
-                                       extra_env={"PDSERVE_KV_TRANSPORT": transport, "PDSERVE_KV_STREAMS": "2"}))
+                                       extra_env={"PDSERVE_KV_TRANSPORT": transport, "PDSERVE_KV_STREAMS": "2",
+                                                  "PDSERVE_KV_WRITE_LANES": "3" if transport == "grpc" else "1"}))
 
     async def go() -> None:
         await cluster.start()
@@ -80,9 +81,9 @@ def test_every_gpu_kv_path_is_token_exact(transport):
 
 
 def test_a_corrupt_chunk_checked_on_the_pool_writer_is_data_loss_and_frees_everything():
-    """On a GPU decode the checksums are checked on the pool writer's thread, not the event loop: a flipped byte
-    still fails the push with DATA_LOSS before the transfer completes, the request fails, the blocks come back,
-    and the next push is written and read back exactly."""
+    """On a GPU decode the checksums are checked on the pool writer's lanes (two here), not the event loop: a
+    flipped byte still fails the push with DATA_LOSS before the transfer completes, the request fails, the
+    blocks come back, and the next push is written and read back exactly."""
     from services.decode.server import start_decode
     from pdserve import config as cfg
     from pdserve.kv.wire import checksum
@@ -91,7 +92,7 @@ def test_a_corrupt_chunk_checked_on_the_pool_writer_is_data_loss_and_frees_every
     async def go() -> None:
         loaded = load_model("preset:tiny-llama", device="cuda", dtype="float32")
         decode = await start_decode(cfg.DecodeConfig(listen="127.0.0.1:0", model=loaded.info.spec, device="cuda",
-                                                     kv_budget="64MiB"), loaded)
+                                                     kv_budget="64MiB", kv_write_lanes=2), loaded)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{decode.port}") as channel:
                 stub = decode_pb2_grpc.DecodeStub(channel)

@@ -202,7 +202,7 @@ class DecodeEngine:
                  kv_lease_s: float = 60.0,
                  kv_transfer_max_s: float = 300.0, cuda_graphs: bool = True, prefix_cache: bool = False,
                  overlap_steps: bool | None = None, fused_forward: bool = True,
-                 min_step_interval_ms: float = 0.0) -> None:
+                 min_step_interval_ms: float = 0.0, kv_write_lanes: int = 1) -> None:
         self.kv_lease_s = kv_lease_s
         self.kv_transfer_max_s = kv_transfer_max_s
         # Steps start at least this far apart (a decode sharing its GPU with prefill: see DecodeConfig).
@@ -211,8 +211,8 @@ class DecodeEngine:
         self.max_batch = max_batch
         self.pool = KVPool(loaded.info.kv, loaded.dtype, loaded.device, kv_budget, block_size, paged_kernel,
                            prefix_cache=prefix_cache)
-        # GPU: received KV is written into the pool on a thread and stream of its own.
-        self._writer = PoolWriter(self.pool) if self.pool.device.type == "cuda" else None
+        # GPU: received KV is written into the pool on threads and streams of its own.
+        self._writer = PoolWriter(self.pool, kv_write_lanes) if self.pool.device.type == "cuda" else None
         self.admission = Admission(self.pool.allocator, max_queued, max_batch, clock=lambda: self.counters.steps,
                                    step_ms=self.step_ms,
                                    copy_blocks=None if self.pool.shares_blocks else self.pool.copy_blocks)
