@@ -65,7 +65,7 @@ for phase in "$@"; do
       timeout 230 python3 -m bench.transfer --device cuda --model "$model" --shapes "Llama-8B shape bf16" \
         --lengths 8192,32768 --streams 4 --paths "${QUICK_PATHS:-grpc x4,cuda_ipc}" --repeats 3 --ttft-lengths 2048,8190 \
         --ttft-transports "${QUICK_TTFT:-grpc x4,cuda_ipc}" --overlap-length 8190 --threads 4 --kv-budget 20GiB \
-        --write-lanes "${WRITE_LANES:-1}" --out "$out/transfer_quick$tag.json" > "$out/transfer_quick$tag.log" 2>&1
+        ${WRITE_LANES:+--write-lanes "$WRITE_LANES"} --out "$out/transfer_quick$tag.json" > "$out/transfer_quick$tag.log" 2>&1
       grep -A6 "^| KV shape\|^| transport\|ms from the start" "$out/transfer_quick$tag.log" ;;
     grpc-ceiling)
       # What Python gRPC itself moves on this host's loopback (no GPU): 1-8 streams, one receiver or one per

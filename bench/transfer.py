@@ -49,6 +49,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from pdserve.config import KV_WRITE_LANES
 from pdserve.convert import layout_from_proto, stream_info_from_proto
 from pdserve.engine.pool_writer import PoolWriter
 from pdserve.kv.assembly import KVAssembly
@@ -79,7 +80,7 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
     GPU the pool is exported by CUDA IPC and a transfer's "reserved blocks" are its 16-token blocks in a
     shuffled order."""
 
-    def __init__(self, device: str = "cpu", write_lanes: int = 1) -> None:
+    def __init__(self, device: str = "cpu", write_lanes: int = KV_WRITE_LANES) -> None:
         self.device = torch.device(device)
         self.storage: torch.Tensor | None = None
         self.pool: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -214,7 +215,7 @@ def member_auth(certs: str, role: str) -> ClusterAuth:
     return ClusterAuth(TlsFiles.load(f"{certs}/{role}.pem", f"{certs}/{role}-key.pem", f"{certs}/ca.pem"))
 
 
-async def start_receivers(device: str = "cpu", certs: str = "", write_lanes: int = 1
+async def start_receivers(device: str = "cpu", certs: str = "", write_lanes: int = KV_WRITE_LANES
                           ) -> tuple[Receiver, list, int, int, int]:
     """The gRPC receiver and the raw TCP sink on port 0 of this loop, and with ``certs`` the same receiver
     behind mutual TLS too: (receiver, servers, grpc port, tcp port, mTLS grpc port or 0)."""
@@ -240,7 +241,7 @@ async def stop_receivers(servers) -> None:
         await server.stop(0)
 
 
-async def serve_receivers(device: str, certs: str, write_lanes: int = 1) -> None:
+async def serve_receivers(device: str, certs: str, write_lanes: int = KV_WRITE_LANES) -> None:
     """``--serve``: the receivers in their own process (the deployment's shape: decode is another
     process); prints the ports, runs until stdin closes."""
     _, servers, grpc_port, tcp_port, tls_port = await start_receivers(device, certs, write_lanes)
@@ -518,14 +519,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="receivers on the sender's event loop (default: their own process, as decode is)")
     parser.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0)) // 2),
                         help="torch threads per process (as `pdserve up` splits the cores between services)")
-    parser.add_argument("--write-lanes", type=int, default=1,
+    parser.add_argument("--write-lanes", type=int, default=KV_WRITE_LANES,
                         help="GPU: the receiver's pool-writer lanes (decode's kv_write_lanes)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--certs", default="", help=argparse.SUPPRESS)
     parser.add_argument("--tls", action="store_true",
                         help="the gRPC paths over mutual TLS too (a development CA made for the run)")
     args = parser.parse_args(argv)
-    if args.write_lanes != 1:  # the TTFT cluster's decode too
+    if args.write_lanes != KV_WRITE_LANES:  # the TTFT cluster's decode too
         os.environ["PDSERVE_KV_WRITE_LANES"] = str(args.write_lanes)
     tune_malloc()  # as the services do
     set_torch_threads(args.threads)

@@ -113,6 +113,9 @@ class RegistrationConfig:
 
 
 PAGED_KERNELS = ("auto", "gather", "flex")
+# GPU decode: one writer thread checking and copying every received chunk capped a transfer over gRPC at
+# ~1.9 GB/s on an H200 host; four reached 3.0-3.2 (bench/RESULTS.md, session 15).
+KV_WRITE_LANES = 4
 KV_TRANSPORTS = ("auto", "grpc", "shm", "cuda_ipc")  # attention over the decode KV pool (pdserve.engine.kv_pool)
 
 
@@ -258,7 +261,7 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationCo
         "help": "start decode steps at least this many ms apart (0: back to back): a decode instance sharing its "
                 "GPU with a prefill instance (without MPS the GPU time-slices between processes) leaves it to "
                 "prefill between steps; every request's TPOT is at least this"})
-    kv_write_lanes: int = field(default=1, metadata={
+    kv_write_lanes: int = field(default=KV_WRITE_LANES, metadata={
         "help": "GPU: threads, each with a CUDA stream, that check received KV chunks' checksums and copy them "
                 "into the pool (chunks go to them in turn)"})
     cuda_graph_tokens: int = field(default=16384, metadata={

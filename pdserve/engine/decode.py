@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from pdserve.config import KV_WRITE_LANES
 from pdserve.engine.admission import Admission, Ticket
 from pdserve.engine.cuda_graphs import DecodeGraphs, step_input_ids
 from pdserve.engine.kv_pool import KVPool
@@ -202,7 +203,7 @@ class DecodeEngine:
                  kv_lease_s: float = 60.0,
                  kv_transfer_max_s: float = 300.0, cuda_graphs: bool = True, prefix_cache: bool = False,
                  overlap_steps: bool | None = None, fused_forward: bool = True,
-                 min_step_interval_ms: float = 0.0, kv_write_lanes: int = 1) -> None:
+                 min_step_interval_ms: float = 0.0, kv_write_lanes: int = KV_WRITE_LANES) -> None:
         self.kv_lease_s = kv_lease_s
         self.kv_transfer_max_s = kv_transfer_max_s
         # Steps start at least this far apart (a decode sharing its GPU with prefill: see DecodeConfig).

@@ -28,11 +28,12 @@ from typing import Callable
 
 import torch
 
+from pdserve.config import KV_WRITE_LANES
 from pdserve.engine.kv_pool import KVPool
 
 
 class PoolWriter:
-    def __init__(self, pool: KVPool, lanes: int = 1) -> None:
+    def __init__(self, pool: KVPool, lanes: int = KV_WRITE_LANES) -> None:
         if lanes < 1:
             raise ValueError(f"lanes: {lanes} must be at least 1")
         self._pool = pool
