@@ -21,6 +21,17 @@ async def cancel_and_wait(task: asyncio.Task | None) -> None:
         await task
 
 
+async def cancel_quietly(task: asyncio.Future | None) -> None:
+    """Cancels ``task`` (if any, and still running) and waits until it ended, whatever its outcome: an error it
+    ended with is marked seen, not raised (for a caller already handling a failure of its own)."""
+    if task is None:
+        return
+    task.cancel()
+    await asyncio.wait((task,))
+    if not task.cancelled():
+        task.exception()
+
+
 async def unless_failed(main: Awaitable[T], guard: asyncio.Future) -> T:
     """``await main``, with ``guard`` running beside it: should ``guard`` fail (or be cancelled) before
     ``main`` finished, ``main`` is cancelled and ``guard``'s error raised. A ``guard`` that succeeds, or is
@@ -29,12 +40,12 @@ async def unless_failed(main: Awaitable[T], guard: asyncio.Future) -> T:
     try:
         await asyncio.wait((task, guard), return_when=asyncio.FIRST_COMPLETED)
         if not task.done() and guard.done() and (guard.cancelled() or guard.exception() is not None):
-            await cancel_and_wait(task)
+            await cancel_quietly(task)
             guard.result()  # raises its error
         return await task
     finally:
         if not task.done():  # this call was cancelled
-            await cancel_and_wait(task)
+            await cancel_quietly(task)
 
 
 @contextlib.asynccontextmanager

@@ -14,7 +14,7 @@ import torch
 
 from pdserve import config as cfg
 from pdserve.engine.prefill import PrefillEngine
-from pdserve.errors import PdserveError
+from pdserve.errors import DataLoss, PdserveError
 from pdserve.kv import shm, wire
 from pdserve.kv.grpc_sender import GrpcKVSender
 from pdserve.kv.wire import KVLayout
@@ -266,6 +266,43 @@ async def test_the_forward_pass_runs_while_the_transfer_opens(monkeypatch, trans
         assert done.open_start_ns <= done.forward_start_ns < done.forward_end_ns < done.opened_ns
         assert done.opened_ns - done.open_start_ns >= 0.5e9
         assert tokens == reference_greedy(loaded, prompt, 6)
+    finally:
+        await cluster.stop()
+
+
+async def test_a_transfer_that_fails_to_open_stops_its_forward_pass(monkeypatch):
+    """Decode refuses the transfer as it opens (CUDA IPC: it restarted, its pool is not the one mapped): the
+    prompt's pass, running beside the open, stops instead of computing a prompt nobody can receive, the
+    call fails DATA_LOSS (the gateway transfers again elsewhere), and nothing stays in flight."""
+    async def refused(self, layout):
+        raise DataLoss("decode restarted: the pool mapped here is not its pool any more")
+
+    monkeypatch.setattr(GrpcKVSender, "_opening", refused)
+    loaded = get_loaded("preset:tiny-llama")
+    cluster = await start_cluster(loaded, prefill_options={"kv_transport": "grpc", "prefill_chunk_tokens": 16,
+                                                           "prefill_token_budget": 16})
+    prompt, greedy = list(range(10, 650)), common_pb2.SamplingParams(temperature=0)  # 40 passes of 16 tokens
+    try:
+        async with grpc.aio.insecure_channel(cluster.decode_address) as dch, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{cluster.prefill.port}") as pch:
+            call = decode_pb2_grpc.DecodeStub(dch).Generate(decode_pb2.DecodeRequest(
+                request_id="f", transfer_id="f/0", prompt_tokens=len(prompt), max_tokens=2, sampling=greedy))
+            assert (await call.read()).WhichOneof("event") == "reserved"
+            prefill = prefill_pb2_grpc.PrefillStub(pch)
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                async for _ in prefill.Prefill(prefill_pb2.PrefillRequest(
+                        request_id="f", token_ids=prompt, sampling=greedy, decode_address=cluster.decode_address,
+                        transfer_id="f/0")):
+                    pass
+            assert failed.value.code() == grpc.StatusCode.DATA_LOSS and "decode restarted" in failed.value.details()
+            call.cancel()
+            for _ in range(50):
+                stats = await prefill.GetStats(prefill_pb2.PrefillStatsRequest())
+                if stats.queued_prompts == 0:
+                    break
+                await asyncio.sleep(0.05)
+        assert stats.passes < 40  # stopped, not computed to the end
+        assert (stats.queued_prompts, stats.kv_inflight_bytes) == (0, 0)
     finally:
         await cluster.stop()
 

@@ -14,7 +14,7 @@ from typing import Awaitable, TypeVar
 import grpc
 
 from pdserve import config as cfg
-from pdserve.aio import cancel_and_wait, unless_failed
+from pdserve.aio import cancel_quietly, unless_failed
 from pdserve import telemetry
 from pdserve.convert import check_address, check_id, check_token_ids, sampling_from_proto
 from pdserve.engine.kv_pool import budget_bytes
@@ -275,7 +275,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             self._transferred(receipt, sender.transport, result.forward_end_ns)
             yield self._transfer_done(receipt, result)
         except BaseException as exc:
-            await cancel_and_wait(opening)
+            await cancel_quietly(opening)  # its own failure, if it failed, is the one being handled
             if sender is not None:
                 self.metrics.transfers.labels("failed").inc()
                 await sender.abort()
