@@ -58,6 +58,8 @@ def test_every_gpu_kv_path_is_token_exact(transport):
     batch = prompts(loaded.info.vocab_size, [5, 120, 33, 64, 3, 90, 200, 17], seed=3)
     cluster = LocalCluster(ClusterSpec(model=spec, device="cuda", dtype="float32", gateway_port=0, kv_budget="512MiB",
                                        prefill_chunk_tokens=32, prefill_token_budget=64, log_level="WARNING",
+                                       # decode's pool writer: several lanes over gRPC, one for the segment
+                                       # (CUDA IPC writes none)
                                        extra_env={"PDSERVE_KV_TRANSPORT": transport, "PDSERVE_KV_STREAMS": "2",
                                                   "PDSERVE_KV_WRITE_LANES": "3" if transport == "grpc" else "1"}))
 
