@@ -134,9 +134,8 @@ class Receiver(decode_pb2_grpc.DecodeServicer):
             if assembly.stream_finished(stream.stream_index, token):
                 del self.assemblies[layout.transfer_id]
 
-        await receive_stream(request_iterator, assembly, stream, on_trailer,  # as decode: CUDA IPC queues no write
-                             writes_issued=self.writer.issued if self.writer is not None and not stream.cuda_ipc
-                             else None)
+        await receive_stream(request_iterator, assembly, stream, on_trailer,
+                             writes_issued=self.writer.issued if self.writer is not None else None)
         return decode_pb2.PushKVReply(first_chunk_received_ns=assembly.first_chunk_ns,
                                       last_chunk_received_ns=assembly.last_chunk_ns,
                                       layer_received_ns=assembly.layer_received_ns,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -143,23 +144,30 @@ class _ReadingDecode(decode_pb2_grpc.DecodeServicer):
         return decode_pb2.PushKVReply()
 
 
-async def test_a_push_stream_thread_ends_with_its_transfer():
-    """Each KV stream's messages are made on gRPC's thread for the call, which waits there for the transfer's
-    next layer: an aborted transfer must not leave it waiting."""
+@contextlib.asynccontextmanager
+async def serving_decode(servicer: decode_pb2_grpc.DecodeServicer):
+    """``servicer`` as a decode server on port 0: (its address, a channel pool for senders)."""
     server = grpc.aio.server()
-    decode_pb2_grpc.add_DecodeServicer_to_server(_ReadingDecode(), server)
+    decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
     address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
     await server.start()
     channels = ChannelPool()
     try:
+        yield address, channels
+    finally:
+        await channels.close()
+        await server.stop(0)
+
+
+async def test_a_push_stream_thread_ends_with_its_transfer():
+    """Each KV stream's messages are made on gRPC's thread for the call, which waits there for the transfer's
+    next layer: an aborted transfer must not leave it waiting."""
+    async with serving_decode(_ReadingDecode()) as (address, channels):
         sender = GrpcKVSender([channels.get_sync(address, lane) for lane in range(2)], address)
         await sender.open(KVLayout("t", num_layers=2, num_tokens=4, kv_heads=2, head_dim=16, dtype="float32"))
         assert len(await kv_push_threads(wait_s=0)) == 2  # both streams wait for their layers
         await sender.abort()
         assert not await kv_push_threads(wait_s=0.8)  # at once, not at the generator's next look at its call
-    finally:
-        await channels.close()
-        await server.stop(0)
 
 
 class _RecordingDecode(decode_pb2_grpc.DecodeServicer):
@@ -179,13 +187,8 @@ async def test_layers_staged_before_the_transfer_opened_go_in_order_once_it_did(
     """The forward pass starts beside ``open`` (it does not wait for decode's round trips): ranges staged
     before the open completed wait for it, then go in the order they were staged, bytes intact."""
     decode = _RecordingDecode()
-    server = grpc.aio.server()
-    decode_pb2_grpc.add_DecodeServicer_to_server(decode, server)
-    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    await server.start()
-    channels = ChannelPool()
     opened = asyncio.Event()
-    try:
+    async with serving_decode(decode) as (address, channels):
         sender = GrpcKVSender([channels.get_sync(address)], address)
         original = sender._opening
 
@@ -208,19 +211,11 @@ async def test_layers_staged_before_the_transfer_opened_go_in_order_once_it_did(
             assert chunk.key == wire.as_bytes_view(k[0].transpose(0, 1).contiguous()).tobytes()
             assert chunk.value == wire.as_bytes_view(v[0].transpose(0, 1).contiguous()).tobytes()
         assert receipt.layer_ready_ns[1] < receipt.opened_ns <= receipt.layer_sent_ns[0]
-    finally:
-        await channels.close()
-        await server.stop(0)
 
 
 async def test_a_transfer_aborted_before_it_opened_sends_nothing_it_staged():
     decode = _RecordingDecode()
-    server = grpc.aio.server()
-    decode_pb2_grpc.add_DecodeServicer_to_server(decode, server)
-    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    await server.start()
-    channels = ChannelPool()
-    try:
+    async with serving_decode(decode) as (address, channels):
         sender = GrpcKVSender([channels.get_sync(address)], address)
         layout = KVLayout("t", num_layers=1, num_tokens=4, kv_heads=2, head_dim=16, dtype="float32")
         opening = asyncio.ensure_future(sender.open(layout))
@@ -230,9 +225,6 @@ async def test_a_transfer_aborted_before_it_opened_sends_nothing_it_staged():
             await opening  # its streams were cancelled under it
         await asyncio.sleep(0.2)
         assert not decode.chunks and not await kv_push_threads()
-    finally:
-        await channels.close()
-        await server.stop(0)
 
 
 @pytest.mark.parametrize("transport", ["grpc", "shm"])

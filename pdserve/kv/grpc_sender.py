@@ -336,19 +336,17 @@ class GrpcKVSender(KVSender):
             if self._aborted:
                 return
             self._ranges += 1
-            on_device = self._copies is not None and keys.is_cuda
             if not self._opened:
+                on_device = self._copies is not None and keys.is_cuda
                 self._deferred.append((layer, token_start, keys, values, ready_ns,
                                        self._copies.mark() if on_device else None))
                 return
-            if on_device:  # queued under the lock: abort() waits for every copy queued before it
-                self._start(layer, token_start, keys, values, ready_ns)
-        if not on_device:
-            self._staged(_Range(layer, token_start, keys.shape[2], keys, values), ready_ns)
+            self._start(layer, token_start, keys, values, ready_ns)
 
     def _start(self, layer: int, token_start: int, keys: torch.Tensor, values: torch.Tensor, ready_ns: int,
                after: torch.cuda.Event | None = None) -> None:
-        """Under the lock, once open: a range's copies queued (GPU), or the range to its stream (CPU)."""
+        """Under the lock (abort() waits for every copy queued before it), once open: a range's copies queued
+        (GPU), or the range to its stream (CPU)."""
         if self._copies is None or not keys.is_cuda:
             self._staged(_Range(layer, token_start, keys.shape[2], keys, values), ready_ns)
             return

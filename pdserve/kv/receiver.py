@@ -35,8 +35,10 @@ async def receive_stream(messages: AsyncIterator[bytes], assembly: KVAssembly, s
     ``writes_issued``: when the assembly's writes (and their checksum checks) are queued elsewhere, awaited
     before the trailer is reported (so a transfer completes only once every chunk passed its check) and
     before the stream's shared-memory mapping is released (and so before the producer learns it may reuse
-    the segment)."""
+    the segment); not for a CUDA IPC stream, which queues no write."""
     layout = assembly.layout
+    if stream.cuda_ipc:  # the producer wrote the pool itself: nothing of this stream is queued on a writer
+        writes_issued = None
     segment = SEGMENTS.open(stream.shm_segment) if stream.shm_segment else None
     received = 0
     try:

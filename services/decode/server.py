@@ -173,8 +173,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             received = await receive_stream(
                 request_iterator, assembly, stream,
                 on_trailer=lambda token: self._engine.complete_transfer(tid, token, stream.stream_index),
-                # CUDA IPC: prefill wrote the pool itself; nothing of this stream is queued on the writer.
-                writes_issued=None if stream.cuda_ipc else self._engine.writes_issued)
+                writes_issued=self._engine.writes_issued)
         except Cancelled:
             raise
         except PdserveError as exc:
