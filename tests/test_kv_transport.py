@@ -262,18 +262,21 @@ async def test_the_forward_pass_runs_while_the_transfer_opens(monkeypatch, trans
         await cluster.stop()
 
 
-async def test_a_transfer_that_fails_to_open_stops_its_forward_pass(monkeypatch):
+@pytest.mark.parametrize("tokens,refused_after_s", [(640, 0.0), (3, 0.5)])
+async def test_a_transfer_that_fails_to_open_stops_its_forward_pass(monkeypatch, tokens, refused_after_s):
     """Decode refuses the transfer as it opens (CUDA IPC: it restarted, its pool is not the one mapped): the
     prompt's pass, running beside the open, stops instead of computing a prompt nobody can receive, the
-    call fails DATA_LOSS (the gateway transfers again elsewhere), and nothing stays in flight."""
+    call fails DATA_LOSS (the gateway transfers again elsewhere), and nothing stays in flight. A short
+    pass that ended before the refusal fails the same way."""
     async def refused(self, layout):
+        await asyncio.sleep(refused_after_s)
         raise DataLoss("decode restarted: the pool mapped here is not its pool any more")
 
     monkeypatch.setattr(GrpcKVSender, "_opening", refused)
     loaded = get_loaded("preset:tiny-llama")
     cluster = await start_cluster(loaded, prefill_options={"kv_transport": "grpc", "prefill_chunk_tokens": 16,
                                                            "prefill_token_budget": 16})
-    prompt, greedy = list(range(10, 650)), common_pb2.SamplingParams(temperature=0)  # 40 passes of 16 tokens
+    prompt, greedy = list(range(10, 10 + tokens)), common_pb2.SamplingParams(temperature=0)  # 640: 40 passes
     try:
         async with grpc.aio.insecure_channel(cluster.decode_address) as dch, \
                 grpc.aio.insecure_channel(f"127.0.0.1:{cluster.prefill.port}") as pch:

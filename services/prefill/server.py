@@ -257,11 +257,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
             result = await unless_failed(self._engine.prefill(token_ids, sampling, on_layer, request.first_index,
                                                               kv, name, emit_from=skip), opening)
+            # An open that fails fails the call, before or after a short pass ended alike (nothing was sent).
+            await opening
             self._observe(result, len(token_ids))
             log.debug("request_id=%s prefilled %d tokens in %.1f ms", request.request_id, len(token_ids), result.forward_ms)
             yield self._first_token(result)
             try:
-                await opening
                 receipt = await transfer_step(sender.finish(result.first_token))
             except DataLoss as exc:
                 if skip:  # a part of a prompt's KV helps only a decode holding the rest: nothing to keep
