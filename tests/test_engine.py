@@ -11,6 +11,7 @@ import torch
 
 from pdserve.engine.decode import DecodeEngine, DecodeParams, FinishReason, SeqState
 from pdserve.engine.kv_pool import BlockAllocator, KVPool, blocks_for
+from pdserve.engine.device_io import HostCopy, download, upload
 from pdserve.engine.prefill import MIN_CHUNK, PassLimit, PassTimes, PrefillEngine, packed_inputs, plan_batch
 from pdserve.engine.prefill import _Planned as FakeJob  # what plan_batch reads of a job
 from pdserve.engine.sampling import SamplingParams
@@ -538,3 +539,14 @@ async def test_a_reservation_whose_kv_never_comes_or_trickles_is_freed_when_its_
     stats = engine.stats()
     assert (stats["waiting_for_kv"], stats["kv_blocks_used"], stats["leases_expired"]) == (0, 0, 2)
     await engine.stop()
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_device_io_moves_values_to_the_device_and_back(device):
+    ids = upload([[1, 2], [3, 4]], torch.long, torch.device(device))
+    assert ids.device.type == device and ids.dtype == torch.long
+    pending = HostCopy(ids * 2)  # queued now, read later
+    more = ids + 1  # work queued meanwhile
+    assert pending.tolist() == [[2, 4], [6, 8]]
+    assert download(more) == [[2, 3], [4, 5]]
+    assert download(upload([0.5, -1.0], torch.float32, device)) == [0.5, -1.0]

@@ -42,6 +42,7 @@ import torch
 from pdserve.config import KV_WRITE_LANES
 from pdserve.engine.admission import Admission, Ticket
 from pdserve.engine.cuda_graphs import DecodeGraphs, step_input_ids
+from pdserve.engine.device_io import HostCopy, upload
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.paged_attention import use_paged_attention
 from pdserve.engine.step_forward import step_forward, transformers_step
@@ -727,14 +728,14 @@ class DecodeEngine:
             return _Step(batch, launched.tokens)
         device = self._loaded.device
         step = self.pool.prepare_step(tables, positions)
-        ids = torch.tensor(tokens, dtype=torch.long, device=device)
+        ids = upload(tokens, torch.long, device)
         if any(ahead):
-            ids = step_input_ids(self._last_out, torch.tensor(src, dtype=torch.long, device=device), ids)
-        logits = self._forward(ids, torch.tensor(positions, device=device), step)
+            ids = step_input_ids(self._last_out, upload(src, torch.long, device), ids)
+        logits = self._forward(ids, upload(positions, torch.long, device), step)
         chosen = sample_tokens(logits, params, indices)
         if self._overlap:  # the next step may read these on the device
             self._last_out[:len(batch)] = chosen
-        return _Step(batch, chosen.tolist)
+        return _Step(batch, HostCopy(chosen).tolist)
 
     def _postprocess(self, batch: list[DecodeSequence], tokens: list[int]) -> None:
         self.counters.steps += 1

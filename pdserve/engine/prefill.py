@@ -36,6 +36,7 @@ import torch
 
 from pdserve.aio import ByteBudget, cancel_and_wait
 from pdserve.engine.admission import DEADLINE_MARGIN
+from pdserve.engine.device_io import upload
 from pdserve.engine.fused_forward import FusedForward, fused_supported
 from pdserve.engine.paged_attention import PackedSegments, paged_attention, use_paged_attention
 from pdserve.engine.prefix_store import Prefix, PrefixStore
@@ -420,7 +421,7 @@ def cumulative(lengths: list[int], device: torch.device) -> torch.Tensor:
     out = [0]
     for n in lengths:
         out.append(out[-1] + n)
-    return torch.tensor(out, dtype=torch.int32, device=device)
+    return upload(out, torch.int32, device)
 
 
 def packed_inputs(plan: list[Segment], device: torch.device,
@@ -429,8 +430,8 @@ def packed_inputs(plan: list[Segment], device: torch.device,
     ``dense_mask``: a (1, 1, 1, 1) stand-in, for attention that keeps segments apart itself)."""
     ids = [t for seg in plan for t in seg.job.token_ids[seg.start:seg.start + seg.count]]
     positions = [p for seg in plan for p in range(seg.start, seg.start + seg.count)]
+    as_tensor = lambda xs: upload([xs], torch.long, device)  # noqa: E731
     if not dense_mask:
-        as_tensor = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
         return as_tensor(ids), as_tensor(positions), torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
     total_q = len(ids)
     total_kv = sum(seg.start + seg.count for seg in plan)
@@ -443,7 +444,6 @@ def packed_inputs(plan: list[Segment], device: torch.device,
         mask[q0:q0 + seg.count, kv0:kv0 + span] = kv <= q
         q0 += seg.count
         kv0 += span
-    as_tensor = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
     return as_tensor(ids), as_tensor(positions), mask[None, None].to(device)
 
 
@@ -712,7 +712,7 @@ class PrefillEngine:
             if seg.last:
                 ends.append(offset - 1)
                 finishing.append(seg.job)
-        keep = torch.tensor(ends, device=device) if ends else 1
+        keep = upload(ends, torch.long, device) if ends else 1
         if self._fused is not None:
             logits = self._fused_pass(plan, notify, input_ids[0], position_ids[0], keep if finishing else None)
         else:

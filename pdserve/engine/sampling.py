@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.device_io import download, upload
 from pdserve.errors import InvalidArgument
 
 _MASK64 = (1 << 64) - 1
@@ -103,9 +104,8 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], indices: l
     if not rows:
         return chosen
     device = logits.device  # the rows' parameters: two small copies
-    floats = torch.tensor([[params[b].temperature, params[b].top_p] for b in rows], dtype=torch.float32).to(device)
-    ints = torch.tensor([[b, params[b].top_k, token_seed(params[b].seed, indices[b])] for b in rows],
-                        dtype=torch.long).to(device)
+    floats = upload([[params[b].temperature, params[b].top_p] for b in rows], torch.float32, device)
+    ints = upload([[b, params[b].top_k, token_seed(params[b].seed, indices[b])] for b in rows], torch.long, device)
     temperature, top_p = floats[:, 0:1], floats[:, 1:2]
     picked, top_k, seeds = ints[:, 0], ints[:, 1:2], ints[:, 2:3]
     raw = logits[picked].float()
@@ -127,4 +127,4 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], indices: l
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int]) -> list[int]:
     """``sample_tokens``, on the host."""
-    return sample_tokens(logits, params, indices).tolist()
+    return download(sample_tokens(logits, params, indices))
