@@ -4,12 +4,13 @@
 # cryptography==50.0.2 cffi==2.1.1 pycparser==3.12`) and pdserve/v1/ carried (README "Benchmarks");
 # phases are arguments, in order:
 #   bash bench/gpu_suite.sh tests prefill transfer serving   (also: transfer-quick, ipc-timeline, profile,
-#   kill, graphs, ttft, grpc-ceiling, ...)
+#   kill, graphs, ttft, grpc-ceiling, copy-timeline, ...)
 # Knobs (environment): MODEL; SERVING_START (configurations, default disagg,colocated-chunked), SERVING_CHUNK
 # (colocated-chunked's chunk, default 256), SERVING_LOGS=1 (members' DEBUG logs under $OUT/logs);
 # GIL_SWITCH_MS (every Python process's GIL switch interval); DECODE_MODELS, DECODE_MODES (gpu-decode);
 # IPC_CONNECTIONS (ipc-timeline, default "default 32"); TESTS_K (tests: pytest -k selection); QUICK_PATHS
-# (transfer-quick's wire paths, default "grpc x4,cuda_ipc"), QUICK_TTFT (its TTFT transports), WRITE_LANES
+# (transfer-quick's wire paths, default "grpc x4,cuda_ipc"), QUICK_STREAMS (the gRPC stream counts those
+# paths may name, default 4), QUICK_TTFT (its TTFT transports, e.g. "grpc x8"), WRITE_LANES
 # (its receiver's and decode's pool-writer lanes). At most 8 files
 # come back from a call: the members' logs come back as one $OUT/logs.tgz.
 set -uo pipefail
@@ -37,10 +38,12 @@ for phase in "$@"; do
       timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graphs.py > "$out/graphs.log" 2>&1
       grep -B30 "short test summary" "$out/graphs.log" | grep -v "^\s*$" | tail -40; tail -3 "$out/graphs.log" ;;
     ttft)
-      timeout 240 python3 -m bench.transfer --device cuda --model "$model" --skip-wire --ttft-lengths 2048,8190 \
-        --overlap-length 8190 --ttft-transports "cuda_ipc,grpc x4" --repeats 2 --threads 4 --kv-budget 20GiB \
-        --out "$out/ttft.json" > "$out/ttft.log" 2>&1
-      grep -A12 "^| transport" "$out/ttft.log"; grep -A14 "Per-layer timeline, cuda_ipc" "$out/ttft.log" ;;
+      # TTFT_TRANSPORTS, TTFT_LENGTHS; TTFT_PLAINTEXT=1: members without mutual TLS (what TLS costs the gRPC path)
+      tag=${TTFT_PLAINTEXT:+_plaintext}
+      timeout 240 python3 -m bench.transfer --device cuda --model "$model" --skip-wire --ttft-lengths "${TTFT_LENGTHS:-2048,8190}" \
+        --overlap-length 8190 --ttft-transports "${TTFT_TRANSPORTS:-cuda_ipc,grpc x4}" --repeats 2 --threads 4 --kv-budget 20GiB \
+        ${TTFT_PLAINTEXT:+--plaintext} --out "$out/ttft$tag.json" > "$out/ttft$tag.log" 2>&1
+      grep -A12 "^| transport" "$out/ttft$tag.log"; grep -A14 "Per-layer timeline" "$out/ttft$tag.log" ;;
     ipc-timeline)
       # Why CUDA IPC scatters queued late in a pass wait for its end: the TTFT run's per-layer timeline with
       # the default hardware queues and with 32 (members inherit the environment).
@@ -51,19 +54,25 @@ for phase in "$@"; do
           --out "$out/ipc_timeline_$connections.json" > "$out/ipc_timeline_$connections.log" 2>&1
         echo "--- CUDA_DEVICE_MAX_CONNECTIONS=$connections"; grep -A13 "Per-layer timeline" "$out/ipc_timeline_$connections.log"
       done ;;
+    copy-timeline)
+      # When each layer's KV copy runs on the device against when its layer was computed (CUDA events).
+      timeout 200 python3 -m bench.copy_timeline --model "$model" --tokens 8192 --out "$out/copy_timeline.json" \
+        > "$out/copy_timeline.log" 2>&1; grep -v "^\s*$" "$out/copy_timeline.log" | grep -v "^| ---" | tail -80 ;;
     prefill)
-      timeout 240 python3 -m bench.prefill --model "$model" --repeats 3 --profile 8192 --out "$out/prefill.json" \
-        > "$out/prefill.log" 2>&1; grep -A10 "^| case" "$out/prefill.log" ;;
+      # PREFILL_REPEATS (default 3), PREFILL_CONSUMERS (bench.prefill --consumers), PREFILL_PROFILE (tokens; 0: none)
+      timeout "${PREFILL_TIMEOUT:-240}" python3 -m bench.prefill --model "$model" --repeats "${PREFILL_REPEATS:-3}" \
+        --profile "${PREFILL_PROFILE:-8192}" ${PREFILL_CONSUMERS:+--consumers "$PREFILL_CONSUMERS"} --out "$out/prefill.json" \
+        > "$out/prefill.log" 2>&1; grep -A10 "^| case" "$out/prefill.log" || grep "tok/s" "$out/prefill.log" ;;
     transfer)
       timeout 300 python3 -m bench.transfer --device cuda --model "$model" --shapes "Llama-8B shape bf16" \
         --lengths 2048,8192,32768 --streams 1,4 --repeats 2 --ttft-lengths 2048,8190 --overlap-length 8190 \
         --threads 4 --kv-budget 20GiB --out "$out/transfer.json" > "$out/transfer.log" 2>&1
       grep -A12 "^| KV shape\|^| transport" "$out/transfer.log" ;;
     transfer-quick)
-      tag=${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}${WRITE_LANES:+_lanes$WRITE_LANES}
+      tag=${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}${WRITE_LANES:+_lanes$WRITE_LANES}${QUICK_TAG:+_$QUICK_TAG}
       # The two paths with bars, 8k and 32k on the wire and 8k TTFT (e.g. to compare GIL_SWITCH_MS settings).
       timeout 230 python3 -m bench.transfer --device cuda --model "$model" --shapes "Llama-8B shape bf16" \
-        --lengths 8192,32768 --streams 4 --paths "${QUICK_PATHS:-grpc x4,cuda_ipc}" --repeats 3 --ttft-lengths 2048,8190 \
+        --lengths 8192,32768 --streams "${QUICK_STREAMS:-4}" --paths "${QUICK_PATHS:-grpc x4,cuda_ipc}" --repeats 3 --ttft-lengths 2048,8190 \
         --ttft-transports "${QUICK_TTFT:-grpc x4,cuda_ipc}" --overlap-length 8190 --threads 4 --kv-budget 20GiB \
         ${WRITE_LANES:+--write-lanes "$WRITE_LANES"} --out "$out/transfer_quick$tag.json" > "$out/transfer_quick$tag.log" 2>&1
       grep -A6 "^| KV shape\|^| transport\|ms from the start" "$out/transfer_quick$tag.log" ;;

@@ -56,22 +56,27 @@ class Consumer:
         def take(layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
             if self.kind == "none":
                 return
-            count = k.shape[2]
             lo = offset + start
             self._staged += 1
 
             def work():
-                if self.kind == "host":
-                    self._k[layer, lo:lo + count].copy_(k[0].transpose(0, 1), non_blocking=True)
-                    self._v[layer, lo:lo + count].copy_(v[0].transpose(0, 1), non_blocking=True)
-                else:
-                    slots = self._slots[lo:lo + count]
-                    scatter_tokens(self._k[layer], slots, k[0].transpose(0, 1))
-                    scatter_tokens(self._v[layer], slots, v[0].transpose(0, 1))
+                self.copy(layer, lo, k, v)
                 return k, v
 
             self._copies.submit(work, self._loop, self._one_landed)
         return take
+
+    def copy(self, layer: int, lo: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """On the copy stream: one layer's (1, H, T, D) K/V of tokens from ``lo`` to where this consumer keeps
+        them (pinned host memory, token-major; or a pool's shuffled slots on the device)."""
+        count = k.shape[2]
+        if self.kind == "host":
+            self._k[layer, lo:lo + count].copy_(k[0].transpose(0, 1), non_blocking=True)
+            self._v[layer, lo:lo + count].copy_(v[0].transpose(0, 1), non_blocking=True)
+        else:
+            slots = self._slots[lo:lo + count]
+            scatter_tokens(self._k[layer], slots, k[0].transpose(0, 1))
+            scatter_tokens(self._v[layer], slots, v[0].transpose(0, 1))
 
     def _one_landed(self) -> None:
         self._landed += 1

@@ -426,6 +426,7 @@ async def prefill_timed(auth, decode: str, prefill: str, prompt: list[int], tid:
 
 TTFT_TRANSPORTS = (("grpc x1", ("--kv-transport", "grpc", "--kv-streams", "1")),
                    ("grpc x4", ("--kv-transport", "grpc", "--kv-streams", "4")),
+                   ("grpc x8", ("--kv-transport", "grpc", "--kv-streams", "8")),
                    ("shm", ("--kv-transport", "shm")),
                    ("cuda_ipc", ("--kv-transport", "cuda_ipc")))
 
@@ -444,7 +445,7 @@ async def ttft(args) -> list[dict]:
                   and (args.device.startswith("cuda") or t[0] != "cuda_ipc")]
     spec = ClusterSpec(model=args.model, device=args.device, prefill=len(transports), decode=1, gateway_port=0,
                        threads=args.threads, prefill_chunk_tokens=args.chunk, kv_budget=args.kv_budget,
-                       prefill_token_budget=max(max(args.ttft_lengths), 2048), log_level="WARNING",
+                       prefill_token_budget=max(max(args.ttft_lengths), 2048), log_level="WARNING", tls=not args.plaintext,
                        prefill_args=tuple(flags for _, flags in transports))
     cluster = LocalCluster(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
     vocab = load_model_info(args.model).vocab_size
@@ -506,12 +507,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"wire: KV shapes, from {', '.join(SHAPES)}")
     parser.add_argument("--chunk", type=int, default=0, help="TTFT: the prefill instances' chunk size (0: whole)")
     parser.add_argument("--kv-budget", default="auto", help="TTFT: the decode instance's KV pool")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="TTFT: the cluster's members talk without mutual TLS (its default), to see what TLS costs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--paths", type=lambda t: t.split(","), default=[],
                         help="wire: only these paths (names as in the table, e.g. 'grpc x4,cuda_ipc')")
     parser.add_argument("--skip-ttft", action="store_true")
     parser.add_argument("--skip-wire", action="store_true")
-    parser.add_argument("--ttft-transports", type=lambda t: t.split(","), default=[t for t, _ in TTFT_TRANSPORTS],
+    parser.add_argument("--ttft-transports", type=lambda t: t.split(","),
+                        default=[t for t, _ in TTFT_TRANSPORTS if t != "grpc x8"],
                         help="TTFT: transports, one prefill instance each")
     parser.add_argument("--out", default="bench/out/transfer.json")
     parser.add_argument("--same-process", action="store_true",
