@@ -38,11 +38,12 @@ for phase in "$@"; do
       timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_graphs.py > "$out/graphs.log" 2>&1
       grep -B30 "short test summary" "$out/graphs.log" | grep -v "^\s*$" | tail -40; tail -3 "$out/graphs.log" ;;
     ttft)
-      # TTFT_TRANSPORTS, TTFT_LENGTHS; TTFT_PLAINTEXT=1: members without mutual TLS (what TLS costs the gRPC path)
-      tag=${TTFT_PLAINTEXT:+_plaintext}
+      # TTFT_TRANSPORTS, TTFT_LENGTHS; TTFT_PLAINTEXT=1: members without mutual TLS (what TLS costs the gRPC path);
+      # TTFT_PREFILL_FLAGS: more prefill flags (e.g. "--kv-chunk-bytes 16777216"), TTFT_TAG names the output
+      tag=${TTFT_PLAINTEXT:+_plaintext}${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}${TTFT_TAG:+_$TTFT_TAG}
       timeout 240 python3 -m bench.transfer --device cuda --model "$model" --skip-wire --ttft-lengths "${TTFT_LENGTHS:-2048,8190}" \
         --overlap-length 8190 --ttft-transports "${TTFT_TRANSPORTS:-cuda_ipc,grpc x4}" --repeats 2 --threads 4 --kv-budget 20GiB \
-        ${TTFT_PLAINTEXT:+--plaintext} --out "$out/ttft$tag.json" > "$out/ttft$tag.log" 2>&1
+        ${TTFT_PLAINTEXT:+--plaintext} --prefill-flags "${TTFT_PREFILL_FLAGS:-}" --out "$out/ttft$tag.json" > "$out/ttft$tag.log" 2>&1
       grep -A12 "^| transport" "$out/ttft$tag.log"; grep -A14 "Per-layer timeline" "$out/ttft$tag.log" ;;
     ipc-timeline)
       # Why CUDA IPC scatters queued late in a pass wait for its end: the TTFT run's per-layer timeline with

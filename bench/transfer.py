@@ -446,7 +446,7 @@ async def ttft(args) -> list[dict]:
     spec = ClusterSpec(model=args.model, device=args.device, prefill=len(transports), decode=1, gateway_port=0,
                        threads=args.threads, prefill_chunk_tokens=args.chunk, kv_budget=args.kv_budget,
                        prefill_token_budget=max(max(args.ttft_lengths), 2048), log_level="WARNING", tls=not args.plaintext,
-                       prefill_args=tuple(flags for _, flags in transports))
+                       prefill_args=tuple((*flags, *args.prefill_flags.split()) for _, flags in transports))
     cluster = LocalCluster(spec, progress=lambda m: print(m, file=sys.stderr, flush=True))
     vocab = load_model_info(args.model).vocab_size
     rows = []
@@ -507,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"wire: KV shapes, from {', '.join(SHAPES)}")
     parser.add_argument("--chunk", type=int, default=0, help="TTFT: the prefill instances' chunk size (0: whole)")
     parser.add_argument("--kv-budget", default="auto", help="TTFT: the decode instance's KV pool")
+    parser.add_argument("--prefill-flags", default="",
+                        help="TTFT: more flags for every prefill instance (e.g. '--kv-chunk-bytes 16777216')")
     parser.add_argument("--plaintext", action="store_true",
                         help="TTFT: the cluster's members talk without mutual TLS (its default), to see what TLS costs")
     parser.add_argument("--device", default="cpu")

@@ -31,10 +31,11 @@ class HostCopy:
     def __init__(self, t: torch.Tensor) -> None:
         self._ready: torch.cuda.Event | None = None
         if t.is_cuda:
-            device = t.device
-            t = t.to("cpu", non_blocking=True)  # into pinned memory
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
             self._ready = torch.cuda.Event(blocking=True)
-            self._ready.record(torch.cuda.current_stream(device))
+            self._ready.record(torch.cuda.current_stream(t.device))
+            t = host
         self._host = t
 
     def tolist(self) -> list:
