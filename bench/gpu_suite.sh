@@ -79,8 +79,10 @@ for phase in "$@"; do
       grep -A6 "^| KV shape\|^| transport\|ms from the start" "$out/transfer_quick$tag.log" ;;
     grpc-ceiling)
       # What Python gRPC itself moves on this host's loopback (no GPU): 1-8 streams, one receiver or one per
-      # stream, default and large HTTP/2 frames and windows, against raw TCP (asyncio, and blocking sockets).
-      timeout 200 python3 -m bench.grpc_ceiling --out "$out/grpc_ceiling.json" > "$out/grpc_ceiling.log" 2>&1
+      # stream, a sender process per stream, mutual TLS, against raw TCP (asyncio, and blocking sockets).
+      # CEILING_SETTINGS: HTTP/2 settings (default "default"; "default,big frames+windows" as in session 15).
+      timeout 240 python3 -m bench.grpc_ceiling --settings "${CEILING_SETTINGS:-default}" --out "$out/grpc_ceiling.json" \
+        > "$out/grpc_ceiling.log" 2>&1
       grep "GB/s" "$out/grpc_ceiling.log" ;;
     serving)
       timeout 420 python3 -m pdserve_cli bench --start "${SERVING_START:-disagg,colocated-chunked}" --device cuda --model "$model" \
