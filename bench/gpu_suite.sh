@@ -17,7 +17,7 @@ set -uo pipefail
 out=${OUT:-bench/out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .site .whl/*.whl \
-  && export PYTHONPATH=$PWD/.site:$PWD || exit 1
+  && export PYTHONPATH=$PWD/.site:$PWD PATH=$PWD/.site/bin:$PATH || exit 1
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 if [ -n "${GIL_SWITCH_MS:-}" ]; then  # an experiment: every Python process of the call switches the GIL this often
   mkdir -p .gil && echo "import sys; sys.setswitchinterval(${GIL_SWITCH_MS} / 1000)" > .gil/sitecustomize.py
@@ -43,8 +43,15 @@ for phase in "$@"; do
       tag=${TTFT_PLAINTEXT:+_plaintext}${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}${TTFT_TAG:+_$TTFT_TAG}
       timeout 240 python3 -m bench.transfer --device cuda --model "$model" --skip-wire --ttft-lengths "${TTFT_LENGTHS:-2048,8190}" \
         --overlap-length 8190 --ttft-transports "${TTFT_TRANSPORTS:-cuda_ipc,grpc x4}" --repeats 2 --threads 4 --kv-budget 20GiB \
-        ${TTFT_PLAINTEXT:+--plaintext} --prefill-flags "${TTFT_PREFILL_FLAGS:-}" --out "$out/ttft$tag.json" > "$out/ttft$tag.log" 2>&1
-      grep -A12 "^| transport" "$out/ttft$tag.log"; grep -A14 "Per-layer timeline" "$out/ttft$tag.log" ;;
+        ${TTFT_PLAINTEXT:+--plaintext} --prefill-flags "${TTFT_PREFILL_FLAGS:-}" --out "$out/ttft$tag.json" \
+        ${TTFT_PROFILE:+--profile-members "$out/ttft_profile" --profile-flags "${PROFILE_FLAGS:-}"} > "$out/ttft$tag.log" 2>&1
+      grep -A12 "^| transport" "$out/ttft$tag.log"; grep -A14 "Per-layer timeline" "$out/ttft$tag.log"
+      # TTFT_PROFILE=1: py-spy on the prefill and decode members during the 8k samples (PROFILE_FLAGS, e.g. --gil)
+      for raw in "$out"/ttft_profile/*.txt; do
+        [ -f "$raw" ] || continue
+        echo "--- $(basename "$raw")"; python3 -m bench.profile_summary "$raw" --top 10 | cut -c1-170 | head -"${PROFILE_LINES:-60}"
+        gzip -f "$raw" && mv "$raw.gz" "$out/"
+      done; rm -rf "$out/ttft_profile" ;;
     ipc-timeline)
       # Why CUDA IPC scatters queued late in a pass wait for its end: the TTFT run's per-layer timeline with
       # the default hardware queues and with 32 (members inherit the environment).

@@ -40,7 +40,9 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -458,9 +460,18 @@ async def ttft(args) -> list[dict]:
             prefill = next(m.address for m in cluster.members if m.name == f"prefill-{i}")
             for tokens in args.ttft_lengths:
                 # A prompt of its own each time: a repeated one would be served from prefill's prefix cache.
-                samples = [await prefill_timed(cluster.auth, decode, prefill, distinct_prompt(vocab, tokens, (i, r)),
-                                               f"ttft-{name}-{tokens}-{r}".replace(" ", ""))
-                           for r in range(args.repeats + 1)][1:]  # the first warms up
+                await prefill_timed(cluster.auth, decode, prefill, distinct_prompt(vocab, tokens, (i, 0)),
+                                    f"ttft-{name}-{tokens}-0".replace(" ", ""))  # the first warms up
+                profilers = profile_members(args.profile_members, args.profile_flags.split(), cluster,
+                                            (f"prefill-{i}", "decode-0"), f"{name}_{tokens}"
+                                            ) if tokens == args.overlap_length else []
+                try:
+                    samples = [await prefill_timed(cluster.auth, decode, prefill,
+                                                   distinct_prompt(vocab, tokens, (i, r)),
+                                                   f"ttft-{name}-{tokens}-{r}".replace(" ", ""))
+                               for r in range(1, args.repeats + 1)]
+                finally:
+                    stop_profilers(profilers)
                 forward = statistics.median(x["forward_ms"] for x in samples)
                 queue = statistics.median(x["queue_ms"] for x in samples)
                 tail = statistics.median(x["tail_ms"] for x in samples)
@@ -478,6 +489,33 @@ async def ttft(args) -> list[dict]:
     finally:
         cluster.stop()
     return rows
+
+
+def profile_members(folder: str, flags: list[str], cluster, names: tuple[str, ...], tag: str) -> list:
+    """With ``folder``: py-spy (``--threads``, raw stacks, only running threads) attached to each named member
+    until ``stop_profilers``: where a TTFT sample's time goes in the serving processes themselves."""
+    if not folder:
+        return []
+    py_spy = shutil.which("py-spy") or str(Path(sys.prefix) / "bin" / "py-spy")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    profilers = []
+    for member in (m for m in cluster.members if m.name in names):
+        out = Path(folder) / f"profile_ttft_{tag}_{member.name}.txt".replace(" ", "_")
+        profilers.append(subprocess.Popen([py_spy, "record", "--nonblocking", "--threads", *flags, "-r", "200",
+                                           "-f", "raw", "-o", str(out), "--pid", str(member.process.pid)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(1.0)  # attached before the samples start
+    return profilers
+
+
+def stop_profilers(profilers: list) -> None:
+    for p in profilers:
+        p.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    for p in profilers:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def print_timeline(row: dict) -> None:
@@ -509,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-budget", default="auto", help="TTFT: the decode instance's KV pool")
     parser.add_argument("--prefill-flags", default="",
                         help="TTFT: more flags for every prefill instance (e.g. '--kv-chunk-bytes 16777216')")
+    parser.add_argument("--profile-members", default="", metavar="DIR",
+                        help="TTFT: py-spy on the prefill and decode members during the --overlap-length samples, raw "
+                             "stacks into DIR (summarize with bench.profile_summary)")
+    parser.add_argument("--profile-flags", default="", help="TTFT: more py-spy flags, e.g. --gil")
     parser.add_argument("--plaintext", action="store_true",
                         help="TTFT: the cluster's members talk without mutual TLS (its default), to see what TLS costs")
     parser.add_argument("--device", default="cpu")
