@@ -18,10 +18,9 @@ def upload(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.tensor(data, dtype=dtype, device=device)`` without waiting for the device's queued work: on a
     GPU the host copy is pinned and copied asynchronously (the caching host allocator keeps it until the copy
     ran)."""
-    host = torch.tensor(data, dtype=dtype)
     if torch.device(device).type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+        return torch.tensor(data, dtype=dtype, device=device)
+    return torch.tensor(data, dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 class HostCopy:
