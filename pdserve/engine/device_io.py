@@ -15,12 +15,13 @@ import torch
 
 
 def upload(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.tensor(data, dtype=dtype, device=device)`` without waiting for the device's queued work: on a
-    GPU the host copy is pinned and copied asynchronously (the caching host allocator keeps it until the copy
-    ran)."""
+    """``data`` (a list, or a CPU tensor) as a ``dtype`` tensor on ``device``, without waiting for the device's
+    queued work: on a GPU the host copy is pinned and copied asynchronously (the caching host allocator keeps
+    it until the copy ran)."""
+    host = data.to(dtype) if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
     if torch.device(device).type != "cuda":
-        return torch.tensor(data, dtype=dtype, device=device)
-    return torch.tensor(data, dtype=dtype).pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class HostCopy:

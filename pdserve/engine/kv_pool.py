@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pdserve.config import PAGED_KERNELS, parse_budget
+from pdserve.engine.device_io import upload
 from pdserve.errors import ResourceExhausted
 from pdserve.model.loader import KVShape
 
@@ -328,16 +329,16 @@ class KVPool:
         if self.kernel == "flex":
             return self._flex_step(tables, positions)
         device = self.device
-        write = torch.tensor(self.write_slots(tables, positions))
+        write = upload(self.write_slots(tables, positions), torch.long, device)
         by_length: dict[int, list[int]] = {}
         for row, p in enumerate(positions):
             by_length.setdefault(max(GATHER_GROUP_TOKENS, _pow2(p + 1)), []).append(row)
         if len(by_length) == 1:
             group = self._gather_group(tables, positions)
-            return PagedStep(write.to(device), group.mask, groups=[group])
+            return PagedStep(write, group.mask, groups=[group])
         groups = [self._gather_group([tables[r] for r in rows], [positions[r] for r in rows], rows)
                   for _, rows in sorted(by_length.items())]
-        return PagedStep(write.to(device), torch.ones(len(tables), 1, 1, 1, dtype=torch.bool, device=device),
+        return PagedStep(write, torch.ones(len(tables), 1, 1, 1, dtype=torch.bool, device=device),
                          groups=groups)
 
     def write_slots(self, tables: list[list[int]], positions: list[int]) -> list[int]:
@@ -359,8 +360,8 @@ class KVPool:
         mask = t[None, :] <= pos[:, None]                            # (b, L)
         gather = torch.where(mask, slots, torch.zeros_like(slots))   # null block past each length
         device = self.device
-        return GatherGroup(gather.to(device), mask[:, None, None, :].to(device),
-                           None if rows is None else torch.tensor(rows, device=device))
+        return GatherGroup(upload(gather, torch.long, device), upload(mask[:, None, None, :], torch.bool, device),
+                           None if rows is None else upload(rows, torch.long, device))
 
     def flex_metadata(self, tables: list[list[int]], positions: list[int]) -> FlexMetadata:
         """The flex kernel's view of a step on the host, padded to a compiled shape."""
@@ -388,7 +389,7 @@ class KVPool:
     def load_flex_rows(self, meta: FlexMetadata) -> None:
         """Writes which row owns each block and each row's newest position, where the mask reads them."""
         packed = torch.from_numpy(np.concatenate([meta.blocks, meta.owner, meta.logical, meta.positions]))
-        self.write_flex_rows(*packed.to(self.device).split(
+        self.write_flex_rows(*upload(packed, torch.long, self.device).split(
             [len(meta.blocks), len(meta.owner), len(meta.logical), len(meta.positions)]))
 
     def write_flex_rows(self, blocks: torch.Tensor, owner: torch.Tensor, logical: torch.Tensor,
@@ -415,7 +416,8 @@ class KVPool:
         meta = self.flex_metadata(tables, positions)
         self.load_flex_rows(meta)
         rows = meta.padded_rows
-        packed = torch.from_numpy(np.concatenate([meta.counts, meta.indices.ravel(), meta.write])).to(self.device)
+        packed = upload(torch.from_numpy(np.concatenate([meta.counts, meta.indices.ravel(), meta.write])), torch.long,
+                        self.device)
         counts, indices, write = packed.split([rows, rows * meta.width, rows])
         return PagedStep(write[:len(tables)], torch.ones(len(tables), 1, 1, 1, dtype=torch.bool, device=self.device),
                          block_mask=self.block_mask(counts.int(), indices.int().view(rows, meta.width)))

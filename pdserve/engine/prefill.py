@@ -444,7 +444,7 @@ def packed_inputs(plan: list[Segment], device: torch.device,
         mask[q0:q0 + seg.count, kv0:kv0 + span] = kv <= q
         q0 += seg.count
         kv0 += span
-    return as_tensor(ids), as_tensor(positions), mask[None, None].to(device)
+    return as_tensor(ids), as_tensor(positions), upload(mask[None, None], torch.bool, device)
 
 
 class PrefillEngine:
