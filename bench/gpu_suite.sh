@@ -29,8 +29,9 @@ for phase in "$@"; do
   echo "=== $phase $(date +%T)"
   case $phase in
     tests)
-      timeout 330 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_data_plane.py ${TESTS_K:+-k "$TESTS_K"} \
-        2>&1 | tee "$out/tests.log" | tail -25 ;;
+      { timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_engine.py -k device_io 2>&1 | tail -1
+        timeout 330 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_data_plane.py ${TESTS_K:+-k "$TESTS_K"} 2>&1
+      } | tee "$out/tests.log" | tail -25 ;;
     kill)
       timeout 260 python3 -m pytest -q -x -s -p no:cacheprovider tests/test_gpu_data_plane.py -k nothing_is_left \
         > "$out/kill.log" 2>&1; grep -v "^\s*$" "$out/kill.log" | grep -i "passed\|failed\|error\|critical\|assert" | tail -30 ;;
