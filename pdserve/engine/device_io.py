@@ -3,9 +3,9 @@
 A blocking copy between pageable host memory and the GPU (``torch.tensor(xs, device=...)``, ``.to(device)``,
 ``.tolist()``, ``.item()``, ``.cpu()``) first waits for everything queued on its stream. Measured on the
 H200 (``bench.copy_timeline``, session 16): while the prefill worker read its first token that way at the
-end of an 8k pass, every other thread of the process stood still for the rest of the pass -- the KV
-copies' waiter learnt of copies that had finished up to 180 ms earlier only as the pass ended, so the
-senders had nothing to send while the pass ran. ``upload`` goes through pinned memory and does not wait;
+end of an 8k pass, the KV copies' waiter thread, blocked on each copy's event, did not return until the
+pass ended -- it learnt of copies that had finished up to 180 ms earlier only then, so the senders had
+nothing to send for most of the pass. ``upload`` goes through pinned memory and does not wait;
 ``download`` waits for the device on an event (sleeping, the GIL released) and then copies what is ready.
 """
 
