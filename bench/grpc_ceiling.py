@@ -58,6 +58,13 @@ def _channel(port: int, options: list, certs: str, index: int) -> grpc.Channel:
     return _member(certs, "prefill").sync_channel(address, opts) if certs else grpc.insecure_channel(address, opts)
 
 
+def _listen(server, certs: str) -> int:
+    """``server`` (aio or sync) on a port of 127.0.0.1: plaintext or, with ``certs``, mutual TLS."""
+    if certs:
+        return server.add_secure_port("127.0.0.1:0", _member(certs, "decode").server_credentials())
+    return server.add_insecure_port("127.0.0.1:0")
+
+
 def _grpc_sink(options: list, certs: str, ports: mp.Queue) -> None:
     tune_malloc()
 
@@ -72,8 +79,7 @@ def _grpc_sink(options: list, certs: str, ports: mp.Queue) -> None:
             "bench.Sink", {"Push": grpc.stream_unary_rpc_method_handler(push)})
         server = grpc.aio.server(options=BASE + options)
         server.add_generic_rpc_handlers((handler,))
-        ports.put(server.add_secure_port("127.0.0.1:0", _member(certs, "decode").server_credentials()) if certs
-                  else server.add_insecure_port("127.0.0.1:0"))
+        ports.put(_listen(server, certs))
         await server.start()
         await server.wait_for_termination()
 
@@ -112,8 +118,7 @@ def _grpc_sync_sink(options: list, certs: str, ports: mp.Queue) -> None:
     handler = grpc.method_handlers_generic_handler("bench.Sink", {"Push": grpc.stream_unary_rpc_method_handler(push)})
     server = grpc.server(ThreadPoolExecutor(16), options=BASE + options)
     server.add_generic_rpc_handlers((handler,))
-    ports.put(server.add_secure_port("127.0.0.1:0", _member(certs, "decode").server_credentials()) if certs
-              else server.add_insecure_port("127.0.0.1:0"))
+    ports.put(_listen(server, certs))
     server.start()
     server.wait_for_termination()
 
