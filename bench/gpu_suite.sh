@@ -41,12 +41,14 @@ for phase in "$@"; do
     ttft)
       # TTFT_TRANSPORTS, TTFT_LENGTHS; TTFT_PLAINTEXT=1: members without mutual TLS (what TLS costs the gRPC path);
       # TTFT_PREFILL_FLAGS: more prefill flags (e.g. "--kv-chunk-bytes 16777216"), TTFT_TAG names the output
-      tag=${TTFT_PLAINTEXT:+_plaintext}${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}${TTFT_TAG:+_$TTFT_TAG}
-      timeout 240 python3 -m bench.transfer --device cuda --model "$model" --skip-wire --ttft-lengths "${TTFT_LENGTHS:-2048,8190}" \
+      # KV_RECEIVERS: decode's kv_receivers (its gRPC streams taken in by processes of their own)
+      tag=${TTFT_PLAINTEXT:+_plaintext}${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}${KV_RECEIVERS:+_receivers$KV_RECEIVERS}${TTFT_TAG:+_$TTFT_TAG}
+      PDSERVE_KV_RECEIVERS=${KV_RECEIVERS:-0} timeout 240 python3 -m bench.transfer --device cuda --model "$model" --skip-wire --ttft-lengths "${TTFT_LENGTHS:-2048,8190}" \
         --overlap-length 8190 --ttft-transports "${TTFT_TRANSPORTS:-cuda_ipc,grpc x4}" --repeats 2 --threads 4 --kv-budget 20GiB \
-        ${TTFT_PLAINTEXT:+--plaintext} --prefill-flags "${TTFT_PREFILL_FLAGS:-}" --out "$out/ttft$tag.json" \
-        ${TTFT_PROFILE:+--profile-members "$out/ttft_profile" --profile-flags "${PROFILE_FLAGS:-}"} > "$out/ttft$tag.log" 2>&1
-      grep -A12 "^| transport" "$out/ttft$tag.log"; grep -A14 "Per-layer timeline" "$out/ttft$tag.log"
+        ${TTFT_PLAINTEXT:+--plaintext} --prefill-flags="${TTFT_PREFILL_FLAGS:-}" --out "$out/ttft$tag.json" \
+        ${TTFT_PROFILE:+--profile-members "$out/ttft_profile" --profile-flags="${PROFILE_FLAGS:-}"} > "$out/ttft$tag.log" 2>&1
+      grep "KV receiver processes" "$out/ttft$tag.log"; grep -A12 "^| transport" "$out/ttft$tag.log" || tail -20 "$out/ttft$tag.log"
+      grep -A14 "Per-layer timeline" "$out/ttft$tag.log"
       # TTFT_PROFILE=1: py-spy on the prefill and decode members during the 8k samples (PROFILE_FLAGS, e.g. --gil)
       for raw in "$out"/ttft_profile/*.txt; do
         [ -f "$raw" ] || continue

@@ -456,6 +456,10 @@ async def ttft(args) -> list[dict]:
         await cluster.start()
         await cluster.wait_healthy(timeout_s=600)
         decode = next(m.address for m in cluster.members if m.name == "decode-0")
+        async with cluster.auth.channel(decode) as channel:  # PDSERVE_KV_RECEIVERS: decode's KV receivers
+            receivers = len((await decode_pb2_grpc.DecodeStub(channel).GetStats(decode_pb2.GetStatsRequest(),
+                                                                                timeout=10)).kv_receiver_ports)
+        print(f"decode-0: {receivers} KV receiver processes", file=sys.stderr, flush=True)
         for i, (name, _) in enumerate(transports):
             prefill = next(m.address for m in cluster.members if m.name == f"prefill-{i}")
             for tokens in args.ttft_lengths:
@@ -475,7 +479,8 @@ async def ttft(args) -> list[dict]:
                 forward = statistics.median(x["forward_ms"] for x in samples)
                 queue = statistics.median(x["queue_ms"] for x in samples)
                 tail = statistics.median(x["tail_ms"] for x in samples)
-                row = {"transport": name, "tokens": tokens, "kv_bytes": samples[0]["bytes"], "forward_ms": forward,
+                row = {"transport": name, "kv_receivers": receivers, "tokens": tokens, "kv_bytes": samples[0]["bytes"],
+                       "forward_ms": forward,
                        "queue_ms": queue, "transfer_ms": statistics.median(x["transfer_ms"] for x in samples),
                        "tail_ms": tail, "overhead": tail / (forward + queue),
                        "open_ms": statistics.median(x["open_ms"] for x in samples),

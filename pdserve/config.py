@@ -261,6 +261,11 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationCo
         "help": "start decode steps at least this many ms apart (0: back to back): a decode instance sharing its "
                 "GPU with a prefill instance (without MPS the GPU time-slices between processes) leaves it to "
                 "prefill between steps; every request's TPOT is at least this"})
+    kv_receivers: int = field(default=0, metadata={
+        "help": "processes of their own that take in gRPC KV streams, each on a port of its own (reported in "
+                "GetStats; prefill spreads a transfer's kv_streams over them) and write them into the pool (CUDA "
+                "IPC on a GPU, shared memory on a CPU): one process takes in ~4 GB/s at most (its GIL); 0: "
+                "this process takes them in"})
     kv_write_lanes: int = field(default=KV_WRITE_LANES, metadata={
         "help": "GPU: threads, each with a CUDA stream, that check received KV chunks' checksums and copy them "
                 "into the pool (chunks go to them in turn)"})
@@ -287,6 +292,8 @@ class DecodeConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationCo
             raise ConfigError(f"kv_block_size: must be >= 1, got {self.kv_block_size}")
         if not 0 <= self.min_step_interval_ms <= 10_000:
             raise ConfigError(f"min_step_interval_ms: must be in [0, 10000], got {self.min_step_interval_ms}")
+        if not 0 <= self.kv_receivers <= 64:
+            raise ConfigError(f"kv_receivers: must be in [0, 64], got {self.kv_receivers}")
         if not 1 <= self.kv_write_lanes <= 64:
             raise ConfigError(f"kv_write_lanes: must be in [1, 64], got {self.kv_write_lanes}")
         if self.cuda_graph_tokens < 0:

@@ -44,8 +44,8 @@ def stream_info_from_proto(header: decode_pb2.KVHeader) -> StreamInfo:
         raise InvalidArgument(f"header.quantization: {header.quantization!r} unsupported (one of {QUANTIZATIONS})")
     if header.quantization and header.shm_segment:
         raise InvalidArgument("header.quantization: int8 travels over gRPC only, not shared memory")
-    if header.cuda_ipc and (header.shm_segment or header.quantization or (header.num_streams or 1) != 1):
-        raise InvalidArgument("header.cuda_ipc: one stream, no shared-memory segment, no quantization")
+    if header.cuda_ipc and (header.shm_segment or header.quantization):
+        raise InvalidArgument("header.cuda_ipc: no shared-memory segment, no quantization")
     return StreamInfo(header.num_streams or 1, header.stream_index, header.shm_segment, header.checksums,
                       header.quantization, header.cuda_ipc)
 

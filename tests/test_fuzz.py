@@ -187,13 +187,17 @@ async def test_fuzzed_requests_get_precise_codes_and_leave_nothing_behind(tmp_pa
     reaches every servicer (the client-facing port is plaintext)."""
     loaded = get_loaded(MODEL)
     make_certificates(tmp_path)
-    cluster = await start_cluster(loaded, decode_options={"kv_lease_s": 2.0}, tls_dir=tmp_path)
+    # A KV receiver process too: its PushKV is fuzzed like decode's.
+    cluster = await start_cluster(loaded, decode_options={"kv_lease_s": 2.0, "kv_receivers": 1}, tls_dir=tmp_path)
     ports = {"gateway": cluster.gateway.port, "gateway-internal": cluster.gateway.internal_port,
              "prefill": cluster.prefill.port, "decode": cluster.decode.port}
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     member = ClusterAuth(TlsFiles.load(f"{tmp_path}/client.pem", f"{tmp_path}/client-key.pem", f"{tmp_path}/ca.pem"))
     auths = {name: NO_AUTH if name == "gateway" else member for name in ports}
     channels = {name: auths[name].channel(f"127.0.0.1:{port}", options) for name, port in ports.items()}
+    stats = await decode_pb2_grpc.DecodeStub(channels["decode"]).GetStats(decode_pb2.GetStatsRequest())
+    ports["decode-kv-receiver"], auths["decode-kv-receiver"] = stats.kv_receiver_ports[0], member
+    channels["decode-kv-receiver"] = member.channel(f"127.0.0.1:{ports['decode-kv-receiver']}", options)
     rng = random.Random(SEED)
     codes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     try:
@@ -210,8 +214,10 @@ async def test_fuzzed_requests_get_precise_codes_and_leave_nothing_behind(tmp_pa
             # Oversized: past the 64 MiB receive limit.
             codes[method][await call(channels[service], method, b"\x0a" + b"\xff" * (MAX_MESSAGE_BYTES + 16),
                                      streaming, timeout=30)] += 1
-        for _ in range(60):
-            codes["/pdserve.v1.Decode/PushKV"][await push(channels["decode"], push_messages(rng, loaded.info.kv))] += 1
+        for target in ("decode", "decode-kv-receiver"):
+            for _ in range(60):
+                codes[f"{target}: /pdserve.v1.Decode/PushKV"][await push(channels[target],
+                                                                         push_messages(rng, loaded.info.kv))] += 1
         print("\nfuzz status codes per RPC:")
         for method, counter in codes.items():
             print(f"  {method}: " + ", ".join(f"{code.name} {n}" for code, n in counter.most_common()))

@@ -49,10 +49,12 @@ def member(cluster: LocalCluster, name: str):
     return next(m for m in cluster.members if m.name == name)
 
 
-@pytest.mark.parametrize("transport", ["cuda_ipc", "grpc", "shm"])
-def test_every_gpu_kv_path_is_token_exact(transport):
+@pytest.mark.parametrize("path", ["cuda_ipc", "grpc", "shm", "grpc+receivers"])
+def test_every_gpu_kv_path_is_token_exact(path):
     """Prefill and decode as processes on one GPU, prompts packed and chunked: each path gives exactly the
-    tokens generate() gives, and leaves the pool empty. Over gRPC decode writes on three lanes."""
+    tokens generate() gives, and leaves the pool empty. Over gRPC decode writes on three lanes; through
+    decode's KV receivers (two processes) each writes the streams it takes into the pool by CUDA IPC."""
+    transport, _, receivers = path.partition("+")
     spec = "preset:tiny-llama"
     loaded = load_model(spec, device="cuda", dtype="float32")
     batch = prompts(loaded.info.vocab_size, [5, 120, 33, 64, 3, 90, 200, 17], seed=3)
@@ -61,7 +63,8 @@ def test_every_gpu_kv_path_is_token_exact(transport):
                                        # decode's pool writer: several lanes over gRPC, one for the segment
                                        # (CUDA IPC writes none)
                                        extra_env={"PDSERVE_KV_TRANSPORT": transport, "PDSERVE_KV_STREAMS": "2",
-                                                  "PDSERVE_KV_WRITE_LANES": "3" if transport == "grpc" else "1"}))
+                                                  "PDSERVE_KV_WRITE_LANES": "3" if transport == "grpc" else "1",
+                                                  "PDSERVE_KV_RECEIVERS": "2" if receivers else "0"}))
 
     async def go() -> None:
         await cluster.start()
@@ -74,6 +77,7 @@ def test_every_gpu_kv_path_is_token_exact(transport):
         decode = await stats(member(cluster, "decode-0").address, "decode", cluster.auth)
         prefill = await stats(member(cluster, "prefill-0").address, "prefill", cluster.auth)
         assert decode.transfers_completed == len(batch) and decode.kv_blocks_used == 0
+        assert len(decode.kv_receiver_ports) == (2 if receivers else 0)
         assert prefill.kv_pools_mapped == (1 if transport == "cuda_ipc" else 0) and prefill.kv_inflight_bytes == 0
 
     try:
@@ -82,53 +86,40 @@ def test_every_gpu_kv_path_is_token_exact(transport):
         cluster.stop()
 
 
-def test_a_corrupt_chunk_checked_on_the_pool_writer_is_data_loss_and_frees_everything():
-    """On a GPU decode the checksums are checked on the pool writer's lanes (two here), not the event loop: a
+@pytest.mark.parametrize("receivers", [0, 1])
+def test_a_corrupt_chunk_checked_on_the_pool_writer_is_data_loss_and_frees_everything(receivers):
+    """On a GPU decode the checksums are checked on the pool writer's lanes (two here), not the event loop, or
+    (``receivers``) by the KV receiver process the push goes to, which writes the pool by CUDA IPC: a
     flipped byte still fails the push with DATA_LOSS before the transfer completes, the request fails, the
-    blocks come back, and the next push is written and read back exactly."""
+    blocks come back, and the next push is written and the request generates."""
     from services.decode.server import start_decode
     from pdserve import config as cfg
-    from pdserve.kv.wire import checksum
-    from tests.test_kv_push import LAYERS, chunk, header, push, reserve, trailer
+    from tests.test_kv_push import check_push_outcome, push, reserve, signed_transfer
 
     async def go() -> None:
         loaded = load_model("preset:tiny-llama", device="cuda", dtype="float32")
         decode = await start_decode(cfg.DecodeConfig(listen="127.0.0.1:0", model=loaded.info.spec, device="cuda",
-                                                     kv_budget="64MiB", kv_write_lanes=2), loaded)
+                                                     kv_budget="64MiB", kv_write_lanes=2,
+                                                     kv_receivers=receivers), loaded)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{decode.port}") as channel:
                 stub = decode_pb2_grpc.DecodeStub(channel)
-                for corrupt in (True, False):
-                    tid = f"gpu-corrupt-{corrupt}"
-                    waiting = await reserve(stub, tid)
-                    messages = [header(tid, checksums=True)]
-                    for layer in range(LAYERS):
-                        m = chunk(layer)
-                        m.chunk.key = bytes([layer + 1]) * len(m.chunk.key)
-                        m.chunk.checksum = checksum(m.chunk.key, m.chunk.value)
-                        messages.append(m)
-                    if corrupt:
-                        messages[2].chunk.value = b"\1" + messages[2].chunk.value[1:]  # layer 1
-                    result = await push(stub, [*messages, trailer()])
-                    if corrupt:
-                        assert result.code() == grpc.StatusCode.DATA_LOSS, result
-                        assert "checksum mismatch in layer 1" in result.details()
-                        with pytest.raises(grpc.aio.AioRpcError) as info:
-                            await waiting.read()
-                        assert info.value.code() == grpc.StatusCode.DATA_LOSS
-                    else:
-                        assert isinstance(result, decode_pb2.PushKVReply), result
-                        assert result.bytes_received == 2 * LAYERS * len(m.chunk.key)
-                        event = await waiting.read()
-                        assert event.WhichOneof("event") == "token"
-                        waiting.cancel()
-                    after = await stub.GetStats(decode_pb2.GetStatsRequest())
-                    for _ in range(50):  # a cancelled request's blocks come back after its step
-                        if after.kv_blocks_used == 0:
-                            break
-                        await asyncio.sleep(0.05)
+                ports = (await stub.GetStats(decode_pb2.GetStatsRequest())).kv_receiver_ports
+                target = f"127.0.0.1:{ports[0]}" if receivers else f"127.0.0.1:{decode.port}"
+                async with grpc.aio.insecure_channel(target) as pushes:
+                    for corrupt_layer in (1, None):
+                        tid = f"gpu-corrupt-{corrupt_layer}"
+                        waiting = await reserve(stub, tid)
+                        await check_push_outcome(await push(decode_pb2_grpc.DecodeStub(pushes),
+                                                            signed_transfer(tid, corrupt_layer)),
+                                                 waiting, corrupt_layer)
                         after = await stub.GetStats(decode_pb2.GetStatsRequest())
-                    assert (after.waiting_for_kv, after.kv_blocks_used) == (0, 0)
+                        for _ in range(50):  # a cancelled request's blocks come back after its step
+                            if after.kv_blocks_used == 0:
+                                break
+                            await asyncio.sleep(0.05)
+                            after = await stub.GetStats(decode_pb2.GetStatsRequest())
+                        assert (after.waiting_for_kv, after.kv_blocks_used) == (0, 0)
         finally:
             await decode.stop()
 

@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from pdserve.kv import shm
+from pdserve.kv.wire import checksum
 from pdserve.sdk import AsyncClient
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from tests.cluster import reference_greedy
@@ -33,6 +34,38 @@ def chunk(layer: int, start: int = 0, count: int = TOKENS, nbytes: int | None = 
 
 def trailer(token: int = 7) -> decode_pb2.KVMessage:
     return decode_pb2.KVMessage(trailer=decode_pb2.KVTrailer(first_token_id=token))
+
+
+def signed_transfer(tid: str, corrupt_layer: int | None = None) -> list[decode_pb2.KVMessage]:
+    """A whole transfer with checksums, each layer's K bytes its own; ``corrupt_layer``: a byte of that layer's
+    V flipped after it was signed."""
+    messages = [header(tid, checksums=True)]
+    for layer in range(LAYERS):
+        m = chunk(layer)
+        m.chunk.key = bytes([layer + 1]) * len(m.chunk.key)
+        m.chunk.checksum = checksum(m.chunk.key, m.chunk.value)
+        if layer == corrupt_layer:
+            m.chunk.value = b"\1" + m.chunk.value[1:]
+        messages.append(m)
+    return [*messages, trailer()]
+
+
+async def check_push_outcome(result, waiting, corrupt_layer: int | None) -> None:
+    """A corrupt push failed with DATA_LOSS naming the layer, and so did the request waiting for it; a good one
+    delivered every byte and the request generates."""
+    if corrupt_layer is not None:
+        assert isinstance(result, grpc.aio.AioRpcError), result
+        assert result.code() == grpc.StatusCode.DATA_LOSS, result
+        assert f"checksum mismatch in layer {corrupt_layer}" in result.details()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await waiting.read()
+        assert info.value.code() == grpc.StatusCode.DATA_LOSS
+    else:
+        assert isinstance(result, decode_pb2.PushKVReply), result
+        assert result.bytes_received == 2 * LAYERS * TOKENS * TOKEN_BYTES
+        event = await waiting.read()
+        assert event.WhichOneof("event") == "token" and event.token.index == 1  # after prefill's token
+        waiting.cancel()
 
 
 def full_layers() -> list[decode_pb2.KVMessage]:

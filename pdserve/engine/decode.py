@@ -417,6 +417,7 @@ class DecodeEngine:
             if seq.transfer.stream.num_streams == 1:
                 raise InvalidArgument(f"transfer_id: {layout.transfer_id!r} already has a transfer in progress")
             seq.transfer.attach(layout, stream)
+            self._transfer_began.set()
             return seq.transfer
         kv = self.info.kv
         try:
@@ -458,10 +459,10 @@ class DecodeEngine:
             del self._quarantined[id(assembly)]
             self._free(seq)
 
-    async def transfer_target(self, transfer_id: str, wait_s: float = 10.0) -> list[int]:
-        """The blocks of a CUDA IPC transfer, once its stream is open (waiting up to ``wait_s`` for the header:
-        the producer asks right after sending it). A producer writes only into these, only while its stream
-        is open."""
+    async def transfer_target(self, transfer_id: str, stream_index: int = 0, wait_s: float = 10.0) -> list[int]:
+        """The blocks of a CUDA IPC transfer, once the asking producer's stream of it is open (waiting up to
+        ``wait_s`` for its header: the producer asks right after sending it). A producer writes only into
+        these, only while its stream is open (and so counted: failed, the blocks stay until it ended)."""
         deadline = time.monotonic() + wait_s
         while True:
             seq = self._waiting.get(transfer_id)
@@ -470,10 +471,12 @@ class DecodeEngine:
             if seq.transfer is not None:
                 if not seq.transfer.stream.cuda_ipc or not seq.transfer.streams_live:
                     raise InvalidArgument(f"transfer_id: {transfer_id!r} has no open CUDA IPC stream")
-                return seq.transfer_blocks(self.pool.block_size)
+                if seq.transfer.has_stream(stream_index):
+                    return seq.transfer_blocks(self.pool.block_size)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise NotFound(f"transfer_id: {transfer_id!r}: no CUDA IPC stream opened within {wait_s:g} s")
+                raise NotFound(f"transfer_id: {transfer_id!r}: no CUDA IPC stream {stream_index} opened within "
+                               f"{wait_s:g} s")
             self._transfer_began.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._transfer_began.wait(), left)

@@ -101,6 +101,10 @@ class KVAssembly:
             raise InvalidArgument(f"transfer_id: {layout.transfer_id!r} already has stream {stream.stream_index}")
         self._streams_open.add(stream.stream_index)
 
+    def has_stream(self, stream_index: int) -> bool:
+        """Whether that stream of the transfer announced itself."""
+        return stream_index in self._streams_open
+
     def add(self, chunk: KVChunkData) -> None:
         if chunk.layer_count > 1:  # CUDA IPC: one note for several layers written alike
             if not self.stream.cuda_ipc:

@@ -116,13 +116,18 @@ class GrpcKVSender(KVSender):
 
     def __init__(self, channels: list[grpc.Channel], address: str, chunk_bytes: int = 4 << 20,
                  checksums: bool = True, timeout_s: float | None = 300.0, quantization: str = "",
-                 copies: DeviceCopies | None = None) -> None:
+                 copies: DeviceCopies | None = None, stream_of: tuple[int, int] | None = None) -> None:
         if not channels:
             raise ValueError("GrpcKVSender needs at least one channel")
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization: {quantization!r} not one of {QUANTIZATIONS}")
         self._quantization = quantization
-        self._streams = [_Stream(c, i) for i, c in enumerate(channels)]
+        # (index, count): this sender's one stream is that stream of a transfer over several (a KV receiver
+        # forwarding the stream it took in); by default the channels' streams are all of the transfer's.
+        if stream_of is not None and len(channels) != 1:
+            raise ValueError("stream_of: a sender with one channel only")
+        first, self._stream_count = stream_of or (0, len(channels))
+        self._streams = [_Stream(c, first + i) for i, c in enumerate(channels)]
         self._address = address
         self._chunk_bytes = chunk_bytes
         self._checksums = checksums
@@ -245,7 +250,7 @@ class GrpcKVSender(KVSender):
             raise Cancelled("KV transfer aborted before it opened")
         header = decode_pb2.KVHeader(transfer_id=layout.transfer_id, num_layers=layout.num_layers,
                                      num_tokens=layout.num_tokens, kv_heads=layout.kv_heads,
-                                     head_dim=layout.head_dim, dtype=layout.dtype, num_streams=len(self._streams),
+                                     head_dim=layout.head_dim, dtype=layout.dtype, num_streams=self._stream_count,
                                      checksums=self._checksums, **self._header_fields())
         metadata = telemetry.outgoing()  # decode's span joins the caller's trace
         for s in self._streams:
@@ -313,6 +318,9 @@ class GrpcKVSender(KVSender):
                 return
             if r is _FINISH:
                 yield self._trailer
+                return
+            if isinstance(r, bytes):  # fail(): a KVAbort ends the stream
+                yield r
                 return
             group, pending = self._group(s, r)
             for layers, nbytes, make in self._messages_for(group):
@@ -412,6 +420,24 @@ class GrpcKVSender(KVSender):
                 raise Internal(f"KV message for decode {self._address} could not be made: {self._failure}") from None
             raise error_from_rpc(exc, f"KV push to decode {self._address}") from None
 
+    async def fail(self, reason: str, wait_s: float = 5.0) -> None:
+        """Ends the transfer telling the consumer why: after the ranges already queued, a ``KVAbort`` in place of
+        the trailer on every stream (the consumer fails the transfer with DATA_LOSS naming ``reason``); waits up
+        to ``wait_s`` for the consumer's answers, then ``abort``. For a producer relaying a transfer, whose
+        consumer would otherwise learn only of a cancelled stream, or nothing if its header had not arrived."""
+        with self._lock:
+            self._aborted = True
+            self._deferred.clear()
+        if self._copies is not None:  # what is queued is complete before the consumer frees the blocks
+            await asyncio.get_running_loop().run_in_executor(None, self._copies.synchronize)
+        message = decode_pb2.KVMessage(abort=decode_pb2.KVAbort(reason=reason)).SerializeToString()
+        started = [s for s in self._streams if s.call is not None]
+        for s in started:
+            s.queue.put(message)
+        if started:
+            await asyncio.wait([s.reply for s in started], timeout=wait_s)
+        await self.abort()
+
     async def abort(self) -> None:
         """Stops the transfer: no range is staged after this, and (GPU) every copy already queued completed
         before the streams are cancelled, so nothing is written anywhere once it returns."""
@@ -436,8 +462,9 @@ class ShmKVSender(GrpcKVSender):
     transport = "shm"
 
     def __init__(self, channel: grpc.Channel, address: str, pool: SegmentPool, checksums: bool = True,
-                 timeout_s: float | None = 300.0, copies: DeviceCopies | None = None) -> None:
-        super().__init__([channel], address, 1 << 62, checksums, timeout_s, copies=copies)
+                 timeout_s: float | None = 300.0, copies: DeviceCopies | None = None,
+                 stream_of: tuple[int, int] | None = None) -> None:
+        super().__init__([channel], address, 1 << 62, checksums, timeout_s, copies=copies, stream_of=stream_of)
         self._pool = pool
         self._segment: Segment | None = None
 
@@ -490,8 +517,8 @@ class IpcKVSender(GrpcKVSender):
 
     def __init__(self, channel: grpc.Channel, address: str, pool: torch.Tensor, block_size: int,
                  incarnation: str, copies: DeviceCopies, timeout_s: float | None = 300.0,
-                 layer_ranges: bool = False) -> None:
-        super().__init__([channel], address, 1 << 62, False, timeout_s, copies=copies)
+                 layer_ranges: bool = False, stream_of: tuple[int, int] | None = None) -> None:
+        super().__init__([channel], address, 1 << 62, False, timeout_s, copies=copies, stream_of=stream_of)
         self._layer_ranges = layer_ranges  # decode takes one note for several layers (its pool handle says)
         self._pool = pool  # decode's (2, layers, slots, H, D), mapped into this process
         self._block_size = block_size
@@ -507,7 +534,8 @@ class IpcKVSender(GrpcKVSender):
         # asked at once, the round trip overlaps the header's.
         try:
             target = await self._awaitable(decode_pb2_grpc.DecodeStub(self._streams[0].channel).TransferTarget.future(
-                decode_pb2.TransferTargetRequest(transfer_id=layout.transfer_id), timeout=10))
+                decode_pb2.TransferTargetRequest(transfer_id=layout.transfer_id, stream_index=self._streams[0].index),
+                timeout=10))
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, f"KV push to decode {self._address}") from None
         if target.incarnation != self._incarnation:

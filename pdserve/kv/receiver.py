@@ -14,7 +14,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from pdserve.errors import InvalidArgument
+from pdserve.errors import DataLoss, InvalidArgument
 from pdserve.rpc import add_servicer
 from pdserve.kv.assembly import KVAssembly
 from pdserve.kv.shm import SegmentCache, chunk_from_segment
@@ -25,6 +25,7 @@ from pdserve.v1 import decode_pb2, decode_pb2_grpc
 SEGMENTS = SegmentCache()
 # How long a rejected push is read to its end before the server answers anyway.
 DRAIN_SECONDS = 10.0
+MAX_REASON = 1000  # characters of a KVAbort's reason kept
 
 
 async def receive_stream(messages: AsyncIterator[bytes], assembly: KVAssembly, stream: StreamInfo,
@@ -57,6 +58,8 @@ async def receive_stream(messages: AsyncIterator[bytes], assembly: KVAssembly, s
                     assembly.check_alive()
                 on_trailer(message.first_token_id)
                 return received
+            elif kind == "abort":
+                raise DataLoss(f"KV transfer failed on its way to decode: {message.reason[:MAX_REASON]}")
             else:
                 raise InvalidArgument(f"PushKV: unexpected {kind or 'empty'} message after the header")
         raise InvalidArgument("PushKV: stream ended before the KVTrailer")

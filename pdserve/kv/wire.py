@@ -268,7 +268,7 @@ def _decode_chunk(buf: memoryview) -> KVChunkData:
 
 def decode_message(data: bytes) -> tuple[str, object]:
     """A serialized ``KVMessage`` -> (kind, payload): ("chunk", KVChunkData with K/V views of ``data``),
-    ("header", KVHeader), ("trailer", KVTrailer) or ("", None) for an empty message."""
+    ("header", KVHeader), ("trailer", KVTrailer), ("abort", KVAbort) or ("", None) for an empty message."""
     buf = memoryview(data)
     if len(buf) > 1 and buf[0] == 0x12:  # the one chunk field, as every pdserve sender writes it
         size, pos = _read_varint(buf, 1)

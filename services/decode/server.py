@@ -16,6 +16,8 @@ from pdserve.engine.kv_pool import budget_bytes
 from pdserve.errors import Cancelled, DataLoss, FailedPrecondition, InvalidArgument, PdserveError
 from pdserve.kv.assembly import KVAssembly
 from pdserve.kv.cuda_ipc import device_uuid, pool_handle
+from pdserve.kv.receivers import KVReceivers, ReceiverSpec
+from pdserve.kv.wire import DTYPE_NAMES
 from pdserve.kv.receiver import DRAIN_SECONDS, add_decode_servicer, drain, read_header, receive_stream
 from pdserve.kv.shm import host_id, sweep_orphans, sweep_periodically
 from pdserve.logs import bind_request
@@ -23,7 +25,7 @@ from pdserve.metrics import DecodeMetrics
 from pdserve.prefix import CACHED_KEYS_REPORTED
 from pdserve.model import LoadedModel
 from pdserve.registration import start_announcer
-from pdserve.rpc import rpc_errors, start_server
+from pdserve.rpc import rpc_errors, set_ready, start_server
 from pdserve.service import RunningService, cluster_auth, expose_metrics, load_model_for, run_service, service_main
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
@@ -38,6 +40,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self._engine = engine
         self._host_id = host_id()
         self.incarnation = secrets.token_hex(8)  # a restart on the same address is a new instance
+        self.kv_receiver_ports: list[int] = []  # its KV receiver processes' (KVReceivers.ports)
         self.metrics = DecodeMetrics()
         self.metrics.gauges(self._gauges)
 
@@ -197,6 +200,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def GetStats(self, request, context):
         return decode_pb2.DecodeStats(**self._engine.stats(), host_id=self._host_id, incarnation=self.incarnation,
                                       cuda_device=device_uuid(self._engine.pool.device),
+                                      kv_receiver_ports=self.kv_receiver_ports,
                                       cached_blocks=self._engine.pool.allocator.cached_keys(CACHED_KEYS_REPORTED))
 
     @rpc_errors
@@ -209,8 +213,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     @rpc_errors
     async def TransferTarget(self, request, context):
         check_id(request.transfer_id, "transfer_id")
-        blocks = await self._engine.transfer_target(request.transfer_id)
+        blocks = await self._engine.transfer_target(request.transfer_id, request.stream_index)
         return decode_pb2.TransferTargetReply(blocks=blocks, incarnation=self.incarnation)
+
+
+def receiver_spec(config: cfg.DecodeConfig, loaded: LoadedModel, engine: DecodeEngine, port: int,
+                  incarnation: str) -> ReceiverSpec:
+    pool, kv = engine.pool, loaded.info.kv
+    return ReceiverSpec(config=config, decode_port=port, num_layers=kv.num_layers, kv_heads=kv.kv_heads,
+                        head_dim=kv.head_dim, dtype=DTYPE_NAMES[loaded.dtype], max_tokens=loaded.info.context_length,
+                        incarnation=incarnation, block_size=pool.block_size,
+                        pool=pool_handle(pool.storage, pool.block_size) if pool.device.type == "cuda" else None)
 
 
 async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = None) -> RunningService:
@@ -236,14 +249,30 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
              pool.allocator.capacity, pool.block_size, pool.nbytes / 2**20, pool.kernel, config.max_batch,
              config.max_queued)
     servicer = DecodeServicer(engine)
+    # With KV receivers, ready only once they serve: a prefill instance learns them once, when it first sends.
     server, port, health = await start_server(config.listen, SERVICE, lambda server: add_decode_servicer(servicer, server),
-                                              credentials=auth.server_credentials(),
+                                              ready=not config.kv_receivers, credentials=auth.server_credentials(),
                                               interceptors=auth.server_interceptors())
+    receivers = None
+    if config.kv_receivers:
+        receivers = KVReceivers(receiver_spec(config, loaded, engine, port, servicer.incarnation), config.kv_receivers)
+        try:
+            await receivers.start()
+        except BaseException:
+            sweeper.cancel()
+            await receivers.close()
+            await server.stop(None)
+            await engine.stop()
+            raise
+        servicer.kv_receiver_ports = receivers.ports
+        await set_ready(health, True)
 
     announcer = start_announcer(config, "decode", config.listen, port, auth)
 
     async def close() -> None:
         sweeper.cancel()
+        if receivers is not None:
+            await receivers.close()
         await engine.stop()
         if announcer is not None:
             await announcer.close()

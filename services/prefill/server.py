@@ -23,6 +23,7 @@ from pdserve.engine.prefix_store import PrefixStore
 from pdserve.errors import Cancelled, DataLoss, FailedPrecondition, InvalidArgument, NotFound, PdserveError
 from pdserve.kv.cuda_ipc import MappedPools, local_device
 from pdserve.kv.grpc_sender import GrpcKVSender, IpcKVSender, ShmKVSender
+from pdserve.kv.receivers import receiver_addresses
 from pdserve.kv.shm import SegmentPool, host_id, sweep_orphans
 from pdserve.kv.staging import DeviceCopies
 from pdserve.kv.transport import KVSender
@@ -80,6 +81,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.inflight = engine.inflight  # KV bytes of unfinished transfers
         self.incarnation = secrets.token_hex(8)  # a restart on the same address is a new instance
         self._transports: dict[str, str] = {}  # decode address -> how KV reaches it
+        self._grpc_targets_of: dict[str, list[str]] = {}  # decode address -> its KV receivers' (or itself)
         self._pools = MappedPools()  # decode pools this process writes into (CUDA IPC)
         self._device_copies: DeviceCopies | None = None
         # Idle shared-memory segments stay within the in-flight budget, and within host memory's default.
@@ -147,11 +149,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if self._config.kv_quantization != "none":
             return "grpc"  # int8 exists to cut wire bytes; shared memory has none to cut
         if address not in self._transports:
-            try:
-                stats = await decode_pb2_grpc.DecodeStub(self._channels.get(address)).GetStats(
-                    decode_pb2.GetStatsRequest(), timeout=5.0)
-            except grpc.aio.AioRpcError as exc:
-                log.warning("decode %s: no host id (%s); sending KV over gRPC", address, exc.code().name)
+            stats = await self._decode_stats(address)
+            if stats is None:
                 return "grpc"
             here = host_id()
             same_host = bool(here) and stats.host_id == here
@@ -159,6 +158,25 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             self._transports[address] = "cuda_ipc" if gpu else "shm" if same_host else "grpc"
             log.info("decode %s: KV over %s", address, self._transports[address])
         return self._transports[address]
+
+    async def _decode_stats(self, address: str):
+        """The decode instance's ``GetStats`` (its host, GPU and KV receivers), or None if it did not answer.
+        Its KV receivers are noted on the way (``_grpc_targets``)."""
+        try:
+            stats = await decode_pb2_grpc.DecodeStub(self._channels.get(address)).GetStats(
+                decode_pb2.GetStatsRequest(), timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("decode %s: no stats (%s); sending KV over gRPC to it", address, exc.code().name)
+            return None
+        self._grpc_targets_of[address] = receiver_addresses(address, stats.kv_receiver_ports)
+        return stats
+
+    async def _grpc_targets(self, address: str) -> list[str]:
+        """Where a transfer's gRPC streams go: the decode instance's KV receiver processes, or the instance
+        itself. Learned once per address (again after a failed transfer there)."""
+        if address not in self._grpc_targets_of and await self._decode_stats(address) is None:
+            return [address]
+        return self._grpc_targets_of[address]
 
     async def _pool(self, address: str):
         """Decode's KV pool mapped into this process (CUDA IPC), once per decode incarnation."""
@@ -180,6 +198,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         """A transfer to ``address`` failed: learn its transport again and unmap its pool (it may have
         restarted: a new pool, or none)."""
         self._transports.pop(address, None)
+        self._grpc_targets_of.pop(address, None)
         self._pools.forget(address)
 
     def _copies(self) -> DeviceCopies | None:
@@ -206,8 +225,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if transport == "shm":
             return ShmKVSender(self._channels.get_sync(address), address, self.segments, c.kv_checksums, timeout_s,
                                copies=self._copies())
-        lanes = c.kv_stream_count(self._engine.device.type)
-        channels = [self._channels.get_sync(address, lane) for lane in range(lanes)]
+        # The streams go to decode's KV receivers in turn (a connection of its own each), or all to decode.
+        targets = await self._grpc_targets(address)
+        channels = [self._channels.get_sync(targets[i % len(targets)], i // len(targets))
+                    for i in range(c.kv_stream_count(self._engine.device.type))]
         return GrpcKVSender(channels, address, c.kv_chunk_bytes, c.kv_checksums, timeout_s,
                             quantization="" if c.kv_quantization == "none" else c.kv_quantization,
                             copies=self._copies())

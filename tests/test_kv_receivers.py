@@ -1,0 +1,113 @@
+"""KV receiver processes (decode's ``kv_receivers``): transfers through them are token-exact, a corrupt chunk is
+caught there, a killed one is started again on its port, and nothing is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+from pdserve.kv import shm
+from pdserve.sdk import AsyncClient
+from pdserve.v1 import decode_pb2, decode_pb2_grpc
+from tests.cluster import reference_greedy, start_cluster
+from tests.conftest import get_loaded
+from tests.test_kv_push import check_push_outcome, push, reserve, signed_transfer
+
+pytestmark = pytest.mark.slow  # real processes, each importing torch
+
+
+def receivers() -> dict[str, multiprocessing.Process]:
+    """This process's KV receiver processes (the decode instance under test runs in it), by name."""
+    return {p.name: p for p in multiprocessing.active_children() if p.name.startswith("kv-receiver-")}
+
+
+def segments_of(pid: int) -> list[str]:
+    return [n for n in shm.segment_names() if n.startswith(f"{shm.PREFIX}{pid}-")]
+
+
+async def decode_stats(address: str) -> decode_pb2.DecodeStats:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await decode_pb2_grpc.DecodeStub(channel).GetStats(decode_pb2.GetStatsRequest(), timeout=5)
+
+
+async def settled(address: str, timeout_s: float = 10.0) -> decode_pb2.DecodeStats:
+    """Decode's stats once every request's blocks came back (a finished request frees them after its step)."""
+    deadline = time.monotonic() + timeout_s
+    while (stats := await decode_stats(address)).kv_blocks_used and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return stats
+
+
+async def generate_all(cluster, prompts: list[list[int]]) -> None:
+    async with AsyncClient(cluster.address, timeout=60) as client:
+        results = await asyncio.gather(*(client.generate(token_ids=p, max_tokens=8, temperature=0, ignore_eos=True)
+                                         for p in prompts))
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == reference_greedy(cluster.loaded, prompt, 8, ignore_eos=True)
+
+
+async def test_transfers_through_kv_receivers_are_token_exact_and_a_killed_receiver_is_replaced():
+    loaded = get_loaded("preset:tiny-llama")
+    # Every prompt's KV crosses the transfer (none prefilled on decode for a cache hit), over two streams.
+    cluster = await start_cluster(loaded, decode_options={"kv_receivers": 2},
+                                  prefill_options={"kv_transport": "grpc", "kv_streams": 2, "prefill_chunk_tokens": 16,
+                                                   "kv_chunk_bytes": 4096},
+                                  gateway_options={"local_uncached_tokens": 0})
+    decode = cluster.decode_address
+    try:
+        before = receivers()
+        assert sorted(before) == ["kv-receiver-0", "kv-receiver-1"]
+        ports = list((await decode_stats(decode)).kv_receiver_ports)
+        assert len(set(ports)) == 2 and 0 not in ports and cluster.decode.port not in ports
+
+        await generate_all(cluster, [[5, 6, 7], list(range(30, 100)), list(range(200, 241))])
+        stats = await settled(decode)
+        assert (stats.transfers_completed, stats.kv_blocks_used, stats.waiting_for_kv) == (3, 0, 0)
+        # Each stream went through its receiver: each wrote decode's side through a segment of its own,
+        # kept for its next transfer.
+        for process in before.values():
+            assert segments_of(process.pid), f"{process.name} carried no transfer"
+
+        victim = before["kv-receiver-0"]
+        os.kill(victim.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not ((new := receivers().get("kv-receiver-0")) and new.pid != victim.pid and new.is_alive()
+                   and list((await decode_stats(decode)).kv_receiver_ports) == ports):
+            assert time.monotonic() < deadline, "the killed receiver was not started again on its port"
+            await asyncio.sleep(0.2)
+        shm.sweep_orphans()  # what decode's periodic sweep does: the dead receiver's segments go
+        assert segments_of(victim.pid) == []
+
+        # No request is lost: one whose push met the dead receiver's connection is pushed again.
+        await generate_all(cluster, [list(range(300, 340)), [9, 8, 7, 6, 5, 4, 3], list(range(400, 480))])
+        stats = await settled(decode)
+        assert (stats.kv_blocks_used, stats.waiting_for_kv) == (0, 0)
+    finally:
+        await cluster.stop()
+    assert receivers() == {}, "the receivers stop with their decode instance"
+
+
+async def test_a_kv_receiver_checks_checksums_and_forwards_a_good_push():
+    """A flipped byte fails the push at the receiver with DATA_LOSS before decode completes the transfer:
+    the waiting request fails and its blocks come back; a good push through it generates."""
+    cluster = await start_cluster(get_loaded("preset:tiny-llama"), decode_options={"kv_receivers": 1})
+    try:
+        (port,) = (await decode_stats(cluster.decode_address)).kv_receiver_ports
+        async with grpc.aio.insecure_channel(cluster.decode_address) as to_decode, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{port}") as to_receiver:
+            decode, receiver = decode_pb2_grpc.DecodeStub(to_decode), decode_pb2_grpc.DecodeStub(to_receiver)
+            for corrupt_layer in (1, None):
+                tid = f"through-a-receiver-{corrupt_layer}"
+                waiting = await reserve(decode, tid)
+                result = await push(receiver, signed_transfer(tid, corrupt_layer))
+                await check_push_outcome(result, waiting, corrupt_layer)
+                stats = await settled(cluster.decode_address)
+                assert (stats.waiting_for_kv, stats.kv_blocks_used) == (0, 0)
+    finally:
+        await cluster.stop()
