@@ -23,7 +23,11 @@ Part 2, TTFT: one decode and one prefill process per transport (real
 services); each prompt is reserved on decode and prefilled straight on the
 prefill instance of that transport while its KV streams; the tail = KV
 complete at decode minus forward end. Colocated, decode could start at
-forward end, so the overhead of disaggregation is tail / (queue + forward).
+the end of a pass that moved no KV, so the overhead of disaggregation is
+(queue + forward + tail) / (queue + forward of the same instance's prefills
+without a transfer, in the same run) - 1: a transfer that slows the pass
+itself (its sender threads taking the GIL from the thread launching it)
+counts; tail / (queue + forward), what the tail alone adds, is reported too.
 The transfer opens beside the pass (as a prefill server opens it): an open
 that outlasts the pass shows in the tail; "open" and when it completed are
 reported too.
@@ -396,6 +400,16 @@ def ipc_slots(tokens: int) -> torch.Tensor:
     return (blocks[t // BLOCK] * BLOCK + t % BLOCK).to("cuda")
 
 
+async def prefill_alone(auth, prefill: str, prompt: list[int], tid: str) -> float:
+    """Queue + forward ms of one prefill moving no KV (no decode address): the colocated baseline."""
+    from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+
+    async with auth.channel(prefill) as pch:
+        events = [e async for e in prefill_pb2_grpc.PrefillStub(pch).Prefill(prefill_pb2.PrefillRequest(
+            request_id=tid, token_ids=prompt, sampling=common_pb2.SamplingParams(temperature=0)))]
+    return events[0].first_token.queue_ms + events[0].first_token.forward_ms
+
+
 async def prefill_timed(auth, decode: str, prefill: str, prompt: list[int], tid: str) -> dict:
     """One prefill straight to a prefill server (a decode reservation first, as the gateway makes): its
     queue and forward times, what the transfer added after the forward pass (KV complete at decode minus
@@ -476,13 +490,18 @@ async def ttft(args) -> list[dict]:
                                for r in range(1, args.repeats + 1)]
                 finally:
                     stop_profilers(profilers)
+                alone = statistics.median([await prefill_alone(cluster.auth, prefill,
+                                                               distinct_prompt(vocab, tokens, (i, -r)),
+                                                               f"alone-{name}-{tokens}-{r}".replace(" ", ""))
+                                           for r in range(1, args.repeats + 1)])
                 forward = statistics.median(x["forward_ms"] for x in samples)
                 queue = statistics.median(x["queue_ms"] for x in samples)
                 tail = statistics.median(x["tail_ms"] for x in samples)
                 row = {"transport": name, "kv_receivers": receivers, "tokens": tokens, "kv_bytes": samples[0]["bytes"],
                        "forward_ms": forward,
                        "queue_ms": queue, "transfer_ms": statistics.median(x["transfer_ms"] for x in samples),
-                       "tail_ms": tail, "overhead": tail / (forward + queue),
+                       "tail_ms": tail, "alone_ms": alone, "overhead": (queue + forward + tail) / alone - 1,
+                       "tail_share": tail / (forward + queue),
                        "open_ms": statistics.median(x["open_ms"] for x in samples),
                        "opened_at_ms": statistics.median(x["opened_at_ms"] for x in samples)}
                 if tokens == args.overlap_length:
@@ -490,7 +509,8 @@ async def ttft(args) -> list[dict]:
                 rows.append(row)
                 print(f"{name} {tokens} tokens: forward {forward:.1f} ms, open {row['open_ms']:.1f} ms (done "
                       f"{row['opened_at_ms']:.1f} ms after the pass began), transfer {row['transfer_ms']:.1f} ms, "
-                      f"tail after forward {tail:.1f} ms ({100 * row['overhead']:.1f}% of TTFT)", flush=True)
+                      f"tail after forward {tail:.1f} ms; without a transfer {alone:.1f} ms: TTFT overhead "
+                      f"{100 * row['overhead']:.1f}%", flush=True)
     finally:
         cluster.stop()
     return rows
@@ -599,13 +619,13 @@ def main(argv: list[str] | None = None) -> int:
                   + " | ".join(f"{r[p]:.2f}" for p in paths) + " |")
     ttft_rows = [] if args.skip_ttft else asyncio.run(ttft(args))
     if ttft_rows:
-        print("\n| transport | tokens | KV MiB | queue + forward ms | open ms (beside the pass) | transfer ms "
-              "| tail after forward ms | TTFT overhead |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("\n| transport | tokens | KV MiB | without a transfer ms | queue + forward ms | open ms (beside the pass) "
+              "| transfer ms | tail after forward ms | tail / (queue + forward) | TTFT overhead |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in ttft_rows:
-            print(f"| {r['transport']} | {r['tokens']} | {r['kv_bytes'] / 2**20:.1f} | "
+            print(f"| {r['transport']} | {r['tokens']} | {r['kv_bytes'] / 2**20:.1f} | {r['alone_ms']:.1f} | "
                   f"{r['queue_ms'] + r['forward_ms']:.1f} | {r['open_ms']:.1f} | {r['transfer_ms']:.1f} | {r['tail_ms']:.1f} | "
-                  f"{100 * r['overhead']:.1f}% |")
+                  f"{100 * r['tail_share']:.1f}% | {100 * r['overhead']:.1f}% |")
         for r in ttft_rows:
             if "timeline" in r:
                 print_timeline(r)

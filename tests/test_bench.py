@@ -101,5 +101,5 @@ def test_transfer_ttft_runs_against_a_tls_cluster(tmp_path):
     assert code == 0
     rows = json.loads(out.read_text())["ttft"]
     assert [(r["transport"], r["tokens"]) for r in rows] == [("grpc x1", 40), ("shm", 40)]
-    assert all(r["kv_bytes"] > 0 and r["forward_ms"] > 0 and r["tail_ms"] >= 0 for r in rows)
+    assert all(r["kv_bytes"] > 0 and r["forward_ms"] > 0 and r["tail_ms"] >= 0 and r["alone_ms"] > 0 for r in rows)
     assert all(len(r["timeline"]["layers"]) == 4 for r in rows)  # tiny-llama's layers, each timed
