@@ -41,9 +41,11 @@ for phase in "$@"; do
     ttft)
       # TTFT_TRANSPORTS, TTFT_LENGTHS; TTFT_PLAINTEXT=1: members without mutual TLS (what TLS costs the gRPC path);
       # TTFT_PREFILL_FLAGS: more prefill flags (e.g. "--kv-chunk-bytes 16777216"), TTFT_TAG names the output
-      # KV_RECEIVERS: decode's kv_receivers (its gRPC streams taken in by processes of their own)
-      tag=${TTFT_PLAINTEXT:+_plaintext}${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}${KV_RECEIVERS:+_receivers$KV_RECEIVERS}${TTFT_TAG:+_$TTFT_TAG}
-      PDSERVE_KV_RECEIVERS=${KV_RECEIVERS:-0} timeout 240 python3 -m bench.transfer --device cuda --model "$model" --skip-wire --ttft-lengths "${TTFT_LENGTHS:-2048,8190}" \
+      # KV_RECEIVERS, KV_SENDERS: decode's kv_receivers and prefill's kv_senders (gRPC streams taken in and
+      # sent by processes of their own)
+      tag=${TTFT_PLAINTEXT:+_plaintext}${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}${KV_RECEIVERS:+_receivers$KV_RECEIVERS}
+      tag=$tag${KV_SENDERS:+_senders$KV_SENDERS}${TTFT_TAG:+_$TTFT_TAG}
+      PDSERVE_KV_RECEIVERS=${KV_RECEIVERS:-0} PDSERVE_KV_SENDERS=${KV_SENDERS:-0} timeout 240 python3 -m bench.transfer --device cuda --model "$model" --skip-wire --ttft-lengths "${TTFT_LENGTHS:-2048,8190}" \
         --overlap-length 8190 --ttft-transports "${TTFT_TRANSPORTS:-cuda_ipc,grpc x4}" --repeats 2 --threads 4 --kv-budget 20GiB \
         ${TTFT_PLAINTEXT:+--plaintext} --prefill-flags="${TTFT_PREFILL_FLAGS:-}" --out "$out/ttft$tag.json" \
         ${TTFT_PROFILE:+--profile-members "$out/ttft_profile" --profile-flags="${PROFILE_FLAGS:-}"} > "$out/ttft$tag.log" 2>&1

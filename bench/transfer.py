@@ -69,7 +69,7 @@ from pdserve.model.loader import KVShape
 from pdserve.rpc import OPTIONS, ChannelPool
 from pdserve.tls import NO_AUTH, ClusterAuth, TlsFiles, make_certificates
 from pdserve.service import set_torch_threads, tune_malloc
-from pdserve.v1 import decode_pb2, decode_pb2_grpc
+from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 SHAPES = {  # name: (KV shape, dtype)
     "SmolLM2-135M fp32": (KVShape(num_layers=30, kv_heads=3, head_dim=64), torch.float32),
@@ -318,8 +318,8 @@ async def wire(args) -> list[dict]:
             for n in args.streams})
     segments = SegmentPool()
     # steady state: the segment is reused
-    paths["shm"] = lambda: ShmKVSender(channels.get_sync(address), address, segments, copies=copies)
-    paths["shm, fresh segment"] = lambda: ShmKVSender(channels.get_sync(address), address, SegmentPool(idle_limit=0),
+    paths["shm"] = lambda: ShmKVSender([channels.get_sync(address)], address, segments, copies=copies)
+    paths["shm, fresh segment"] = lambda: ShmKVSender([channels.get_sync(address)], address, SegmentPool(idle_limit=0),
                                                       copies=copies)
     warm_up = paths["grpc x1"] if "grpc x1" in paths else next(iter(paths.values()))
     mapped: dict = {}
@@ -402,7 +402,7 @@ def ipc_slots(tokens: int) -> torch.Tensor:
 
 async def prefill_alone(auth, prefill: str, prompt: list[int], tid: str) -> float:
     """Queue + forward ms of one prefill moving no KV (no decode address): the colocated baseline."""
-    from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+    from pdserve.v1 import common_pb2
 
     async with auth.channel(prefill) as pch:
         events = [e async for e in prefill_pb2_grpc.PrefillStub(pch).Prefill(prefill_pb2.PrefillRequest(
@@ -415,7 +415,7 @@ async def prefill_timed(auth, decode: str, prefill: str, prompt: list[int], tid:
     queue and forward times, what the transfer added after the forward pass (KV complete at decode minus
     forward end; one host's clock) and, per layer, ms after the forward pass started that its last chunk
     was ready, sent, received, written. ``auth``: the cluster's (``LocalCluster.auth``)."""
-    from pdserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+    from pdserve.v1 import common_pb2
 
     greedy = common_pb2.SamplingParams(temperature=0)
     async with auth.channel(decode) as dch, auth.channel(prefill) as pch:  # the cluster's mutual TLS
@@ -473,7 +473,11 @@ async def ttft(args) -> list[dict]:
         async with cluster.auth.channel(decode) as channel:  # PDSERVE_KV_RECEIVERS: decode's KV receivers
             receivers = len((await decode_pb2_grpc.DecodeStub(channel).GetStats(decode_pb2.GetStatsRequest(),
                                                                                 timeout=10)).kv_receiver_ports)
-        print(f"decode-0: {receivers} KV receiver processes", file=sys.stderr, flush=True)
+        async with cluster.auth.channel(next(m.address for m in cluster.members if m.name == "prefill-0")) as channel:
+            senders = len((await prefill_pb2_grpc.PrefillStub(channel).GetStats(prefill_pb2.PrefillStatsRequest(),
+                                                                                timeout=10)).kv_sender_ports)
+        print(f"decode-0: {receivers} KV receiver processes; prefill-0: {senders} KV sender processes",
+              file=sys.stderr, flush=True)
         for i, (name, _) in enumerate(transports):
             prefill = next(m.address for m in cluster.members if m.name == f"prefill-{i}")
             for tokens in args.ttft_lengths:
@@ -497,7 +501,7 @@ async def ttft(args) -> list[dict]:
                 forward = statistics.median(x["forward_ms"] for x in samples)
                 queue = statistics.median(x["queue_ms"] for x in samples)
                 tail = statistics.median(x["tail_ms"] for x in samples)
-                row = {"transport": name, "kv_receivers": receivers, "tokens": tokens, "kv_bytes": samples[0]["bytes"],
+                row = {"transport": name, "kv_receivers": receivers, "kv_senders": senders, "tokens": tokens, "kv_bytes": samples[0]["bytes"],
                        "forward_ms": forward,
                        "queue_ms": queue, "transfer_ms": statistics.median(x["transfer_ms"] for x in samples),
                        "tail_ms": tail, "alone_ms": alone, "overhead": (queue + forward + tail) / alone - 1,

@@ -171,6 +171,11 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
     kv_streams: int | None = field(default=None, metadata={
         "help": "parallel gRPC streams (own TCP connections) per transfer (auto: 1 on cpu, where more streams only "
                 "share its cores; 4 on a GPU, where they moved 1.7x the bytes of one, bench/RESULTS.md)"})
+    kv_senders: int = field(default=0, metadata={
+        "help": "processes of their own that send gRPC KV streams (prefill stages a transfer's KV in shared "
+                "memory and sends each of them a note per layer range; kv_streams go to them in turn): one "
+                "process sends ~4 GB/s at most, and its sender threads take the GIL from the thread launching "
+                "the forward pass; 0: this process sends them"})
     kv_checksums: bool = field(default=True, metadata={"help": "an xxh3-64 checksum on every KV message, "
                                                                 "verified by decode (DATA_LOSS on mismatch)"})
     kv_inflight_bytes: str = field(default="auto", metadata={
@@ -205,6 +210,8 @@ class PrefillConfig(ServerConfig, ModelConfig, PrefillBatchConfig, RegistrationC
             raise ConfigError(f"kv_chunk_bytes: must be >= 1024, got {self.kv_chunk_bytes}")
         if self.kv_transport not in KV_TRANSPORTS:
             raise ConfigError(f"kv_transport: must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
+        if not 0 <= self.kv_senders <= 64:
+            raise ConfigError(f"kv_senders: must be in [0, 64], got {self.kv_senders}")
         if self.kv_streams is not None and not 1 <= self.kv_streams <= 64:
             raise ConfigError(f"kv_streams: must be in [1, 64], got {self.kv_streams}")
         if not self.kv_keep_s > 0:

@@ -49,12 +49,13 @@ def member(cluster: LocalCluster, name: str):
     return next(m for m in cluster.members if m.name == name)
 
 
-@pytest.mark.parametrize("path", ["cuda_ipc", "grpc", "shm", "grpc+receivers"])
+@pytest.mark.parametrize("path", ["cuda_ipc", "grpc", "shm", "grpc+relays"])
 def test_every_gpu_kv_path_is_token_exact(path):
     """Prefill and decode as processes on one GPU, prompts packed and chunked: each path gives exactly the
     tokens generate() gives, and leaves the pool empty. Over gRPC decode writes on three lanes; through
-    decode's KV receivers (two processes) each writes the streams it takes into the pool by CUDA IPC."""
-    transport, _, receivers = path.partition("+")
+    relays, prefill's two KV senders send the streams from pinned shared memory and decode's two KV
+    receivers write them into the pool by CUDA IPC."""
+    transport, _, relays = path.partition("+")
     spec = "preset:tiny-llama"
     loaded = load_model(spec, device="cuda", dtype="float32")
     batch = prompts(loaded.info.vocab_size, [5, 120, 33, 64, 3, 90, 200, 17], seed=3)
@@ -64,7 +65,8 @@ def test_every_gpu_kv_path_is_token_exact(path):
                                        # (CUDA IPC writes none)
                                        extra_env={"PDSERVE_KV_TRANSPORT": transport, "PDSERVE_KV_STREAMS": "2",
                                                   "PDSERVE_KV_WRITE_LANES": "3" if transport == "grpc" else "1",
-                                                  "PDSERVE_KV_RECEIVERS": "2" if receivers else "0"}))
+                                                  "PDSERVE_KV_RECEIVERS": "2" if relays else "0",
+                                                  "PDSERVE_KV_SENDERS": "2" if relays else "0"}))
 
     async def go() -> None:
         await cluster.start()
@@ -77,7 +79,7 @@ def test_every_gpu_kv_path_is_token_exact(path):
         decode = await stats(member(cluster, "decode-0").address, "decode", cluster.auth)
         prefill = await stats(member(cluster, "prefill-0").address, "prefill", cluster.auth)
         assert decode.transfers_completed == len(batch) and decode.kv_blocks_used == 0
-        assert len(decode.kv_receiver_ports) == (2 if receivers else 0)
+        assert len(decode.kv_receiver_ports) == len(prefill.kv_sender_ports) == (2 if relays else 0)
         assert prefill.kv_pools_mapped == (1 if transport == "cuda_ipc" else 0) and prefill.kv_inflight_bytes == 0
 
     try:

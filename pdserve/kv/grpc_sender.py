@@ -116,7 +116,8 @@ class GrpcKVSender(KVSender):
 
     def __init__(self, channels: list[grpc.Channel], address: str, chunk_bytes: int = 4 << 20,
                  checksums: bool = True, timeout_s: float | None = 300.0, quantization: str = "",
-                 copies: DeviceCopies | None = None, stream_of: tuple[int, int] | None = None) -> None:
+                 copies: DeviceCopies | None = None, stream_of: tuple[int, int] | None = None,
+                 stream_metadata: list[tuple] | None = None) -> None:
         if not channels:
             raise ValueError("GrpcKVSender needs at least one channel")
         if quantization not in QUANTIZATIONS:
@@ -127,6 +128,8 @@ class GrpcKVSender(KVSender):
         if stream_of is not None and len(channels) != 1:
             raise ValueError("stream_of: a sender with one channel only")
         first, self._stream_count = stream_of or (0, len(channels))
+        # Per stream, more call metadata (a KV sender process learns where to send the stream on).
+        self._stream_metadata = stream_metadata or [()] * len(channels)
         self._streams = [_Stream(c, first + i) for i, c in enumerate(channels)]
         self._address = address
         self._chunk_bytes = chunk_bytes
@@ -252,7 +255,8 @@ class GrpcKVSender(KVSender):
                                      num_tokens=layout.num_tokens, kv_heads=layout.kv_heads,
                                      head_dim=layout.head_dim, dtype=layout.dtype, num_streams=self._stream_count,
                                      checksums=self._checksums, **self._header_fields())
-        metadata = telemetry.outgoing()  # decode's span joins the caller's trace
+        metadata = telemetry.outgoing() or ()  # decode's span joins the caller's trace
+        first = self._streams[0].index
         for s in self._streams:
             header.stream_index = s.index
             s.started, s.reply = self._loop.create_future(), self._loop.create_future()
@@ -261,7 +265,8 @@ class GrpcKVSender(KVSender):
             push = s.channel.stream_unary(_PUSH_KV, request_serializer=None,
                                           response_deserializer=decode_pb2.PushKVReply.FromString)
             s.call = push.future(self._requests(s, decode_pb2.KVMessage(header=header).SerializeToString()),
-                                 timeout=self._timeout_s, metadata=metadata)
+                                 timeout=self._timeout_s,
+                                 metadata=(*metadata, *self._stream_metadata[s.index - first]) or None)
             s.call.add_done_callback(lambda call, s=s: self._call_soon(_settle, (s.started, s.reply), call))
         try:  # every header is on its way (a decode that cannot be reached fails the transfer here)
             await asyncio.gather(*(s.started for s in self._streams), self._opening(layout))
@@ -399,6 +404,8 @@ class GrpcKVSender(KVSender):
             self._acked = True
         finally:
             self._close()
+        if all(r.layer_sent_ns for r in replies):  # relayed: the relays' sends are the wire's
+            self.layer_sent_ns = [max(t) for t in zip(*(r.layer_sent_ns for r in replies))]
         return TransferReceipt(
             bytes_sent=sum(s.bytes for s in self._streams), layers=sum(1 for t in self.layer_sent_ns if t),
             messages=sum(s.messages for s in self._streams),
@@ -457,14 +464,18 @@ class GrpcKVSender(KVSender):
 
 
 class ShmKVSender(GrpcKVSender):
-    """Same host: K/V through a shared-memory segment, one gRPC stream for control."""
+    """Same host: K/V through a shared-memory segment, gRPC streams for control (one, to a decode instance;
+    one per KV sender process, which sends each on over gRPC: ``pdserve.kv.relays``)."""
 
     transport = "shm"
 
-    def __init__(self, channel: grpc.Channel, address: str, pool: SegmentPool, checksums: bool = True,
+    def __init__(self, channels: list[grpc.Channel], address: str, pool: SegmentPool, checksums: bool = True,
                  timeout_s: float | None = 300.0, copies: DeviceCopies | None = None,
-                 stream_of: tuple[int, int] | None = None) -> None:
-        super().__init__([channel], address, 1 << 62, checksums, timeout_s, copies=copies, stream_of=stream_of)
+                 stream_of: tuple[int, int] | None = None, stream_metadata: list[tuple] | None = None,
+                 transport: str = "shm") -> None:
+        super().__init__(channels, address, 1 << 62, checksums, timeout_s, copies=copies, stream_of=stream_of,
+                         stream_metadata=stream_metadata)
+        self.transport = transport  # "grpc" through KV sender processes
         self._pool = pool
         self._segment: Segment | None = None
 

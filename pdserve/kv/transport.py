@@ -43,7 +43,10 @@ Consumer side (``KVReceiver``, implemented by the decode engine):
   3. ``complete_transfer(transfer_id, first_token)`` once the producer
      finished; the request joins the decode batch.
   4. ``fail_transfer(transfer_id, error)`` on any failure: the request's
-     blocks are freed and the waiting request fails with ``error``.
+     blocks are freed and the waiting request fails with ``error``. A
+     producer relaying the transfer (``pdserve.kv.relays``) ends a stream
+     with a ``KVAbort`` in place of the trailer when it meets a failure
+     upstream: the transfer fails with DATA_LOSS naming it.
 """
 
 from __future__ import annotations

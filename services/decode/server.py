@@ -16,7 +16,7 @@ from pdserve.engine.kv_pool import budget_bytes
 from pdserve.errors import Cancelled, DataLoss, FailedPrecondition, InvalidArgument, PdserveError
 from pdserve.kv.assembly import KVAssembly
 from pdserve.kv.cuda_ipc import device_uuid, pool_handle
-from pdserve.kv.receivers import KVReceivers, ReceiverSpec
+from pdserve.kv.relays import ReceiverSpec, RelayProcesses
 from pdserve.kv.wire import DTYPE_NAMES
 from pdserve.kv.receiver import DRAIN_SECONDS, add_decode_servicer, drain, read_header, receive_stream
 from pdserve.kv.shm import host_id, sweep_orphans, sweep_periodically
@@ -40,7 +40,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self._engine = engine
         self._host_id = host_id()
         self.incarnation = secrets.token_hex(8)  # a restart on the same address is a new instance
-        self.kv_receiver_ports: list[int] = []  # its KV receiver processes' (KVReceivers.ports)
+        self.kv_receiver_ports: list[int] = []  # its KV receiver processes' (RelayProcesses.ports)
         self.metrics = DecodeMetrics()
         self.metrics.gauges(self._gauges)
 
@@ -255,7 +255,7 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
                                               interceptors=auth.server_interceptors())
     receivers = None
     if config.kv_receivers:
-        receivers = KVReceivers(receiver_spec(config, loaded, engine, port, servicer.incarnation), config.kv_receivers)
+        receivers = RelayProcesses(receiver_spec(config, loaded, engine, port, servicer.incarnation), config.kv_receivers)
         try:
             await receivers.start()
         except BaseException:

@@ -23,7 +23,7 @@ from pdserve.engine.prefix_store import PrefixStore
 from pdserve.errors import Cancelled, DataLoss, FailedPrecondition, InvalidArgument, NotFound, PdserveError
 from pdserve.kv.cuda_ipc import MappedPools, local_device
 from pdserve.kv.grpc_sender import GrpcKVSender, IpcKVSender, ShmKVSender
-from pdserve.kv.receivers import receiver_addresses
+from pdserve.kv.relays import FORWARD_KEY, RelayProcesses, SenderSpec, receiver_addresses
 from pdserve.kv.shm import SegmentPool, host_id, sweep_orphans
 from pdserve.kv.staging import DeviceCopies
 from pdserve.kv.transport import KVSender
@@ -82,6 +82,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.incarnation = secrets.token_hex(8)  # a restart on the same address is a new instance
         self._transports: dict[str, str] = {}  # decode address -> how KV reaches it
         self._grpc_targets_of: dict[str, list[str]] = {}  # decode address -> its KV receivers' (or itself)
+        self.kv_sender_ports: list[int] = []  # its KV sender processes' (RelayProcesses.ports)
         self._pools = MappedPools()  # decode pools this process writes into (CUDA IPC)
         self._device_copies: DeviceCopies | None = None
         # Idle shared-memory segments stay within the in-flight budget, and within host memory's default.
@@ -223,12 +224,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 log.warning("%s; KV over shared memory instead", exc)
                 self._transports[address] = transport = "shm"
         if transport == "shm":
-            return ShmKVSender(self._channels.get_sync(address), address, self.segments, c.kv_checksums, timeout_s,
+            return ShmKVSender([self._channels.get_sync(address)], address, self.segments, c.kv_checksums, timeout_s,
                                copies=self._copies())
         # The streams go to decode's KV receivers in turn (a connection of its own each), or all to decode.
         targets = await self._grpc_targets(address)
-        channels = [self._channels.get_sync(targets[i % len(targets)], i // len(targets))
-                    for i in range(c.kv_stream_count(self._engine.device.type))]
+        streams = c.kv_stream_count(self._engine.device.type)
+        if self.kv_sender_ports:
+            # Sent by this instance's KV sender processes (in turn), from shared-memory staging, each stream on
+            # to its target; the wire's checksums are theirs.
+            ports = self.kv_sender_ports
+            channels = [self._channels.get_sync(f"127.0.0.1:{ports[i % len(ports)]}", i // len(ports))
+                        for i in range(streams)]
+            return ShmKVSender(channels, address, self.segments, False, timeout_s, copies=self._copies(),
+                               stream_metadata=[((FORWARD_KEY, targets[i % len(targets)]),) for i in range(streams)],
+                               transport="grpc")
+        channels = [self._channels.get_sync(targets[i % len(targets)], i // len(targets)) for i in range(streams)]
         return GrpcKVSender(channels, address, c.kv_chunk_bytes, c.kv_checksums, timeout_s,
                             quantization="" if c.kv_quantization == "none" else c.kv_quantization,
                             copies=self._copies())
@@ -374,6 +384,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             incarnation=self.incarnation, queued_prompts=engine.queued_prompts, queued_tokens=engine.queued_tokens,
             max_queued_tokens=engine.max_queued_tokens, tokens_per_s=engine.tokens_per_s, passes=engine.passes,
             refused=engine.refused, kv_inflight_bytes=self.inflight.used, kv_pools_mapped=len(self._pools),
+            kv_sender_ports=self.kv_sender_ports,
             computed_tokens=engine.computed_tokens, cached_tokens=engine.cached_tokens,
             prefix_cache_bytes=store.nbytes if store else 0, prefix_block_size=store.block_size if store else 0,
             cached_blocks=store.cached_keys(CACHED_KEYS_REPORTED) if store else ())
@@ -412,6 +423,16 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
     channels = ChannelPool(auth)
     sweep_orphans()
     servicer = PrefillServicer(engine, channels, config)
+    senders = None
+    if config.kv_senders:
+        senders = RelayProcesses(SenderSpec(config), config.kv_senders)
+        try:
+            await senders.start()
+        except BaseException:
+            await senders.close()
+            await engine.close()
+            raise
+        servicer.kv_sender_ports = senders.ports
     server, port, health = await start_server(
         config.listen, SERVICE, lambda server: add_servicer(prefill_pb2_grpc.add_PrefillServicer_to_server, servicer, server),
         credentials=auth.server_credentials(), interceptors=auth.server_interceptors())
@@ -420,6 +441,8 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
 
     async def close() -> None:
         servicer.close()
+        if senders is not None:
+            await senders.close()
         await channels.close()
         await engine.close()
         if announcer is not None:

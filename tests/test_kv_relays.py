@@ -1,5 +1,6 @@
-"""KV receiver processes (decode's ``kv_receivers``): transfers through them are token-exact, a corrupt chunk is
-caught there, a killed one is started again on its port, and nothing is left behind."""
+"""KV relay processes (prefill's ``kv_senders``, decode's ``kv_receivers``): transfers through them are
+token-exact, a corrupt chunk is caught at a receiver, a killed relay is started again on its port and no
+request is lost, and nothing is left behind."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from tests.test_kv_push import check_push_outcome, push, reserve, signed_transfe
 pytestmark = pytest.mark.slow  # real processes, each importing torch
 
 
-def receivers() -> dict[str, multiprocessing.Process]:
-    """This process's KV receiver processes (the decode instance under test runs in it), by name."""
-    return {p.name: p for p in multiprocessing.active_children() if p.name.startswith("kv-receiver-")}
+def relays() -> dict[str, multiprocessing.Process]:
+    """This process's KV relay processes (the instances under test run in it), by name."""
+    return {p.name: p for p in multiprocessing.active_children() if p.name.startswith(("kv-receiver-", "kv-sender-"))}
 
 
 def segments_of(pid: int) -> list[str]:
@@ -52,45 +53,52 @@ async def generate_all(cluster, prompts: list[list[int]]) -> None:
         assert result.token_ids == reference_greedy(cluster.loaded, prompt, 8, ignore_eos=True)
 
 
-async def test_transfers_through_kv_receivers_are_token_exact_and_a_killed_receiver_is_replaced():
+@pytest.mark.parametrize("senders,receivers", [(0, 2), (2, 0), (2, 2)])
+async def test_transfers_through_kv_relays_are_token_exact_and_a_killed_relay_is_replaced(senders, receivers):
     loaded = get_loaded("preset:tiny-llama")
     # Every prompt's KV crosses the transfer (none prefilled on decode for a cache hit), over two streams.
-    cluster = await start_cluster(loaded, decode_options={"kv_receivers": 2},
+    cluster = await start_cluster(loaded, decode_options={"kv_receivers": receivers},
                                   prefill_options={"kv_transport": "grpc", "kv_streams": 2, "prefill_chunk_tokens": 16,
-                                                   "kv_chunk_bytes": 4096},
+                                                   "kv_chunk_bytes": 4096, "kv_senders": senders},
                                   gateway_options={"local_uncached_tokens": 0})
     decode = cluster.decode_address
+    mine = set(segments_of(os.getpid()))  # the prefill instance's (it runs in this process)
     try:
-        before = receivers()
-        assert sorted(before) == ["kv-receiver-0", "kv-receiver-1"]
+        before = relays()
+        assert sorted(before) == sorted([f"kv-sender-{i}" for i in range(senders)] +
+                                        [f"kv-receiver-{i}" for i in range(receivers)])
         ports = list((await decode_stats(decode)).kv_receiver_ports)
-        assert len(set(ports)) == 2 and 0 not in ports and cluster.decode.port not in ports
+        assert len(set(ports)) == receivers and 0 not in ports and cluster.decode.port not in ports
 
         await generate_all(cluster, [[5, 6, 7], list(range(30, 100)), list(range(200, 241))])
         stats = await settled(decode)
         assert (stats.transfers_completed, stats.kv_blocks_used, stats.waiting_for_kv) == (3, 0, 0)
-        # Each stream went through its receiver: each wrote decode's side through a segment of its own,
-        # kept for its next transfer.
-        for process in before.values():
-            assert segments_of(process.pid), f"{process.name} carried no transfer"
+        # Each receiver wrote decode's side through a segment of its own, kept for its next transfer; with
+        # senders, prefill staged the KV in segments of its own for them to send from.
+        for name, process in before.items():
+            if name.startswith("kv-receiver-"):
+                assert segments_of(process.pid), f"{name} carried no transfer"
+        assert bool(set(segments_of(os.getpid())) - mine) == bool(senders)
 
-        victim = before["kv-receiver-0"]
-        os.kill(victim.pid, signal.SIGKILL)
+        victims = [before[name] for name in ("kv-sender-0", "kv-receiver-0") if name in before]
+        for victim in victims:
+            os.kill(victim.pid, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while not ((new := receivers().get("kv-receiver-0")) and new.pid != victim.pid and new.is_alive()
-                   and list((await decode_stats(decode)).kv_receiver_ports) == ports):
-            assert time.monotonic() < deadline, "the killed receiver was not started again on its port"
-            await asyncio.sleep(0.2)
-        shm.sweep_orphans()  # what decode's periodic sweep does: the dead receiver's segments go
-        assert segments_of(victim.pid) == []
+        for victim in victims:
+            while not ((new := relays().get(victim.name)) and new.pid != victim.pid and new.is_alive()):
+                assert time.monotonic() < deadline, f"{victim.name} was not started again"
+                await asyncio.sleep(0.2)
+        assert list((await decode_stats(decode)).kv_receiver_ports) == ports  # on the same ports
+        shm.sweep_orphans()  # what the services' periodic sweep does: a dead receiver's segments go
+        assert all(segments_of(victim.pid) == [] for victim in victims)
 
-        # No request is lost: one whose push met the dead receiver's connection is pushed again.
+        # No request is lost: one whose push met a dead relay's connection is pushed again.
         await generate_all(cluster, [list(range(300, 340)), [9, 8, 7, 6, 5, 4, 3], list(range(400, 480))])
         stats = await settled(decode)
         assert (stats.kv_blocks_used, stats.waiting_for_kv) == (0, 0)
     finally:
         await cluster.stop()
-    assert receivers() == {}, "the receivers stop with their decode instance"
+    assert relays() == {}, "the relays stop with their instances"
 
 
 async def test_a_kv_receiver_checks_checksums_and_forwards_a_good_push():
