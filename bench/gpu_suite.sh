@@ -89,6 +89,14 @@ for phase in "$@"; do
         --ttft-transports "${QUICK_TTFT:-grpc x4,cuda_ipc}" --overlap-length 8190 --threads 4 --kv-budget 20GiB \
         ${WRITE_LANES:+--write-lanes "$WRITE_LANES"} --out "$out/transfer_quick$tag.json" > "$out/transfer_quick$tag.log" 2>&1
       grep -A6 "^| KV shape\|^| transport\|ms from the start" "$out/transfer_quick$tag.log" ;;
+    relays-wire)
+      # gRPC from GPU memory through relay processes at both ends (KV senders and receivers), mutual TLS,
+      # against one process's gRPC x4 and raw TCP of the same run; RELAY_STREAMS (default 4)
+      n=${RELAY_STREAMS:-4}
+      timeout 240 python3 -m bench.transfer --device cuda --model "$model" --shapes "Llama-8B shape bf16" --skip-ttft \
+        --lengths 8192,32768 --streams "$n" --paths "grpc x$n,grpc x$n relays mTLS" --repeats 3 --threads 4 --tls \
+        --out "$out/relays_wire.json" > "$out/relays_wire.log" 2>&1
+      grep -A6 "^| KV shape" "$out/relays_wire.log" || tail -20 "$out/relays_wire.log" ;;
     grpc-ceiling)
       # What Python gRPC itself moves on this host's loopback (no GPU): 1-8 streams, one receiver or one per
       # stream, a sender process per stream, mutual TLS, against raw TCP (asyncio, and blocking sockets).

@@ -255,6 +255,52 @@ async def serve_receivers(device: str, certs: str, write_lanes: int = KV_WRITE_L
     await stop_receivers(servers)
 
 
+class Relays:
+    """The relayed wire path (``grpc xN relays``): N KV sender processes (as prefill's ``kv_senders``, for the
+    whole run) sending from (on a GPU, pinned) shared-memory staging to N KV receiver processes (as decode's
+    ``kv_receivers``), which write into the receiver's pool by CUDA IPC (on a CPU, through shared memory);
+    started again for each pool (they map it), as the services' are for one decode instance."""
+
+    def __init__(self, count: int, receiver_port: int, certs: str) -> None:
+        from pdserve import config as cfg
+
+        self.count = count
+        self._receiver_port = receiver_port
+        tls = {} if not certs else {"tls_cert": f"{certs}/decode.pem", "tls_key": f"{certs}/decode-key.pem",
+                                    "tls_ca": f"{certs}/ca.pem"}
+        self._decode = cfg.DecodeConfig(listen="127.0.0.1:0", log_level="WARNING", **tls)
+        self._prefill = cfg.PrefillConfig(listen="127.0.0.1:0", log_level="WARNING", **tls)
+        self._senders = self._receivers = None
+
+    async def map(self, handle, kv: KVShape, dtype: torch.dtype, tokens: int) -> None:
+        from pdserve.kv.relays import ReceiverSpec, RelayProcesses, SenderSpec
+
+        if self._senders is None:
+            self._senders = RelayProcesses(SenderSpec(self._prefill), self.count)
+            await self._senders.start()
+        if self._receivers is not None:
+            await self._receivers.close()
+        pool = None if handle is None else {f.name: getattr(handle, f.name) for f in handle.DESCRIPTOR.fields
+                                            if f.name != "incarnation"}
+        self._receivers = RelayProcesses(ReceiverSpec(
+            self._decode, self._receiver_port, kv.num_layers, kv.kv_heads, kv.head_dim, DTYPE_NAMES[dtype], tokens,
+            "bench", pool=pool, block_size=BLOCK), self.count)
+        await self._receivers.start()
+
+    def sender(self, channels: ChannelPool, address: str, segments: SegmentPool, copies) -> ShmKVSender:
+        from pdserve.kv.relays import FORWARD_KEY
+
+        ports, targets = self._senders.ports, self._receivers.ports
+        return ShmKVSender([channels.get_sync(f"127.0.0.1:{port}") for port in ports], address, segments, False,
+                           copies=copies, stream_metadata=[((FORWARD_KEY, f"127.0.0.1:{t}"),) for t in targets],
+                           transport="grpc")
+
+    async def close(self) -> None:
+        for relays in (self._senders, self._receivers):
+            if relays is not None:
+                await relays.close()
+
+
 def memcpy_seconds(nbytes: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src).fill_(0)
@@ -323,14 +369,23 @@ async def wire(args) -> list[dict]:
                                                       copies=copies)
     warm_up = paths["grpc x1"] if "grpc x1" in paths else next(iter(paths.values()))
     mapped: dict = {}
+    relays = None
     if gpu and not args.same_process:
         paths["cuda_ipc"] = lambda: IpcKVSender(channels.get_sync(address), address, mapped["pool"], BLOCK, "bench",
                                                 copies, layer_ranges=mapped["layer_ranges"])
+    if not args.same_process:
+        # Through relay processes at both ends, over mutual TLS with --tls (as members talk by default).
+        relays = Relays(n, tls_port or grpc_port, certs)
+        relay_channels = tls_channels or channels
+        relayed = f"grpc x{n} relays{' mTLS' if certs else ''}"
+        paths[relayed] = lambda: relays.sender(relay_channels, address, segments, copies)
     if args.paths:
         unknown = set(args.paths) - set(paths)
         if unknown:
             raise SystemExit(f"--paths: unknown {sorted(unknown)}; this run has {sorted(paths)}")
         paths = {name: paths[name] for name in args.paths}
+    if relays is not None and relayed not in paths:
+        relays = None
     rows = []
     try:
         for shape_name, (kv, dtype) in ((n, SHAPES[n]) for n in args.shapes):
@@ -342,12 +397,14 @@ async def wire(args) -> list[dict]:
                 nbytes = layout.total_bytes
                 row = {"shape": shape_name, "tokens": tokens, "bytes": nbytes}
                 await one_transfer(warm_up, layout, layers)  # warm-up: the receiver's pool for this shape
-                if "cuda_ipc" in paths:  # its pool for this shape, mapped here
+                if gpu and ("cuda_ipc" in paths or relays is not None):  # its pool for this shape, mapped here
                     handle = await decode_pb2_grpc.DecodeStub(channels.get(address)).GetKVPool(
                         decode_pb2.GetKVPoolRequest())
                     mapped.clear()
                     torch.cuda.synchronize()
                     mapped["pool"], mapped["layer_ranges"] = map_pool(handle), handle.layer_ranges
+                if relays is not None:  # (re)started for this pool: the receivers map it (a CPU's: shared memory)
+                    await relays.map(handle if gpu else None, kv, dtype, tokens)
                 row["phases"] = {}
                 for name, make in paths.items():
                     drop = name in dropped
@@ -359,7 +416,7 @@ async def wire(args) -> list[dict]:
                         if gpu:
                             torch.cuda.synchronize()  # the pool writer's copies
                         assert torch.equal(receiver.pool[0][-1], layers[-1][0][0].transpose(0, 1)), name
-                    if name == "cuda_ipc":  # scattered into the shuffled blocks: check one layer's K there
+                    if name == "cuda_ipc" or (gpu and name == relayed):  # scattered into the shuffled blocks
                         pool, slots = mapped["pool"], ipc_slots(tokens)
                         torch.cuda.synchronize()
                         assert torch.equal(pool[0, -1][slots], layers[-1][0][0].transpose(0, 1)), name
@@ -378,6 +435,8 @@ async def wire(args) -> list[dict]:
                           flush=True)
     finally:
         mapped.clear()
+        if relays is not None:
+            await relays.close()
         segments.close()
         if copies is not None:
             copies.close()
