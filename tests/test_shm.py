@@ -13,7 +13,7 @@ def mine() -> list[str]:
     return [n for n in shm.segment_names() if n.startswith(f"{shm.PREFIX}{os.getpid()}-")]
 
 
-def test_pool_reuses_released_segments_by_size_class_and_caps_idle_bytes():
+def test_pool_reuses_released_segments_and_caps_idle_bytes_keeping_the_largest():
     pool = shm.SegmentPool(idle_limit=3 << 20)
     before = set(mine())
     a = pool.acquire(1000)  # rounded up to the 1 MiB minimum
@@ -24,18 +24,21 @@ def test_pool_reuses_released_segments_by_size_class_and_caps_idle_bytes():
     c = pool.acquire(3 << 20)  # -> 4 MiB class
     assert c.size == 4 << 20
     pool.release(b)
-    pool.release(c)  # 1 + 4 MiB idle would exceed 3 MiB: c is unlinked instead
-    assert pool.idle_bytes == 1 << 20 and c.name not in mine()
-    d = pool.acquire(5 << 20)
+    pool.release(c)  # 1 + 4 MiB idle would exceed 3 MiB: the smallest, b, is unlinked; c stays alone
+    assert pool.idle_bytes == 4 << 20 and b.name not in mine() and c.name in mine()
+    d = pool.acquire(5 << 20)  # -> 8 MiB: c is too small, a new one
+    assert d is not c and d.size == 8 << 20
     pool.discard(d)  # a failed transfer's segment is never reused
     assert d.name not in mine()
-    assert pool.acquire(1 << 20) is b and pool.idle_bytes == 0
+    assert pool.acquire(1 << 20) is c and pool.idle_bytes == 0  # the smallest idle one that holds it
     big = pool.acquire(5 << 20)  # -> 8 MiB, over the limit: kept while nothing else is idle
     pool.release(big)
     assert pool.acquire(6 << 20) is big
     pool.release(big)
-    pool.release(b)  # 8 + 1 MiB idle: b goes
-    assert pool.idle_bytes == 8 << 20 and b.name not in mine()
+    pool.release(c)  # 8 + 4 MiB idle: c goes, the large one serves every shorter transfer too
+    assert pool.idle_bytes == 8 << 20 and c.name not in mine()
+    assert pool.acquire(2 << 20) is big and pool.created == 4  # a (reused as b), c, d, big
+    pool.release(big)
     never = shm.SegmentPool(idle_limit=0)
     e = never.acquire(1000)
     never.release(e)

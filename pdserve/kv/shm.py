@@ -139,9 +139,10 @@ class Segment:
 class SegmentPool:
     """The producer's segments: ``acquire`` one for a transfer, ``release`` it after the consumer
     acknowledged, ``discard`` it after a failure. Sizes are rounded up to a power of two (>= 1 MiB)
-    so transfers of similar length share segments; at most ``idle_limit`` bytes stay idle, except that one
-    segment larger than that stays when nothing else is idle (0: none ever stays): a prompt's KV of 1 GiB
-    is a 2 GiB segment, and creating (and on a GPU host page-locking) one per transfer took seconds."""
+    so transfers of similar length share segments, and a transfer takes the smallest idle segment that
+    holds it; at most ``idle_limit`` bytes stay idle (the smallest go first), except that one segment larger
+    than that stays when nothing else is idle (0: none ever stays): a prompt's KV of 1 GiB is a 2 GiB
+    segment, and creating (and on a GPU host page-locking) one per transfer took seconds."""
 
     MIN_SIZE = 1 << 20
     IDLE_LIMIT = 1 << 30
@@ -153,20 +154,30 @@ class SegmentPool:
         self.created = 0
 
     def acquire(self, size: int) -> Segment:
+        """An idle segment of at least ``size`` bytes (the smallest), or a new one of its size class."""
         size_class = max(self.MIN_SIZE, 1 << (max(size, 1) - 1).bit_length())
-        idle = self._idle.get(size_class)
-        if idle:
-            self.idle_bytes -= size_class
-            return idle.pop()
+        fits = [c for c, idle in self._idle.items() if idle and c >= size_class]
+        if fits:
+            c = min(fits)
+            self.idle_bytes -= c
+            return self._idle[c].pop()
         self.created += 1
         return Segment.create(size_class)
 
     def release(self, segment: Segment) -> None:
-        if self.idle_limit == 0 or (self.idle_bytes and self.idle_bytes + segment.size > self.idle_limit):
+        """Idle for the next transfer. Beyond ``idle_limit`` the smallest idle segments go first: a large one
+        serves every shorter transfer too (and on a GPU host pinning it again took seconds: 8 GiB, ~5 s)."""
+        if self.idle_limit == 0:
             self.discard(segment)
             return
         self._idle.setdefault(segment.size, []).append(segment)
         self.idle_bytes += segment.size
+        while self.idle_bytes > self.idle_limit:
+            sizes = sorted(c for c, idle in self._idle.items() if idle)
+            if len(sizes) == 1 and len(self._idle[sizes[0]]) == 1:
+                break  # one segment larger than the limit stays when nothing else is idle
+            self.idle_bytes -= sizes[0]
+            self.discard(self._idle[sizes[0]].pop())
 
     @staticmethod
     def discard(segment: Segment) -> None:
