@@ -15,7 +15,7 @@ import pytest
 
 from pdserve.kv import shm
 from pdserve.sdk import AsyncClient
-from pdserve.v1 import decode_pb2, decode_pb2_grpc
+from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from tests.cluster import reference_greedy, start_cluster
 from tests.conftest import get_loaded
 from tests.test_kv_push import check_push_outcome, push, reserve, signed_transfer
@@ -88,7 +88,9 @@ async def test_transfers_through_kv_relays_are_token_exact_and_a_killed_relay_is
             while not ((new := relays().get(victim.name)) and new.pid != victim.pid and new.is_alive()):
                 assert time.monotonic() < deadline, f"{victim.name} was not started again"
                 await asyncio.sleep(0.2)
-        assert list((await decode_stats(decode)).kv_receiver_ports) == ports  # on the same ports
+        while list((await decode_stats(decode)).kv_receiver_ports) != ports:  # serving again, on the same ports
+            assert time.monotonic() < deadline, "a restarted receiver does not serve on its port"
+            await asyncio.sleep(0.2)
         shm.sweep_orphans()  # what the services' periodic sweep does: a dead receiver's segments go
         assert all(segments_of(victim.pid) == [] for victim in victims)
 
@@ -117,5 +119,42 @@ async def test_a_kv_receiver_checks_checksums_and_forwards_a_good_push():
                 await check_push_outcome(result, waiting, corrupt_layer)
                 stats = await settled(cluster.decode_address)
                 assert (stats.waiting_for_kv, stats.kv_blocks_used) == (0, 0)
+    finally:
+        await cluster.stop()
+
+
+@pytest.mark.parametrize("victim", ["kv-sender-0", "kv-receiver-0"])
+async def test_a_relay_killed_mid_transfer_loses_no_request_and_leaves_nothing(victim):
+    """A relay stopped with a transfer in it (SIGSTOP: deterministically mid-transfer), then killed: the request
+    is served exactly all the same (its push fails; the gateway tries again, around the dead relay until it
+    serves again), and decode's blocks, prefill's in-flight KV and the dead relay's segments all go."""
+    cluster = await start_cluster(get_loaded("preset:tiny-llama"), decode_options={"kv_receivers": 1},
+                                  prefill_options={"kv_transport": "grpc", "kv_streams": 1, "kv_senders": 1,
+                                                   "kv_chunk_bytes": 4096, "kv_keep_s": 2.0},
+                                  gateway_options={"local_uncached_tokens": 0})
+    decode = cluster.decode_address
+    try:
+        await generate_all(cluster, [[1, 2, 3]])  # the relays' connections are up: the next push gets into one
+        process = relays()[victim]
+        os.kill(process.pid, signal.SIGSTOP)
+        request = asyncio.create_task(generate_all(cluster, [list(range(50, 120))]))
+        deadline = time.monotonic() + 20
+        while (await decode_stats(decode)).waiting_for_kv == 0:  # reserved: its KV is on its way
+            assert time.monotonic() < deadline and not request.done()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert not request.done(), "the transfer went around the stopped relay"
+        os.kill(process.pid, signal.SIGKILL)
+        await asyncio.wait_for(request, 60)  # token-exact
+        stats = await settled(decode)
+        assert (stats.kv_blocks_used, stats.waiting_for_kv) == (0, 0)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.prefill.port}") as channel:
+            stub = prefill_pb2_grpc.PrefillStub(channel)
+            deadline = time.monotonic() + 10  # KV kept for a re-push is dropped after kv_keep_s
+            while (await stub.GetStats(prefill_pb2.PrefillStatsRequest())).kv_inflight_bytes:
+                assert time.monotonic() < deadline, "prefill still holds the transfer's KV"
+                await asyncio.sleep(0.1)
+        shm.sweep_orphans()
+        assert segments_of(process.pid) == []
     finally:
         await cluster.stop()

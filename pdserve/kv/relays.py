@@ -24,9 +24,10 @@ that stream, and a failed transfer's blocks are freed only once every such strea
 meets a failure (a corrupt chunk, its producer gone) ends its stream on with a ``KVAbort`` naming it.
 
 Failures: relays die with their instance (``PR_SET_PDEATHSIG``), which starts one that died again on
-the same port (``RelayProcesses``). A transfer a dead relay carried fails as one whose producer died: its
-queued copies died with it, decode frees the blocks once the stream ended, prefill's push fails (and the
-gateway moves the request).
+the same port (``RelayProcesses``) and meanwhile leaves it out of the ports it reports and sends through.
+A transfer a dead relay carried fails as one whose producer died: its queued copies died with it, decode
+frees the blocks once the stream ended, prefill's push fails, and the gateway moves the request (prefill
+learns decode's receivers again after a failed transfer).
 """
 
 from __future__ import annotations
@@ -309,13 +310,15 @@ def _main(spec, index: int, port: int, parent: int, conn) -> None:
 
 class RelayProcesses:
     """An instance's relay processes (``ReceiverSpec`` or ``SenderSpec``): started before it serves, started
-    again when one dies, stopped with it. ``ports`` (what ``GetStats`` reports) holds each one's port."""
+    again when one dies (on its port), stopped with it. ``live_ports`` (what ``GetStats`` reports, and what a
+    prefill instance sends through) leaves a dead one out meanwhile, so transfers go around it."""
 
     def __init__(self, spec: ReceiverSpec | SenderSpec, count: int) -> None:
         self._spec = spec
         self._context = multiprocessing.get_context("spawn")  # never fork a process holding CUDA or gRPC
         self._processes: list = [None] * count
         self.ports: list[int] = [0] * count
+        self._serving: set[int] = set()  # indexes of relays that said they serve (and may have died since)
         self.restarts = 0
         self._watcher: asyncio.Task | None = None
 
@@ -330,6 +333,7 @@ class RelayProcesses:
         reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(target=_main, name=f"{self._spec.role}-{index}", daemon=True,
                                         args=(self._spec, index, self.ports[index], os.getpid(), writer))
+        self._serving.discard(index)
         process.start()
         writer.close()
         self._processes[index] = process
@@ -337,6 +341,7 @@ class RelayProcesses:
             if not await asyncio.to_thread(reader.poll, START_TIMEOUT_S):
                 raise TimeoutError(f"not serving after {START_TIMEOUT_S:g} s")
             self.ports[index] = reader.recv()
+            self._serving.add(index)
         except (EOFError, TimeoutError) as exc:  # it exited (it logged why), or hangs
             process.kill()
             raise FailedPrecondition(f"{self._spec.role} {index} did not start (exit code {process.exitcode}): "
@@ -357,6 +362,11 @@ class RelayProcesses:
                     await self._start(index)
                 except FailedPrecondition as exc:
                     log.error("%s; trying again", exc)
+
+    def live_ports(self) -> list[int]:
+        """The ports of the relays running now (one that died is left out until it serves again)."""
+        return [self.ports[i] for i, process in enumerate(self._processes)
+                if i in self._serving and process.is_alive()]
 
     async def close(self) -> None:
         await cancel_quietly(self._watcher)

@@ -40,7 +40,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self._engine = engine
         self._host_id = host_id()
         self.incarnation = secrets.token_hex(8)  # a restart on the same address is a new instance
-        self.kv_receiver_ports: list[int] = []  # its KV receiver processes' (RelayProcesses.ports)
+        self.kv_receivers: RelayProcesses | None = None  # its KV receiver processes
         self.metrics = DecodeMetrics()
         self.metrics.gauges(self._gauges)
 
@@ -200,7 +200,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def GetStats(self, request, context):
         return decode_pb2.DecodeStats(**self._engine.stats(), host_id=self._host_id, incarnation=self.incarnation,
                                       cuda_device=device_uuid(self._engine.pool.device),
-                                      kv_receiver_ports=self.kv_receiver_ports,
+                                      kv_receiver_ports=self.kv_receivers.live_ports() if self.kv_receivers else (),
                                       cached_blocks=self._engine.pool.allocator.cached_keys(CACHED_KEYS_REPORTED))
 
     @rpc_errors
@@ -264,7 +264,7 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
             await server.stop(None)
             await engine.stop()
             raise
-        servicer.kv_receiver_ports = receivers.ports
+        servicer.kv_receivers = receivers
         await set_ready(health, True)
 
     announcer = start_announcer(config, "decode", config.listen, port, auth)

@@ -82,7 +82,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.incarnation = secrets.token_hex(8)  # a restart on the same address is a new instance
         self._transports: dict[str, str] = {}  # decode address -> how KV reaches it
         self._grpc_targets_of: dict[str, list[str]] = {}  # decode address -> its KV receivers' (or itself)
-        self.kv_sender_ports: list[int] = []  # its KV sender processes' (RelayProcesses.ports)
+        self.kv_senders: RelayProcesses | None = None  # its KV sender processes
         self._pools = MappedPools()  # decode pools this process writes into (CUDA IPC)
         self._device_copies: DeviceCopies | None = None
         # Idle shared-memory segments stay within the in-flight budget, and within host memory's default.
@@ -229,10 +229,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         # The streams go to decode's KV receivers in turn (a connection of its own each), or all to decode.
         targets = await self._grpc_targets(address)
         streams = c.kv_stream_count(self._engine.device.type)
-        if self.kv_sender_ports:
+        ports = self.kv_senders.live_ports() if self.kv_senders else []
+        if ports:
             # Sent by this instance's KV sender processes (in turn), from shared-memory staging, each stream on
-            # to its target; the wire's checksums are theirs.
-            ports = self.kv_sender_ports
+            # to its target; the wire's checksums are theirs. (With none running, this process sends.)
             channels = [self._channels.get_sync(f"127.0.0.1:{ports[i % len(ports)]}", i // len(ports))
                         for i in range(streams)]
             return ShmKVSender(channels, address, self.segments, False, timeout_s, copies=self._copies(),
@@ -384,7 +384,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             incarnation=self.incarnation, queued_prompts=engine.queued_prompts, queued_tokens=engine.queued_tokens,
             max_queued_tokens=engine.max_queued_tokens, tokens_per_s=engine.tokens_per_s, passes=engine.passes,
             refused=engine.refused, kv_inflight_bytes=self.inflight.used, kv_pools_mapped=len(self._pools),
-            kv_sender_ports=self.kv_sender_ports,
+            kv_sender_ports=self.kv_senders.live_ports() if self.kv_senders else (),
             computed_tokens=engine.computed_tokens, cached_tokens=engine.cached_tokens,
             prefix_cache_bytes=store.nbytes if store else 0, prefix_block_size=store.block_size if store else 0,
             cached_blocks=store.cached_keys(CACHED_KEYS_REPORTED) if store else ())
@@ -432,7 +432,7 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
             await senders.close()
             await engine.close()
             raise
-        servicer.kv_sender_ports = senders.ports
+        servicer.kv_senders = senders
     server, port, health = await start_server(
         config.listen, SERVICE, lambda server: add_servicer(prefill_pb2_grpc.add_PrefillServicer_to_server, servicer, server),
         credentials=auth.server_credentials(), interceptors=auth.server_interceptors())
