@@ -4,14 +4,15 @@
 # cryptography==50.0.2 cffi==2.1.1 pycparser==3.12`) and pdserve/v1/ carried (README "Benchmarks");
 # phases are arguments, in order:
 #   bash bench/gpu_suite.sh tests prefill transfer serving   (also: transfer-quick, ipc-timeline, profile,
-#   kill, graphs, ttft, grpc-ceiling, copy-timeline, ...)
+#   kill, graphs, ttft, relays-wire, grpc-ceiling, copy-timeline, ...)
 # Knobs (environment): MODEL; SERVING_START (configurations, default disagg,colocated-chunked), SERVING_CHUNK
 # (colocated-chunked's chunk, default 256), SERVING_LOGS=1 (members' DEBUG logs under $OUT/logs);
 # GIL_SWITCH_MS (every Python process's GIL switch interval); DECODE_MODELS, DECODE_MODES (gpu-decode);
 # IPC_CONNECTIONS (ipc-timeline, default "default 32"); TESTS_K (tests: pytest -k selection); QUICK_PATHS
 # (transfer-quick's wire paths, default "grpc x4,cuda_ipc"), QUICK_STREAMS (the gRPC stream counts those
 # paths may name, default 4), QUICK_TTFT (its TTFT transports, e.g. "grpc x8"), WRITE_LANES
-# (its receiver's and decode's pool-writer lanes). At most 8 files
+# (its receiver's and decode's pool-writer lanes); KV_SENDERS, KV_RECEIVERS (ttft: prefill's kv_senders and
+# decode's kv_receivers), RELAY_STREAMS (relays-wire). At most 8 files
 # come back from a call: the members' logs come back as one $OUT/logs.tgz.
 set -uo pipefail
 out=${OUT:-bench/out}
