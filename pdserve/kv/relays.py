@@ -246,7 +246,6 @@ class SenderServicer(_Relay):
     def __init__(self, spec: SenderSpec) -> None:
         super().__init__(spec.config)
         self._config = spec.config
-        self._segments: dict[int, object] = {}  # id(sender) -> the segment mapping it reads, held until it ends
 
     def _check(self, layout: KVLayout, stream: StreamInfo) -> None:
         if not stream.shm_segment:
