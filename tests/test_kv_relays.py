@@ -18,7 +18,7 @@ from pdserve.sdk import AsyncClient
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from tests.cluster import reference_greedy, start_cluster
 from tests.conftest import get_loaded
-from tests.test_kv_push import check_push_outcome, push, reserve, signed_transfer
+from tests.test_kv_push import check_push_outcome, header, push, reserve, signed_transfer
 
 pytestmark = pytest.mark.slow  # real processes, each importing torch
 
@@ -157,4 +157,36 @@ async def test_a_relay_killed_mid_transfer_loses_no_request_and_leaves_nothing(v
         shm.sweep_orphans()
         assert segments_of(process.pid) == []
     finally:
+        await cluster.stop()
+
+
+async def test_a_kv_sender_takes_only_its_prefill_instances_staging():
+    """A KV sender forwards only a shared-memory stream, from a segment that exists, to a valid address;
+    anything else is INVALID_ARGUMENT naming what was wrong (it listens on loopback only, behind the
+    instance's credentials, but a bad stream must not become a request elsewhere)."""
+    cluster = await start_cluster(get_loaded("preset:tiny-llama"), prefill_options={"kv_senders": 1})
+    segment = shm.Segment.create(1 << 20)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.prefill.port}") as channel:
+            stats = await prefill_pb2_grpc.PrefillStub(channel).GetStats(prefill_pb2.PrefillStatsRequest())
+        (port,) = stats.kv_sender_ports
+        forward = (("pdserve-kv-forward", cluster.decode_address),)
+        cases = [([header("inline")], forward, "a KV sender sends from its prefill instance's shared memory"),
+                 ([header("gone", shm_segment="pdserve-kv-1-0123456789abcdef")], forward, "cannot open"),
+                 ([header("nowhere", shm_segment=segment.name)], (("pdserve-kv-forward", "not an address"),),
+                  "pdserve-kv-forward metadata"),
+                 ([header("no-target", shm_segment=segment.name)], (), "pdserve-kv-forward metadata")]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = decode_pb2_grpc.DecodeStub(channel)
+            for messages, metadata, expected in cases:
+                async def requests(messages=messages):
+                    for m in messages:
+                        yield m
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.PushKV(requests(), metadata=metadata, timeout=10)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+                assert expected in info.value.details()
+    finally:
+        segment.close()
+        shm.unlink(segment.name)
         await cluster.stop()

@@ -131,8 +131,9 @@ def _staged_as_computed(t: torch.Tensor) -> torch.Tensor:
 class _Relay(decode_pb2_grpc.DecodeServicer):
     """``PushKV`` only: each incoming stream checked (``KVAssembly``) and forwarded by a sender of its own."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, role: str) -> None:
         self._channels = ChannelPool(ClusterAuth.from_config(config))
+        self._role = role
 
     def _check(self, layout: KVLayout, stream: StreamInfo) -> None:
         """Raises unless this relay takes such a stream."""
@@ -162,8 +163,8 @@ class _Relay(decode_pb2_grpc.DecodeServicer):
             header = await read_header(request_iterator)
             layout, stream = layout_from_proto(header), stream_info_from_proto(header)
             self._check(layout, stream)
-            sender = self._sender(layout, stream, context)
             held = self._hold(stream)
+            sender = self._sender(layout, stream, context)
             opening = asyncio.ensure_future(sender.open(layout))  # chunks staged meanwhile start once open
 
             def forward(layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -181,7 +182,7 @@ class _Relay(decode_pb2_grpc.DecodeServicer):
                 # The consumer hears why (once the stream on is open): a corrupt chunk, or the producer gone.
                 await asyncio.wait([opening], timeout=OPEN_WAIT_S)
                 reason = str(exc) if isinstance(exc, PdserveError) else "its producer's stream broke"
-                await sender.fail(f"at {type(self).__name__}: {reason}")
+                await sender.fail(f"at {self._role} {os.getpid()}: {reason}")
             await cancel_quietly(opening)
             if isinstance(exc, PdserveError) and not isinstance(exc, Cancelled):
                 log.warning("KV stream refused: %s", exc)
@@ -196,7 +197,7 @@ class ReceiverServicer(_Relay):
     """A KV receiver: gRPC chunks in, into decode's pool (CUDA IPC, or shared memory) out."""
 
     def __init__(self, spec: ReceiverSpec) -> None:
-        super().__init__(spec.config)
+        super().__init__(spec.config, spec.role)
         self._spec = spec
         self._target = decode_target(spec.config.listen, spec.decode_port)
         self._pool: torch.Tensor | None = None
@@ -244,7 +245,7 @@ class SenderServicer(_Relay):
     """A KV sender: layer ranges of its prefill instance's shared-memory staging in, gRPC chunks out."""
 
     def __init__(self, spec: SenderSpec) -> None:
-        super().__init__(spec.config)
+        super().__init__(spec.config, spec.role)
         self._config = spec.config
 
     def _check(self, layout: KVLayout, stream: StreamInfo) -> None:
