@@ -563,8 +563,8 @@ async def ttft(args) -> list[dict]:
                 forward = statistics.median(x["forward_ms"] for x in samples)
                 queue = statistics.median(x["queue_ms"] for x in samples)
                 tail = statistics.median(x["tail_ms"] for x in samples)
-                row = {"transport": name, "kv_receivers": receivers, "kv_senders": senders, "tokens": tokens, "kv_bytes": samples[0]["bytes"],
-                       "forward_ms": forward,
+                row = {"transport": name, "kv_receivers": receivers, "kv_senders": senders, "tokens": tokens,
+                       "kv_bytes": samples[0]["bytes"], "forward_ms": forward,
                        "queue_ms": queue, "transfer_ms": statistics.median(x["transfer_ms"] for x in samples),
                        "tail_ms": tail, "alone_ms": alone, "overhead": (queue + forward + tail) / alone - 1,
                        "tail_share": tail / (forward + queue),
