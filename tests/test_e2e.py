@@ -146,17 +146,22 @@ async def test_health_service_and_refusal_after_shutdown():
         cluster.stop()
 
 
-async def test_ctrl_c_to_the_process_group_drains_in_flight_streams_and_leaves_nothing_behind():
+@pytest.mark.parametrize("relays", [False, True])
+async def test_ctrl_c_to_the_process_group_drains_in_flight_streams_and_leaves_nothing_behind(relays):
     """A terminal's Ctrl-C reaches `pdserve up` and every member at once (one process group), and then
-    `pdserve up` stops them: in-flight streams still finish, every process exits, no KV segment is left."""
+    `pdserve up` stops them: in-flight streams still finish, every process exits, no KV segment is left.
+    With ``relays`` the KV goes over gRPC through a KV sender and a KV receiver process, which are in the
+    group too: they outlive the Ctrl-C until their instance stops them."""
     import os
 
     from pdserve.kv.shm import segment_names
 
     before = set(segment_names())
+    env = {**os.environ, **({"PDSERVE_KV_TRANSPORT": "grpc", "PDSERVE_KV_SENDERS": "1", "PDSERVE_KV_RECEIVERS": "1"}
+                            if relays else {})}
     up = subprocess.Popen([*PDSERVE, "up", "--port", "0", "--model", "preset:tiny-llama", "--threads", "1"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-                          start_new_session=True)  # its own process group, as a terminal gives it
+                          start_new_session=True, env=env)  # its own process group, as a terminal gives it
     err = LineReader(up.stderr)
     try:
         address = err.wait_for(r"serving on (127\.0\.0\.1:\d+);", timeout=240).group(1)

@@ -5,7 +5,6 @@ request is lost, and nothing is left behind."""
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import signal
 import time
@@ -23,9 +22,22 @@ from tests.test_kv_push import check_push_outcome, header, push, reserve, signed
 pytestmark = pytest.mark.slow  # real processes, each importing torch
 
 
-def relays() -> dict[str, multiprocessing.Process]:
-    """This process's KV relay processes (the instances under test run in it), by name."""
-    return {p.name: p for p in multiprocessing.active_children() if p.name.startswith(("kv-receiver-", "kv-sender-"))}
+def relays() -> dict[str, int]:
+    """This process's running KV relay processes (the instances under test run in it): pid by role-index, read
+    from their command lines (``python -m pdserve.kv.relays ROLE INDEX ...``)."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            continue
+        if b"pdserve.kv.relays" in command and int(ppid) == os.getpid() and state != "Z":
+            i = command.index(b"pdserve.kv.relays")
+            found[f"{command[i + 1].decode()}-{command[i + 2].decode()}"] = int(entry)
+    return found
 
 
 def segments_of(pid: int) -> list[str]:
@@ -75,32 +87,33 @@ async def test_transfers_through_kv_relays_are_token_exact_and_a_killed_relay_is
         assert (stats.transfers_completed, stats.kv_blocks_used, stats.waiting_for_kv) == (3, 0, 0)
         # Each receiver wrote decode's side through a segment of its own, kept for its next transfer; with
         # senders, prefill staged the KV in segments of its own for them to send from.
-        for name, process in before.items():
+        for name, pid in before.items():
             if name.startswith("kv-receiver-"):
-                assert segments_of(process.pid), f"{name} carried no transfer"
+                assert segments_of(pid), f"{name} carried no transfer"
         assert bool(set(segments_of(os.getpid())) - mine) == bool(senders)
 
-        victims = [before[name] for name in ("kv-sender-0", "kv-receiver-0") if name in before]
-        for victim in victims:
-            os.kill(victim.pid, signal.SIGKILL)
+        victims = {name: before[name] for name in ("kv-sender-0", "kv-receiver-0") if name in before}
+        for pid in victims.values():
+            os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        for victim in victims:
-            while not ((new := relays().get(victim.name)) and new.pid != victim.pid and new.is_alive()):
-                assert time.monotonic() < deadline, f"{victim.name} was not started again"
+        for name, pid in victims.items():
+            while relays().get(name, pid) == pid:
+                assert time.monotonic() < deadline, f"{name} was not started again"
                 await asyncio.sleep(0.2)
         while list((await decode_stats(decode)).kv_receiver_ports) != ports:  # serving again, on the same ports
             assert time.monotonic() < deadline, "a restarted receiver does not serve on its port"
             await asyncio.sleep(0.2)
-        shm.sweep_orphans()  # what the services' periodic sweep does: a dead receiver's segments go
-        assert all(segments_of(victim.pid) == [] for victim in victims)
+        assert all(segments_of(pid) == [] for pid in victims.values())  # swept as it was replaced
 
         # No request is lost: one whose push met a dead relay's connection is pushed again.
         await generate_all(cluster, [list(range(300, 340)), [9, 8, 7, 6, 5, 4, 3], list(range(400, 480))])
         stats = await settled(decode)
         assert (stats.kv_blocks_used, stats.waiting_for_kv) == (0, 0)
+        seen = {*before.values(), *relays().values()}
     finally:
         await cluster.stop()
     assert relays() == {}, "the relays stop with their instances"
+    assert [n for pid in seen for n in segments_of(pid)] == [], "a relay's segments outlived it"
 
 
 async def test_a_kv_receiver_checks_checksums_and_forwards_a_good_push():
@@ -135,8 +148,8 @@ async def test_a_relay_killed_mid_transfer_loses_no_request_and_leaves_nothing(v
     decode = cluster.decode_address
     try:
         await generate_all(cluster, [[1, 2, 3]])  # the relays' connections are up: the next push gets into one
-        process = relays()[victim]
-        os.kill(process.pid, signal.SIGSTOP)
+        pid = relays()[victim]
+        os.kill(pid, signal.SIGSTOP)
         request = asyncio.create_task(generate_all(cluster, [list(range(50, 120))]))
         deadline = time.monotonic() + 20
         while (await decode_stats(decode)).waiting_for_kv == 0:  # reserved: its KV is on its way
@@ -144,7 +157,7 @@ async def test_a_relay_killed_mid_transfer_loses_no_request_and_leaves_nothing(v
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
         assert not request.done(), "the transfer went around the stopped relay"
-        os.kill(process.pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         await asyncio.wait_for(request, 60)  # token-exact
         stats = await settled(decode)
         assert (stats.kv_blocks_used, stats.waiting_for_kv) == (0, 0)
@@ -154,8 +167,10 @@ async def test_a_relay_killed_mid_transfer_loses_no_request_and_leaves_nothing(v
             while (await stub.GetStats(prefill_pb2.PrefillStatsRequest())).kv_inflight_bytes:
                 assert time.monotonic() < deadline, "prefill still holds the transfer's KV"
                 await asyncio.sleep(0.1)
-        shm.sweep_orphans()
-        assert segments_of(process.pid) == []
+        deadline = time.monotonic() + 10
+        while segments_of(pid):  # swept as it is replaced
+            assert time.monotonic() < deadline, "the killed relay's segments stayed"
+            await asyncio.sleep(0.1)
     finally:
         await cluster.stop()
 

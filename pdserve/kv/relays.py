@@ -35,9 +35,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import multiprocessing
 import os
+import pickle
 import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -52,7 +54,7 @@ from pdserve.kv.assembly import KVAssembly, check_layout
 from pdserve.kv.cuda_ipc import map_pool
 from pdserve.kv.grpc_sender import GrpcKVSender, IpcKVSender, ShmKVSender
 from pdserve.kv.receiver import SEGMENTS, add_decode_servicer, drain, read_header, receive_stream
-from pdserve.kv.shm import SegmentPool
+from pdserve.kv.shm import SegmentPool, sweep_orphans
 from pdserve.kv.staging import DeviceCopies
 from pdserve.kv.wire import DTYPES, KVLayout, StreamInfo
 from pdserve.logs import setup_logging
@@ -156,6 +158,9 @@ class _Relay(decode_pb2_grpc.DecodeServicer):
     def _reply(self, received: int, assembly: KVAssembly, receipt) -> decode_pb2.PushKVReply:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """The process is stopping: what it holds goes (a receiver's idle shared-memory segments)."""
+
     @rpc_errors
     async def PushKV(self, request_iterator, context):
         sender = opening = held = None
@@ -229,6 +234,12 @@ class ReceiverServicer(_Relay):
         return ShmKVSender([channel], self._target, self._segments, stream.checksums, context.time_remaining(),
                            stream_of=of)
 
+    def close(self) -> None:
+        if self._segments is not None:
+            self._segments.close()
+        if self._copies is not None:
+            self._copies.close()
+
     def _forward(self, sender, layer, start, keys, values) -> None:
         if self._pool is not None:  # from pinned memory, on this process's stream; the scatter follows it
             keys, values = upload(keys, keys.dtype, self._pool.device), upload(values, values.dtype, self._pool.device)
@@ -288,22 +299,29 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _main(spec, index: int, port: int, parent: int, conn) -> None:
-    """A relay process: serves until killed; sends its port on ``conn`` once serving."""
+def _serve(spec, index: int, port: int, parent: int) -> None:
+    """A relay process: serves until SIGTERM (or killed); prints its port on stdout once serving."""
     _die_with_parent(parent)
+    # A terminal's Ctrl-C reaches the whole process group; the instance drains its streams and then stops
+    # its relays (SIGTERM), so a relay does not stop under a stream the instance still serves.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(spec.config.log_level, f"{spec.role}-{index}", spec.config.log_format)
     torch.set_num_threads(1)
 
     async def serve() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         servicer = spec.servicer()
         auth = ClusterAuth.from_config(spec.config)
         server, bound, _ = await start_server(f"{spec.listen_host}:{port}", SERVICE,
                                               lambda server: add_decode_servicer(servicer, server),
                                               credentials=auth.server_credentials(),
                                               interceptors=auth.server_interceptors())
-        conn.send(bound)
-        conn.close()
-        await server.wait_for_termination()
+        print(bound, flush=True)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing more for the instance to read
+        await stop.wait()
+        await server.stop(None)  # its streams fail, as their producers' would if it died
+        servicer.close()
 
     asyncio.run(serve())
 
@@ -311,12 +329,15 @@ def _main(spec, index: int, port: int, parent: int, conn) -> None:
 class RelayProcesses:
     """An instance's relay processes (``ReceiverSpec`` or ``SenderSpec``): started before it serves, started
     again when one dies (on its port), stopped with it. ``live_ports`` (what ``GetStats`` reports, and what a
-    prefill instance sends through) leaves a dead one out meanwhile, so transfers go around it."""
+    prefill instance sends through) leaves a dead one out meanwhile, so transfers go around it.
+
+    Each is ``python -m pdserve.kv.relays ROLE INDEX PORT PARENT`` (what ``ps`` shows), its spec pickled on
+    its stdin: a fresh interpreter (nothing forked from a process holding CUDA or gRPC threads), and no
+    helper process of ``multiprocessing``'s left in the instance's process group."""
 
     def __init__(self, spec: ReceiverSpec | SenderSpec, count: int) -> None:
         self._spec = spec
-        self._context = multiprocessing.get_context("spawn")  # never fork a process holding CUDA or gRPC
-        self._processes: list = [None] * count
+        self._processes: list[subprocess.Popen | None] = [None] * count
         self.ports: list[int] = [0] * count
         self._serving: set[int] = set()  # indexes of relays that said they serve (and may have died since)
         self.restarts = 0
@@ -330,51 +351,71 @@ class RelayProcesses:
     async def _start(self, index: int) -> None:
         # Started from the event loop's thread: the child's PR_SET_PDEATHSIG fires when the thread that
         # started it ends, and this one lives as long as the instance.
-        reader, writer = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_main, name=f"{self._spec.role}-{index}", daemon=True,
-                                        args=(self._spec, index, self.ports[index], os.getpid(), writer))
         self._serving.discard(index)
-        process.start()
-        writer.close()
+        process = subprocess.Popen([sys.executable, "-m", "pdserve.kv.relays", self._spec.role, str(index),
+                                    str(self.ports[index]), str(os.getpid())], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE)
         self._processes[index] = process
         try:
-            if not await asyncio.to_thread(reader.poll, START_TIMEOUT_S):
-                raise TimeoutError(f"not serving after {START_TIMEOUT_S:g} s")
-            self.ports[index] = reader.recv()
+            process.stdin.write(pickle.dumps(self._spec))
+            process.stdin.close()
+            line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), START_TIMEOUT_S)
+            if not line.strip():
+                raise EOFError("exited")
+            self.ports[index] = int(line)
             self._serving.add(index)
-        except (EOFError, TimeoutError) as exc:  # it exited (it logged why), or hangs
+        except (OSError, EOFError, ValueError, asyncio.TimeoutError) as exc:  # it exited (it logged why), or hangs
             process.kill()
-            raise FailedPrecondition(f"{self._spec.role} {index} did not start (exit code {process.exitcode}): "
-                                     f"{exc or 'exited'}") from None
+            raise FailedPrecondition(f"{self._spec.role} {index} did not start (exit code {process.poll()}): "
+                                     f"{exc or 'no answer in ' + str(START_TIMEOUT_S) + ' s'}") from None
         finally:
-            reader.close()
+            process.stdout.close()
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
             for index, process in enumerate(self._processes):
-                if process is None or process.is_alive():
+                if process is None or process.poll() is None:
                     continue
                 log.warning("%s %d (port %d) exited with %s; starting it again", self._spec.role, index,
-                            self.ports[index], process.exitcode)
+                            self.ports[index], process.returncode)
+                sweep_orphans()  # the segments it held
                 self.restarts += 1
                 try:
                     await self._start(index)
                 except FailedPrecondition as exc:
                     log.error("%s; trying again", exc)
 
+    def pids(self) -> list[int]:
+        """The relays' process ids (operators and tests)."""
+        return [p.pid for p in self._processes if p is not None]
+
     def live_ports(self) -> list[int]:
         """The ports of the relays running now (one that died is left out until it serves again)."""
         return [self.ports[i] for i, process in enumerate(self._processes)
-                if i in self._serving and process.is_alive()]
+                if i in self._serving and process.poll() is None]
 
     async def close(self) -> None:
         await cancel_quietly(self._watcher)
         for process in self._processes:
-            if process is not None and process.is_alive():
+            if process is not None and process.poll() is None:
                 process.terminate()
         for process in self._processes:
             if process is not None:
-                await asyncio.to_thread(process.join, 5)
-                if process.is_alive():
+                try:
+                    await asyncio.to_thread(process.wait, 5)
+                except subprocess.TimeoutExpired:
                     process.kill()
+                    await asyncio.to_thread(process.wait, 5)
+        sweep_orphans()  # what one that had to be killed held
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pdserve.kv.relays ROLE INDEX PORT PARENT``, the spec pickled on stdin (``RelayProcesses``)."""
+    _, index, port, parent = argv or sys.argv[1:]
+    spec = pickle.load(sys.stdin.buffer)
+    _serve(spec, int(index), int(port), int(parent))
+
+
+if __name__ == "__main__":
+    main()
