@@ -216,9 +216,14 @@ async def raw_tcp_seconds(port: int, nbytes: int, chunk: int = 1 << 20) -> float
     return elapsed
 
 
+def member_tls(certs: str, role: str) -> dict:
+    """A member's mutual-TLS settings (``tls_cert``, ``tls_key``, ``tls_ca``) from ``make_certificates`` output."""
+    return {"tls_cert": f"{certs}/{role}.pem", "tls_key": f"{certs}/{role}-key.pem", "tls_ca": f"{certs}/ca.pem"}
+
+
 def member_auth(certs: str, role: str) -> ClusterAuth:
     """A member's mutual-TLS identity from ``pdserve.tls.make_certificates`` output."""
-    return ClusterAuth(TlsFiles.load(f"{certs}/{role}.pem", f"{certs}/{role}-key.pem", f"{certs}/ca.pem"))
+    return ClusterAuth(TlsFiles.load(*member_tls(certs, role).values()))
 
 
 async def start_receivers(device: str = "cpu", certs: str = "", write_lanes: int = KV_WRITE_LANES
@@ -267,10 +272,10 @@ class Relays:
 
         self.count = count
         self._receiver_port = receiver_port
-        tls = {} if not certs else {"tls_cert": f"{certs}/decode.pem", "tls_key": f"{certs}/decode-key.pem",
-                                    "tls_ca": f"{certs}/ca.pem"}
-        self._decode = cfg.DecodeConfig(listen="127.0.0.1:0", log_level="WARNING", **tls)
-        self._prefill = cfg.PrefillConfig(listen="127.0.0.1:0", log_level="WARNING", **tls)
+        self._decode = cfg.DecodeConfig(listen="127.0.0.1:0", log_level="WARNING",
+                                        **(member_tls(certs, "decode") if certs else {}))
+        self._prefill = cfg.PrefillConfig(listen="127.0.0.1:0", log_level="WARNING",
+                                          **(member_tls(certs, "prefill") if certs else {}))
         self._senders = self._receivers = None
 
     async def map(self, handle, kv: KVShape, dtype: torch.dtype, tokens: int) -> None:

@@ -19,7 +19,7 @@ import grpc
 
 from pdserve import config as cfg
 from pdserve.aio import cancel_and_wait
-from pdserve.rpc import ChannelPool
+from pdserve.rpc import ChannelPool, concrete_host
 from pdserve.tls import NO_AUTH, ClusterAuth
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -30,10 +30,7 @@ def advertised_address(config: cfg.RegistrationConfig, listen: str, port: int) -
     """Where gateways reach this instance: ``advertise``, else the listen host and the bound port."""
     if config.advertise:
         return config.advertise
-    host = listen.rpartition(":")[0]
-    if host in ("0.0.0.0", "[::]", "::", ""):
-        host = socket.gethostname()
-    return f"{host}:{port}"
+    return f"{concrete_host(listen, socket.gethostname())}:{port}"
 
 
 class Announcer:

@@ -244,6 +244,12 @@ async def check_health(address: str, service: str = "", timeout: float = 1.0, au
     return await health_status(address, service, timeout, auth=auth) == "serving"
 
 
+def concrete_host(listen: str, wildcard: str) -> str:
+    """The host of a ``host:port`` listen address, or ``wildcard`` when it listens on every interface."""
+    host = listen.rpartition(":")[0]
+    return wildcard if host in ("0.0.0.0", "[::]", "::", "") else host
+
+
 class ChannelPool:
     """Channels per peer address, reused across requests, made with ``auth`` (this member's TLS identity
     and cluster token). ``lane`` > 0 gives further channels to the same address on their own TCP

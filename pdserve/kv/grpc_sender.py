@@ -432,11 +432,7 @@ class GrpcKVSender(KVSender):
         the trailer on every stream (the consumer fails the transfer with DATA_LOSS naming ``reason``); waits up
         to ``wait_s`` for the consumer's answers, then ``abort``. For a producer relaying a transfer, whose
         consumer would otherwise learn only of a cancelled stream, or nothing if its header had not arrived."""
-        with self._lock:
-            self._aborted = True
-            self._deferred.clear()
-        if self._copies is not None:  # what is queued is complete before the consumer frees the blocks
-            await asyncio.get_running_loop().run_in_executor(None, self._copies.synchronize)
+        await self._stop_staging()  # what is queued is complete before the consumer frees the blocks
         message = decode_pb2.KVMessage(abort=decode_pb2.KVAbort(reason=reason)).SerializeToString()
         started = [s for s in self._streams if s.call is not None]
         for s in started:
@@ -448,16 +444,20 @@ class GrpcKVSender(KVSender):
     async def abort(self) -> None:
         """Stops the transfer: no range is staged after this, and (GPU) every copy already queued completed
         before the streams are cancelled, so nothing is written anywhere once it returns."""
-        with self._lock:
-            self._aborted = True
-            self._deferred.clear()
-        if self._copies is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._copies.synchronize)
+        await self._stop_staging()
         for s in self._streams:
             s.queue.put(_STOP)
             if s.call is not None:
                 s.call.cancel()
         self._close()
+
+    async def _stop_staging(self) -> None:
+        """No range is staged after this, and (GPU) every copy already queued has completed."""
+        with self._lock:
+            self._aborted = True
+            self._deferred.clear()
+        if self._copies is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._copies.synchronize)
 
     def _close(self) -> None:
         self._host = None  # pinned staging back to torch's host cache

@@ -58,7 +58,7 @@ from pdserve.kv.shm import SegmentPool, sweep_orphans
 from pdserve.kv.staging import DeviceCopies
 from pdserve.kv.wire import DTYPES, KVLayout, StreamInfo
 from pdserve.logs import setup_logging
-from pdserve.rpc import ChannelPool, rpc_errors, start_server
+from pdserve.rpc import ChannelPool, concrete_host, rpc_errors, start_server
 from pdserve.tls import ClusterAuth
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
@@ -90,7 +90,7 @@ class ReceiverSpec:
 
     @property
     def listen_host(self) -> str:
-        return _host(self.config.listen)  # reached from other hosts, as decode is
+        return self.config.listen.rpartition(":")[0]  # reached from other hosts, as decode is
 
     def servicer(self) -> "ReceiverServicer":
         return ReceiverServicer(self)
@@ -115,14 +115,9 @@ def receiver_addresses(decode_address: str, ports) -> list[str]:
     return [f"{host}:{port}" for port in ports] or [decode_address]
 
 
-def _host(listen: str) -> str:
-    return listen.rpartition(":")[0]
-
-
 def decode_target(listen: str, port: int) -> str:
     """Where a process of decode's host reaches it: its listen host, or loopback for a wildcard."""
-    host = _host(listen)
-    return f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]', '::') else host}:{port}"
+    return f"{concrete_host(listen, '127.0.0.1')}:{port}"
 
 
 def _staged_as_computed(t: torch.Tensor) -> torch.Tensor:
@@ -340,7 +335,6 @@ class RelayProcesses:
         self._processes: list[subprocess.Popen | None] = [None] * count
         self.ports: list[int] = [0] * count
         self._serving: set[int] = set()  # indexes of relays that said they serve (and may have died since)
-        self.restarts = 0
         self._watcher: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -380,15 +374,10 @@ class RelayProcesses:
                 log.warning("%s %d (port %d) exited with %s; starting it again", self._spec.role, index,
                             self.ports[index], process.returncode)
                 sweep_orphans()  # the segments it held
-                self.restarts += 1
                 try:
                     await self._start(index)
                 except FailedPrecondition as exc:
                     log.error("%s; trying again", exc)
-
-    def pids(self) -> list[int]:
-        """The relays' process ids (operators and tests)."""
-        return [p.pid for p in self._processes if p is not None]
 
     def live_ports(self) -> list[int]:
         """The ports of the relays running now (one that died is left out until it serves again)."""
