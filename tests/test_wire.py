@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pdserve.engine.kv_pool import KVPool
 from pdserve.errors import DataLoss
-from pdserve.kv.cuda_ipc import scatter_tokens
+from pdserve.kv.cuda_ipc import MAX_COPY_RUNS, copy_runs, scatter_tokens, slot_runs
 from pdserve.kv.wire import KVChunkData, decode_message, encode_chunk
+from pdserve.model.loader import KVShape
 from pdserve.v1 import decode_pb2
 
 
@@ -106,3 +108,33 @@ def test_scatter_tokens_puts_each_token_in_its_slot(dtype, head_dim):
     expected[slots] = source
     scatter_tokens(pool, slots, source)
     assert torch.equal(pool, expected)
+
+
+def test_slot_runs_cover_each_token_once_and_copy_runs_puts_it_in_its_slot():
+    """A chunk from the host lands by plain copies, one per run of consecutive slots of its block table
+    (blocks handed out in order, a few out of place, and a chunk starting mid-block)."""
+    block_size, table = 4, [3, 4, 5, 9, 1, 2, 7]
+    tokens = len(table) * block_size
+    slots = torch.tensor([table[t // block_size] * block_size + t % block_size for t in range(tokens)])
+    for start, count in [(0, tokens), (2, 13), (5, 1), (8, 4)]:
+        runs = slot_runs(table, block_size, start, count)
+        covered = [slot + i for _, slot, n in runs for i in range(n)]
+        assert covered == slots[start:start + count].tolist()
+        assert sum(n for _, _, n in runs) == count and [o for o, _, _ in runs] == sorted({o for o, _, _ in runs})
+        source = torch.randn(count, 2, 3)
+        pool, expected = torch.zeros(40, 2, 3), torch.zeros(40, 2, 3)
+        expected[slots[start:start + count]] = source
+        copy_runs(pool, runs, source)
+        assert torch.equal(pool, expected)
+    assert slot_runs(table, block_size, 0, tokens) == [(0, 12, 12), (12, 36, 4), (16, 4, 8), (24, 28, 4)]
+    # Fragmented beyond MAX_COPY_RUNS runs: None (one scatter instead), and a pool writes it all the same.
+    scattered = list(range(2 * MAX_COPY_RUNS + 1, 0, -2))
+    assert slot_runs(scattered, block_size, 0, len(scattered) * block_size) is None
+    assert len(slot_runs(scattered[:MAX_COPY_RUNS], block_size, 0, MAX_COPY_RUNS * block_size)) == MAX_COPY_RUNS
+    kv = KVShape(num_layers=1, kv_heads=2, head_dim=3)
+    pool = KVPool(kv, torch.float32, torch.device("cpu"), budget=kv.bytes_per_token(torch.float32) * 40 * block_size,
+                  block_size=block_size)
+    for blocks in (scattered, table):
+        keys, values = torch.randn(len(blocks) * block_size, 2, 3), torch.randn(len(blocks) * block_size, 2, 3)
+        pool.write(blocks, 0, 0, keys, values)
+        assert all(torch.equal(a, b) for a, b in zip(pool.read(blocks, 0, len(keys)), (keys, values)))

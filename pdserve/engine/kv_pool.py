@@ -21,6 +21,7 @@ import torch
 from pdserve.config import PAGED_KERNELS, parse_budget
 from pdserve.engine.device_io import upload
 from pdserve.errors import ResourceExhausted
+from pdserve.kv.cuda_ipc import copy_runs, slot_runs
 from pdserve.model.loader import KVShape
 
 NULL_BLOCK = 0
@@ -301,7 +302,14 @@ class KVPool:
         return (blocks * self.block_size + t % self.block_size).to(self.device)
 
     def write(self, table: list[int], layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Stores (T, H, D) K/V of tokens [start, start + T) of layer ``layer``."""
+        """Stores (T, H, D) K/V of tokens [start, start + T) of layer ``layer``: from the host (a transfer's
+        chunk) a copy per run of consecutive slots, no kernel (``cuda_ipc.copy_runs``); from the device (a
+        colocated prefill), or into a fragmented table, one indexed copy."""
+        runs = slot_runs(table, self.block_size, start, keys.shape[0]) if keys.device.type == "cpu" else None
+        if runs is not None:
+            copy_runs(self.keys[layer], runs, keys)
+            copy_runs(self.values[layer], runs, values)
+            return
         slots = self.slots(table, start, keys.shape[0])
         self.keys[layer][slots] = keys.to(self.device, non_blocking=True)
         self.values[layer][slots] = values.to(self.device, non_blocking=True)

@@ -46,7 +46,7 @@ import torch
 
 from pdserve import telemetry
 from pdserve.errors import Cancelled, DataLoss, Internal, InvalidArgument, PdserveError
-from pdserve.kv.cuda_ipc import scatter_tokens
+from pdserve.kv.cuda_ipc import copy_runs, scatter_tokens, slot_runs
 from pdserve.kv.shm import SEGMENT_HEADER, Segment, SegmentPool
 from pdserve.kv.staging import DeviceCopies
 from pdserve.kv.transport import KVSender, TransferReceipt
@@ -360,7 +360,7 @@ class GrpcKVSender(KVSender):
                after: torch.cuda.Event | None = None) -> None:
         """Under the lock (abort() waits for every copy queued before it), once open: a range's copies queued
         (GPU), or the range to its stream (CPU)."""
-        if self._copies is None or not keys.is_cuda:
+        if not self._through_copies(keys):
             self._staged(_Range(layer, token_start, keys.shape[2], keys, values), ready_ns)
             return
         staged: list[_Range] = []
@@ -370,6 +370,10 @@ class GrpcKVSender(KVSender):
             return keys, values
 
         self._copies.submit(work, None, lambda: self._staged(staged[0], ready_ns), after)
+
+    def _through_copies(self, keys: torch.Tensor) -> bool:
+        """Whether a range goes through the copy stream (``_device_work``) before its stream sends it."""
+        return self._copies is not None and keys.is_cuda
 
     def _staged(self, r: _Range, ready_ns: int) -> None:
         """On the thread that learnt it (the copies' waiter, or the stager on a CPU): a range's bytes are where
@@ -534,6 +538,7 @@ class IpcKVSender(GrpcKVSender):
         self._pool = pool  # decode's (2, layers, slots, H, D), mapped into this process
         self._block_size = block_size
         self._incarnation = incarnation  # of the decode instance whose pool this is
+        self._blocks: list[int] = []  # decode's blocks for the transfer, in token order
         self._slots: torch.Tensor | None = None  # (prompt tokens,) on the pool's device, filled on the copy stream
         self._host_slots: torch.Tensor | None = None  # their pinned source, kept until the transfer ends
 
@@ -551,7 +556,8 @@ class IpcKVSender(GrpcKVSender):
             raise error_from_rpc(exc, f"KV push to decode {self._address}") from None
         if target.incarnation != self._incarnation:
             raise DataLoss(f"decode {self._address} restarted: the pool mapped here is not its pool any more")
-        blocks = torch.tensor(list(target.blocks), dtype=torch.long)
+        self._blocks = list(target.blocks)
+        blocks = torch.tensor(self._blocks, dtype=torch.long)
         tokens = torch.arange(layout.num_tokens)
         if len(blocks) * self._block_size < layout.num_tokens:
             raise InvalidArgument(f"decode {self._address}: {len(blocks)} blocks for {layout.num_tokens} tokens")
@@ -564,13 +570,21 @@ class IpcKVSender(GrpcKVSender):
         with torch.cuda.stream(self._copies.stream):
             self._slots = self._host_slots.to(self._pool.device, non_blocking=True)
 
+    def _through_copies(self, keys: torch.Tensor) -> bool:
+        return True  # into the pool on the copy stream, from the device or (a KV receiver) pinned host memory
+
     def _device_work(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> _Range:
         count = keys.shape[2]
         slots = self._slots[start:start + count]
+        # A KV receiver's chunk is pinned host memory: DMA copies alone where the blocks run in order.
+        runs = None if keys.is_cuda else slot_runs(self._blocks, self._block_size, start, count)
         for i, states in enumerate((keys, values)):
             source = states[0].transpose(0, 1)  # (T, H, D)
-            if source.device != self._pool.device:
-                source = source.to(self._pool.device, non_blocking=True)  # another GPU of this host: peer copy
+            if runs is not None:
+                copy_runs(self._pool[i, layer], runs, source)
+                continue
+            if source.device != self._pool.device:  # another GPU of this host (peer copy), or pinned memory
+                source = source.to(self._pool.device, non_blocking=True)
             scatter_tokens(self._pool[i, layer], slots, source)
         return _Range(layer, start, count)
 

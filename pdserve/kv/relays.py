@@ -10,8 +10,9 @@ both ends can hand their streams to processes of their own, each serving ``Decod
   decode's credentials; ``DecodeStats.kv_receiver_ports`` names them and a prefill instance spreads a
   transfer's gRPC streams over them. A receiver checks every chunk as decode would (``KVAssembly``:
   order, sizes, checksum) and forwards it the way a producer on decode's host does: written into decode's
-  pool by CUDA IPC when the pool is on a GPU (``IpcKVSender``, each chunk uploaded from pinned memory
-  and scattered into the reserved blocks), through a shared-memory segment otherwise (``ShmKVSender``).
+  pool by CUDA IPC when the pool is on a GPU (``IpcKVSender``: each chunk pinned, then copied into the
+  reserved blocks' runs of slots by DMA, no kernel), through a shared-memory segment otherwise
+  (``ShmKVSender``).
 * **KV senders** (prefill's ``kv_senders``): each listens on loopback. Prefill stages a transfer's KV in
   a shared-memory segment as for a same-host decode (on a GPU the copy stream writes it, pinned) and
   sends each sender one small message per layer range, on a stream of the transfer; the sender encodes
@@ -48,7 +49,6 @@ import torch
 from pdserve import config as cfg
 from pdserve.aio import cancel_quietly
 from pdserve.convert import address_problem, layout_from_proto, stream_info_from_proto
-from pdserve.engine.device_io import upload
 from pdserve.errors import Cancelled, FailedPrecondition, InvalidArgument, PdserveError
 from pdserve.kv.assembly import KVAssembly, check_layout
 from pdserve.kv.cuda_ipc import map_pool
@@ -236,8 +236,8 @@ class ReceiverServicer(_Relay):
             self._copies.close()
 
     def _forward(self, sender, layer, start, keys, values) -> None:
-        if self._pool is not None:  # from pinned memory, on this process's stream; the scatter follows it
-            keys, values = upload(keys, keys.dtype, self._pool.device), upload(values, values.dtype, self._pool.device)
+        if self._pool is not None:  # copied into decode's pool from pinned memory, on the copy stream
+            keys, values = keys.pin_memory(), values.pin_memory()
         super()._forward(sender, layer, start, keys, values)
 
     def _reply(self, received, assembly, receipt) -> decode_pb2.PushKVReply:
