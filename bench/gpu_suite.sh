@@ -12,7 +12,7 @@
 # (transfer-quick's wire paths, default "grpc x4,cuda_ipc"), QUICK_STREAMS (the gRPC stream counts those
 # paths may name, default 4), QUICK_TTFT (its TTFT transports, e.g. "grpc x8"), WRITE_LANES
 # (its receiver's and decode's pool-writer lanes); KV_SENDERS, KV_RECEIVERS (ttft: prefill's kv_senders and
-# decode's kv_receivers), RELAY_STREAMS (relays-wire). At most 8 files
+# decode's kv_receivers), TTFT_REPEATS (default 2), RELAY_STREAMS and RELAY_MODES (relays-wire). At most 8 files
 # come back from a call: the members' logs come back as one $OUT/logs.tgz.
 set -uo pipefail
 out=${OUT:-bench/out}
@@ -47,7 +47,7 @@ for phase in "$@"; do
       tag=${TTFT_PLAINTEXT:+_plaintext}${GIL_SWITCH_MS:+_gil$GIL_SWITCH_MS}${KV_RECEIVERS:+_receivers$KV_RECEIVERS}
       tag=$tag${KV_SENDERS:+_senders$KV_SENDERS}${TTFT_TAG:+_$TTFT_TAG}
       PDSERVE_KV_RECEIVERS=${KV_RECEIVERS:-0} PDSERVE_KV_SENDERS=${KV_SENDERS:-0} timeout 240 python3 -m bench.transfer --device cuda --model "$model" --skip-wire --ttft-lengths "${TTFT_LENGTHS:-2048,8190}" \
-        --overlap-length 8190 --ttft-transports "${TTFT_TRANSPORTS:-cuda_ipc,grpc x4}" --repeats 2 --threads 4 --kv-budget 20GiB \
+        --overlap-length 8190 --ttft-transports "${TTFT_TRANSPORTS:-cuda_ipc,grpc x4}" --repeats "${TTFT_REPEATS:-2}" --threads 4 --kv-budget 20GiB \
         ${TTFT_PLAINTEXT:+--plaintext} --prefill-flags="${TTFT_PREFILL_FLAGS:-}" --out "$out/ttft$tag.json" \
         ${TTFT_PROFILE:+--profile-members "$out/ttft_profile" --profile-flags="${PROFILE_FLAGS:-}"} > "$out/ttft$tag.log" 2>&1
       grep "KV receiver processes" "$out/ttft$tag.log"; grep -A12 "^| transport" "$out/ttft$tag.log" || tail -20 "$out/ttft$tag.log"
@@ -91,13 +91,17 @@ for phase in "$@"; do
         ${WRITE_LANES:+--write-lanes "$WRITE_LANES"} --out "$out/transfer_quick$tag.json" > "$out/transfer_quick$tag.log" 2>&1
       grep -A6 "^| KV shape\|^| transport\|ms from the start" "$out/transfer_quick$tag.log" ;;
     relays-wire)
-      # gRPC from GPU memory through relay processes at both ends (KV senders and receivers), mutual TLS,
-      # against one process's gRPC x4 and raw TCP of the same run; RELAY_STREAMS (default 4)
+      # gRPC from GPU memory through relay processes at both ends (KV senders and receivers), plaintext and
+      # over mutual TLS, against one process's gRPC xN and raw TCP of the same run; RELAY_STREAMS (N, default 4)
+      # RELAY_MODES: "plaintext mTLS" (default; raw TCP is plaintext, so the plaintext row is like for like)
       n=${RELAY_STREAMS:-4}
-      timeout 240 python3 -m bench.transfer --device cuda --model "$model" --shapes "Llama-8B shape bf16" --skip-ttft \
-        --lengths 8192,32768 --streams "$n" --paths "grpc x$n,grpc x$n relays mTLS" --repeats 3 --threads 4 --tls \
-        --out "$out/relays_wire.json" > "$out/relays_wire.log" 2>&1
-      grep -A6 "^| KV shape" "$out/relays_wire.log" || tail -20 "$out/relays_wire.log" ;;
+      for mode in ${RELAY_MODES:-plaintext mTLS}; do
+        tls=(); relayed="grpc x$n relays"; [ "$mode" = mTLS ] && tls=(--tls) && relayed="$relayed mTLS"
+        timeout 200 python3 -m bench.transfer --device cuda --model "$model" --shapes "Llama-8B shape bf16" --skip-ttft \
+          --lengths 8192,32768 --streams "$n" --paths "grpc x$n,$relayed" --repeats 3 --threads 4 ${tls[@]+"${tls[@]}"} \
+          --out "$out/relays_wire_${mode}_x$n.json" > "$out/relays_wire_${mode}_x$n.log" 2>&1
+        grep -A6 "^| KV shape" "$out/relays_wire_${mode}_x$n.log" || tail -20 "$out/relays_wire_${mode}_x$n.log"
+      done ;;
     grpc-ceiling)
       # What Python gRPC itself moves on this host's loopback (no GPU): 1-8 streams, one receiver or one per
       # stream, a sender process per stream, mutual TLS, against raw TCP (asyncio, and blocking sockets).
@@ -141,14 +145,15 @@ for phase in "$@"; do
     profile)
       # Where the wire's time goes, Python frames of the sender and of the receiver process (py-spy, sampling
       # only threads that run; needs the py-spy wheel in .whl/): gRPC x4 at 8k, then CUDA IPC at 32k.
-      # Knobs: PROFILE_CASES ("path:tokens" ...), PROFILE_RATE (samples/s), PROFILE_REPEATS, PROFILE_FLAGS
+      # Knobs: PROFILE_CASES ("path:tokens" ..., e.g. grpc_x4_relays:8192 with PROFILE_STREAMS=4: its relay
+      # processes too), PROFILE_RATE (samples/s), PROFILE_REPEATS, PROFILE_FLAGS
       # (more py-spy flags: "--gil" samples only the thread holding the GIL, "--native" adds C frames).
       # The summary (bench.profile_summary) is printed; the raw stacks come back gzipped.
       for case in ${PROFILE_CASES:-grpc_x4:8192 cuda_ipc:32768}; do
         tag=${case%%:*}; name=${tag//_/ }; flags=${PROFILE_FLAGS:-}; tag=$tag${flags//[- ]/_}
         timeout 150 .site/bin/py-spy record --nonblocking --subprocesses --threads $flags -r "${PROFILE_RATE:-200}" \
           -f raw -o "$out/profile_$tag.txt" -- python3 -m bench.transfer --device cuda --skip-ttft \
-          --shapes "Llama-8B shape bf16" --lengths "${case##*:}" --paths "$name" --repeats "${PROFILE_REPEATS:-8}" \
+          --shapes "Llama-8B shape bf16" --lengths "${case##*:}" --paths "$name" --repeats "${PROFILE_REPEATS:-8}" ${PROFILE_STREAMS:+--streams "$PROFILE_STREAMS"} \
           --threads 4 --out "$out/profile_$tag.json" > "$out/profile_$tag.log" 2>&1
         echo "--- $name $flags"; grep "GB/s" "$out/profile_$tag.log" | head -3
         python3 -m bench.profile_summary "$out/profile_$tag.txt" --top 10 | cut -c1-170 | head -"${PROFILE_LINES:-90}"

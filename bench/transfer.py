@@ -573,6 +573,8 @@ async def ttft(args) -> list[dict]:
                        "queue_ms": queue, "transfer_ms": statistics.median(x["transfer_ms"] for x in samples),
                        "tail_ms": tail, "alone_ms": alone, "overhead": (queue + forward + tail) / alone - 1,
                        "tail_share": tail / (forward + queue),
+                       "sample_overheads": [(x["queue_ms"] + x["forward_ms"] + x["tail_ms"]) / alone - 1
+                                            for x in samples],
                        "open_ms": statistics.median(x["open_ms"] for x in samples),
                        "opened_at_ms": statistics.median(x["opened_at_ms"] for x in samples)}
                 if tokens == args.overlap_length:
@@ -581,7 +583,8 @@ async def ttft(args) -> list[dict]:
                 print(f"{name} {tokens} tokens: forward {forward:.1f} ms, open {row['open_ms']:.1f} ms (done "
                       f"{row['opened_at_ms']:.1f} ms after the pass began), transfer {row['transfer_ms']:.1f} ms, "
                       f"tail after forward {tail:.1f} ms; without a transfer {alone:.1f} ms: TTFT overhead "
-                      f"{100 * row['overhead']:.1f}%", flush=True)
+                      f"{100 * row['overhead']:.1f}% (samples {min(row['sample_overheads']):.1%} to "
+                      f"{max(row['sample_overheads']):.1%})", flush=True)
     finally:
         cluster.stop()
     return rows
