@@ -5,10 +5,11 @@ owns the storage: per layer, one K and one V tensor of
 ``num_blocks * block_size`` token slots laid out (slot, kv_head, head_dim), the
 same token-major layout KV travels in, so a transfer's chunk is written by a
 plain copy per run of consecutive slots (blocks are handed out in order), no
-kernel, or one indexed copy into a fragmented table. Block 0 is the null block: never handed out, zero-filled, and
-where every padded read points, so attention never reads uninitialised
-memory. A request owns a block table (its block ids in token order); token
-``t`` lives in slot ``table[t // block_size] * block_size + t % block_size``.
+kernel, or one indexed copy into a fragmented table. Block 0 is the null
+block: never handed out, zero-filled, and where every padded read points, so
+attention never reads uninitialised memory. A request owns a block table (its
+block ids in token order); token ``t`` lives in slot
+``table[t // block_size] * block_size + t % block_size``.
 """
 
 from __future__ import annotations
