@@ -18,6 +18,7 @@ from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grp
 from tests.cluster import reference_greedy, start_cluster
 from tests.conftest import get_loaded
 from tests.test_kv_push import check_push_outcome, header, push, reserve, signed_transfer
+from tests.test_observability import scrape, value
 
 pytestmark = pytest.mark.slow  # real processes, each importing torch
 
@@ -69,9 +70,10 @@ async def generate_all(cluster, prompts: list[list[int]]) -> None:
 async def test_transfers_through_kv_relays_are_token_exact_and_a_killed_relay_is_replaced(senders, receivers):
     loaded = get_loaded("preset:tiny-llama")
     # Every prompt's KV crosses the transfer (none prefilled on decode for a cache hit), over two streams.
-    cluster = await start_cluster(loaded, decode_options={"kv_receivers": receivers},
+    cluster = await start_cluster(loaded, decode_options={"kv_receivers": receivers, "metrics_listen": "127.0.0.1:0"},
                                   prefill_options={"kv_transport": "grpc", "kv_streams": 2, "prefill_chunk_tokens": 16,
-                                                   "kv_chunk_bytes": 4096, "kv_senders": senders},
+                                                   "kv_chunk_bytes": 4096, "kv_senders": senders,
+                                                   "metrics_listen": "127.0.0.1:0"},
                                   gateway_options={"local_uncached_tokens": 0})
     decode = cluster.decode_address
     mine = set(segments_of(os.getpid()))  # the prefill instance's (it runs in this process)
@@ -96,6 +98,13 @@ async def test_transfers_through_kv_relays_are_token_exact_and_a_killed_relay_is
         for pid in victims.values():
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 60
+        # Until its replacement serves (a fresh interpreter importing torch: seconds), /metrics counts it down.
+        for role, service in (("kv-sender", cluster.prefill), ("kv-receiver", cluster.decode)):
+            if f"{role}-0" in victims:
+                down = f'pdserve_kv_relays{{role="{role}",state="down"}}'
+                while value(await asyncio.to_thread(scrape, f"127.0.0.1:{service.metrics_port}"), down) != 1:
+                    assert time.monotonic() < deadline, f"a killed {role} not counted down"
+                    await asyncio.sleep(0.05)
         for name, pid in victims.items():
             while relays().get(name, pid) == pid:
                 assert time.monotonic() < deadline, f"{name} was not started again"
@@ -104,6 +113,15 @@ async def test_transfers_through_kv_relays_are_token_exact_and_a_killed_relay_is
             assert time.monotonic() < deadline, "a restarted receiver does not serve on its port"
             await asyncio.sleep(0.2)
         assert all(segments_of(pid) == [] for pid in victims.values())  # swept as it was replaced
+        # Each instance's /metrics: all its relays running again (a sender once it serves), one replaced.
+        for role, count, service in (("kv-sender", senders, cluster.prefill), ("kv-receiver", receivers, cluster.decode)):
+            if count:
+                running = f'pdserve_kv_relays{{role="{role}",state="running"}}'
+                while value(text := await asyncio.to_thread(scrape, f"127.0.0.1:{service.metrics_port}"), running) < count:
+                    assert time.monotonic() < deadline, f"{role}s: not all running again"
+                    await asyncio.sleep(0.2)
+                assert value(text, f'pdserve_kv_relays{{role="{role}",state="down"}}') == 0
+                assert value(text, f'pdserve_kv_relay_restarts_total{{role="{role}"}}') == 1
 
         # No request is lost: one whose push met a dead relay's connection is pushed again.
         await generate_all(cluster, [list(range(300, 340)), [9, 8, 7, 6, 5, 4, 3], list(range(400, 480))])

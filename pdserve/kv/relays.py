@@ -28,7 +28,9 @@ Failures: relays die with their instance (``PR_SET_PDEATHSIG``), which starts on
 the same port (``RelayProcesses``) and meanwhile leaves it out of the ports it reports and sends through.
 A transfer a dead relay carried fails as one whose producer died: its queued copies died with it, decode
 frees the blocks once the stream ended, prefill's push fails, and the gateway moves the request (prefill
-learns decode's receivers again after a failed transfer).
+learns decode's receivers again after a failed transfer). The instance's ``/metrics`` counts its relays
+running and down (``pdserve_kv_relays``) and those replaced (``pdserve_kv_relay_restarts_total``); what
+they carry shows in decode's and prefill's transfer metrics.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+from prometheus_client import Counter
 
 from pdserve import config as cfg
 from pdserve.aio import cancel_quietly
@@ -58,6 +61,7 @@ from pdserve.kv.shm import SegmentPool, sweep_orphans
 from pdserve.kv.staging import DeviceCopies
 from pdserve.kv.wire import DTYPES, KVLayout, StreamInfo
 from pdserve.logs import setup_logging
+from pdserve.metrics import ServiceMetrics
 from pdserve.rpc import ChannelPool, concrete_host, rpc_errors, start_server
 from pdserve.tls import ClusterAuth
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
@@ -330,12 +334,21 @@ class RelayProcesses:
     its stdin: a fresh interpreter (nothing forked from a process holding CUDA or gRPC threads), and no
     helper process of ``multiprocessing``'s left in the instance's process group."""
 
-    def __init__(self, spec: ReceiverSpec | SenderSpec, count: int) -> None:
+    def __init__(self, spec: ReceiverSpec | SenderSpec, count: int, metrics: ServiceMetrics | None = None) -> None:
         self._spec = spec
         self._processes: list[subprocess.Popen | None] = [None] * count
         self.ports: list[int] = [0] * count
         self._serving: set[int] = set()  # indexes of relays that said they serve (and may have died since)
         self._watcher: asyncio.Task | None = None
+        self._restarts = None
+        if metrics is not None:  # in the instance's /metrics: how many serve, and how often one had to be replaced
+            role = spec.role
+            metrics.gauges(lambda: {"pdserve_kv_relays": (
+                "KV relay processes of this instance (kv_senders, kv_receivers) by state (down: exited, being "
+                "started again)", {(("role", role), ("state", "running")): len(self.live_ports()),
+                                   (("role", role), ("state", "down")): count - len(self.live_ports())})})
+            self._restarts = Counter("pdserve_kv_relay_restarts", "KV relay processes that exited and were started "
+                                     "again", ["role"], registry=metrics.registry).labels(role)
 
     async def start(self) -> None:
         await asyncio.gather(*(self._start(i) for i in range(len(self.ports))))
@@ -373,6 +386,8 @@ class RelayProcesses:
                     continue
                 log.warning("%s %d (port %d) exited with %s; starting it again", self._spec.role, index,
                             self.ports[index], process.returncode)
+                if self._restarts is not None:
+                    self._restarts.inc()
                 sweep_orphans()  # the segments it held
                 try:
                     await self._start(index)

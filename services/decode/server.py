@@ -255,7 +255,8 @@ async def start_decode(config: cfg.DecodeConfig, loaded: LoadedModel | None = No
                                               interceptors=auth.server_interceptors())
     receivers = None
     if config.kv_receivers:
-        receivers = RelayProcesses(receiver_spec(config, loaded, engine, port, servicer.incarnation), config.kv_receivers)
+        receivers = RelayProcesses(receiver_spec(config, loaded, engine, port, servicer.incarnation), config.kv_receivers,
+                                   servicer.metrics)
         try:
             await receivers.start()
         except BaseException:

@@ -425,7 +425,7 @@ async def start_prefill(config: cfg.PrefillConfig, loaded: LoadedModel | None = 
     servicer = PrefillServicer(engine, channels, config)
     senders = None
     if config.kv_senders:
-        senders = RelayProcesses(SenderSpec(config), config.kv_senders)
+        senders = RelayProcesses(SenderSpec(config), config.kv_senders, servicer.metrics)
         try:
             await senders.start()
         except BaseException:
