@@ -342,13 +342,9 @@ class RelayProcesses:
         self._watcher: asyncio.Task | None = None
         self._restarts = None
         if metrics is not None:  # in the instance's /metrics: how many serve, and how often one had to be replaced
-            role = spec.role
-            metrics.gauges(lambda: {"pdserve_kv_relays": (
-                "KV relay processes of this instance (kv_senders, kv_receivers) by state (down: exited, being "
-                "started again)", {(("role", role), ("state", "running")): len(self.live_ports()),
-                                   (("role", role), ("state", "down")): count - len(self.live_ports())})})
+            metrics.gauges(self._gauges)
             self._restarts = Counter("pdserve_kv_relay_restarts", "KV relay processes that exited and were started "
-                                     "again", ["role"], registry=metrics.registry).labels(role)
+                                     "again", ["role"], registry=metrics.registry).labels(spec.role)
 
     async def start(self) -> None:
         await asyncio.gather(*(self._start(i) for i in range(len(self.ports))))
@@ -393,6 +389,13 @@ class RelayProcesses:
                     await self._start(index)
                 except FailedPrecondition as exc:
                     log.error("%s; trying again", exc)
+
+    def _gauges(self) -> dict:
+        running, role = len(self.live_ports()), self._spec.role
+        return {"pdserve_kv_relays": ("KV relay processes of this instance (kv_senders, kv_receivers) by state "
+                                      "(down: exited, being started again)",
+                                      {(("role", role), ("state", "running")): running,
+                                       (("role", role), ("state", "down")): len(self.ports) - running})}
 
     def live_ports(self) -> list[int]:
         """The ports of the relays running now (one that died is left out until it serves again)."""
